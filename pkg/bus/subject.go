@@ -1,0 +1,121 @@
+// Package bus holds pgs2's use of NATS JetStream: stream definitions,
+// subjects, idempotent ordered publishing and an embedded server.
+package bus
+
+import (
+	"strconv"
+	"strings"
+
+	"github.com/cespare/xxhash/v2"
+)
+
+// Subject roots.
+const (
+	ChangesRoot  = "pgs2.changes"
+	DeliveryRoot = "pgs2.deliver"
+)
+
+// Headers on PGS2_CHANGES messages.
+const (
+	HeaderMsgID          = "Nats-Msg-Id"
+	HeaderExpectedLastID = "Nats-Expected-Last-Msg-Id"
+	HeaderGroup          = "Pgs2-Group"
+	HeaderTraceParent    = "traceparent"
+)
+
+// EscapeToken makes s one subject token: bytes other than [A-Za-z0-9_-]
+// become %XX, so names with '.', '*', '>', spaces or '%' stay one token and
+// the mapping is reversible.
+func EscapeToken(s string) string {
+	clean := true
+	for i := 0; i < len(s); i++ {
+		if !plain(s[i]) {
+			clean = false
+			break
+		}
+	}
+	if clean && s != "" {
+		return s
+	}
+	if s == "" {
+		return "%"
+	}
+	var b strings.Builder
+	b.Grow(len(s) + 8)
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if plain(c) {
+			b.WriteByte(c)
+			continue
+		}
+		b.WriteByte('%')
+		b.WriteByte(hexUpper[c>>4])
+		b.WriteByte(hexUpper[c&0xF])
+	}
+	return b.String()
+}
+
+// UnescapeToken reverses EscapeToken.
+func UnescapeToken(t string) string {
+	if t == "%" {
+		return ""
+	}
+	if !strings.Contains(t, "%") {
+		return t
+	}
+	var b strings.Builder
+	for i := 0; i < len(t); i++ {
+		if t[i] == '%' && i+2 < len(t) {
+			if v, err := strconv.ParseUint(t[i+1:i+3], 16, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 2
+				continue
+			}
+		}
+		b.WriteByte(t[i])
+	}
+	return b.String()
+}
+
+const hexUpper = "0123456789ABCDEF"
+
+func plain(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-'
+}
+
+// Partition maps a group key to one of n partitions.
+func Partition(group []byte, n int) int {
+	return int(xxhash.Sum64(group) % uint64(n))
+}
+
+// ChangesFilter is the subject filter of one source's changes.
+func ChangesFilter(source string) string {
+	return ChangesRoot + "." + EscapeToken(source) + ".>"
+}
+
+// ChangeSubjects builds and caches `pgs2.changes.<source>.<schema>.<table>.<partition>`.
+type ChangeSubjects struct {
+	source     string
+	partitions int
+	cache      map[string][]string
+}
+
+// NewChangeSubjects returns a subject builder for a source.
+func NewChangeSubjects(source string, partitions int) *ChangeSubjects {
+	return &ChangeSubjects{source: EscapeToken(source), partitions: partitions, cache: map[string][]string{}}
+}
+
+// Subject returns the subject for a change of schema.table in group.
+func (s *ChangeSubjects) Subject(schema, table string, group []byte) string {
+	key := schema + "\x00" + table
+	subs, ok := s.cache[key]
+	if !ok {
+		prefix := ChangesRoot + "." + s.source + "." + EscapeToken(schema) + "." + EscapeToken(table) + "."
+		subs = make([]string, s.partitions)
+		for i := range subs {
+			subs[i] = prefix + strconv.Itoa(i)
+		}
+		s.cache[key] = subs
+	}
+	return subs[Partition(group, s.partitions)]
+}

@@ -1,0 +1,295 @@
+// Package capture streams a PostgreSQL source's changes into JetStream:
+// pgrepl decodes the slot, bus publishes in order, and the slot is confirmed
+// only up to transactions JetStream wholly acknowledged.
+package capture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/pgrepl"
+)
+
+// Config configures a capture.
+type Config struct {
+	// Source names the source in subjects.
+	Source string
+	Repl   pgrepl.Config
+	Stream bus.ChangesStreamConfig
+	// Partitions per table.
+	Partitions int
+	// StatusInterval is how often the slot position is reported (default 1s).
+	StatusInterval time.Duration
+	// Window is how many messages may await their PubAck (default 4096).
+	Window int
+	// ShutdownTimeout bounds the wait for outstanding PubAcks on exit (default 30s).
+	ShutdownTimeout time.Duration
+}
+
+// Capture runs the replication sessions.
+type Capture struct {
+	cfg   Config
+	js    jetstream.JetStream
+	log   *slog.Logger
+	state *health.State
+}
+
+// Option configures optional dependencies.
+type Option func(*Capture)
+
+// WithLogger sets the logger.
+func WithLogger(l *slog.Logger) Option { return func(c *Capture) { c.log = l } }
+
+// WithHealth reports readiness into s.
+func WithHealth(s *health.State) Option { return func(c *Capture) { c.state = s } }
+
+// New returns a capture that publishes through js.
+func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
+	if cfg.StatusInterval <= 0 {
+		cfg.StatusInterval = time.Second
+	}
+	if cfg.Window <= 0 {
+		cfg.Window = 4096
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = 30 * time.Second
+	}
+	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState()}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
+}
+
+// Run prepares the source and streams until ctx ends, reconnecting after
+// failures of Postgres or JetStream. It returns nil after a clean shutdown
+// and an error when the source cannot be captured as configured.
+func (c *Capture) Run(ctx context.Context) error {
+	src, err := pgrepl.Prepare(ctx, c.cfg.Repl)
+	if err != nil {
+		return err
+	}
+	if src.SlotCreated {
+		c.log.Info("created replication slot", "slot", c.cfg.Repl.Slot)
+	}
+	stream, err := bus.EnsureChangesStream(ctx, c.js, c.cfg.Stream)
+	if err != nil {
+		return err
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		started := time.Now()
+		err := c.session(ctx, stream, src.Database)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, pgrepl.ErrSetup) {
+			return err
+		}
+		if time.Since(started) > 30*time.Second {
+			backoff = 100 * time.Millisecond
+		}
+		c.state.SetNotReady(err.Error())
+		c.log.Warn("capture session ended; restarting", "error", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// session streams from the slot's confirmed position, skipping the changes
+// the stream already holds, until an error or ctx ends.
+func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db string) (err error) {
+	last, lastKey, err := bus.LastChange(ctx, stream, c.cfg.Source)
+	if err != nil {
+		return err
+	}
+	catConn, err := pgrepl.Connect(ctx, c.cfg.Repl)
+	if err != nil {
+		return err
+	}
+	defer catConn.Close(context.Background())
+	var flushText string
+	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1`,
+		c.cfg.Repl.Slot).Scan(&flushText); err != nil {
+		return fmt.Errorf("read slot %s: %w", c.cfg.Repl.Slot, err)
+	}
+	confirmed, err := pglogrepl.ParseLSN(flushText)
+	if err != nil {
+		return fmt.Errorf("slot %s confirmed_flush_lsn %q: %w", c.cfg.Repl.Slot, flushText, err)
+	}
+
+	repl, err := pgrepl.ConnectReplication(ctx, c.cfg.Repl)
+	if err != nil {
+		return err
+	}
+	defer repl.Close(context.Background())
+	err = pglogrepl.StartReplication(ctx, repl, c.cfg.Repl.Slot, 0, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + c.cfg.Repl.Publication + "'"},
+	})
+	if err != nil {
+		return fmt.Errorf("start replication on slot %s: %w", c.cfg.Repl.Slot, err)
+	}
+	c.log.Info("streaming", "slot", c.cfg.Repl.Slot, "confirmed_flush", confirmed, "resume_after", last.String())
+	c.state.SetReady()
+
+	pub := bus.NewPublisher(c.js, lastKey, uint64(confirmed), c.cfg.Window)
+	s := &session{Capture: c, repl: repl, pub: pub, last: last,
+		dec: pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
+	runErr := s.run(ctx)
+
+	// Wait for what is in flight, then confirm what is acknowledged.
+	cctx, cancel := context.WithTimeout(context.Background(), c.cfg.ShutdownTimeout)
+	defer cancel()
+	closeErr := pub.Close(cctx)
+	if serr := s.sendStatus(cctx); serr != nil && runErr == nil && ctx.Err() == nil {
+		runErr = serr
+	}
+	if ctx.Err() != nil {
+		c.log.Info("capture stopped", "confirmed_lsn", pglogrepl.LSN(pub.Confirmed()), "published", s.published, "skipped", s.skipped)
+		return closeErr
+	}
+	if runErr == nil {
+		runErr = closeErr
+	}
+	return runErr
+}
+
+type session struct {
+	*Capture
+	repl     *pgconn.PgConn
+	pub      *bus.Publisher
+	dec      *pgrepl.Decoder
+	subjects *bus.ChangeSubjects
+	last     change.Position
+
+	published, skipped int64
+	sentLSN            uint64
+}
+
+func (s *session) sendStatus(ctx context.Context) error {
+	lsn := pglogrepl.LSN(s.pub.Confirmed())
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: lsn, WALFlushPosition: lsn, WALApplyPosition: lsn,
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	s.sentLSN = uint64(lsn)
+	return nil
+}
+
+func (s *session) run(ctx context.Context) error {
+	next := time.Now().Add(s.cfg.StatusInterval)
+	var recv deadline
+	recv.reset(ctx, next)
+	defer recv.stop()
+	for {
+		if now := time.Now(); !now.Before(next) {
+			if err := s.sendStatus(ctx); err != nil {
+				return err
+			}
+			next = now.Add(s.cfg.StatusInterval)
+			recv.reset(ctx, next)
+		}
+		msg, err := s.repl.ReceiveMessage(recv.ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("receive replication message: %w", err)
+		}
+		if err := s.pub.Err(); err != nil {
+			return err
+		}
+		switch m := msg.(type) {
+		case *pgproto3.CopyData:
+			if len(m.Data) == 0 {
+				continue
+			}
+			switch m.Data[0] {
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				k, err := pglogrepl.ParsePrimaryKeepaliveMessage(m.Data[1:])
+				if err != nil {
+					return fmt.Errorf("parse keepalive: %w", err)
+				}
+				if !s.dec.InTx() {
+					s.pub.ConfirmIdle(uint64(k.ServerWALEnd))
+				}
+				if k.ReplyRequested {
+					next = time.Now()
+				}
+			case pglogrepl.XLogDataByteID:
+				x, err := pglogrepl.ParseXLogData(m.Data[1:])
+				if err != nil {
+					return fmt.Errorf("parse xlog data: %w", err)
+				}
+				if err := s.handle(ctx, x.WALData); err != nil {
+					return err
+				}
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("replication error: %s (SQLSTATE %s)", m.Message, m.Code)
+		}
+	}
+}
+
+func (s *session) handle(ctx context.Context, data []byte) error {
+	ev, err := s.dec.Decode(ctx, data)
+	if err != nil {
+		return err
+	}
+	switch ev.Kind {
+	case pgrepl.EventRow:
+		r := &ev.Row
+		if !s.last.Less(r.Pos) { // already in the stream
+			s.skipped++
+			return nil
+		}
+		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
+		if err := s.pub.Publish(ctx, subject, r.Pos.Key(), r.Group, r.Body); err != nil {
+			return err
+		}
+		s.published++
+	case pgrepl.EventCommit:
+		return s.pub.EndTx(ctx, ev.LSN)
+	case pgrepl.EventTruncate:
+		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
+	}
+	return nil
+}
+
+// deadline is a receive context that lives until the next status update, so
+// the hot loop does not create a context per message.
+type deadline struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func (d *deadline) reset(parent context.Context, at time.Time) {
+	d.stop()
+	d.ctx, d.cancel = context.WithDeadline(parent, at)
+}
+
+func (d *deadline) stop() {
+	if d.cancel != nil {
+		d.cancel()
+	}
+}

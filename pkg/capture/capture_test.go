@@ -1,0 +1,75 @@
+package capture_test
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/pgs2/pgs2/pkg/change"
+)
+
+func TestActionsAndMetadata(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY, name text, org int)`, "public.users")
+	stop := e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (7, 'Ad', 1)`)
+	e.pg.MustExec(t, "app", `BEGIN; UPDATE users SET name = 'Ada' WHERE id = 7; DELETE FROM users WHERE id = 7; COMMIT`)
+	msgs := e.waitMessages(t, 3)
+	if err := stop(); err != nil {
+		t.Fatalf("clean stop: %v", err)
+	}
+
+	ins, upd, del := msgs[0].Msg, msgs[1].Msg, msgs[2].Msg
+	if ins.Action != change.Insert || upd.Action != change.Update || del.Action != change.Delete {
+		t.Fatalf("actions %s %s %s", ins.Action, upd.Action, del.Action)
+	}
+	if got := string(mustJSON(t, ins.Record)); got != `{"id":7,"name":"Ad","org":1}` {
+		t.Errorf("insert record %s", got)
+	}
+	if ins.Changes != nil || !strings.Contains(string(msgs[0].Raw), `"changes":null`) {
+		t.Errorf("insert changes should be null: %s", msgs[0].Raw)
+	}
+	if got := string(mustJSON(t, upd.Record)); got != `{"id":7,"name":"Ada","org":1}` {
+		t.Errorf("update record %s", got)
+	}
+	if !strings.Contains(string(msgs[1].Raw), `"changes":{}`) {
+		t.Errorf("update without old row should have changes {}: %s", msgs[1].Raw)
+	}
+	if got := string(mustJSON(t, del.Record)); got != `{"id":7}` {
+		t.Errorf("delete record (default identity: the key) %s", got)
+	}
+	m := upd.Metadata
+	if m.TableSchema != "public" || m.TableName != "users" || m.DatabaseName != "app" || m.CommitIdx != 0 ||
+		len(m.RecordPKs) != 1 || m.RecordPKs[0] != "7" || string(m.TransactionAnnotations) != "null" {
+		t.Errorf("update metadata %+v", m)
+	}
+	if del.Metadata.CommitLSN != m.CommitLSN || del.Metadata.CommitIdx != 1 {
+		t.Errorf("delete in the same tx: lsn %d idx %d, update lsn %d", del.Metadata.CommitLSN, del.Metadata.CommitIdx, m.CommitLSN)
+	}
+	for _, g := range msgs {
+		want := change.Position{LSN: g.Msg.Metadata.CommitLSN, Idx: g.Msg.Metadata.CommitIdx}.Key()
+		if g.Msg.Metadata.IdempotencyKey != want || g.Header.Get("Nats-Msg-Id") != want {
+			t.Errorf("idempotency key %q header %q, want %q", g.Msg.Metadata.IdempotencyKey, g.Header.Get("Nats-Msg-Id"), want)
+		}
+		if g.Header.Get("Pgs2-Group") != `["7"]` {
+			t.Errorf("group header %q", g.Header.Get("Pgs2-Group"))
+		}
+		if !strings.HasPrefix(g.Subject, "pgs2.changes.app.public.users.") {
+			t.Errorf("subject %q", g.Subject)
+		}
+		if len(g.Msg.Metadata.CommitTimestamp) != len("2026-11-22T10:00:00.123456Z") || !strings.HasSuffix(g.Msg.Metadata.CommitTimestamp, "Z") {
+			t.Errorf("commit_timestamp %q", g.Msg.Metadata.CommitTimestamp)
+		}
+	}
+	if msgs[0].Subject != msgs[1].Subject {
+		t.Errorf("one group, two subjects: %s %s", msgs[0].Subject, msgs[1].Subject)
+	}
+}
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}

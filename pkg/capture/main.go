@@ -1,0 +1,72 @@
+package capture
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/pgrepl"
+	"github.com/pgs2/pgs2/pkg/service"
+)
+
+// FromConfig derives a capture's settings from the config file.
+func FromConfig(c *config.Config) (Config, error) {
+	groups, err := c.GroupColumns()
+	if err != nil {
+		return Config{}, err
+	}
+	return Config{
+		Source: c.Source.Name,
+		Repl: pgrepl.Config{
+			DSN: c.Source.DSN, Password: c.Source.Password, Slot: c.Source.Slot,
+			Publication: c.Source.Publication, Tables: c.Source.Tables, GroupColumns: groups,
+		},
+		Stream: bus.ChangesStreamConfig{
+			Name: c.NATS.ChangesStream, Source: c.Source.Name, Replicas: c.NATS.Replicas,
+			DuplicateWindow: c.NATS.DuplicateWindow.D(),
+		},
+		Partitions: c.NATS.Partitions,
+	}, nil
+}
+
+// Main is the capture service: connect to JetStream (or host it embedded)
+// and run until ctx ends.
+func Main(ctx context.Context, env service.Env) error {
+	cfg, err := FromConfig(env.Config)
+	if err != nil {
+		return err
+	}
+	url := env.Config.NATS.URL
+	if env.Config.NATS.Embedded {
+		srv, err := bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: env.Config.NATS.StoreDir, Port: embeddedPort(url),
+			SyncInterval: env.Config.NATS.SyncInterval.D()})
+		if err != nil {
+			return err
+		}
+		defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+		url = srv.ClientURL()
+		env.Log.Info("embedded JetStream started", "url", url)
+	}
+	nc, js, err := service.ConnectJetStream(ctx, url, "pgs2-capture", env.Log,
+		jetstream.WithPublishAsyncMaxPending(cfg.windowOrDefault()+64), jetstream.WithPublishAsyncTimeout(10*time.Second))
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	c := New(cfg, js, WithLogger(env.Log), WithHealth(env.Health))
+	if err := c.Run(ctx); err != nil {
+		return fmt.Errorf("capture: %w", err)
+	}
+	return nil
+}
+
+func (c Config) windowOrDefault() int {
+	if c.Window > 0 {
+		return c.Window
+	}
+	return 4096
+}

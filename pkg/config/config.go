@@ -1,0 +1,380 @@
+// Package config reads and validates the one YAML file that configures every
+// pgs2 service. It is the only package that reads files or the environment
+// for configuration.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the whole file.
+type Config struct {
+	Source    Source    `yaml:"source"`
+	NATS      NATS      `yaml:"nats"`
+	Sinks     []Sink    `yaml:"sinks"`
+	Telemetry Telemetry `yaml:"telemetry"`
+}
+
+// Source is the PostgreSQL database to capture.
+type Source struct {
+	// Name identifies the source in subjects; [A-Za-z0-9_-]+.
+	Name string `yaml:"name"`
+	// DSN is a postgres:// URL or key=value string. The password may come from
+	// PGS2_SOURCE_PASSWORD instead.
+	DSN         string   `yaml:"dsn"`
+	Slot        string   `yaml:"slot"`
+	Publication string   `yaml:"publication"`
+	Tables      []string `yaml:"tables"`
+	// Password is filled from PGS2_SOURCE_PASSWORD by Load; never serialised.
+	Password string `yaml:"-"`
+}
+
+// NATS is the JetStream connection and stream settings.
+type NATS struct {
+	URL      string `yaml:"url"`
+	Embedded bool   `yaml:"embedded"`
+	StoreDir string `yaml:"store_dir"`
+	Replicas int    `yaml:"replicas"`
+	// Partitions is how many subjects per table groups are hashed into.
+	Partitions int `yaml:"partitions"`
+	// ChangesStream names the stream of this source's changes (default PGS2_CHANGES).
+	ChangesStream string `yaml:"changes_stream"`
+	// DuplicateWindow of the changes stream (default 10m).
+	DuplicateWindow Duration `yaml:"duplicate_window"`
+	// SyncInterval of an embedded server's file store (default 1s); "always" is not offered.
+	SyncInterval Duration `yaml:"sync_interval"`
+}
+
+// Sink is one S2 destination.
+type Sink struct {
+	Name           string              `yaml:"name"`
+	Tables         []string            `yaml:"tables"`
+	Basin          string              `yaml:"basin"`
+	Stream         string              `yaml:"stream"`
+	AccessTokenEnv string              `yaml:"access_token_env"`
+	Endpoint       string              `yaml:"endpoint"`
+	GroupColumns   map[string][]string `yaml:"group_columns"`
+	Filter         string              `yaml:"filter"`
+	Transform      string              `yaml:"transform"`
+	Routing        string              `yaml:"routing"`
+	CreateStream   bool                `yaml:"create_stream"`
+	Batch          Batch               `yaml:"batch"`
+	Retry          Retry               `yaml:"retry"`
+}
+
+// Batch limits one S2 append.
+type Batch struct {
+	MaxRecords int      `yaml:"max_records"`
+	MaxBytes   int      `yaml:"max_bytes"`
+	Linger     Duration `yaml:"linger"`
+}
+
+// Retry is the back-off of failed deliveries.
+type Retry struct {
+	Initial     Duration `yaml:"initial"`
+	Max         Duration `yaml:"max"`
+	MaxAttempts int      `yaml:"max_attempts"`
+}
+
+// Telemetry configures OpenTelemetry export.
+type Telemetry struct {
+	OTLPEndpoint string `yaml:"otlp_endpoint"`
+}
+
+// Duration is a time.Duration written as "5ms", "1s", "5m" in YAML.
+type Duration time.Duration
+
+// UnmarshalYAML parses a Go duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return fmt.Errorf("line %d: want a duration such as 5ms, 1s or 5m", n.Line)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration; write e.g. 5ms, 1s or 5m", n.Line, s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Defaults.
+const (
+	DefaultPartitions      = 64
+	DefaultChangesStream   = "PGS2_CHANGES"
+	DefaultDuplicateWindow = 10 * time.Minute
+	DefaultSyncInterval    = time.Second
+	MaxPartitions          = 4096
+)
+
+// Load reads the file at path (or PGS2_CONFIG when path is empty), applies
+// defaults and the environment, and validates it.
+func Load(path string) (*Config, error) {
+	if path == "" {
+		path = os.Getenv("PGS2_CONFIG")
+	}
+	if path == "" {
+		return nil, errors.New("config: no config file: pass --config FILE or set PGS2_CONFIG")
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: read %s: %w", path, err)
+	}
+	c, err := Parse(b)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes YAML, applies defaults and the environment, and validates.
+func Parse(b []byte) (*Config, error) {
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("malformed YAML: %s", strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	c.Source.Password = os.Getenv("PGS2_SOURCE_PASSWORD")
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.Source.Slot == "" {
+		c.Source.Slot = "pgs2"
+	}
+	if c.Source.Publication == "" {
+		c.Source.Publication = "pgs2"
+	}
+	for i, t := range c.Source.Tables {
+		c.Source.Tables[i] = QualifyTable(t)
+	}
+	n := &c.NATS
+	if n.Replicas == 0 {
+		n.Replicas = 1
+	}
+	if n.Partitions == 0 {
+		n.Partitions = DefaultPartitions
+	}
+	if n.ChangesStream == "" {
+		n.ChangesStream = DefaultChangesStream
+	}
+	if n.DuplicateWindow == 0 {
+		n.DuplicateWindow = Duration(DefaultDuplicateWindow)
+	}
+	if n.SyncInterval == 0 {
+		n.SyncInterval = Duration(DefaultSyncInterval)
+	}
+	for i := range c.Sinks {
+		s := &c.Sinks[i]
+		for j, t := range s.Tables {
+			s.Tables[j] = QualifyTable(t)
+		}
+		if len(s.GroupColumns) > 0 {
+			gc := make(map[string][]string, len(s.GroupColumns))
+			for t, cols := range s.GroupColumns {
+				gc[QualifyTable(t)] = cols
+			}
+			s.GroupColumns = gc
+		}
+		if s.AccessTokenEnv == "" {
+			s.AccessTokenEnv = "S2_ACCESS_TOKEN"
+		}
+		if s.Batch.MaxRecords == 0 {
+			s.Batch.MaxRecords = 1000
+		}
+		if s.Batch.MaxBytes == 0 {
+			s.Batch.MaxBytes = 1 << 20
+		}
+		if s.Batch.Linger == 0 {
+			s.Batch.Linger = Duration(5 * time.Millisecond)
+		}
+		if s.Retry.Initial == 0 {
+			s.Retry.Initial = Duration(time.Second)
+		}
+		if s.Retry.Max == 0 {
+			s.Retry.Max = Duration(5 * time.Minute)
+		}
+	}
+}
+
+// QualifyTable returns "schema.table", adding "public." to a bare name.
+func QualifyTable(t string) string {
+	t = strings.TrimSpace(t)
+	if t != "" && !strings.Contains(t, ".") {
+		return "public." + t
+	}
+	return t
+}
+
+// SplitTable splits "schema.table" at the first dot.
+func SplitTable(t string) (schema, table string) {
+	schema, table, _ = strings.Cut(t, ".")
+	return schema, table
+}
+
+var (
+	tokenRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+	slotRE  = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
+	identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]{0,62}$`)
+	basinRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{6,46}[a-z0-9]$`)
+)
+
+// Validate checks every key and returns all problems at once, each naming
+// the key and how to fix it.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, a...)))
+	}
+	s := c.Source
+	switch {
+	case s.Name == "":
+		bad("source.name", "missing; set a short name such as `app` ([A-Za-z0-9_-])")
+	case !tokenRE.MatchString(s.Name):
+		bad("source.name", "%q may only hold letters, digits, '_' and '-'", s.Name)
+	}
+	if s.DSN == "" {
+		bad("source.dsn", "missing; set e.g. postgres://replicator@localhost:5432/app")
+	} else if strings.Contains(s.DSN, "://") {
+		if _, err := url.Parse(s.DSN); err != nil {
+			bad("source.dsn", "not a valid URL (check quoting and special characters in the password; or put the password in PGS2_SOURCE_PASSWORD)")
+		}
+	}
+	if !slotRE.MatchString(s.Slot) {
+		bad("source.slot", "%q is not a valid replication slot name: use 1-63 of [a-z0-9_]", s.Slot)
+	}
+	if !identRE.MatchString(s.Publication) {
+		bad("source.publication", "%q is not a plain identifier: use letters, digits and '_'", s.Publication)
+	}
+	if len(s.Tables) == 0 {
+		bad("source.tables", "empty; list the tables to capture, e.g. [public.users]")
+	}
+	seen := map[string]bool{}
+	for i, t := range s.Tables {
+		schema, table := SplitTable(t)
+		if schema == "" || table == "" || strings.Contains(table, ".") {
+			bad(fmt.Sprintf("source.tables[%d]", i), "%q is not schema.table", t)
+		}
+		if seen[t] {
+			bad(fmt.Sprintf("source.tables[%d]", i), "%q is listed twice", t)
+		}
+		seen[t] = true
+	}
+
+	n := c.NATS
+	if n.Embedded {
+		if n.StoreDir == "" {
+			bad("nats.store_dir", "required with nats.embedded: true; set a directory for JetStream's files")
+		}
+	} else if n.URL == "" {
+		bad("nats.url", "missing; set e.g. nats://127.0.0.1:4222, or nats.embedded: true with nats.store_dir")
+	}
+	if n.Replicas < 1 || n.Replicas > 5 {
+		bad("nats.replicas", "%d is out of range: use 1, 3 or 5", n.Replicas)
+	}
+	if n.Partitions < 1 || n.Partitions > MaxPartitions {
+		bad("nats.partitions", "%d is out of range: use 1..%d (default %d)", n.Partitions, MaxPartitions, DefaultPartitions)
+	}
+	if !tokenRE.MatchString(n.ChangesStream) {
+		bad("nats.changes_stream", "%q is not a valid stream name: use letters, digits, '_' and '-'", n.ChangesStream)
+	}
+	if n.DuplicateWindow.D() < time.Second {
+		bad("nats.duplicate_window", "%s is too short: use at least 1s (default 10m)", n.DuplicateWindow.D())
+	}
+
+	names := map[string]bool{}
+	for i, sk := range c.Sinks {
+		key := fmt.Sprintf("sinks[%d]", i)
+		switch {
+		case sk.Name == "":
+			bad(key+".name", "missing; give the sink a name such as users-to-s2")
+		case !tokenRE.MatchString(sk.Name):
+			bad(key+".name", "%q may only hold letters, digits, '_' and '-'", sk.Name)
+		case names[sk.Name]:
+			bad(key+".name", "%q is used by two sinks; names must be unique", sk.Name)
+		}
+		names[sk.Name] = true
+		if len(sk.Tables) == 0 {
+			bad(key+".tables", "empty; list the source tables this sink receives")
+		}
+		for j, t := range sk.Tables {
+			if !seen[t] {
+				bad(fmt.Sprintf("%s.tables[%d]", key, j), "%q is not in source.tables; add it there", t)
+			}
+		}
+		if sk.Basin == "" && sk.Routing == "" {
+			bad(key+".basin", "missing; set the S2 basin (or a routing function)")
+		} else if sk.Basin != "" && !basinRE.MatchString(sk.Basin) {
+			bad(key+".basin", "%q is not a valid basin name: 8-48 of [a-z0-9-], starting and ending with a letter or digit", sk.Basin)
+		}
+		if sk.Stream == "" && sk.Routing == "" {
+			bad(key+".stream", "missing; set the S2 stream (or a routing function)")
+		} else if len(sk.Stream) > 512 || sk.Stream == "." || sk.Stream == ".." {
+			bad(key+".stream", "%q is not a valid stream name: 1-512 bytes, not . or ..", sk.Stream)
+		}
+		sinkTables := map[string]bool{}
+		for _, t := range sk.Tables {
+			sinkTables[t] = true
+		}
+		for t, cols := range sk.GroupColumns {
+			if !sinkTables[t] {
+				bad(key+".group_columns", "table %q is not in this sink's tables", t)
+			}
+			if len(cols) == 0 {
+				bad(key+".group_columns."+t, "empty; list at least one column or remove the entry")
+			}
+		}
+		if sk.Batch.MaxRecords < 1 || sk.Batch.MaxRecords > 1000 {
+			bad(key+".batch.max_records", "%d is out of range: S2 takes 1..1000 records per append", sk.Batch.MaxRecords)
+		}
+		if sk.Batch.MaxBytes < 1 || sk.Batch.MaxBytes > 1<<20 {
+			bad(key+".batch.max_bytes", "%d is out of range: S2 takes at most 1048576 bytes per append", sk.Batch.MaxBytes)
+		}
+		if sk.Retry.Max.D() < sk.Retry.Initial.D() {
+			bad(key+".retry.max", "%s is below retry.initial %s", sk.Retry.Max.D(), sk.Retry.Initial.D())
+		}
+		if sk.Retry.MaxAttempts < 0 {
+			bad(key+".retry.max_attempts", "must be 0 (retry forever) or positive")
+		}
+	}
+	if _, err := c.GroupColumns(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// GroupColumns returns, per table, the columns that define a change's group
+// when a sink overrides the primary key. Capture partitions by these columns,
+// so all sinks that set group_columns for one table must agree.
+func (c *Config) GroupColumns() (map[string][]string, error) {
+	out := map[string][]string{}
+	owner := map[string]string{}
+	for _, sk := range c.Sinks {
+		for t, cols := range sk.GroupColumns {
+			if prev, ok := out[t]; ok && strings.Join(prev, ",") != strings.Join(cols, ",") {
+				return nil, fmt.Errorf("sinks.group_columns: sinks %q and %q group table %s differently (%v vs %v); "+
+					"capture partitions each table one way, so give them the same columns", owner[t], sk.Name, t, prev, cols)
+			}
+			out[t] = cols
+			owner[t] = sk.Name
+		}
+	}
+	return out, nil
+}

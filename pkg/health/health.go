@@ -1,0 +1,84 @@
+// Package health serves /healthz (the process runs) and /readyz (the
+// service does its work) for every pgs2 service.
+package health
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// State is a service's readiness, safe for concurrent use.
+type State struct {
+	mu     sync.Mutex
+	ready  bool
+	reason string
+}
+
+// NewState returns a state that is not ready yet.
+func NewState() *State { return &State{reason: "starting"} }
+
+// SetReady marks the service ready.
+func (s *State) SetReady() {
+	s.mu.Lock()
+	s.ready, s.reason = true, ""
+	s.mu.Unlock()
+}
+
+// SetNotReady marks the service not ready, with the reason /readyz reports.
+func (s *State) SetNotReady(reason string) {
+	s.mu.Lock()
+	s.ready, s.reason = false, reason
+	s.mu.Unlock()
+}
+
+// Ready returns readiness and the reason when not ready.
+func (s *State) Ready() (bool, string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ready, s.reason
+}
+
+// Handler serves /healthz and /readyz.
+func (s *State) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if ok, reason := s.Ready(); !ok {
+			http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
+}
+
+// Serve listens on addr and serves h until ctx ends. An empty addr serves
+// nothing.
+func Serve(ctx context.Context, addr string, h http.Handler) error {
+	if addr == "" {
+		<-ctx.Done()
+		return nil
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s for health endpoints: %w (choose another --http-addr)", addr, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,58 @@
+// Package natstest runs embedded JetStream servers for tests.
+package natstest
+
+import (
+	"net"
+	"os"
+	"strconv"
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+)
+
+// Server is an embedded JetStream server that a test can restart on the same
+// port and store.
+type Server struct {
+	*server.Server
+	storeDir string
+	port     int
+}
+
+// New starts an embedded JetStream server with a temporary file store,
+// shut down and removed at cleanup.
+func New(t testing.TB) *Server {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "pgs2-nats-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	s := &Server{storeDir: dir, port: -1}
+	s.start(t)
+	_, port, _ := net.SplitHostPort(s.Addr().String())
+	s.port, _ = strconv.Atoi(port)
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
+	return s
+}
+
+func (s *Server) start(t testing.TB) {
+	t.Helper()
+	srv, err := bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: s.storeDir, Port: s.port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Server = srv
+}
+
+// URL is the client URL.
+func (s *Server) URL() string { return "nats://127.0.0.1:" + strconv.Itoa(s.port) }
+
+// Restart shuts the server down and starts it again on the same port and store.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.Shutdown()
+	s.WaitForShutdown()
+	s.start(t)
+}

@@ -1,0 +1,425 @@
+package pgrepl
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgs2/pgs2/pkg/change"
+)
+
+// EventKind says what a decoded WAL message was.
+type EventKind uint8
+
+// Event kinds.
+const (
+	EventNone     EventKind = iota // relation, type, origin, truncate, ...: nothing to publish
+	EventBegin                     // a transaction starts; LSN = its commit LSN
+	EventRow                       // Row is set
+	EventCommit                    // a transaction ended; LSN = its end LSN (the one to confirm)
+	EventTruncate                  // TRUNCATE of captured tables: not emitted as changes
+)
+
+// Event is one decoded pgoutput message.
+type Event struct {
+	Kind EventKind
+	LSN  uint64
+	Row  Row
+	// Tables names the truncated tables for EventTruncate.
+	Tables []string
+}
+
+// Row is one captured change, its JSON body ready to publish.
+type Row struct {
+	Pos    change.Position
+	Schema string
+	Table  string
+	Action change.Action
+	// Group is the JSON array of the group columns' values (as strings).
+	Group []byte
+	// Body is the message-format JSON (without metadata.consumer).
+	Body []byte
+}
+
+// Decoder turns pgoutput (protocol version 1) messages into events. It is
+// not safe for concurrent use.
+type Decoder struct {
+	db        string
+	groupCols map[string][]string
+	tables    map[string]bool
+	cat       *catalog
+	rels      map[uint32]*relation
+
+	inTx      bool
+	commitLSN uint64
+	commitTS  []byte
+	idx       int
+
+	newT, oldT tuple
+}
+
+// NewDecoder returns a decoder for database db. conn (a normal connection)
+// is used for catalog lookups when relations are announced.
+func NewDecoder(conn *pgx.Conn, db string, c Config) *Decoder {
+	tables := make(map[string]bool, len(c.Tables))
+	for _, t := range c.Tables {
+		tables[t] = true
+	}
+	return &Decoder{db: db, groupCols: c.GroupColumns, tables: tables, cat: newCatalog(conn), rels: map[uint32]*relation{}}
+}
+
+// InTx reports whether a transaction has begun and not yet committed.
+func (d *Decoder) InTx() bool { return d.inTx }
+
+type relation struct {
+	schema, table string
+	ignored       bool
+	cols          []column
+	pk            []int // primary key columns
+	group         []int // group columns (the primary key unless configured)
+	meta          []byte
+}
+
+type column struct {
+	name   []byte // `"name":`
+	typ    *pgType
+	key    bool // part of the replica identity
+	rawKey string
+}
+
+type tuple struct {
+	kinds []byte
+	vals  [][]byte
+}
+
+// Decode decodes one XLogData payload.
+func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
+	if len(data) == 0 {
+		return Event{}, fmt.Errorf("empty pgoutput message")
+	}
+	switch data[0] {
+	case 'B':
+		if len(data) < 21 {
+			return Event{}, fmt.Errorf("short begin message")
+		}
+		d.inTx = true
+		d.commitLSN = binary.BigEndian.Uint64(data[1:])
+		us := int64(binary.BigEndian.Uint64(data[9:]))
+		d.commitTS = pgTime(us).AppendFormat(d.commitTS[:0], "2006-01-02T15:04:05.000000Z07:00")
+		d.idx = 0
+		return Event{Kind: EventBegin, LSN: d.commitLSN}, nil
+	case 'C':
+		if len(data) < 26 {
+			return Event{}, fmt.Errorf("short commit message")
+		}
+		d.inTx = false
+		return Event{Kind: EventCommit, LSN: binary.BigEndian.Uint64(data[10:])}, nil
+	case 'I', 'U', 'D':
+		return d.decodeRow(data)
+	case 'R':
+		m, err := pglogrepl.Parse(data)
+		if err != nil {
+			return Event{}, fmt.Errorf("parse relation message: %w", err)
+		}
+		return Event{}, d.relation(ctx, m.(*pglogrepl.RelationMessage))
+	case 'T':
+		m, err := pglogrepl.Parse(data)
+		if err != nil {
+			return Event{}, fmt.Errorf("parse truncate message: %w", err)
+		}
+		ev := Event{Kind: EventTruncate}
+		for _, id := range m.(*pglogrepl.TruncateMessage).RelationIDs {
+			if r := d.rels[id]; r != nil && !r.ignored {
+				ev.Tables = append(ev.Tables, r.schema+"."+r.table)
+			}
+		}
+		return ev, nil
+	default: // 'Y' type, 'O' origin, 'M' message: nothing to emit
+		return Event{}, nil
+	}
+}
+
+var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func pgTime(us int64) time.Time { return pgEpoch.Add(time.Duration(us) * time.Microsecond) }
+
+func (d *Decoder) relation(ctx context.Context, m *pglogrepl.RelationMessage) error {
+	r := &relation{schema: m.Namespace, table: m.RelationName}
+	name := m.Namespace + "." + m.RelationName
+	d.rels[m.RelationID] = r
+	if !d.tables[name] {
+		r.ignored = true
+		return nil
+	}
+	idx := map[string]int{}
+	for i, c := range m.Columns {
+		t, err := d.cat.typeOf(ctx, c.DataType)
+		if err != nil {
+			return err
+		}
+		n := appendStringS(nil, c.Name)
+		r.cols = append(r.cols, column{name: append(n, ':'), typ: t, key: c.Flags&1 != 0, rawKey: c.Name})
+		idx[c.Name] = i
+	}
+	pk, err := d.cat.primaryKey(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	for _, c := range pk {
+		if i, ok := idx[c]; ok {
+			r.pk = append(r.pk, i)
+		}
+	}
+	if len(r.pk) == 0 { // no primary key: the replica identity columns
+		for i, c := range r.cols {
+			if c.key {
+				r.pk = append(r.pk, i)
+			}
+		}
+	}
+	r.group = r.pk
+	if cols := d.groupCols[name]; len(cols) > 0 {
+		r.group = nil
+		for _, c := range cols {
+			i, ok := idx[c]
+			if !ok {
+				return &SetupError{Problem: fmt.Sprintf("group column %q does not exist in table %s", c, name), Fix: "fix group_columns in the sink config"}
+			}
+			r.group = append(r.group, i)
+		}
+	}
+	meta := []byte(`,"metadata":{"table_schema":`)
+	meta = appendStringS(meta, m.Namespace)
+	meta = append(meta, `,"table_name":`...)
+	meta = appendStringS(meta, m.RelationName)
+	meta = append(meta, `,"commit_timestamp":"`...)
+	r.meta = meta
+	return nil
+}
+
+func (t *tuple) decode(src []byte) (int, error) {
+	if len(src) < 2 {
+		return 0, fmt.Errorf("short tuple")
+	}
+	n := int(binary.BigEndian.Uint16(src))
+	t.kinds = slices.Grow(t.kinds[:0], n)[:n]
+	t.vals = slices.Grow(t.vals[:0], n)[:n]
+	p := 2
+	for i := 0; i < n; i++ {
+		if p >= len(src) {
+			return 0, fmt.Errorf("short tuple column %d", i)
+		}
+		k := src[p]
+		p++
+		t.kinds[i] = k
+		t.vals[i] = nil
+		if k == 't' || k == 'b' {
+			if p+4 > len(src) {
+				return 0, fmt.Errorf("short tuple column %d", i)
+			}
+			l := int(binary.BigEndian.Uint32(src[p:]))
+			p += 4
+			if p+l > len(src) {
+				return 0, fmt.Errorf("short tuple column %d value", i)
+			}
+			t.vals[i] = src[p : p+l]
+			p += l
+		}
+	}
+	return p, nil
+}
+
+func (d *Decoder) decodeRow(data []byte) (Event, error) {
+	if len(data) < 6 {
+		return Event{}, fmt.Errorf("short %c message", data[0])
+	}
+	relid := binary.BigEndian.Uint32(data[1:])
+	r := d.rels[relid]
+	if r == nil {
+		return Event{}, fmt.Errorf("row for unknown relation %d (no relation message)", relid)
+	}
+	if !d.inTx {
+		return Event{}, fmt.Errorf("row outside a transaction")
+	}
+	p := 5
+	var old *tuple
+	oldKind := byte(0)
+	if data[0] != 'I' && (data[p] == 'K' || data[p] == 'O') {
+		oldKind = data[p]
+		n, err := d.oldT.decode(data[p+1:])
+		if err != nil {
+			return Event{}, fmt.Errorf("old tuple of %s.%s: %w", r.schema, r.table, err)
+		}
+		old = &d.oldT
+		p += 1 + n
+	}
+	var nu *tuple
+	if data[0] != 'D' {
+		if p >= len(data) || data[p] != 'N' {
+			return Event{}, fmt.Errorf("%c message of %s.%s without new tuple", data[0], r.schema, r.table)
+		}
+		if _, err := d.newT.decode(data[p+1:]); err != nil {
+			return Event{}, fmt.Errorf("new tuple of %s.%s: %w", r.schema, r.table, err)
+		}
+		nu = &d.newT
+	}
+	if r.ignored {
+		return Event{}, nil
+	}
+	if (nu != nil && len(nu.kinds) != len(r.cols)) || (old != nil && len(old.kinds) != len(r.cols)) {
+		return Event{}, fmt.Errorf("%s.%s: tuple has a different column count than its relation message", r.schema, r.table)
+	}
+
+	row := Row{Pos: change.Position{LSN: d.commitLSN, Idx: d.idx}, Schema: r.schema, Table: r.table}
+	d.idx++
+	size := 256 + len(r.meta) + len(d.db)
+	for _, t := range []*tuple{nu, old} {
+		if t != nil {
+			for i, v := range t.vals {
+				size += len(v) + len(r.cols[i].name) + 8
+			}
+		}
+	}
+	b := make([]byte, 0, size)
+	b = append(b, `{"record":`...)
+	rec := nu // the tuple record_pks and group values come from
+	switch data[0] {
+	case 'I':
+		row.Action = change.Insert
+		b = d.appendRecord(b, r, nu, nil, false)
+		b = append(b, `,"changes":null`...)
+	case 'U':
+		row.Action = change.Update
+		full := oldKind == 'O'
+		var fill *tuple
+		if full {
+			fill = old
+		}
+		b = d.appendRecord(b, r, nu, fill, false)
+		b = append(b, `,"changes":`...)
+		b = d.appendChanges(b, r, nu, old, oldKind)
+	case 'D':
+		row.Action = change.Delete
+		rec = old
+		if old == nil {
+			b = append(b, "{}"...)
+		} else {
+			b = d.appendRecord(b, r, old, nil, oldKind == 'K')
+		}
+		b = append(b, `,"changes":null`...)
+	}
+	b = append(b, `,"action":"`...)
+	b = append(b, row.Action...)
+	b = append(b, '"')
+	b = append(b, r.meta...)
+	b = append(b, d.commitTS...)
+	b = append(b, `","commit_lsn":`...)
+	b = strconv.AppendUint(b, d.commitLSN, 10)
+	b = append(b, `,"commit_idx":`...)
+	b = strconv.AppendInt(b, int64(row.Pos.Idx), 10)
+	b = append(b, `,"database_name":`...)
+	b = appendStringS(b, d.db)
+	b = append(b, `,"idempotency_key":"`...)
+	b = row.Pos.AppendKey(b)
+	b = append(b, `","record_pks":`...)
+	b = appendKeyValues(b, r.pk, rec, old)
+	b = append(b, `,"transaction_annotations":null}}`...)
+	row.Body = b
+	row.Group = appendKeyValues(nil, r.group, rec, old)
+	return Event{Kind: EventRow, Row: row}, nil
+}
+
+// appendRecord writes a tuple as a JSON object. Unchanged TOASTed values are
+// taken from fill (the old row) when it has them, else written as Sequin's
+// marker. keyOnly writes only replica identity columns.
+func (d *Decoder) appendRecord(b []byte, r *relation, t, fill *tuple, keyOnly bool) []byte {
+	b = append(b, '{')
+	first := true
+	for i, c := range r.cols {
+		if keyOnly && !c.key {
+			continue
+		}
+		if !first {
+			b = append(b, ',')
+		}
+		first = false
+		b = append(b, c.name...)
+		b = appendCell(b, c.typ, t.kinds[i], t.vals[i], fill, i)
+	}
+	return append(b, '}')
+}
+
+func appendCell(b []byte, typ *pgType, k byte, v []byte, fill *tuple, i int) []byte {
+	switch k {
+	case 'n':
+		return append(b, "null"...)
+	case 't':
+		return appendValue(b, typ, v)
+	case 'u':
+		if fill != nil && fill.kinds[i] != 'u' {
+			return appendCell(b, typ, fill.kinds[i], fill.vals[i], nil, i)
+		}
+		return append(b, `"`+change.UnchangedToast+`"`...)
+	default: // binary format is never requested
+		return appendString(b, v)
+	}
+}
+
+// appendChanges writes the previous values of the columns an update
+// changed, or {} when Postgres sent no old row.
+func (d *Decoder) appendChanges(b []byte, r *relation, nu, old *tuple, oldKind byte) []byte {
+	b = append(b, '{')
+	if old == nil {
+		return append(b, '}')
+	}
+	first := true
+	for i, c := range r.cols {
+		if oldKind == 'K' && !c.key {
+			continue
+		}
+		ok, nk := old.kinds[i], nu.kinds[i]
+		if ok == 'u' || nk == 'u' {
+			continue // not sent: unchanged
+		}
+		if ok == nk && (ok == 'n' || string(old.vals[i]) == string(nu.vals[i])) {
+			continue
+		}
+		if !first {
+			b = append(b, ',')
+		}
+		first = false
+		b = append(b, c.name...)
+		b = appendCell(b, c.typ, ok, old.vals[i], nil, i)
+	}
+	return append(b, '}')
+}
+
+// appendKeyValues writes the values of cols as a JSON array of strings (null
+// for NULL), taking unchanged TOASTed values from old.
+func appendKeyValues(b []byte, cols []int, t, old *tuple) []byte {
+	b = append(b, '[')
+	for j, i := range cols {
+		if j > 0 {
+			b = append(b, ',')
+		}
+		k, v := t.kinds[i], t.vals[i]
+		if k == 'u' && old != nil && t != old {
+			k, v = old.kinds[i], old.vals[i]
+		}
+		switch k {
+		case 't', 'b':
+			b = appendString(b, v)
+		case 'u':
+			b = append(b, `"`+change.UnchangedToast+`"`...)
+		default:
+			b = append(b, "null"...)
+		}
+	}
+	return append(b, ']')
+}

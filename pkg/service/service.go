@@ -1,0 +1,101 @@
+// Package service is the shared start-up of pgs2's binaries: flags, config,
+// logging, signals, health endpoints and the JetStream connection.
+package service
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/health"
+)
+
+// Env is what a service's run function gets.
+type Env struct {
+	Config *config.Config
+	Log    *slog.Logger
+	Health *health.State
+}
+
+// Main parses flags, loads the config, serves health endpoints and calls
+// run with a context that ends on SIGINT or SIGTERM. It returns the process
+// exit code: 0 after a clean shutdown, 1 on a runtime error, 2 on bad
+// configuration.
+func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ctx context.Context, env Env) error) int {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfgPath := fs.String("config", "", "config file (default $PGS2_CONFIG)")
+	httpAddr := fs.String("http-addr", defaultHTTP, "address of /healthz and /readyz (empty = off)")
+	level := fs.String("log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintf(stderr, "%s: --log-level %q: use debug, info, warn or error\n", name, *level)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl})).With("service", name)
+	slog.SetDefault(log)
+
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	state := health.NewState()
+	g, gctx := errgroup.WithContext(ctx)
+	runCtx, cancelRun := context.WithCancel(gctx)
+	defer cancelRun()
+	g.Go(func() error {
+		defer cancelRun()
+		return run(runCtx, Env{Config: cfg, Log: log, Health: state})
+	})
+	g.Go(func() error { return health.Serve(runCtx, *httpAddr, state.Handler()) })
+	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
+		log.Error("exiting", "error", err)
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return 1
+	}
+	log.Info("stopped cleanly")
+	return 0
+}
+
+// ConnectJetStream connects to NATS for a service. Publishing fails fast
+// while disconnected (no reconnect buffer) so callers see every failure.
+func ConnectJetStream(ctx context.Context, url, name string, log *slog.Logger, jsOpts ...jetstream.JetStreamOpt) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := nats.Connect(url,
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond),
+		nats.ReconnectBufSize(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("nats disconnected", "error", err)
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+	)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to nats.url %s: %w", url, err)
+	}
+	js, err := jetstream.New(nc, jsOpts...)
+	if err != nil {
+		nc.Close()
+		return nil, nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return nc, js, nil
+}
