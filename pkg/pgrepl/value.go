@@ -188,7 +188,7 @@ func significantDigits(v []byte) int {
 // into RFC 3339 ("2026-11-22T10:00:00.123456Z"). Values it does not recognise
 // (infinity, BC dates) pass through as strings.
 func appendTimestamp(dst []byte, v []byte, tz bool) []byte {
-	if len(v) < 19 || v[10] != ' ' || v[4] != '-' || v[13] != ':' {
+	if !isISOTimestamp(v) {
 		return appendString(dst, v)
 	}
 	dst = append(dst, '"')
@@ -225,6 +225,24 @@ func appendTimestamp(dst []byte, v []byte, tz bool) []byte {
 		dst = append(dst, off...)
 	}
 	return append(dst, '"')
+}
+
+// isISOTimestamp reports whether v looks like "YYYY-MM-DD HH:MM:SS[.f][±zone]"
+// with nothing else (no " BC", no "infinity").
+func isISOTimestamp(v []byte) bool {
+	if len(v) < 19 || v[4] != '-' || v[7] != '-' || v[10] != ' ' || v[13] != ':' || v[16] != ':' {
+		return false
+	}
+	for i, c := range v {
+		switch i {
+		case 4, 7, 10, 13, 16:
+			continue
+		}
+		if (c < '0' || c > '9') && (i < 19 || (c != ':' && c != '.' && c != '+' && c != '-')) {
+			return false
+		}
+	}
+	return true
 }
 
 // appendArray parses the text form of an array ({1,2,NULL}, {{1,2},{3,4}},
