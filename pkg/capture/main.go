@@ -2,7 +2,6 @@ package capture
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -58,10 +57,7 @@ func Main(ctx context.Context, env service.Env) error {
 	}
 	defer nc.Close()
 	c := New(cfg, js, WithLogger(env.Log), WithHealth(env.Health))
-	if err := c.Run(ctx); err != nil {
-		return fmt.Errorf("capture: %w", err)
-	}
-	return nil
+	return c.Run(ctx)
 }
 
 func (c Config) windowOrDefault() int {

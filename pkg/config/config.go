@@ -97,11 +97,11 @@ type Duration time.Duration
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	var s string
 	if err := n.Decode(&s); err != nil {
-		return fmt.Errorf("line %d: want a duration such as 5ms, 1s or 5m", n.Line)
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: want a duration such as 5ms, 1s or 5m", n.Line)}}
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("line %d: %q is not a duration; write e.g. 5ms, 1s or 5m", n.Line, s)
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %q is not a duration; write e.g. 5ms, 1s or 5m", n.Line, s)}}
 	}
 	*d = Duration(v)
 	return nil
@@ -145,6 +145,10 @@ func Parse(b []byte) (*Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil {
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			return nil, fmt.Errorf("invalid config:\n  %s", strings.Join(keyNames(te.Errors), "\n  "))
+		}
 		return nil, fmt.Errorf("malformed YAML: %s", strings.TrimPrefix(err.Error(), "yaml: "))
 	}
 	c.Source.Password = os.Getenv("PGS2_SOURCE_PASSWORD")
@@ -212,6 +216,25 @@ func (c *Config) applyDefaults() {
 			s.Retry.Max = Duration(5 * time.Minute)
 		}
 	}
+}
+
+// sections names the Go types of the file's sections as a reader knows them.
+var sections = strings.NewReplacer(
+	"in type config.Config", "at the top level (source, nats, sinks, telemetry)",
+	"in type config.Source", "under source",
+	"in type config.NATS", "under nats",
+	"in type config.Sink", "under a sink",
+	"in type config.Batch", "under a sink's batch",
+	"in type config.Retry", "under a sink's retry",
+	"in type config.Telemetry", "under telemetry",
+)
+
+func keyNames(errs []string) []string {
+	out := make([]string, len(errs))
+	for i, e := range errs {
+		out[i] = sections.Replace(e)
+	}
+	return out
 }
 
 // QualifyTable returns "schema.table", adding "public." to a bare name.

@@ -207,8 +207,10 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "wrong type",
-			yaml: func(t *testing.T) string { return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  partitions: many") },
-			want: []string{"malformed YAML", "line ", "many"},
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  partitions: many")
+			},
+			want: []string{"invalid config", "line ", "many"},
 		},
 		{
 			name: "source.name missing",
@@ -234,7 +236,9 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "source.slot invalid (README example)",
-			yaml: func(t *testing.T) string { return edit(t, "  tables: [users, sales.orders]", "  slot: My-Slot\n  tables: [users, sales.orders]") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "  tables: [users, sales.orders]", "  slot: My-Slot\n  tables: [users, sales.orders]")
+			},
 			want: []string{`source.slot: "My-Slot" is not a valid replication slot name: use 1-63 of [a-z0-9_]`},
 		},
 		{
@@ -258,7 +262,9 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "source.tables duplicate after qualifying",
-			yaml: func(t *testing.T) string { return edit(t, "tables: [users, sales.orders]", "tables: [users, public.users]") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "tables: [users, sales.orders]", "tables: [users, public.users]")
+			},
 			want: []string{"source.tables[1]", "twice"},
 		},
 		{
@@ -278,17 +284,23 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "nats.partitions too large",
-			yaml: func(t *testing.T) string { return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  partitions: 5000") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  partitions: 5000")
+			},
 			want: []string{"nats.partitions", "5000", "out of range"},
 		},
 		{
 			name: "nats.partitions negative",
-			yaml: func(t *testing.T) string { return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  partitions: -1") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  partitions: -1")
+			},
 			want: []string{"nats.partitions", "-1"},
 		},
 		{
 			name: "nats.replicas out of range",
-			yaml: func(t *testing.T) string { return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  replicas: 7") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  replicas: 7")
+			},
 			want: []string{"nats.replicas", "7"},
 		},
 		{
@@ -346,7 +358,9 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "sink batch.max_records out of range",
-			yaml: func(t *testing.T) string { return edit(t, "    stream: users\n", "    stream: users\n    batch: {max_records: 1001}\n") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "    stream: users\n", "    stream: users\n    batch: {max_records: 1001}\n")
+			},
 			want: []string{"sinks[0].batch.max_records", "1001"},
 		},
 		{
@@ -367,7 +381,9 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "bad duration",
-			yaml: func(t *testing.T) string { return edit(t, "    stream: users\n", "    stream: users\n    batch: {linger: fast}\n") },
+			yaml: func(t *testing.T) string {
+				return edit(t, "    stream: users\n", "    stream: users\n    batch: {linger: fast}\n")
+			},
 			want: []string{`"fast"`, "not a duration", "line 13"},
 		},
 		{

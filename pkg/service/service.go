@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -66,7 +68,6 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	})
 	g.Go(func() error { return health.Serve(runCtx, *httpAddr, state.Handler()) })
 	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		log.Error("exiting", "error", err)
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return 1
 	}
@@ -90,7 +91,7 @@ func ConnectJetStream(ctx context.Context, url, name string, log *slog.Logger, j
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
 	)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to nats.url %s: %w", url, err)
+		return nil, nil, fmt.Errorf("connect to nats.url %s: %w", RedactURLs(url), err)
 	}
 	js, err := jetstream.New(nc, jsOpts...)
 	if err != nil {
@@ -98,4 +99,17 @@ func ConnectJetStream(ctx context.Context, url, name string, log *slog.Logger, j
 		return nil, nil, fmt.Errorf("jetstream: %w", err)
 	}
 	return nc, js, nil
+}
+
+// RedactURLs hides passwords in a comma-separated list of URLs.
+func RedactURLs(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, p := range parts {
+		if u, err := url.Parse(strings.TrimSpace(p)); err == nil && u.User != nil {
+			parts[i] = u.Redacted()
+		} else if err != nil && strings.Contains(p, "@") {
+			parts[i] = "(unparsable URL)"
+		}
+	}
+	return strings.Join(parts, ",")
 }

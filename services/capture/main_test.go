@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -274,6 +275,36 @@ func TestNothingListening(t *testing.T) {
 		r := run(t, env(), "--config", p, noHTTP)
 		refused(t, r, 0, "nats.url", fmt.Sprintf("127.0.0.1:%d", port))
 	})
+
+	// The NATS URL may carry credentials (nats://user:password@host); they
+	// must not reach the log either.
+	t.Run("nats port, credentials in URL", func(t *testing.T) {
+		t.Parallel()
+		const secret = "natsS3cretPw"
+		port := freePort(t)
+		p := writeConfig(t, configYAML("postgres://postgres@127.0.0.1:1/app", fmt.Sprintf("nats://alice:%s@127.0.0.1:%d", secret, port), "public.users"))
+		r := run(t, env(), "--config", p, noHTTP)
+		refused(t, r, 0, "nats.url", fmt.Sprintf("127.0.0.1:%d", port))
+		if strings.Contains(r.stderr, secret) {
+			t.Errorf("stderr leaks the nats.url password %q (pkg/service/service.go ConnectJetStream prints the raw URL):\n%s", secret, r.stderr)
+		}
+	})
+
+	// A DSN that passes the config check but that the driver cannot parse.
+	for name, dsn := range map[string]string{
+		"unparsable DSN URL with password":       "postgres://postgres:hunter2secret@127.0.0.1:1/app?sslmode=bogus",
+		"unparsable DSN key=value with password": "host=127.0.0.1 port=1 user=postgres password=hunter2secret sslmode=bogus",
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			p := writeConfig(t, configYAML(dsn, ns.URL(), "public.users"))
+			r := run(t, env(), "--config", p, noHTTP)
+			refused(t, r, 0, "source.dsn", "sslmode")
+			if strings.Contains(r.stderr, "hunter2secret") {
+				t.Errorf("stderr leaks the DSN password:\n%s", r.stderr)
+			}
+		})
+	}
 }
 
 func TestWALLevelReplica(t *testing.T) {
@@ -373,6 +404,17 @@ func TestSourceRefused(t *testing.T) {
 			want: []string{`"tenant"`, "does not exist", "group_columns"},
 		},
 	}
+	t.Run("health port in use", func(t *testing.T) {
+		t.Parallel()
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		p := writeConfig(t, configYAML(appDSN, ns.URL(), "public.users"))
+		r := run(t, env(), "--config", p, "--http-addr", l.Addr().String())
+		refused(t, r, 0, l.Addr().String(), "--http-addr")
+	})
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

@@ -1,0 +1,422 @@
+package capture_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/pgtest"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// captureBinary builds bin/capture once per test binary.
+func captureBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "pgs2-capture-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "capture")
+		out, err := exec.Command("go", "build", "-o", binPath, "../../services/capture").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// proc is capture running as its own process.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan error
+	log  string
+}
+
+func (e *env) configFile(t *testing.T) string {
+	t.Helper()
+	tables := ""
+	for _, tb := range e.cfg.Repl.Tables {
+		tables += tb + ", "
+	}
+	cfg := fmt.Sprintf(`source:
+  name: %s
+  dsn: %s
+  slot: %s
+  publication: %s
+  tables: [%s]
+nats:
+  url: %s
+  partitions: %d
+  duplicate_window: 2m
+`, e.cfg.Source, e.pg.DSN("app"), e.cfg.Repl.Slot, e.cfg.Repl.Publication, tables[:len(tables)-2], e.ns.URL(), e.cfg.Partitions)
+	p := filepath.Join(t.TempDir(), "cdc.yaml")
+	if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// startProc starts bin/capture and waits until /readyz answers 200.
+func (e *env) startProc(t *testing.T, cfgPath string, n int) *proc {
+	t.Helper()
+	port, err := pgtest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	logPath := filepath.Join(t.TempDir(), fmt.Sprintf("capture-%d.log", n))
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(captureBinary(t), "--config", cfgPath, "--http-addr", addr)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, done: make(chan error, 1), log: logPath}
+	go func() { p.done <- cmd.Wait(); logf.Close() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return p
+			}
+		}
+		select {
+		case err := <-p.done:
+			b, _ := os.ReadFile(logPath)
+			t.Fatalf("capture exited before ready: %v\n%s", err, b)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(logPath)
+			t.Fatalf("capture not ready after 30s:\n%s", b)
+		}
+	}
+}
+
+func (p *proc) kill(t *testing.T) {
+	t.Helper()
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+func (p *proc) term(t *testing.T) {
+	t.Helper()
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-p.done:
+		if err != nil {
+			b, _ := os.ReadFile(p.log)
+			t.Fatalf("capture exit after SIGTERM: %v (want 0)\n%s", err, b)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("capture did not exit within 30s of SIGTERM")
+	}
+}
+
+const faultSchema = `
+	CREATE TABLE acct (id serial PRIMARY KEY, v int NOT NULL, pad text);
+	CREATE TABLE tomb (id int PRIMARY KEY, v int NOT NULL);`
+
+// workload changes acct until ctx ends: inserts, single and multi-row
+// updates (each v = v + 1), and deletes recorded in tomb with their last v.
+// Failed transactions (the database restarting under it) are retried with
+// a new connection; the database's final state says what was committed.
+func workload(ctx context.Context, t *testing.T, dsn string, workers int) func() {
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(seed, 7))
+			var conn *pgx.Conn
+			defer func() {
+				if conn != nil {
+					conn.Close(context.Background())
+				}
+			}()
+			for ctx.Err() == nil {
+				if conn == nil {
+					c, err := pgx.Connect(ctx, dsn)
+					if err != nil {
+						time.Sleep(50 * time.Millisecond)
+						continue
+					}
+					conn = c
+				}
+				if err := step(ctx, conn, rng); err != nil && ctx.Err() == nil {
+					conn.Close(context.Background())
+					conn = nil
+				}
+			}
+		}(uint64(w))
+	}
+	return wg.Wait
+}
+
+func step(ctx context.Context, conn *pgx.Conn, rng *rand.Rand) error {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.Background())
+	var max int
+	if err := tx.QueryRow(ctx, `SELECT COALESCE(max(id), 0) FROM acct`).Scan(&max); err != nil {
+		return err
+	}
+	switch r := rng.IntN(100); {
+	case r < 35 || max < 20:
+		for i := 0; i < 1+rng.IntN(5); i++ {
+			if _, err := tx.Exec(ctx, `INSERT INTO acct (v, pad) VALUES (0, repeat('p', $1))`, rng.IntN(200)); err != nil {
+				return err
+			}
+		}
+	case r < 85:
+		for i := 0; i < 1+rng.IntN(10); i++ {
+			if _, err := tx.Exec(ctx, `UPDATE acct SET v = v + 1 WHERE id = $1`, 1+rng.IntN(max)); err != nil {
+				return err
+			}
+		}
+	case r < 95:
+		if _, err := tx.Exec(ctx, `UPDATE acct SET v = v + 1 WHERE id % 13 = $1`, rng.IntN(13)); err != nil {
+			return err
+		}
+	default:
+		var id, v int
+		err := tx.QueryRow(ctx, `DELETE FROM acct WHERE id = $1 RETURNING id, v`, 1+rng.IntN(max)).Scan(&id, &v)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return tx.Commit(ctx)
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO tomb VALUES ($1, $2)`, id, v); err != nil {
+			return err
+		}
+	}
+	return tx.Commit(ctx)
+}
+
+// verifyExactlyOnce checks that the changes stream holds every committed
+// change of acct exactly once, in commit order: per row an insert with v=0,
+// then updates v=1..final, then the delete if it was deleted; and stream
+// order is commit order.
+func (e *env) verifyExactlyOnce(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, e.pg.DSN("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	final := map[int]int{}   // live rows: id → v
+	deleted := map[int]int{} // id → v at delete
+	var want int
+	for _, q := range []struct {
+		sql string
+		m   map[int]int
+		del int
+	}{{`SELECT id, v FROM acct`, final, 0}, {`SELECT id, v FROM tomb`, deleted, 1}} {
+		rows, err := conn.Query(ctx, q.sql)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var id, v int
+			if err := rows.Scan(&id, &v); err != nil {
+				t.Fatal(err)
+			}
+			q.m[id] = v
+			want += 1 + v + q.del
+		}
+		rows.Close()
+	}
+
+	var msgs []got
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		msgs = e.readAll(t)
+		if len(msgs) >= want || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("committed changes: %d, stored: %d, rows: %d live, %d deleted", want, len(msgs), len(final), len(deleted))
+
+	type state struct {
+		v       int
+		deleted bool
+	}
+	seen := map[int]*state{}
+	keys := map[string]bool{}
+	var prev change.Position
+	errs := 0
+	fail := func(format string, a ...any) {
+		errs++
+		if errs <= 20 {
+			t.Errorf(format, a...)
+		}
+	}
+	for _, m := range msgs {
+		md := m.Msg.Metadata
+		pos := change.Position{LSN: md.CommitLSN, Idx: md.CommitIdx}
+		if !prev.Less(pos) {
+			fail("seq %d: position %s does not follow %s (duplicate or out of commit order)", m.Seq, pos, prev)
+		}
+		prev = pos
+		if keys[md.IdempotencyKey] {
+			fail("seq %d: duplicate idempotency key %s", m.Seq, md.IdempotencyKey)
+		}
+		keys[md.IdempotencyKey] = true
+		id := int(m.Msg.Record["id"].(float64))
+		s := seen[id]
+		switch m.Msg.Action {
+		case change.Insert:
+			if s != nil {
+				fail("id %d: second insert at seq %d", id, m.Seq)
+			}
+			seen[id] = &state{}
+			if v := m.Msg.Record["v"].(float64); v != 0 {
+				fail("id %d: insert with v=%v", id, v)
+			}
+		case change.Update:
+			if s == nil || s.deleted {
+				fail("id %d: update at seq %d without a live insert before it", id, m.Seq)
+				continue
+			}
+			v := int(m.Msg.Record["v"].(float64))
+			if v != s.v+1 {
+				fail("id %d: update to v=%d after v=%d (lost, duplicated or reordered)", id, v, s.v)
+			}
+			s.v = v
+		case change.Delete:
+			if s == nil || s.deleted {
+				fail("id %d: delete at seq %d without a live insert", id, m.Seq)
+				continue
+			}
+			s.deleted = true
+		}
+	}
+	for id, v := range final {
+		if s := seen[id]; s == nil || s.deleted || s.v != v {
+			fail("id %d: committed v=%d, stream has %+v", id, v, s)
+		}
+	}
+	for id, v := range deleted {
+		if s := seen[id]; s == nil || !s.deleted || s.v != v {
+			fail("id %d: deleted at v=%d, stream has %+v", id, v, s)
+		}
+	}
+	if len(msgs) != want {
+		fail("stream holds %d changes, %d were committed", len(msgs), want)
+	}
+	if errs > 20 {
+		t.Errorf("... %d problems in all", errs)
+	}
+}
+
+func newFaultEnv(t *testing.T) *env {
+	e := newEnv(t, faultSchema, "public.acct")
+	return e
+}
+
+// TestCrashSIGKILL kills capture several times under a running workload.
+func TestCrashSIGKILL(t *testing.T) {
+	e := newFaultEnv(t)
+	cfg := e.configFile(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	p := e.startProc(t, cfg, 0)
+	wait := workload(ctx, t, e.pg.DSN("app"), 2)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 1; i <= 5; i++ {
+		time.Sleep(time.Duration(300+rng.IntN(900)) * time.Millisecond)
+		p.kill(t)
+		p = e.startProc(t, cfg, i)
+	}
+	time.Sleep(500 * time.Millisecond)
+	cancel()
+	wait()
+	e.verifyExactlyOnce(t)
+	p.term(t)
+}
+
+// TestPostgresRestart restarts Postgres under a running capture.
+func TestPostgresRestart(t *testing.T) {
+	e := newFaultEnv(t)
+	cfg := e.configFile(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	p := e.startProc(t, cfg, 0)
+	wait := workload(ctx, t, e.pg.DSN("app"), 2)
+	for i := 0; i < 2; i++ {
+		time.Sleep(time.Second)
+		if err := e.pg.Restart(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(time.Second)
+	cancel()
+	wait()
+	e.verifyExactlyOnce(t)
+	p.term(t)
+	p.mustLog(t, "capture session ended; restarting")
+}
+
+// TestNATSRestart restarts the JetStream server under a running capture.
+func TestNATSRestart(t *testing.T) {
+	e := newFaultEnv(t)
+	cfg := e.configFile(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	p := e.startProc(t, cfg, 0)
+	wait := workload(ctx, t, e.pg.DSN("app"), 2)
+	for i := 0; i < 2; i++ {
+		time.Sleep(time.Second)
+		e.ns.Restart(t)
+	}
+	time.Sleep(time.Second)
+	cancel()
+	wait()
+	e.verifyExactlyOnce(t)
+	p.term(t)
+	p.mustLog(t, "capture session ended; restarting")
+}
+
+// mustLog fails unless the process's log contains s.
+func (p *proc) mustLog(t *testing.T, s string) {
+	t.Helper()
+	b, err := os.ReadFile(p.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), s) {
+		t.Fatalf("capture log lacks %q:\n%s", s, b)
+	}
+	t.Logf("capture log:\n%s", b)
+}

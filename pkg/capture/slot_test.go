@@ -1,0 +1,145 @@
+package capture_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/change"
+)
+
+// TestIdleTablesBusyDatabase: while the captured tables are idle and the
+// database is busy elsewhere, the slot follows the WAL (no pile-up).
+func TestIdleTablesBusyDatabase(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE other (id serial PRIMARY KEY, pad text)`, "public.users")
+	e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (1)`)
+	e.waitMessages(t, 1)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, e.pg.DSN("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var before string
+	if err := conn.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&before); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		if _, err := conn.Exec(ctx, `INSERT INTO other (pad) SELECT repeat('x', 1000) FROM generate_series(1, 2000)`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var current string
+	if err := conn.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&current); err != nil {
+		t.Fatal(err)
+	}
+	cur, _ := pglogrepl.ParseLSN(current)
+	beforeLSN, _ := pglogrepl.ParseLSN(before)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var flushed string
+		if err := conn.QueryRow(ctx, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'pgs2'`).Scan(&flushed); err != nil {
+			t.Fatal(err)
+		}
+		f, _ := pglogrepl.ParseLSN(flushed)
+		if f >= cur {
+			t.Logf("slot confirmed %s ≥ WAL %s after %d MB of unrelated WAL", f, cur, (cur-beforeLSN)>>20)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("slot stuck at %s while the WAL is at %s: idle tables pin WAL", f, cur)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestLargeTransaction: one transaction of 1M rows passes with bounded
+// memory, and a SIGKILL in the middle of it neither loses nor repeats a row.
+func TestLargeTransaction(t *testing.T) {
+	const n = 1_000_000
+	e := newEnv(t, `CREATE TABLE big (id int PRIMARY KEY, pad text)`, "public.big")
+	cfg := e.configFile(t)
+	p := e.startProc(t, cfg, 0)
+	e.pg.MustExec(t, "app", fmt.Sprintf(`INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, %d) g`, n))
+
+	ctx := context.Background()
+	stream, err := e.js.Stream(ctx, "PGS2_CHANGES")
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := func() uint64 {
+		info, err := stream.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.State.Msgs
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for count() < n/3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d rows after 3 minutes", count(), n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	killedAt := count()
+	rss := p.peakRSS(t)
+	p.kill(t)
+	p = e.startProc(t, cfg, 1)
+	for count() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d rows after 3 minutes", count(), n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond)
+	rss = max(rss, p.peakRSS(t))
+	p.term(t)
+	if got := count(); got != n {
+		t.Fatalf("stream holds %d changes, want exactly %d", got, n)
+	}
+	// The stream is a gapless prefix in commit order, so n messages whose
+	// last is the transaction's index n-1 are each row exactly once.
+	last, _, err := bus.LastChange(ctx, stream, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp, _ := change.ParseKey(first.Header.Get(jetstream.MsgIDHeader))
+	if last.Idx != n-1 || fp.Idx != 0 || fp.LSN != last.LSN {
+		t.Fatalf("first %s, last %s: want one transaction from index 0 to %d", fp, last, n-1)
+	}
+	t.Logf("killed at %d of %d; peak RSS %d MiB", killedAt, n, rss>>20)
+	if rss > 200<<20 {
+		t.Fatalf("capture peak RSS %d MiB for a 1M-row transaction, want < 200 MiB", rss>>20)
+	}
+}
+
+// peakRSS reads VmHWM of the running process.
+func (p *proc) peakRSS(t *testing.T) uint64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
+}
