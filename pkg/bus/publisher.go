@@ -1,120 +1,251 @@
 package bus
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Publisher publishes one source's changes asynchronously, in order, and
-// tells which transactions are wholly acknowledged.
+// Publisher publishes one source's changes to JetStream asynchronously, in
+// order, and tells which transactions are wholly acknowledged.
 //
 // Every message carries Nats-Msg-Id (its idempotency key) and
 // Nats-Expected-Last-Msg-Id (its predecessor's key), so JetStream refuses a
 // message whose predecessor is not stored: the stream stays a gapless prefix
-// of the change sequence even when async publishes fail out of order (a
-// server restart, a lost connection). After the first failure the publisher
-// is broken: its owner rebuilds it from the stream's last stored change.
+// of the change sequence even when publishes fail out of order (a server
+// restart, a lost connection). After the first failure the publisher is
+// broken: its owner rebuilds it from the stream's last stored change.
+//
+// It speaks the JetStream publish protocol directly (a core publish with a
+// reply subject per message, one subscription for all PubAcks) and reuses
+// its message and headers, so a publish allocates only its reply subject.
 type Publisher struct {
-	js      jetstream.JetStream
+	nc      *nats.Conn
+	sub     *nats.Subscription
+	status  chan nats.Status
+	inbox   string // "_INBOX.<id>."
+	timeout time.Duration
+
+	// Publishing goroutine only.
+	msg     nats.Msg
+	idVal   []string
+	grpVal  []string
+	expVal  []string
 	lastKey string
+	slots   chan struct{} // one per message awaiting its PubAck
 
-	queue chan entry
-
-	published atomic.Int64 // messages handed to JetStream
-	acked     atomic.Int64 // messages acknowledged
+	published atomic.Uint64 // sequence of the last published message
 	confirmed atomic.Uint64
+
+	mu           sync.Mutex
+	acked        []bool // ring over sequences, by seq % len
+	ackedThrough uint64 // every message up to here is acknowledged
+	markers      []marker
+	progress     time.Time
 
 	errOnce sync.Once
 	err     error
 	failed  chan struct{}
+	stop    chan struct{}
 	done    chan struct{}
 }
 
-type entry struct {
-	f      jetstream.PubAckFuture
-	endLSN uint64 // marker: a transaction ended here
+type marker struct {
+	seq uint64 // the transaction's last message
+	lsn uint64 // its end LSN
+}
+
+// PublisherOptions tune a Publisher.
+type PublisherOptions struct {
+	// Window is how many messages may await their PubAck (default 4096).
+	Window int
+	// AckTimeout fails the publisher when no PubAck arrives for this long
+	// while messages are outstanding (default 10s).
+	AckTimeout time.Duration
 }
 
 // NewPublisher returns a publisher whose first message follows lastKey (the
 // stream's last stored key; "" for an empty stream). confirmed is the LSN
 // already confirmed to Postgres.
-func NewPublisher(js jetstream.JetStream, lastKey string, confirmed uint64, window int) *Publisher {
+func NewPublisher(nc *nats.Conn, lastKey string, confirmed uint64, o PublisherOptions) (*Publisher, error) {
+	if o.Window <= 0 {
+		o.Window = 4096
+	}
+	if o.AckTimeout <= 0 {
+		o.AckTimeout = 10 * time.Second
+	}
 	p := &Publisher{
-		js:      js,
-		lastKey: lastKey,
-		queue:   make(chan entry, window),
-		failed:  make(chan struct{}),
-		done:    make(chan struct{}),
+		nc:       nc,
+		inbox:    nc.NewInbox() + ".",
+		timeout:  o.AckTimeout,
+		idVal:    make([]string, 1),
+		grpVal:   make([]string, 1),
+		expVal:   make([]string, 1),
+		lastKey:  lastKey,
+		slots:    make(chan struct{}, o.Window),
+		acked:    make([]bool, o.Window),
+		progress: time.Now(),
+		failed:   make(chan struct{}),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
 	}
+	p.msg.Header = nats.Header{HeaderMsgID: p.idVal, HeaderGroup: p.grpVal}
 	p.confirmed.Store(confirmed)
-	go p.track()
-	return p
-}
-
-// Publish sends one change. It blocks only when the in-flight window is full.
-func (p *Publisher) Publish(ctx context.Context, subject, key string, group []byte, body []byte) error {
-	if err := p.Err(); err != nil {
-		return err
-	}
-	h := nats.Header{HeaderMsgID: []string{key}, HeaderGroup: []string{string(group)}}
-	if p.lastKey != "" {
-		h[HeaderExpectedLastID] = []string{p.lastKey}
-	}
-	f, err := p.js.PublishMsgAsync(&nats.Msg{Subject: subject, Header: h, Data: body})
+	p.status = nc.StatusChanged(nats.DISCONNECTED, nats.RECONNECTING, nats.CLOSED)
+	sub, err := nc.Subscribe(p.inbox+"*", p.onAck)
 	if err != nil {
-		p.fail(fmt.Errorf("publish %s: %w", subject, err))
-		return p.err
+		nc.RemoveStatusListener(p.status)
+		return nil, fmt.Errorf("subscribe for PubAcks: %w", err)
 	}
-	p.lastKey = key
-	p.published.Add(1)
-	return p.enqueue(ctx, entry{f: f})
+	_ = sub.SetPendingLimits(-1, -1)
+	p.sub = sub
+	go p.watch()
+	return p, nil
 }
 
-// EndTx marks the end of a transaction whose messages were all published;
-// once they are acknowledged, Confirmed reaches endLSN.
-func (p *Publisher) EndTx(ctx context.Context, endLSN uint64) error {
-	return p.enqueue(ctx, entry{endLSN: endLSN})
-}
-
-func (p *Publisher) enqueue(ctx context.Context, e entry) error {
+// Publish sends one change. It blocks only while the window is full.
+func (p *Publisher) Publish(ctx context.Context, subject, key string, group []byte, body []byte) error {
 	select {
-	case p.queue <- e:
-		return nil
+	case p.slots <- struct{}{}:
 	case <-p.failed:
 		return p.err
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+	seq := p.published.Load() + 1
+	p.idVal[0] = key
+	p.grpVal[0] = string(group)
+	if p.lastKey != "" {
+		p.expVal[0] = p.lastKey
+		p.msg.Header[HeaderExpectedLastID] = p.expVal
+	} else {
+		delete(p.msg.Header, HeaderExpectedLastID)
+	}
+	p.msg.Subject = subject
+	p.msg.Reply = p.inbox + strconv.FormatUint(seq, 10)
+	p.msg.Data = body
+	p.published.Store(seq)
+	if err := p.nc.PublishMsg(&p.msg); err != nil { // copies headers and body
+		p.fail(fmt.Errorf("publish %s: %w", subject, err))
+		return p.err
+	}
+	p.lastKey = key
+	return nil
 }
 
-func (p *Publisher) track() {
-	defer close(p.done)
-	for e := range p.queue {
-		if e.f == nil {
-			if p.Err() == nil {
-				p.raise(e.endLSN)
-			}
-			continue
+// pubAck is JetStream's answer to a publish.
+type pubAck struct {
+	Error *struct {
+		Code        int    `json:"code"`
+		ErrCode     int    `json:"err_code"`
+		Description string `json:"description"`
+	} `json:"error"`
+}
+
+var errorField = []byte(`"error"`)
+
+func (p *Publisher) onAck(m *nats.Msg) {
+	seq, err := strconv.ParseUint(m.Subject[len(p.inbox):], 10, 64)
+	if err != nil {
+		return
+	}
+	if len(m.Data) == 0 {
+		if m.Header.Get("Status") == "503" {
+			p.fail(fmt.Errorf("publish: no JetStream stream listens on %s (no responders)", m.Subject))
+		} else {
+			p.fail(fmt.Errorf("publish: empty PubAck (status %q)", m.Header.Get("Status")))
 		}
-		select {
-		case <-e.f.Ok():
-			p.acked.Add(1)
-		case err := <-e.f.Err():
-			p.fail(fmt.Errorf("publish %s: %w", e.f.Msg().Subject, err))
-			p.acked.Add(1)
+		return
+	}
+	if bytes.Contains(m.Data, errorField) {
+		var a pubAck
+		if err := json.Unmarshal(m.Data, &a); err != nil || a.Error != nil {
+			desc := string(m.Data)
+			if a.Error != nil {
+				desc = fmt.Sprintf("%s (code %d, err_code %d)", a.Error.Description, a.Error.Code, a.Error.ErrCode)
+			}
+			p.fail(fmt.Errorf("jetstream refused message %d: %s", seq, desc))
+			return
+		}
+	}
+	p.mu.Lock()
+	published := p.published.Load()
+	if seq <= p.ackedThrough || seq > published {
+		p.mu.Unlock()
+		return
+	}
+	n := uint64(len(p.acked))
+	p.acked[seq%n] = true
+	released := 0
+	for p.ackedThrough < published && p.acked[(p.ackedThrough+1)%n] {
+		p.ackedThrough++
+		p.acked[p.ackedThrough%n] = false
+		released++
+	}
+	if released > 0 {
+		p.progress = time.Now()
+		i := 0
+		for ; i < len(p.markers) && p.markers[i].seq <= p.ackedThrough; i++ {
+			p.raise(p.markers[i].lsn)
+		}
+		p.markers = p.markers[i:]
+	}
+	p.mu.Unlock()
+	for ; released > 0; released-- {
+		<-p.slots
+	}
+}
+
+// EndTx marks the end of a transaction whose messages were all published;
+// once they are acknowledged, Confirmed reaches endLSN.
+func (p *Publisher) EndTx(endLSN uint64) {
+	p.mu.Lock()
+	if p.ackedThrough == p.published.Load() {
+		p.raise(endLSN)
+	} else {
+		p.markers = append(p.markers, marker{seq: p.published.Load(), lsn: endLSN})
+	}
+	p.mu.Unlock()
+}
+
+func (p *Publisher) raise(lsn uint64) {
+	if p.Err() != nil {
+		return
+	}
+	for {
+		cur := p.confirmed.Load()
+		if lsn <= cur || p.confirmed.CompareAndSwap(cur, lsn) {
+			return
 		}
 	}
 }
 
-func (p *Publisher) raise(lsn uint64) {
+// watch fails the publisher when the connection drops (PubAcks in flight
+// are then lost) or when PubAcks stop arriving.
+func (p *Publisher) watch() {
+	defer close(p.done)
+	tick := time.NewTicker(p.timeout / 10)
+	defer tick.Stop()
 	for {
-		cur := p.confirmed.Load()
-		if lsn <= cur || p.confirmed.CompareAndSwap(cur, lsn) {
+		select {
+		case s := <-p.status:
+			p.fail(fmt.Errorf("nats connection %s: PubAcks in flight are lost", s))
+		case <-tick.C:
+			p.mu.Lock()
+			stalled := p.ackedThrough < p.published.Load() && time.Since(p.progress) > p.timeout
+			p.mu.Unlock()
+			if stalled {
+				p.fail(fmt.Errorf("no PubAck for %s with %d messages outstanding", p.timeout, p.InFlight()))
+			}
+		case <-p.stop:
 			return
 		}
 	}
@@ -148,22 +279,43 @@ func (p *Publisher) Confirmed() uint64 { return p.confirmed.Load() }
 // acknowledged and nothing failed. The caller must not be inside a
 // transaction and must not publish concurrently.
 func (p *Publisher) ConfirmIdle(lsn uint64) {
-	if p.Err() == nil && p.acked.Load() == p.published.Load() {
+	p.mu.Lock()
+	if p.ackedThrough == p.published.Load() {
 		p.raise(lsn)
 	}
+	p.mu.Unlock()
 }
 
 // InFlight is the number of messages not yet acknowledged.
-func (p *Publisher) InFlight() int64 { return p.published.Load() - p.acked.Load() }
+func (p *Publisher) InFlight() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return int(p.published.Load() - p.ackedThrough)
+}
 
-// Close waits until every published message is acknowledged or failed and
+// ErrClosed is returned by Close when ctx ended before all PubAcks arrived.
+var ErrClosed = errors.New("publisher closed with messages outstanding")
+
+// Close waits until every published message is acknowledged (or the
+// publisher failed, or ctx ends), then releases its subscription. It
 // returns the first failure. Publish must not be called after Close.
 func (p *Publisher) Close(ctx context.Context) error {
-	close(p.queue)
-	select {
-	case <-p.done:
-	case <-ctx.Done():
-		return fmt.Errorf("waiting for %d acknowledgements: %w", p.InFlight(), ctx.Err())
+	defer func() {
+		close(p.stop)
+		<-p.done
+		_ = p.sub.Unsubscribe()
+		p.nc.RemoveStatusListener(p.status)
+	}()
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for p.InFlight() > 0 {
+		select {
+		case <-p.failed:
+			return p.err
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %d: %w", ErrClosed, p.InFlight(), ctx.Err())
+		case <-t.C:
+		}
 	}
 	return p.Err()
 }

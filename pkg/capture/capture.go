@@ -147,7 +147,10 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	c.log.Info("streaming", "slot", c.cfg.Repl.Slot, "confirmed_flush", confirmed, "resume_after", last.String())
 	c.state.SetReady()
 
-	pub := bus.NewPublisher(c.js, lastKey, uint64(confirmed), c.cfg.Window)
+	pub, err := bus.NewPublisher(c.js.Conn(), lastKey, uint64(confirmed), bus.PublisherOptions{Window: c.cfg.Window})
+	if err != nil {
+		return err
+	}
 	s := &session{Capture: c, repl: repl, pub: pub, last: last,
 		dec: pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
@@ -178,7 +181,6 @@ type session struct {
 	last     change.Position
 
 	published, skipped int64
-	sentLSN            uint64
 }
 
 func (s *session) sendStatus(ctx context.Context) error {
@@ -189,7 +191,6 @@ func (s *session) sendStatus(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("send standby status: %w", err)
 	}
-	s.sentLSN = uint64(lsn)
 	return nil
 }
 
@@ -269,7 +270,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		}
 		s.published++
 	case pgrepl.EventCommit:
-		return s.pub.EndTx(ctx, ev.LSN)
+		s.pub.EndTx(ev.LSN)
 	case pgrepl.EventTruncate:
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}

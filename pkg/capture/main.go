@@ -2,9 +2,6 @@ package capture
 
 import (
 	"context"
-	"time"
-
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
@@ -50,19 +47,11 @@ func Main(ctx context.Context, env service.Env) error {
 		url = srv.ClientURL()
 		env.Log.Info("embedded JetStream started", "url", url)
 	}
-	nc, js, err := service.ConnectJetStream(ctx, url, "pgs2-capture", env.Log,
-		jetstream.WithPublishAsyncMaxPending(cfg.windowOrDefault()+64), jetstream.WithPublishAsyncTimeout(10*time.Second))
+	nc, js, err := service.ConnectJetStream(ctx, url, "pgs2-capture", env.Log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	c := New(cfg, js, WithLogger(env.Log), WithHealth(env.Health))
 	return c.Run(ctx)
-}
-
-func (c Config) windowOrDefault() int {
-	if c.Window > 0 {
-		return c.Window
-	}
-	return 4096
 }

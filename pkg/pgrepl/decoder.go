@@ -42,8 +42,10 @@ type Row struct {
 	Table  string
 	Action change.Action
 	// Group is the JSON array of the group columns' values (as strings).
+	// Valid until the next Decode.
 	Group []byte
-	// Body is the message-format JSON (without metadata.consumer).
+	// Body is the message-format JSON (without metadata.consumer). Valid
+	// until the next Decode.
 	Body []byte
 }
 
@@ -62,6 +64,7 @@ type Decoder struct {
 	idx       int
 
 	newT, oldT tuple
+	body, group []byte // reused: a Row is valid until the next Decode
 }
 
 // NewDecoder returns a decoder for database db. conn (a normal connection)
@@ -278,16 +281,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 
 	row := Row{Pos: change.Position{LSN: d.commitLSN, Idx: d.idx}, Schema: r.schema, Table: r.table}
 	d.idx++
-	size := 256 + len(r.meta) + len(d.db)
-	for _, t := range []*tuple{nu, old} {
-		if t != nil {
-			for i, v := range t.vals {
-				size += len(v) + len(r.cols[i].name) + 8
-			}
-		}
-	}
-	b := make([]byte, 0, size)
-	b = append(b, `{"record":`...)
+	b := append(d.body[:0], `{"record":`...)
 	rec := nu // the tuple record_pks and group values come from
 	switch data[0] {
 	case 'I':
@@ -330,8 +324,9 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	b = append(b, `","record_pks":`...)
 	b = appendKeyValues(b, r.pk, rec, old)
 	b = append(b, `,"transaction_annotations":null}}`...)
-	row.Body = b
-	row.Group = appendKeyValues(nil, r.group, rec, old)
+	d.body = b
+	d.group = appendKeyValues(d.group[:0], r.group, rec, old)
+	row.Body, row.Group = d.body, d.group
 	return Event{Kind: EventRow, Row: row}, nil
 }
 
