@@ -39,6 +39,7 @@ type Publisher struct {
 	idVal   []string
 	grpVal  []string
 	expVal  []string
+	trVal   []string
 	lastKey string
 	slots   chan struct{} // one per message awaiting its PubAck
 
@@ -89,6 +90,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, confirmed uint64, o PublisherOp
 		idVal:    make([]string, 1),
 		grpVal:   make([]string, 1),
 		expVal:   make([]string, 1),
+		trVal:    make([]string, 1),
 		lastKey:  lastKey,
 		slots:    make(chan struct{}, o.Window),
 		acked:    make([]bool, o.Window),
@@ -111,8 +113,9 @@ func NewPublisher(nc *nats.Conn, lastKey string, confirmed uint64, o PublisherOp
 	return p, nil
 }
 
-// Publish sends one change. It blocks only while the window is full.
-func (p *Publisher) Publish(ctx context.Context, subject, key string, group []byte, body []byte) error {
+// Publish sends one change; traceparent ("" for none) continues the trace of
+// its transaction. It blocks only while the window is full.
+func (p *Publisher) Publish(ctx context.Context, subject, key string, group []byte, body []byte, traceparent string) error {
 	select {
 	case p.slots <- struct{}{}:
 	case <-p.failed:
@@ -128,6 +131,12 @@ func (p *Publisher) Publish(ctx context.Context, subject, key string, group []by
 		p.msg.Header[HeaderExpectedLastID] = p.expVal
 	} else {
 		delete(p.msg.Header, HeaderExpectedLastID)
+	}
+	if traceparent != "" {
+		p.trVal[0] = traceparent
+		p.msg.Header[HeaderTraceParent] = p.trVal
+	} else {
+		delete(p.msg.Header, HeaderTraceParent)
 	}
 	p.msg.Subject = subject
 	p.msg.Reply = p.inbox + strconv.FormatUint(seq, 10)

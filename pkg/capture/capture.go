@@ -14,11 +14,15 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // Config configures a capture.
@@ -39,10 +43,11 @@ type Config struct {
 
 // Capture runs the replication sessions.
 type Capture struct {
-	cfg   Config
-	js    jetstream.JetStream
-	log   *slog.Logger
-	state *health.State
+	cfg    Config
+	js     jetstream.JetStream
+	log    *slog.Logger
+	state  *health.State
+	tracer trace.Tracer
 }
 
 // Option configures optional dependencies.
@@ -50,6 +55,10 @@ type Option func(*Capture)
 
 // WithLogger sets the logger.
 func WithLogger(l *slog.Logger) Option { return func(c *Capture) { c.log = l } }
+
+// WithTracer sets the tracer of the per-transaction spans (default: the
+// global provider's).
+func WithTracer(t trace.Tracer) Option { return func(c *Capture) { c.tracer = t } }
 
 // WithHealth reports readiness into s.
 func WithHealth(s *health.State) Option { return func(c *Capture) { c.state = s } }
@@ -65,7 +74,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 30 * time.Second
 	}
-	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState()}
+	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture")}
 	for _, o := range opts {
 		o(c)
 	}
@@ -154,6 +163,9 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	s := &session{Capture: c, repl: repl, pub: pub, last: last,
 		dec: pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
+	if s.span != nil { // ended inside a transaction
+		s.span.End()
+	}
 
 	// Wait for what is in flight, then confirm what is acknowledged.
 	cctx, cancel := context.WithTimeout(context.Background(), c.cfg.ShutdownTimeout)
@@ -181,6 +193,12 @@ type session struct {
 	last     change.Position
 
 	published, skipped int64
+
+	// The current transaction's span; each of its changes carries its
+	// traceparent, so router and delivery continue the trace.
+	span        trace.Span
+	traceparent string
+	txChanges   int
 }
 
 func (s *session) sendStatus(ctx context.Context) error {
@@ -258,6 +276,11 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		return err
 	}
 	switch ev.Kind {
+	case pgrepl.EventBegin:
+		_, s.span = s.tracer.Start(ctx, "capture transaction", trace.WithSpanKind(trace.SpanKindProducer),
+			trace.WithAttributes(attribute.Int64("pgs2.commit_lsn", int64(ev.LSN))))
+		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
+		s.txChanges = 0
 	case pgrepl.EventRow:
 		r := &ev.Row
 		if !s.last.Less(r.Pos) { // already in the stream
@@ -265,12 +288,18 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			return nil
 		}
 		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
-		if err := s.pub.Publish(ctx, subject, r.Pos.Key(), r.Group, r.Body); err != nil {
+		if err := s.pub.Publish(ctx, subject, r.Pos.Key(), r.Group, r.Body, s.traceparent); err != nil {
 			return err
 		}
 		s.published++
+		s.txChanges++
 	case pgrepl.EventCommit:
 		s.pub.EndTx(ev.LSN)
+		if s.span != nil {
+			s.span.SetAttributes(attribute.Int("pgs2.changes", s.txChanges))
+			s.span.End()
+			s.span, s.traceparent = nil, ""
+		}
 	case pgrepl.EventTruncate:
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}

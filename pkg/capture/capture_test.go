@@ -5,7 +5,12 @@ import (
 	"strings"
 	"testing"
 
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+
+	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 func TestActionsAndMetadata(t *testing.T) {
@@ -72,4 +77,27 @@ func mustJSON(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestTraceContext: each change carries the traceparent of its
+// transaction's span, so router and delivery continue one trace.
+func TestTraceContext(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY)`, "public.users")
+	e.opts = append(e.opts, capture.WithTracer(tp.Tracer("test")))
+	e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (1), (2)`)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (3)`)
+	msgs := e.waitMessages(t, 3)
+	spans := rec.Ended()
+	if len(spans) != 2 {
+		t.Fatalf("%d transaction spans ended, want 2", len(spans))
+	}
+	want := []string{telemetry.TraceParent(spans[0].SpanContext()), telemetry.TraceParent(spans[0].SpanContext()), telemetry.TraceParent(spans[1].SpanContext())}
+	for i, m := range msgs {
+		if got := m.Header.Get("traceparent"); got != want[i] || got == "" {
+			t.Errorf("message %d traceparent %q, want %q", i, got, want[i])
+		}
+	}
 }

@@ -23,11 +23,12 @@ import (
 
 // env is a real Postgres and a real JetStream for one test.
 type env struct {
-	pg  *pgtest.Instance
-	ns  *natstest.Server
-	nc  *nats.Conn
-	js  jetstream.JetStream
-	cfg capture.Config
+	pg   *pgtest.Instance
+	ns   *natstest.Server
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	cfg  capture.Config
+	opts []capture.Option
 }
 
 func newEnv(t *testing.T, setupSQL string, tables ...string) *env {
@@ -61,8 +62,9 @@ func (e *env) run(t *testing.T) func() error {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	state := health.NewState()
-	c := capture.New(e.cfg, e.js, capture.WithHealth(state),
-		capture.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))))
+	opts := append([]capture.Option{capture.WithHealth(state),
+		capture.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))}, e.opts...)
+	c := capture.New(e.cfg, e.js, opts...)
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
 	for ready := false; !ready; {

@@ -7,6 +7,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
 	"github.com/pgs2/pgs2/pkg/service"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // FromConfig derives a capture's settings from the config file.
@@ -36,6 +37,11 @@ func Main(ctx context.Context, env service.Env) error {
 	if err != nil {
 		return err
 	}
+	stopTracing, err := telemetry.Setup(ctx, telemetry.Config{Service: "capture", OTLPEndpoint: env.Config.Telemetry.OTLPEndpoint})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
 	url := env.Config.NATS.URL
 	if env.Config.NATS.Embedded {
 		srv, err := bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: env.Config.NATS.StoreDir, Port: embeddedPort(url),

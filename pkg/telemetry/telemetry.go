@@ -1,0 +1,66 @@
+// Package telemetry sets up OpenTelemetry tracing once per process: an OTLP
+// exporter when an endpoint is configured, a no-op tracer otherwise, and the
+// W3C trace-context propagator either way.
+package telemetry
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.26.0"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Config configures tracing.
+type Config struct {
+	Service string
+	// OTLPEndpoint is an OTLP/HTTP endpoint (host:port or URL); empty uses
+	// OTEL_EXPORTER_OTLP_ENDPOINT, and tracing is off when both are empty.
+	OTLPEndpoint string
+}
+
+// Setup installs the global tracer provider and propagator and returns a
+// function that flushes and stops them.
+func Setup(ctx context.Context, c Config) (func(context.Context) error, error) {
+	otel.SetTextMapPropagator(propagation.TraceContext{})
+	endpoint := c.OTLPEndpoint
+	if endpoint == "" && os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") == "" && os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") == "" {
+		return func(context.Context) error { return nil }, nil
+	}
+	var opts []otlptracehttp.Option
+	if endpoint != "" {
+		opts = append(opts, otlptracehttp.WithEndpointURL(endpointURL(endpoint)))
+	}
+	exp, err := otlptracehttp.New(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry.otlp_endpoint: %w", err)
+	}
+	tp := sdktrace.NewTracerProvider(
+		sdktrace.WithBatcher(exp),
+		sdktrace.WithResource(resource.NewSchemaless(semconv.ServiceName("pgs2-"+c.Service))),
+	)
+	otel.SetTracerProvider(tp)
+	return tp.Shutdown, nil
+}
+
+func endpointURL(e string) string {
+	if len(e) > 7 && (e[:7] == "http://" || (len(e) > 8 && e[:8] == "https://")) {
+		return e
+	}
+	return "http://" + e
+}
+
+// TraceParent formats a span context as a W3C traceparent header value, or
+// "" when the span is not recording a valid trace.
+func TraceParent(sc trace.SpanContext) string {
+	if !sc.IsValid() {
+		return ""
+	}
+	return fmt.Sprintf("00-%s-%s-%s", sc.TraceID(), sc.SpanID(), sc.TraceFlags())
+}
