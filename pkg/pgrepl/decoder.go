@@ -63,7 +63,7 @@ type Decoder struct {
 	commitTS  []byte
 	idx       int
 
-	newT, oldT tuple
+	newT, oldT  tuple
 	body, group []byte // reused: a Row is valid until the next Decode
 }
 
