@@ -8,12 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
@@ -21,6 +23,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -43,11 +46,13 @@ type Config struct {
 
 // Capture runs the replication sessions.
 type Capture struct {
-	cfg    Config
-	js     jetstream.JetStream
-	log    *slog.Logger
-	state  *health.State
-	tracer trace.Tracer
+	cfg     Config
+	js      jetstream.JetStream
+	log     *slog.Logger
+	state   *health.State
+	tracer  trace.Tracer
+	metrics *metrics.Capture
+	pub     atomic.Pointer[bus.Publisher] // the current session's
 }
 
 // Option configures optional dependencies.
@@ -59,6 +64,18 @@ func WithLogger(l *slog.Logger) Option { return func(c *Capture) { c.log = l } }
 // WithTracer sets the tracer of the per-transaction spans (default: the
 // global provider's).
 func WithTracer(t trace.Tracer) Option { return func(c *Capture) { c.tracer = t } }
+
+// WithMetrics registers capture's metrics in r.
+func WithMetrics(r prometheus.Registerer) Option {
+	return func(c *Capture) {
+		c.metrics = metrics.NewCapture(r, func() float64 {
+			if p := c.pub.Load(); p != nil {
+				return float64(p.InFlight())
+			}
+			return 0
+		})
+	}
+}
 
 // WithHealth reports readiness into s.
 func WithHealth(s *health.State) Option { return func(c *Capture) { c.state = s } }
@@ -77,6 +94,9 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture")}
 	for _, o := range opts {
 		o(c)
+	}
+	if c.metrics == nil {
+		c.metrics = metrics.NewCapture(prometheus.NewRegistry(), func() float64 { return 0 })
 	}
 	return c
 }
@@ -160,6 +180,8 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	if err != nil {
 		return err
 	}
+	c.pub.Store(pub)
+	c.metrics.Sessions.Inc()
 	s := &session{Capture: c, repl: repl, pub: pub, last: last,
 		dec: pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
@@ -209,6 +231,7 @@ func (s *session) sendStatus(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("send standby status: %w", err)
 	}
+	s.metrics.ConfirmedLSN.Set(float64(lsn))
 	return nil
 }
 
@@ -252,6 +275,7 @@ func (s *session) run(ctx context.Context) error {
 				if !s.dec.InTx() {
 					s.pub.ConfirmIdle(uint64(k.ServerWALEnd))
 				}
+				s.metrics.ServerLSN.Set(float64(k.ServerWALEnd))
 				if k.ReplyRequested {
 					next = time.Now()
 				}
@@ -285,6 +309,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		r := &ev.Row
 		if !s.last.Less(r.Pos) { // already in the stream
 			s.skipped++
+			s.metrics.Skipped.Inc()
 			return nil
 		}
 		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
@@ -295,12 +320,15 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.txChanges++
 	case pgrepl.EventCommit:
 		s.pub.EndTx(ev.LSN)
+		s.metrics.Transactions.Inc()
+		s.metrics.Changes.Add(float64(s.txChanges))
 		if s.span != nil {
 			s.span.SetAttributes(attribute.Int("pgs2.changes", s.txChanges))
 			s.span.End()
 			s.span, s.traceparent = nil, ""
 		}
 	case pgrepl.EventTruncate:
+		s.metrics.Truncates.Inc()
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}
 	return nil

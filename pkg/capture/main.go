@@ -58,6 +58,6 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer nc.Close()
-	c := New(cfg, js, WithLogger(env.Log), WithHealth(env.Health))
+	c := New(cfg, js, WithLogger(env.Log), WithHealth(env.Health), WithMetrics(env.Metrics))
 	return c.Run(ctx)
 }

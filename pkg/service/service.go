@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"os/signal"
 	"strings"
@@ -17,17 +18,20 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/metrics"
 )
 
 // Env is what a service's run function gets.
 type Env struct {
-	Config *config.Config
-	Log    *slog.Logger
-	Health *health.State
+	Config  *config.Config
+	Log     *slog.Logger
+	Health  *health.State
+	Metrics *prometheus.Registry
 }
 
 // Main parses flags, loads the config, serves health endpoints and calls
@@ -59,14 +63,19 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	state := health.NewState()
+	reg := metrics.Registry()
+	mux := http.NewServeMux()
+	mux.Handle("/healthz", state.Handler())
+	mux.Handle("/readyz", state.Handler())
+	mux.Handle("GET /metrics", metrics.Handler(reg))
 	g, gctx := errgroup.WithContext(ctx)
 	runCtx, cancelRun := context.WithCancel(gctx)
 	defer cancelRun()
 	g.Go(func() error {
 		defer cancelRun()
-		return run(runCtx, Env{Config: cfg, Log: log, Health: state})
+		return run(runCtx, Env{Config: cfg, Log: log, Health: state, Metrics: reg})
 	})
-	g.Go(func() error { return health.Serve(runCtx, *httpAddr, state.Handler()) })
+	g.Go(func() error { return health.Serve(runCtx, *httpAddr, mux) })
 	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return 1

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -489,6 +490,18 @@ func TestReadyAndSIGTERM(t *testing.T) {
 	}
 	// A change while running, so shutdown has something to confirm.
 	pg.MustExec(t, "app", "INSERT INTO users VALUES (1, 'a')")
+	// /metrics counts it.
+	for metric := ""; !strings.Contains(metric, "pgs2_capture_changes_published_total 1"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("/metrics does not count the change:\n%s", metric)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if resp, err := client.Get("http://" + addr + "/metrics"); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			metric = string(b)
+		}
+	}
 
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
