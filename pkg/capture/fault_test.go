@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/pgtest"
@@ -419,4 +421,72 @@ func (p *proc) mustLog(t *testing.T, s string) {
 		t.Fatalf("capture log lacks %q:\n%s", s, b)
 	}
 	t.Logf("capture log:\n%s", b)
+}
+
+// TestEmbeddedNATS: with nats.embedded the capture process hosts JetStream
+// itself, on nats.url's port, with its store under nats.store_dir; a
+// restart finds its changes there.
+func TestEmbeddedNATS(t *testing.T) {
+	pg := pgtest.New(t)
+	pg.MustExec(t, "postgres", "CREATE DATABASE app")
+	pg.MustExec(t, "app", "CREATE TABLE users (id int PRIMARY KEY)")
+	port, err := pgtest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := os.MkdirTemp("", "pgs2-embedded-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(store) })
+	cfg := filepath.Join(t.TempDir(), "cdc.yaml")
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(`source: {name: app, dsn: %q, tables: [users]}
+nats: {embedded: true, store_dir: %q, url: %q}
+`, pg.DSN("app"), store, url)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{pg: pg}
+	p := e.startProc(t, cfg, 0)
+	pg.MustExec(t, "app", "INSERT INTO users VALUES (1)")
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, err := js.Stream(ctx, "PGS2_CHANGES")
+		if err == nil && s.CachedInfo().State.Msgs == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("embedded JetStream does not hold the change: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	nc.Close()
+	p.term(t)
+	p = e.startProc(t, cfg, 1)
+	pg.MustExec(t, "app", "INSERT INTO users VALUES (2)")
+	nc2, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc2.Close()
+	js2, _ := jetstream.New(nc2)
+	for {
+		s, err := js2.Stream(ctx, "PGS2_CHANGES")
+		if err == nil && s.CachedInfo().State.Msgs == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after a restart the embedded store should hold 2 changes: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	nc2.Close()
+	p.term(t)
 }
