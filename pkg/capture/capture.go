@@ -65,9 +65,12 @@ func WithLogger(l *slog.Logger) Option { return func(c *Capture) { c.log = l } }
 // global provider's).
 func WithTracer(t trace.Tracer) Option { return func(c *Capture) { c.tracer = t } }
 
-// WithMetrics registers capture's metrics in r.
+// WithMetrics registers capture's metrics in r (nil: none).
 func WithMetrics(r prometheus.Registerer) Option {
 	return func(c *Capture) {
+		if r == nil {
+			return
+		}
 		c.metrics = metrics.NewCapture(r, func() float64 {
 			if p := c.pub.Load(); p != nil {
 				return float64(p.InFlight())
@@ -236,19 +239,26 @@ func (s *session) sendStatus(ctx context.Context) error {
 }
 
 func (s *session) run(ctx context.Context) error {
+	// Reads time out at the next status update through the socket's read
+	// deadline: pgconn then keeps the connection, and no context is watched
+	// per message. Cancellation sets the deadline to now.
+	conn := s.repl.Conn()
+	defer context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })()
+	defer conn.SetReadDeadline(time.Time{})
 	next := time.Now().Add(s.cfg.StatusInterval)
-	var recv deadline
-	recv.reset(ctx, next)
-	defer recv.stop()
+	_ = conn.SetReadDeadline(next)
 	for {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 		if now := time.Now(); !now.Before(next) {
 			if err := s.sendStatus(ctx); err != nil {
 				return err
 			}
 			next = now.Add(s.cfg.StatusInterval)
-			recv.reset(ctx, next)
+			_ = conn.SetReadDeadline(next)
 		}
-		msg, err := s.repl.ReceiveMessage(recv.ctx)
+		msg, err := s.repl.ReceiveMessage(context.Background())
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -313,7 +323,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			return nil
 		}
 		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
-		if err := s.pub.Publish(ctx, subject, r.Pos.Key(), r.Group, r.Body, s.traceparent); err != nil {
+		if err := s.pub.Publish(ctx, subject, string(r.Key), r.Group, r.Body, s.traceparent); err != nil {
 			return err
 		}
 		s.published++
@@ -332,22 +342,4 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}
 	return nil
-}
-
-// deadline is a receive context that lives until the next status update, so
-// the hot loop does not create a context per message.
-type deadline struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-}
-
-func (d *deadline) reset(parent context.Context, at time.Time) {
-	d.stop()
-	d.ctx, d.cancel = context.WithDeadline(parent, at)
-}
-
-func (d *deadline) stop() {
-	if d.cancel != nil {
-		d.cancel()
-	}
 }

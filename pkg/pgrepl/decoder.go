@@ -47,6 +47,8 @@ type Row struct {
 	// Body is the message-format JSON (without metadata.consumer). Valid
 	// until the next Decode.
 	Body []byte
+	// Key is the idempotency key (Pos.Key()). Valid until the next Decode.
+	Key []byte
 }
 
 // Decoder turns pgoutput (protocol version 1) messages into events. It is
@@ -63,8 +65,8 @@ type Decoder struct {
 	commitTS  []byte
 	idx       int
 
-	newT, oldT  tuple
-	body, group []byte // reused: a Row is valid until the next Decode
+	newT, oldT       tuple
+	body, group, key []byte // reused: a Row is valid until the next Decode
 }
 
 // NewDecoder returns a decoder for database db. conn (a normal connection)
@@ -320,13 +322,15 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	b = append(b, `,"database_name":`...)
 	b = appendStringS(b, d.db)
 	b = append(b, `,"idempotency_key":"`...)
+	keyStart := len(b)
 	b = row.Pos.AppendKey(b)
+	d.key = append(d.key[:0], b[keyStart:]...)
 	b = append(b, `","record_pks":`...)
 	b = appendKeyValues(b, r.pk, rec, old)
 	b = append(b, `,"transaction_annotations":null}}`...)
 	d.body = b
 	d.group = appendKeyValues(d.group[:0], r.group, rec, old)
-	row.Body, row.Group = d.body, d.group
+	row.Body, row.Group, row.Key = d.body, d.group, d.key
 	return Event{Kind: EventRow, Row: row}, nil
 }
 

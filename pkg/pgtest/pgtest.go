@@ -219,6 +219,9 @@ func (in *Instance) start(ctx context.Context) error {
 	}
 	// The server outlives ctx: it is stopped by Stop/Close, not by cancellation.
 	cmd := in.command(context.WithoutCancel(ctx), "postgres", args...)
+	// If this process dies without stopping it, the postmaster shuts down
+	// immediately instead of lingering.
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGQUIT
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		logf.Close()
