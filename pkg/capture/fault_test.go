@@ -447,46 +447,32 @@ nats: {embedded: true, store_dir: %q, url: %q}
 		t.Fatal(err)
 	}
 	e := &env{pg: pg}
-	p := e.startProc(t, cfg, 0)
-	pg.MustExec(t, "app", "INSERT INTO users VALUES (1)")
+	for i := 1; i <= 2; i++ { // the second run restarts on the same store
+		p := e.startProc(t, cfg, i)
+		pg.MustExec(t, "app", "INSERT INTO users VALUES ($1)", i)
+		waitEmbedded(t, url, uint64(i))
+		p.term(t)
+	}
+}
+
+// waitEmbedded waits until the changes stream behind url holds n messages.
+func waitEmbedded(t *testing.T, url string, n uint64) {
+	t.Helper()
 	nc, err := nats.Connect(url)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	ctx := context.Background()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		s, err := js.Stream(ctx, "PGS2_CHANGES")
-		if err == nil && s.CachedInfo().State.Msgs == 1 {
-			break
+		s, err := js.Stream(context.Background(), "PGS2_CHANGES")
+		if err == nil && s.CachedInfo().State.Msgs == n {
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("embedded JetStream does not hold the change: %v", err)
+			t.Fatalf("embedded JetStream should hold %d changes: %v", n, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	nc.Close()
-	p.term(t)
-	p = e.startProc(t, cfg, 1)
-	pg.MustExec(t, "app", "INSERT INTO users VALUES (2)")
-	nc2, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc2.Close()
-	js2, _ := jetstream.New(nc2)
-	for {
-		s, err := js2.Stream(ctx, "PGS2_CHANGES")
-		if err == nil && s.CachedInfo().State.Msgs == 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after a restart the embedded store should hold 2 changes: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	nc2.Close()
-	p.term(t)
 }
