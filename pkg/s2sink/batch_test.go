@@ -1,0 +1,111 @@
+package s2sink
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"testing"
+
+	"github.com/s2-streamstore/s2-sdk-go/s2"
+)
+
+func rec(body int, headers ...string) s2.AppendRecord {
+	r := s2.AppendRecord{Body: bytes.Repeat([]byte("x"), body)}
+	for i := 0; i+1 < len(headers); i += 2 {
+		r.Headers = append(r.Headers, s2.NewHeader(headers[i], headers[i+1]))
+	}
+	return r
+}
+
+func TestMeteredSize(t *testing.T) {
+	r := rec(100, "idempotency-key", "MTox", "action", "insert")
+	want := 8 + 2*2 + len("idempotency-key") + 4 + len("action") + len("insert") + 100
+	if got := MeteredSize(r.Headers, r.Body); got != want {
+		t.Fatalf("MeteredSize = %d, want %d", got, want)
+	}
+}
+
+func TestBatchLimits(t *testing.T) {
+	b := NewBatch(0, 0)
+	for i := 0; i < MaxBatchRecords; i++ {
+		if err := b.Add(rec(10)); err != nil {
+			t.Fatalf("record %d: %v", i, err)
+		}
+	}
+	if err := b.Add(rec(10)); !errors.Is(err, ErrBatchFull) {
+		t.Fatalf("record 1001: %v, want ErrBatchFull", err)
+	}
+	b.Reset()
+	if b.Len() != 0 || b.Bytes() != 0 {
+		t.Fatal("Reset left records")
+	}
+	// Bytes: two half-MiB records do not fit together.
+	half := MaxBatchBytes/2 - 8
+	if err := b.Add(rec(half)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Add(rec(half + 1)); !errors.Is(err, ErrBatchFull) {
+		t.Fatalf("over 1 MiB: %v, want ErrBatchFull", err)
+	}
+	// A record of exactly 1 MiB metered fits alone; one byte more never fits.
+	b.Reset()
+	if err := b.Add(rec(MaxBatchBytes - 8)); err != nil {
+		t.Fatalf("exactly 1 MiB: %v", err)
+	}
+	b.Reset()
+	if err := b.Add(rec(MaxBatchBytes - 7)); !errors.Is(err, ErrRecordTooLarge) {
+		t.Fatalf("1 MiB + 1: %v, want ErrRecordTooLarge", err)
+	}
+	// A configured smaller batch.
+	small := NewBatch(2, 100)
+	_ = small.Add(rec(50))
+	if err := small.Add(rec(50)); !errors.Is(err, ErrBatchFull) {
+		t.Fatalf("max_bytes 100: %v", err)
+	}
+	// A record larger than max_bytes but within S2's limit goes alone.
+	small.Reset()
+	if err := small.Add(rec(500)); err != nil {
+		t.Fatalf("a big record alone in a small batch: %v", err)
+	}
+}
+
+func TestClassify(t *testing.T) {
+	for _, c := range []struct {
+		err    error
+		class  Class
+		status int
+		effect bool
+	}{
+		{&s2.S2Error{Status: 429, Code: "rate_limited", Origin: "server"}, RetrySoon, 429, false},
+		{&s2.S2Error{Status: 503, Code: "unavailable", Origin: "server"}, RetrySoon, 503, true},
+		{&s2.S2Error{Status: 504, Code: "upstream_timeout", Origin: "server"}, RetrySoon, 504, true},
+		{&s2.S2Error{Status: 502, Code: "hot_server", Origin: "server"}, RetrySoon, 502, false},
+		{&s2.S2Error{Status: 408, Code: "request_timeout", Origin: "server"}, RetrySoon, 408, true},
+		{&s2.S2Error{Status: 401, Code: "authn", Origin: "server"}, RetryUntilFixed, 401, false},
+		{&s2.S2Error{Status: 403, Code: "permission_denied", Origin: "server"}, RetryUntilFixed, 403, false},
+		{&s2.S2Error{Status: 404, Code: "stream_not_found", Origin: "server"}, RetryUntilFixed, 404, false},
+		{&s2.S2Error{Status: 422, Code: "invalid", Origin: "server"}, RetryUntilFixed, 422, false},
+		{&s2.S2Error{Status: 413, Message: "payload too large", Origin: "server"}, RetryUntilFixed, 413, false},
+		{fmt.Errorf("post: %w", &net.OpError{Op: "dial", Err: errors.New("connection refused")}), RetrySoon, 0, true},
+		{context.DeadlineExceeded, RetrySoon, 0, true},
+	} {
+		e := classify("append", c.err, 0)
+		if e.Class != c.class || e.Status != c.status || e.MayHaveTakenEffect != c.effect {
+			t.Errorf("%v: class %s status %d effect %v, want %s %d %v", c.err, e.Class, e.Status, e.MayHaveTakenEffect, c.class, c.status, c.effect)
+		}
+		if Classify(fmt.Errorf("wrapped: %w", e)) != e {
+			t.Errorf("Classify does not unwrap")
+		}
+	}
+}
+
+func TestNoTokenForCloud(t *testing.T) {
+	if _, err := New(Config{}); !errors.Is(err, ErrNoToken) {
+		t.Fatalf("New without token for the cloud: %v", err)
+	}
+	if _, err := New(Config{Endpoint: "http://127.0.0.1:1"}); err != nil {
+		t.Fatalf("local endpoint without token: %v", err)
+	}
+}
