@@ -24,7 +24,7 @@ func FromConfig(c *config.Config) (Config, error) {
 		},
 		Stream: bus.ChangesStreamConfig{
 			Name: c.NATS.ChangesStream, Source: c.Source.Name, Replicas: c.NATS.Replicas,
-			DuplicateWindow: c.NATS.DuplicateWindow.D(),
+			DuplicateWindow: c.NATS.DuplicateWindow.D(), MaxAge: c.NATS.ChangesMaxAge.D(),
 		},
 		Partitions: c.NATS.Partitions,
 	}, nil

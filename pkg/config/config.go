@@ -50,6 +50,10 @@ type NATS struct {
 	ChangesStream string `yaml:"changes_stream"`
 	// DuplicateWindow of the changes stream (default 10m).
 	DuplicateWindow Duration `yaml:"duplicate_window"`
+	// ChangesMaxAge is how long the changes stream keeps a change (default 0:
+	// until deleted). A change older than this is gone even if the router has
+	// not read it, so set it well above the longest router outage you allow.
+	ChangesMaxAge Duration `yaml:"changes_max_age"`
 	// SyncInterval of an embedded server's file store (default 1s); "always" is not offered.
 	SyncInterval Duration `yaml:"sync_interval"`
 }
@@ -317,6 +321,9 @@ func (c *Config) Validate() error {
 	}
 	if !tokenRE.MatchString(n.ChangesStream) {
 		bad("nats.changes_stream", "%q is not a valid stream name: use letters, digits, '_' and '-'", n.ChangesStream)
+	}
+	if n.ChangesMaxAge < 0 || (n.ChangesMaxAge > 0 && n.ChangesMaxAge < n.DuplicateWindow) {
+		bad("nats.changes_max_age", "%s must be 0 (keep until deleted) or at least nats.duplicate_window", n.ChangesMaxAge.D())
 	}
 	if n.DuplicateWindow.D() < time.Second {
 		bad("nats.duplicate_window", "%s is too short: use at least 1s (default 10m)", n.DuplicateWindow.D())

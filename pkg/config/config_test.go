@@ -318,6 +318,13 @@ func TestParseErrors(t *testing.T) {
 			want: []string{"nats.duplicate_window", "10ms"},
 		},
 		{
+			name: "nats.changes_max_age shorter than the duplicate window",
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  changes_max_age: 1m")
+			},
+			want: []string{"nats.changes_max_age", "1m0s"},
+		},
+		{
 			name: "sink table not in source.tables",
 			yaml: func(t *testing.T) string { return edit(t, "    tables: [users]", "    tables: [public.accounts]") },
 			want: []string{"sinks[0].tables[0]", `"public.accounts"`, "not in source.tables"},
