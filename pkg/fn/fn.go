@@ -1,0 +1,261 @@
+// Package fn compiles and runs a sink's functions — filter, transform and
+// routing — written in CEL over a change's action, record, changes and
+// metadata. Functions are type-checked at start-up, sandboxed and
+// cost-limited; a runtime error is returned, never a panic.
+package fn
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/google/cel-go/cel"
+	"github.com/google/cel-go/common/types"
+	"github.com/google/cel-go/ext"
+)
+
+// Kind names a function's role.
+type Kind string
+
+// Function kinds.
+const (
+	Filter    Kind = "filter"
+	Transform Kind = "transform"
+	Routing   Kind = "routing"
+)
+
+// CostLimit bounds the work of one evaluation (CEL cost units).
+const CostLimit = 1_000_000
+
+// CompileError is a function that does not parse or type-check.
+type CompileError struct {
+	Sink   string
+	Kind   Kind
+	Expr   string
+	Issues string // CEL's report, with line:column and a caret
+}
+
+func (e *CompileError) Error() string {
+	return fmt.Sprintf("sink %q: %s function does not compile:\n  %s\n%s", e.Sink, e.Kind, e.Expr, indent(e.Issues))
+}
+
+func indent(s string) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	for i, l := range lines {
+		lines[i] = "  " + l
+	}
+	return strings.Join(lines, "\n")
+}
+
+// RuntimeError is a function that failed on one change.
+type RuntimeError struct {
+	Sink string
+	Kind Kind
+	Err  error
+}
+
+func (e *RuntimeError) Error() string {
+	return fmt.Sprintf("sink %q: %s function: %v", e.Sink, e.Kind, e.Err)
+}
+
+func (e *RuntimeError) Unwrap() error { return e.Err }
+
+// Functions are one sink's compiled functions; nil programs are absent.
+type Functions struct {
+	sink                       string
+	filter, transform, routing cel.Program
+}
+
+var env = mustEnv()
+
+func mustEnv() *cel.Env {
+	e, err := cel.NewEnv(
+		cel.Variable("action", cel.StringType),
+		cel.Variable("record", cel.MapType(cel.StringType, cel.DynType)),
+		cel.Variable("changes", cel.DynType),
+		cel.Variable("metadata", cel.MapType(cel.StringType, cel.DynType)),
+		ext.Strings(), ext.Encoders(), ext.Math(), ext.Lists(),
+	)
+	if err != nil {
+		panic(err)
+	}
+	return e
+}
+
+// Compile compiles a sink's functions; empty expressions are absent.
+func Compile(sink, filter, transform, routing string) (*Functions, error) {
+	f := &Functions{sink: sink}
+	var errs []error
+	for _, c := range []struct {
+		kind Kind
+		expr string
+		out  *cel.Program
+		want []*cel.Type
+	}{
+		{Filter, filter, &f.filter, []*cel.Type{cel.BoolType}},
+		{Transform, transform, &f.transform, nil},
+		{Routing, routing, &f.routing, []*cel.Type{cel.MapType(cel.StringType, cel.DynType), cel.MapType(cel.StringType, cel.StringType)}},
+	} {
+		if strings.TrimSpace(c.expr) == "" {
+			continue
+		}
+		ast, iss := env.Compile(c.expr)
+		if iss.Err() != nil {
+			errs = append(errs, &CompileError{Sink: sink, Kind: c.kind, Expr: c.expr, Issues: iss.String()})
+			continue
+		}
+		if c.want != nil && !outputOK(ast.OutputType(), c.want) {
+			what := "a bool"
+			if c.kind == Routing {
+				what = `a map such as {"basin": "...", "stream": "..."}`
+			}
+			errs = append(errs, &CompileError{Sink: sink, Kind: c.kind, Expr: c.expr,
+				Issues: fmt.Sprintf("ERROR: <input>:1:1: the %s function returns %s; it must return %s", c.kind, ast.OutputType(), what)})
+			continue
+		}
+		p, err := env.Program(ast, cel.CostLimit(CostLimit), cel.EvalOptions(cel.OptOptimize))
+		if err != nil {
+			errs = append(errs, &CompileError{Sink: sink, Kind: c.kind, Expr: c.expr, Issues: err.Error()})
+			continue
+		}
+		*c.out = p
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return f, nil
+}
+
+func outputOK(got *cel.Type, want []*cel.Type) bool {
+	if got.IsExactType(cel.DynType) {
+		return true
+	}
+	for _, w := range want {
+		if got.IsAssignableType(w) || w.IsAssignableType(got) {
+			return true
+		}
+	}
+	return false
+}
+
+// Empty reports whether the sink has no functions: its messages pass
+// through untouched.
+func (f *Functions) Empty() bool { return f.filter == nil && f.transform == nil && f.routing == nil }
+
+// HasTransform reports whether a transform replaces the body.
+func (f *Functions) HasTransform() bool { return f.transform != nil }
+
+// Input is a change as the functions see it.
+type Input struct {
+	vars map[string]any
+}
+
+// ParseInput decodes a message-format body. Integers become int64 (so
+// record.id == 7 holds), other numbers float64.
+func ParseInput(body []byte) (*Input, error) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
+		return nil, fmt.Errorf("change body is not a JSON object: %w", err)
+	}
+	v := normalize(m).(map[string]any)
+	vars := map[string]any{"action": v["action"], "record": v["record"], "changes": v["changes"], "metadata": v["metadata"]}
+	if _, ok := vars["action"].(string); !ok {
+		vars["action"] = ""
+	}
+	for _, k := range []string{"record", "metadata"} {
+		if _, ok := vars[k].(map[string]any); !ok {
+			vars[k] = map[string]any{}
+		}
+	}
+	return &Input{vars: vars}, nil
+}
+
+func normalize(v any) any {
+	switch t := v.(type) {
+	case json.Number:
+		if i, err := t.Int64(); err == nil {
+			return i
+		}
+		f, _ := t.Float64()
+		return f
+	case map[string]any:
+		for k, e := range t {
+			t[k] = normalize(e)
+		}
+		return t
+	case []any:
+		for i, e := range t {
+			t[i] = normalize(e)
+		}
+		return t
+	}
+	return v
+}
+
+// Keep runs the filter: true when the change goes to the sink.
+func (f *Functions) Keep(in *Input) (bool, error) {
+	if f.filter == nil {
+		return true, nil
+	}
+	out, _, err := f.filter.Eval(in.vars)
+	if err != nil {
+		return false, &RuntimeError{Sink: f.sink, Kind: Filter, Err: err}
+	}
+	b, ok := out.(types.Bool)
+	if !ok {
+		return false, &RuntimeError{Sink: f.sink, Kind: Filter, Err: fmt.Errorf("returned %s, not a bool", out.Type())}
+	}
+	return bool(b), nil
+}
+
+// TransformBody runs the transform and returns the new body as JSON.
+func (f *Functions) TransformBody(in *Input) ([]byte, error) {
+	out, _, err := f.transform.Eval(in.vars)
+	if err != nil {
+		return nil, &RuntimeError{Sink: f.sink, Kind: Transform, Err: err}
+	}
+	b, err := appendJSON(nil, out)
+	if err != nil {
+		return nil, &RuntimeError{Sink: f.sink, Kind: Transform, Err: err}
+	}
+	return b, nil
+}
+
+// Route runs the routing function; an empty result keeps the sink's own
+// basin or stream.
+func (f *Functions) Route(in *Input) (basin, stream string, err error) {
+	if f.routing == nil {
+		return "", "", nil
+	}
+	out, _, err := f.routing.Eval(in.vars)
+	if err != nil {
+		return "", "", &RuntimeError{Sink: f.sink, Kind: Routing, Err: err}
+	}
+	native, err := toNative(out)
+	if err != nil {
+		return "", "", &RuntimeError{Sink: f.sink, Kind: Routing, Err: err}
+	}
+	m, ok := native.(map[string]any)
+	if !ok {
+		return "", "", &RuntimeError{Sink: f.sink, Kind: Routing, Err: fmt.Errorf("returned %T, want a map with basin and/or stream", native)}
+	}
+	for k, v := range m {
+		s, ok := v.(string)
+		if !ok {
+			return "", "", &RuntimeError{Sink: f.sink, Kind: Routing, Err: fmt.Errorf("%q is %T, want a string", k, v)}
+		}
+		switch k {
+		case "basin":
+			basin = s
+		case "stream":
+			stream = s
+		default:
+			return "", "", &RuntimeError{Sink: f.sink, Kind: Routing, Err: fmt.Errorf("unknown key %q: return only basin and stream", k)}
+		}
+	}
+	return basin, stream, nil
+}
