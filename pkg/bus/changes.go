@@ -69,17 +69,30 @@ func EnsureChangesStream(ctx context.Context, js jetstream.JetStream, c ChangesS
 // stream is a gapless prefix of the source's changes (see Publisher), so
 // everything up to this position is stored.
 func LastChange(ctx context.Context, s jetstream.Stream, source string) (change.Position, string, error) {
-	m, err := s.GetLastMsgForSubject(ctx, ChangesFilter(source))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return change.Position{}, "", nil
+	key, err := LastMsgID(ctx, s, ChangesFilter(source))
+	if err != nil || key == "" {
+		return change.Position{}, "", err
 	}
-	if err != nil {
-		return change.Position{}, "", fmt.Errorf("read last change of %s: %w", source, err)
-	}
-	key := m.Header.Get(HeaderMsgID)
 	pos, err := change.ParseKey(key)
 	if err != nil {
-		return change.Position{}, "", fmt.Errorf("last change of %s (seq %d): %w", source, m.Sequence, err)
+		return change.Position{}, "", fmt.Errorf("last change of %s: %w", source, err)
 	}
 	return pos, key, nil
+}
+
+// LastMsgID returns the Nats-Msg-Id of the last message on subjects
+// matching filter, or "" when there is none.
+func LastMsgID(ctx context.Context, s jetstream.Stream, filter string) (string, error) {
+	m, err := s.GetLastMsgForSubject(ctx, filter)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the last message of %s: %w", filter, err)
+	}
+	id := m.Header.Get(HeaderMsgID)
+	if id == "" {
+		return "", fmt.Errorf("message %d on %s has no %s", m.Sequence, filter, HeaderMsgID)
+	}
+	return id, nil
 }

@@ -14,8 +14,9 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// Publisher publishes one source's changes to JetStream asynchronously, in
-// order, and tells which transactions are wholly acknowledged.
+// Publisher publishes a sequence of messages (capture: one source's
+// changes; router: its outputs) to JetStream asynchronously, in order, and
+// tells which marked positions are wholly acknowledged.
 //
 // Every message carries Nats-Msg-Id (its idempotency key) and
 // Nats-Expected-Last-Msg-Id (its predecessor's key), so JetStream refuses a
@@ -60,8 +61,8 @@ type Publisher struct {
 }
 
 type marker struct {
-	seq uint64 // the transaction's last message
-	lsn uint64 // its end LSN
+	seq uint64 // the last message published when the position was marked
+	pos uint64
 }
 
 // PublisherOptions tune a Publisher.
@@ -74,9 +75,9 @@ type PublisherOptions struct {
 }
 
 // NewPublisher returns a publisher whose first message follows lastKey (the
-// stream's last stored key; "" for an empty stream). confirmed is the LSN
-// already confirmed to Postgres.
-func NewPublisher(nc *nats.Conn, lastKey string, confirmed uint64, o PublisherOptions) (*Publisher, error) {
+// stream's last stored key; "" for an empty stream). acked is the position
+// Acked starts at.
+func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOptions) (*Publisher, error) {
 	if o.Window <= 0 {
 		o.Window = 4096
 	}
@@ -100,7 +101,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, confirmed uint64, o PublisherOp
 		done:     make(chan struct{}),
 	}
 	p.msg.Header = nats.Header{HeaderMsgID: p.idVal, HeaderGroup: p.grpVal}
-	p.confirmed.Store(confirmed)
+	p.confirmed.Store(acked)
 	p.status = nc.StatusChanged(nats.DISCONNECTED, nats.RECONNECTING, nats.CLOSED)
 	sub, err := nc.Subscribe(p.inbox+"*", p.onAck)
 	if err != nil {
@@ -203,7 +204,7 @@ func (p *Publisher) onAck(m *nats.Msg) {
 		p.progress = time.Now()
 		i := 0
 		for ; i < len(p.markers) && p.markers[i].seq <= p.ackedThrough; i++ {
-			p.raise(p.markers[i].lsn)
+			p.raise(p.markers[i].pos)
 		}
 		p.markers = p.markers[i:]
 	}
@@ -213,25 +214,37 @@ func (p *Publisher) onAck(m *nats.Msg) {
 	}
 }
 
-// EndTx marks the end of a transaction whose messages were all published;
-// once they are acknowledged, Confirmed reaches endLSN.
-func (p *Publisher) EndTx(endLSN uint64) {
+// Mark records a position (capture: a transaction's end LSN; router: an
+// input message's stream sequence) reached by the messages published so
+// far; once they are all acknowledged, Acked reaches pos. Positions must
+// not decrease.
+func (p *Publisher) Mark(pos uint64) {
 	p.mu.Lock()
 	if p.ackedThrough == p.published.Load() {
-		p.raise(endLSN)
+		p.raise(pos)
 	} else {
-		p.markers = append(p.markers, marker{seq: p.published.Load(), lsn: endLSN})
+		p.markers = append(p.markers, marker{seq: p.published.Load(), pos: pos})
 	}
 	p.mu.Unlock()
 }
 
-func (p *Publisher) raise(lsn uint64) {
+// SetHeader sets a header on every later message ("" removes it). Only the
+// publishing goroutine may call it.
+func (p *Publisher) SetHeader(name, value string) {
+	if value == "" {
+		delete(p.msg.Header, name)
+		return
+	}
+	p.msg.Header[name] = []string{value}
+}
+
+func (p *Publisher) raise(pos uint64) {
 	if p.Err() != nil {
 		return
 	}
 	for {
 		cur := p.confirmed.Load()
-		if lsn <= cur || p.confirmed.CompareAndSwap(cur, lsn) {
+		if pos <= cur || p.confirmed.CompareAndSwap(cur, pos) {
 			return
 		}
 	}
@@ -280,17 +293,16 @@ func (p *Publisher) Err() error {
 	}
 }
 
-// Confirmed is the end LSN of the last transaction whose messages, and all
-// before them, are acknowledged.
-func (p *Publisher) Confirmed() uint64 { return p.confirmed.Load() }
+// Acked is the last marked position whose messages, and all before them,
+// are acknowledged.
+func (p *Publisher) Acked() uint64 { return p.confirmed.Load() }
 
-// ConfirmIdle raises Confirmed to lsn when every published message is
-// acknowledged and nothing failed. The caller must not be inside a
-// transaction and must not publish concurrently.
-func (p *Publisher) ConfirmIdle(lsn uint64) {
+// MarkIdle raises Acked to pos when every published message is
+// acknowledged and nothing failed. The caller must not publish concurrently.
+func (p *Publisher) MarkIdle(pos uint64) {
 	p.mu.Lock()
 	if p.ackedThrough == p.published.Load() {
-		p.raise(lsn)
+		p.raise(pos)
 	}
 	p.mu.Unlock()
 }

@@ -47,21 +47,21 @@ func TestPublisherConfirmsWholeTransactions(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		p.EndTx(uint64(2000 + tx))
+		p.Mark(uint64(2000 + tx))
 	}
 	if err := p.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := p.Confirmed(); got != 2050 {
+	if got := p.Acked(); got != 2050 {
 		t.Fatalf("Confirmed = %d, want the last transaction's end 2050", got)
 	}
 	pos, key, err := bus.LastChange(ctx, s, "app")
 	if err != nil || pos != (change.Position{LSN: 1050, Idx: 50 % 7}) || key != pos.Key() {
 		t.Fatalf("LastChange = %v %q %v", pos, key, err)
 	}
-	p.ConfirmIdle(3000)
-	if p.Confirmed() != 3000 {
-		t.Fatalf("idle confirm: %d", p.Confirmed())
+	p.MarkIdle(3000)
+	if p.Acked() != 3000 {
+		t.Fatalf("idle confirm: %d", p.Acked())
 	}
 }
 
@@ -76,7 +76,7 @@ func TestPublisherRefusesGap(t *testing.T) {
 	if err := p.Publish(ctx, "pgs2.changes.app.public.t.0", first.Key(), nil, []byte(`{}`), ""); err != nil {
 		t.Fatal(err)
 	}
-	p.EndTx(11)
+	p.Mark(11)
 	if err := p.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -85,13 +85,13 @@ func TestPublisherRefusesGap(t *testing.T) {
 	p2, _ := bus.NewPublisher(nc, lost.Key(), 11, bus.PublisherOptions{})
 	next := change.Position{LSN: 30, Idx: 0}
 	_ = p2.Publish(ctx, "pgs2.changes.app.public.t.0", next.Key(), nil, []byte(`{}`), "")
-	p2.EndTx(31)
+	p2.Mark(31)
 	err := p2.Close(ctx)
 	if err == nil || !strings.Contains(err.Error(), "last msg") {
 		t.Fatalf("Close = %v, want a wrong-last-msg-id refusal", err)
 	}
-	if p2.Confirmed() != 11 {
-		t.Fatalf("confirmed %d after a failure, want 11", p2.Confirmed())
+	if p2.Acked() != 11 {
+		t.Fatalf("confirmed %d after a failure, want 11", p2.Acked())
 	}
 	if pos, _, _ := bus.LastChange(ctx, s, "app"); pos != first {
 		t.Fatalf("stream's last change %v, want %v", pos, first)

@@ -200,7 +200,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 		runErr = serr
 	}
 	if ctx.Err() != nil {
-		c.log.Info("capture stopped", "confirmed_lsn", pglogrepl.LSN(pub.Confirmed()), "published", s.published, "skipped", s.skipped)
+		c.log.Info("capture stopped", "confirmed_lsn", pglogrepl.LSN(pub.Acked()), "published", s.published, "skipped", s.skipped)
 		return closeErr
 	}
 	if runErr == nil {
@@ -227,7 +227,7 @@ type session struct {
 }
 
 func (s *session) sendStatus(ctx context.Context) error {
-	lsn := pglogrepl.LSN(s.pub.Confirmed())
+	lsn := pglogrepl.LSN(s.pub.Acked())
 	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: lsn, WALFlushPosition: lsn, WALApplyPosition: lsn,
 	})
@@ -283,7 +283,7 @@ func (s *session) run(ctx context.Context) error {
 					return fmt.Errorf("parse keepalive: %w", err)
 				}
 				if !s.dec.InTx() {
-					s.pub.ConfirmIdle(uint64(k.ServerWALEnd))
+					s.pub.MarkIdle(uint64(k.ServerWALEnd))
 				}
 				s.metrics.ServerLSN.Set(float64(k.ServerWALEnd))
 				if k.ReplyRequested {
@@ -329,7 +329,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.published++
 		s.txChanges++
 	case pgrepl.EventCommit:
-		s.pub.EndTx(ev.LSN)
+		s.pub.Mark(ev.LSN)
 		s.metrics.Transactions.Inc()
 		s.metrics.Changes.Add(float64(s.txChanges))
 		if s.span != nil {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"os"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -28,10 +29,12 @@ import (
 
 // Env is what a service's run function gets.
 type Env struct {
-	Config  *config.Config
-	Log     *slog.Logger
-	Health  *health.State
-	Metrics *prometheus.Registry
+	Config *config.Config
+	// ConfigPath is the file the config came from (for reloads).
+	ConfigPath string
+	Log        *slog.Logger
+	Health     *health.State
+	Metrics    *prometheus.Registry
 }
 
 // Main parses flags, loads the config, serves health endpoints and calls
@@ -55,6 +58,9 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl})).With("service", name)
 	slog.SetDefault(log)
 
+	if *cfgPath == "" {
+		*cfgPath = os.Getenv("PGS2_CONFIG")
+	}
 	cfg, err := config.Load(*cfgPath)
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
@@ -73,7 +79,7 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	defer cancelRun()
 	g.Go(func() error {
 		defer cancelRun()
-		return run(runCtx, Env{Config: cfg, Log: log, Health: state, Metrics: reg})
+		return run(runCtx, Env{Config: cfg, ConfigPath: *cfgPath, Log: log, Health: state, Metrics: reg})
 	})
 	g.Go(func() error { return health.Serve(runCtx, *httpAddr, mux) })
 	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {

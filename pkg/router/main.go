@@ -1,0 +1,59 @@
+package router
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/service"
+)
+
+// FromConfig derives a router's settings from the config file.
+func FromConfig(c *config.Config) Config {
+	return Config{
+		Source:        c.Source.Name,
+		ChangesStream: c.NATS.ChangesStream,
+		Delivery: bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: c.NATS.Replicas,
+			DuplicateWindow: c.NATS.DuplicateWindow.D(), MaxAge: c.NATS.ChangesMaxAge.D()},
+		Sinks: c.Sinks,
+	}
+}
+
+// Main is the router service: route until ctx ends; SIGHUP reloads the
+// sinks from the config file.
+func Main(ctx context.Context, env service.Env) error {
+	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-router", env.Log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	r, err := New(FromConfig(env.Config), js, WithLogger(env.Log), WithHealth(env.Health))
+	if err != nil {
+		return err
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				c, err := config.Load(env.ConfigPath)
+				if err == nil {
+					err = r.Reload(c.Sinks)
+				}
+				if err != nil {
+					env.Log.Error("config reload refused; keeping the running config", "error", err)
+					continue
+				}
+				env.Log.Info("config reloaded", "sinks", len(c.Sinks))
+			}
+		}
+	}()
+	return r.Run(ctx)
+}

@@ -1,0 +1,461 @@
+// Package router applies each sink's functions to the changes of a source
+// and republishes them, in order, to the subjects delivery consumes:
+// `pgs2.deliver.<sink>.<basin>.<stream>.<partition>`.
+package router
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/fn"
+	"github.com/pgs2/pgs2/pkg/health"
+)
+
+// Config configures a router.
+type Config struct {
+	Source        string
+	ChangesStream string
+	Delivery      bus.DeliveryStreamConfig
+	Sinks         []config.Sink
+	// Durable names the input consumer (default "pgs2-router-<source>").
+	Durable string
+	// Window is how many outputs may await their PubAck (default 4096).
+	Window int
+	// AckWait of the input consumer (default 60s).
+	AckWait time.Duration
+}
+
+// PriorityGroup is the input consumer's priority group: routers of one
+// source share the consumer and the pinned one does the work.
+const PriorityGroup = "router"
+
+// Router runs routing sessions.
+type Router struct {
+	cfg   Config
+	nc    *nats.Conn
+	js    jetstream.JetStream
+	log   *slog.Logger
+	state *health.State
+	sinks atomic.Pointer[Sinks]
+}
+
+// Option configures optional dependencies.
+type Option func(*Router)
+
+// WithLogger sets the logger.
+func WithLogger(l *slog.Logger) Option { return func(r *Router) { r.log = l } }
+
+// WithHealth reports readiness into s.
+func WithHealth(s *health.State) Option { return func(r *Router) { r.state = s } }
+
+// New compiles the sinks' functions and returns a router.
+func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
+	if cfg.Durable == "" {
+		cfg.Durable = "pgs2-router-" + bus.EscapeToken(cfg.Source)
+	}
+	if cfg.Window <= 0 {
+		cfg.Window = 4096
+	}
+	if cfg.AckWait <= 0 {
+		cfg.AckWait = time.Minute
+	}
+	sinks, err := CompileSinks(cfg.Sinks)
+	if err != nil {
+		return nil, err
+	}
+	r := &Router{cfg: cfg, nc: js.Conn(), js: js, log: slog.Default(), state: health.NewState()}
+	r.sinks.Store(sinks)
+	for _, o := range opts {
+		o(r)
+	}
+	return r, nil
+}
+
+// Reload replaces the sinks (SIGHUP). The new functions apply from the next
+// change on; a config whose functions do not compile is refused and the
+// router keeps the old one.
+func (r *Router) Reload(cfg []config.Sink) error {
+	sinks, err := CompileSinks(cfg)
+	if err != nil {
+		return err
+	}
+	r.sinks.Store(sinks)
+	return nil
+}
+
+// Run routes until ctx ends, restarting sessions after failures.
+func (r *Router) Run(ctx context.Context) error {
+	if _, err := bus.EnsureDeliveryStream(ctx, r.js, r.cfg.Delivery); err != nil {
+		return err
+	}
+	_, err := r.js.CreateOrUpdateConsumer(ctx, r.cfg.ChangesStream, jetstream.ConsumerConfig{
+		Durable:        r.cfg.Durable,
+		Description:    "pgs2 router of source " + r.cfg.Source,
+		FilterSubject:  bus.ChangesFilter(r.cfg.Source),
+		AckPolicy:      jetstream.AckAllPolicy,
+		AckWait:        r.cfg.AckWait,
+		MaxAckPending:  4 * r.cfg.Window,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+		PriorityGroups: []string{PriorityGroup},
+		PriorityPolicy: jetstream.PriorityPolicyPinned,
+		PinnedTTL:      10 * time.Second,
+	})
+	if err != nil {
+		return fmt.Errorf("create consumer %s on %s (is capture running? it creates the stream): %w", r.cfg.Durable, r.cfg.ChangesStream, err)
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		started := time.Now()
+		err := r.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(started) > 30*time.Second {
+			backoff = 100 * time.Millisecond
+		}
+		r.state.SetNotReady(err.Error())
+		r.log.Warn("router session ended; restarting", "error", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// resume is the last output the delivery stream holds: outputs at or
+// before it are not published again.
+type resume struct {
+	pos  change.Position
+	sink string
+	set  bool
+}
+
+func parseOutputID(id string) (resume, error) {
+	if id == "" {
+		return resume{}, nil
+	}
+	key, sink, ok := strings.Cut(id, ":")
+	if !ok {
+		return resume{}, fmt.Errorf("delivery message id %q is not <key>:<sink>", id)
+	}
+	pos, err := change.ParseKey(key)
+	if err != nil {
+		return resume{}, err
+	}
+	return resume{pos: pos, sink: sink, set: true}, nil
+}
+
+// done reports whether the output of change pos for the sink at order i
+// is already stored.
+func (rs resume) done(pos change.Position, sinks *Sinks, i int) bool {
+	if !rs.set || rs.pos.Less(pos) {
+		return false
+	}
+	if pos.Less(rs.pos) {
+		return true
+	}
+	last, ok := sinks.order[rs.sink]
+	if !ok { // that sink is gone from the config: its position is finished
+		return true
+	}
+	return sinks.order[sinks.list[i].Name] <= last
+}
+
+func (r *Router) session(ctx context.Context) error {
+	delivery, err := r.js.Stream(ctx, r.cfg.Delivery.Name)
+	if err != nil {
+		return fmt.Errorf("delivery stream %s: %w", r.cfg.Delivery.Name, err)
+	}
+	lastID, err := bus.LastMsgID(ctx, delivery, bus.DeliveryRoot+".>")
+	if err != nil {
+		return err
+	}
+	rs, err := parseOutputID(lastID)
+	if err != nil {
+		return err
+	}
+	cons, err := r.js.Consumer(ctx, r.cfg.ChangesStream, r.cfg.Durable)
+	if err != nil {
+		return fmt.Errorf("consumer %s: %w", r.cfg.Durable, err)
+	}
+	pub, err := bus.NewPublisher(r.nc, lastID, 0, bus.PublisherOptions{Window: r.cfg.Window})
+	if err != nil {
+		return err
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(2*r.cfg.Window), jetstream.PullPriorityGroup(PriorityGroup),
+		jetstream.PullExpiry(5*time.Second))
+	if err != nil {
+		_ = pub.Close(ctx)
+		return fmt.Errorf("pull from %s: %w", r.cfg.Durable, err)
+	}
+	s := &session{Router: r, pub: pub, resume: rs}
+	acker := s.startAcker()
+	stop := context.AfterFunc(ctx, it.Stop)
+	r.state.SetReady()
+	r.log.Info("routing", "source", r.cfg.Source, "resume_after", lastID)
+
+	runErr := s.run(ctx, it)
+	stop()
+	it.Stop()
+	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	closeErr := pub.Close(cctx)
+	acker.finish()
+	r.unpin()
+	if ctx.Err() != nil {
+		return closeErr
+	}
+	if runErr == nil {
+		runErr = closeErr
+	}
+	return runErr
+}
+
+// unpin releases this router's pin on the input consumer, so a restarted or
+// standby router takes over at once instead of after the pin's TTL.
+func (r *Router) unpin() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if s, err := r.js.Stream(ctx, r.cfg.ChangesStream); err == nil {
+		_ = s.UnpinConsumer(ctx, r.cfg.Durable, PriorityGroup)
+	}
+}
+
+type session struct {
+	*Router
+	pub     *bus.Publisher
+	resume  resume
+	lastSeq uint64
+	out     []byte // reused output body
+
+	mu      sync.Mutex
+	pending []pendingMsg // inputs whose outputs await their PubAcks
+}
+
+type pendingMsg struct {
+	seq uint64
+	msg jetstream.Msg
+}
+
+func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return ctx.Err()
+			}
+			return fmt.Errorf("next change: %w", err)
+		}
+		if err := s.pub.Err(); err != nil {
+			return err
+		}
+		md, err := msg.Metadata()
+		if err != nil {
+			return fmt.Errorf("change metadata: %w", err)
+		}
+		seq := md.Sequence.Stream
+		if seq <= s.lastSeq { // redelivered after we routed it; acked with a later one
+			continue
+		}
+		s.lastSeq = seq
+		if err := s.route(ctx, msg); err != nil {
+			return err
+		}
+		s.pub.Mark(seq)
+		s.mu.Lock()
+		s.pending = append(s.pending, pendingMsg{seq: seq, msg: msg})
+		s.mu.Unlock()
+	}
+}
+
+type acker struct {
+	stop chan struct{}
+	done chan struct{}
+	s    *session
+}
+
+// startAcker acks inputs (AckAll) up to the last one whose outputs are all
+// acknowledged, every few milliseconds.
+func (s *session) startAcker() *acker {
+	a := &acker{stop: make(chan struct{}), done: make(chan struct{}), s: s}
+	go func() {
+		defer close(a.done)
+		t := time.NewTicker(5 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-a.stop:
+				s.ackUpTo(s.pub.Acked())
+				return
+			case <-t.C:
+				s.ackUpTo(s.pub.Acked())
+			}
+		}
+	}()
+	return a
+}
+
+func (a *acker) finish() { close(a.stop); <-a.done }
+
+func (s *session) ackUpTo(acked uint64) {
+	s.mu.Lock()
+	i := 0
+	for i < len(s.pending) && s.pending[i].seq <= acked {
+		i++
+	}
+	var last jetstream.Msg
+	if i > 0 {
+		last = s.pending[i-1].msg
+		s.pending = s.pending[i:]
+	}
+	s.mu.Unlock()
+	if last != nil {
+		_ = last.Ack() // AckAll: acks every earlier message too
+	}
+}
+
+var (
+	actionField = []byte(`"action":"`)
+	commitField = []byte(`"commit_timestamp":"`)
+)
+
+// field returns the string value after the last occurrence of name. The
+// metadata of a change is written last, so the last occurrence is the
+// real one.
+func field(body, name []byte) string {
+	i := bytes.LastIndex(body, name)
+	if i < 0 {
+		return ""
+	}
+	rest := body[i+len(name):]
+	j := bytes.IndexByte(rest, '"')
+	if j < 0 {
+		return ""
+	}
+	return string(rest[:j])
+}
+
+func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
+	_, schema, table, partition, err := bus.ParseChangeSubject(msg.Subject())
+	if err != nil {
+		return err
+	}
+	sinks := s.sinks.Load()
+	idxs := sinks.byTable[schema+"."+table]
+	if len(idxs) == 0 {
+		return nil
+	}
+	h := msg.Headers()
+	key := h.Get(bus.HeaderMsgID)
+	pos, err := change.ParseKey(key)
+	if err != nil {
+		return fmt.Errorf("change on %s: %w", msg.Subject(), err)
+	}
+	body := msg.Data()
+	group := []byte(h.Get(bus.HeaderGroup))
+	traceparent := h.Get(bus.HeaderTraceParent)
+	action := field(body, actionField)
+	commitMs := ""
+	if ts, err := time.Parse(time.RFC3339Nano, field(body, commitField)); err == nil {
+		commitMs = strconv.FormatInt(ts.UnixMilli(), 10)
+	}
+	s.pub.SetHeader(bus.HeaderKey, key)
+	s.pub.SetHeader(bus.HeaderAction, action)
+	s.pub.SetHeader(bus.HeaderTable, schema+"."+table)
+	s.pub.SetHeader(bus.HeaderCommitMs, commitMs)
+
+	var in *fn.Input
+	var inErr error
+	for _, i := range idxs {
+		if s.resume.done(pos, sinks, i) {
+			continue
+		}
+		sk := sinks.list[i]
+		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
+		if sk.Functions.Empty() {
+			out = s.splice(body, sk)
+		} else {
+			if in == nil && inErr == nil {
+				in, inErr = fn.ParseInput(body)
+			}
+			basin, stream, out, failure, keep = s.apply(sk, in, inErr, body)
+		}
+		if !keep {
+			continue
+		}
+		s.pub.SetHeader(bus.HeaderError, failure)
+		if err := s.pub.Publish(ctx, bus.DeliverySubject(sk.Name, basin, stream, partition), key+":"+sk.Name, group, out, traceparent); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// apply runs a sink's functions. A runtime error or an invalid routing
+// result becomes a failure: the original change goes on, marked, to the
+// sink's own basin and stream, and delivery parks it with its group.
+func (s *session) apply(sk *Sink, in *fn.Input, inErr error, body []byte) (basin, stream string, out []byte, failure string, keep bool) {
+	basin, stream = sk.Basin, sk.Stream
+	fail := func(err error) (string, string, []byte, string, bool) {
+		return sk.Basin, sk.Stream, s.splice(body, sk), err.Error(), true
+	}
+	if inErr != nil {
+		return fail(inErr)
+	}
+	ok, err := sk.Functions.Keep(in)
+	if err != nil {
+		return fail(err)
+	}
+	if !ok {
+		return "", "", nil, "", false
+	}
+	b, st, err := sk.Functions.Route(in)
+	if err != nil {
+		return fail(err)
+	}
+	if b != "" {
+		basin = b
+	}
+	if st != "" {
+		stream = st
+	}
+	if err := validTarget(basin, stream); err != nil {
+		return fail(&fn.RuntimeError{Sink: sk.Name, Kind: fn.Routing, Err: err})
+	}
+	if sk.Functions.HasTransform() {
+		out, err = sk.Functions.TransformBody(in)
+		if err != nil {
+			return fail(err)
+		}
+		return basin, stream, out, "", true
+	}
+	return basin, stream, s.splice(body, sk), "", true
+}
+
+// splice writes `"consumer":{"name":<sink>}` as the last field of metadata.
+// The publisher copies the body, so the buffer is reused.
+func (s *session) splice(body []byte, sk *Sink) []byte {
+	if !bytes.HasSuffix(body, []byte("}}")) {
+		return body
+	}
+	s.out = append(s.out[:0], body[:len(body)-2]...)
+	s.out = append(s.out, sk.consumer...)
+	s.out = append(s.out, "}}"...)
+	return s.out
+}

@@ -1,0 +1,76 @@
+package router
+
+import (
+	"fmt"
+	"regexp"
+
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/fn"
+)
+
+// Sink is one sink as the router sees it.
+type Sink struct {
+	Name          string
+	Tables        []string
+	Basin, Stream string
+	Functions     *fn.Functions
+	// consumer is `,"consumer":{"name":"<sink>"}` spliced into metadata.
+	consumer []byte
+}
+
+// Sinks are the configured sinks, indexed by table.
+type Sinks struct {
+	list    []*Sink
+	byTable map[string][]int // "schema.table" → indexes into list, in config order
+	order   map[string]int   // sink name → index
+}
+
+// CompileSinks compiles every sink's functions. A function that does not
+// compile or type-check is an error naming the sink, the expression and the
+// position.
+func CompileSinks(cfg []config.Sink) (*Sinks, error) {
+	s := &Sinks{byTable: map[string][]int{}, order: map[string]int{}}
+	var errs []error
+	for i, c := range cfg {
+		f, err := fn.Compile(c.Name, c.Filter, c.Transform, c.Routing)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		sk := &Sink{Name: c.Name, Tables: c.Tables, Basin: c.Basin, Stream: c.Stream, Functions: f,
+			consumer: []byte(`,"consumer":{"name":"` + c.Name + `"}`)}
+		s.list = append(s.list, sk)
+		s.order[c.Name] = i
+		for _, t := range c.Tables {
+			s.byTable[t] = append(s.byTable[t], len(s.list)-1)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("%d sink function(s) do not compile: %w", len(errs), joinErrs(errs))
+	}
+	return s, nil
+}
+
+func joinErrs(errs []error) error {
+	if len(errs) == 1 {
+		return errs[0]
+	}
+	msg := ""
+	for _, e := range errs {
+		msg += "\n" + e.Error()
+	}
+	return fmt.Errorf("%s", msg)
+}
+
+var basinRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{6,46}[a-z0-9]$`)
+
+// validTarget checks S2's name rules for a routed basin and stream.
+func validTarget(basin, stream string) error {
+	if !basinRE.MatchString(basin) {
+		return fmt.Errorf("basin %q is not a valid S2 basin name (8-48 of [a-z0-9-], starting and ending with a letter or digit)", basin)
+	}
+	if stream == "" || len(stream) > 512 || stream == "." || stream == ".." {
+		return fmt.Errorf("stream %q is not a valid S2 stream name (1-512 bytes, not . or ..)", stream)
+	}
+	return nil
+}
