@@ -2,7 +2,6 @@ package bus
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -20,6 +19,7 @@ const (
 	HeaderAction   = "Pgs2-Action"    // insert, update, delete, read
 	HeaderTable    = "Pgs2-Table"     // schema.table
 	HeaderCommitMs = "Pgs2-Commit-Ms" // commit time, ms since the Unix epoch
+	HeaderInputSeq = "Pgs2-Input-Seq" // the change's sequence in the changes stream
 	// HeaderError marks a message the router could not route or transform:
 	// delivery parks it, with its group, instead of appending it.
 	HeaderError = "Pgs2-Error"
@@ -82,6 +82,3 @@ func EnsureDeliveryStream(ctx context.Context, js jetstream.JetStream, c Deliver
 	}
 	return s, nil
 }
-
-// ErrNotDelivery is returned for a message without the router's headers.
-var ErrNotDelivery = errors.New("not a delivery message")

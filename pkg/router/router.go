@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,17 +30,9 @@ type Config struct {
 	ChangesStream string
 	Delivery      bus.DeliveryStreamConfig
 	Sinks         []config.Sink
-	// Durable names the input consumer (default "pgs2-router-<source>").
-	Durable string
 	// Window is how many outputs may await their PubAck (default 4096).
 	Window int
-	// AckWait of the input consumer (default 60s).
-	AckWait time.Duration
 }
-
-// PriorityGroup is the input consumer's priority group: routers of one
-// source share the consumer and the pinned one does the work.
-const PriorityGroup = "router"
 
 // Router runs routing sessions.
 type Router struct {
@@ -64,14 +55,8 @@ func WithHealth(s *health.State) Option { return func(r *Router) { r.state = s }
 
 // New compiles the sinks' functions and returns a router.
 func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
-	if cfg.Durable == "" {
-		cfg.Durable = "pgs2-router-" + bus.EscapeToken(cfg.Source)
-	}
 	if cfg.Window <= 0 {
 		cfg.Window = 4096
-	}
-	if cfg.AckWait <= 0 {
-		cfg.AckWait = time.Minute
 	}
 	sinks, err := CompileSinks(cfg.Sinks)
 	if err != nil {
@@ -98,24 +83,17 @@ func (r *Router) Reload(cfg []config.Sink) error {
 }
 
 // Run routes until ctx ends, restarting sessions after failures.
+//
+// The router's progress lives in the delivery stream itself: its last
+// output names the input it came from (Pgs2-Input-Seq), so a session reads
+// the changes stream in order from there with an ordered consumer. A
+// durable pull consumer would not do: after a crash it redelivers the dead
+// client's unacknowledged messages only when their AckWait expires, while
+// handing later messages to the new client at once — a reorder, and with
+// AckAll the earlier ones would then be acknowledged unrouted.
 func (r *Router) Run(ctx context.Context) error {
 	if _, err := bus.EnsureDeliveryStream(ctx, r.js, r.cfg.Delivery); err != nil {
 		return err
-	}
-	_, err := r.js.CreateOrUpdateConsumer(ctx, r.cfg.ChangesStream, jetstream.ConsumerConfig{
-		Durable:        r.cfg.Durable,
-		Description:    "pgs2 router of source " + r.cfg.Source,
-		FilterSubject:  bus.ChangesFilter(r.cfg.Source),
-		AckPolicy:      jetstream.AckAllPolicy,
-		AckWait:        r.cfg.AckWait,
-		MaxAckPending:  4 * r.cfg.Window,
-		DeliverPolicy:  jetstream.DeliverAllPolicy,
-		PriorityGroups: []string{PriorityGroup},
-		PriorityPolicy: jetstream.PriorityPolicyPinned,
-		PinnedTTL:      10 * time.Second,
-	})
-	if err != nil {
-		return fmt.Errorf("create consumer %s on %s (is capture running? it creates the stream): %w", r.cfg.Durable, r.cfg.ChangesStream, err)
 	}
 	backoff := 100 * time.Millisecond
 	for {
@@ -177,12 +155,30 @@ func (rs resume) done(pos change.Position, sinks *Sinks, i int) bool {
 	return sinks.order[sinks.list[i].Name] <= last
 }
 
-func (r *Router) session(ctx context.Context) error {
+// lastOutput reads the delivery stream's last message: its id, and the
+// changes-stream sequence it was routed from.
+func (r *Router) lastOutput(ctx context.Context) (id string, inputSeq uint64, err error) {
 	delivery, err := r.js.Stream(ctx, r.cfg.Delivery.Name)
 	if err != nil {
-		return fmt.Errorf("delivery stream %s: %w", r.cfg.Delivery.Name, err)
+		return "", 0, fmt.Errorf("delivery stream %s: %w", r.cfg.Delivery.Name, err)
 	}
-	lastID, err := bus.LastMsgID(ctx, delivery, bus.DeliveryRoot+".>")
+	m, err := delivery.GetLastMsgForSubject(ctx, bus.DeliveryRoot+".>")
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return "", 0, nil
+	}
+	if err != nil {
+		return "", 0, fmt.Errorf("read the delivery stream's last message: %w", err)
+	}
+	id = m.Header.Get(bus.HeaderMsgID)
+	inputSeq, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputSeq), 10, 64)
+	if err != nil || id == "" {
+		return "", 0, fmt.Errorf("delivery message %d lacks %s or %s", m.Sequence, bus.HeaderMsgID, bus.HeaderInputSeq)
+	}
+	return id, inputSeq, nil
+}
+
+func (r *Router) session(ctx context.Context) error {
+	lastID, inputSeq, err := r.lastOutput(ctx)
 	if err != nil {
 		return err
 	}
@@ -190,25 +186,27 @@ func (r *Router) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cons, err := r.js.Consumer(ctx, r.cfg.ChangesStream, r.cfg.Durable)
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.ChangesFilter(r.cfg.Source)}}
+	if inputSeq > 0 { // from the input of the last output: its other sinks may be missing
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, inputSeq
+	}
+	cons, err := r.js.OrderedConsumer(ctx, r.cfg.ChangesStream, occ)
 	if err != nil {
-		return fmt.Errorf("consumer %s: %w", r.cfg.Durable, err)
+		return fmt.Errorf("read %s (is capture running? it creates the stream): %w", r.cfg.ChangesStream, err)
 	}
 	pub, err := bus.NewPublisher(r.nc, lastID, 0, bus.PublisherOptions{Window: r.cfg.Window})
 	if err != nil {
 		return err
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(2*r.cfg.Window), jetstream.PullPriorityGroup(PriorityGroup),
-		jetstream.PullExpiry(5*time.Second))
+	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.Window))
 	if err != nil {
 		_ = pub.Close(ctx)
-		return fmt.Errorf("pull from %s: %w", r.cfg.Durable, err)
+		return fmt.Errorf("read %s: %w", r.cfg.ChangesStream, err)
 	}
 	s := &session{Router: r, pub: pub, resume: rs}
-	acker := s.startAcker()
 	stop := context.AfterFunc(ctx, it.Stop)
 	r.state.SetReady()
-	r.log.Info("routing", "source", r.cfg.Source, "resume_after", lastID)
+	r.log.Info("routing", "source", r.cfg.Source, "from_seq", inputSeq, "resume_after", lastID)
 
 	runErr := s.run(ctx, it)
 	stop()
@@ -216,8 +214,6 @@ func (r *Router) session(ctx context.Context) error {
 	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	closeErr := pub.Close(cctx)
-	acker.finish()
-	r.unpin()
 	if ctx.Err() != nil {
 		return closeErr
 	}
@@ -227,30 +223,12 @@ func (r *Router) session(ctx context.Context) error {
 	return runErr
 }
 
-// unpin releases this router's pin on the input consumer, so a restarted or
-// standby router takes over at once instead of after the pin's TTL.
-func (r *Router) unpin() {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if s, err := r.js.Stream(ctx, r.cfg.ChangesStream); err == nil {
-		_ = s.UnpinConsumer(ctx, r.cfg.Durable, PriorityGroup)
-	}
-}
-
 type session struct {
 	*Router
 	pub     *bus.Publisher
 	resume  resume
 	lastSeq uint64
 	out     []byte // reused output body
-
-	mu      sync.Mutex
-	pending []pendingMsg // inputs whose outputs await their PubAcks
-}
-
-type pendingMsg struct {
-	seq uint64
-	msg jetstream.Msg
 }
 
 func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
@@ -270,63 +248,13 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 			return fmt.Errorf("change metadata: %w", err)
 		}
 		seq := md.Sequence.Stream
-		if seq <= s.lastSeq { // redelivered after we routed it; acked with a later one
+		if seq <= s.lastSeq {
 			continue
 		}
 		s.lastSeq = seq
-		if err := s.route(ctx, msg); err != nil {
+		if err := s.route(ctx, msg, seq); err != nil {
 			return err
 		}
-		s.pub.Mark(seq)
-		s.mu.Lock()
-		s.pending = append(s.pending, pendingMsg{seq: seq, msg: msg})
-		s.mu.Unlock()
-	}
-}
-
-type acker struct {
-	stop chan struct{}
-	done chan struct{}
-	s    *session
-}
-
-// startAcker acks inputs (AckAll) up to the last one whose outputs are all
-// acknowledged, every few milliseconds.
-func (s *session) startAcker() *acker {
-	a := &acker{stop: make(chan struct{}), done: make(chan struct{}), s: s}
-	go func() {
-		defer close(a.done)
-		t := time.NewTicker(5 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-a.stop:
-				s.ackUpTo(s.pub.Acked())
-				return
-			case <-t.C:
-				s.ackUpTo(s.pub.Acked())
-			}
-		}
-	}()
-	return a
-}
-
-func (a *acker) finish() { close(a.stop); <-a.done }
-
-func (s *session) ackUpTo(acked uint64) {
-	s.mu.Lock()
-	i := 0
-	for i < len(s.pending) && s.pending[i].seq <= acked {
-		i++
-	}
-	var last jetstream.Msg
-	if i > 0 {
-		last = s.pending[i-1].msg
-		s.pending = s.pending[i:]
-	}
-	s.mu.Unlock()
-	if last != nil {
-		_ = last.Ack() // AckAll: acks every earlier message too
 	}
 }
 
@@ -351,7 +279,7 @@ func field(body, name []byte) string {
 	return string(rest[:j])
 }
 
-func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
+func (s *session) route(ctx context.Context, msg jetstream.Msg, seq uint64) error {
 	_, schema, table, partition, err := bus.ParseChangeSubject(msg.Subject())
 	if err != nil {
 		return err
@@ -379,6 +307,7 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	s.pub.SetHeader(bus.HeaderAction, action)
 	s.pub.SetHeader(bus.HeaderTable, schema+"."+table)
 	s.pub.SetHeader(bus.HeaderCommitMs, commitMs)
+	s.pub.SetHeader(bus.HeaderInputSeq, strconv.FormatUint(seq, 10))
 
 	var in *fn.Input
 	var inErr error

@@ -63,7 +63,7 @@ func (e *env) change(t *testing.T, table, action string, id int, record string) 
 		record, action, schema, tbl, pos.LSN, pos.Key(), id)
 	group := []byte(fmt.Sprintf(`["%d"]`, id))
 	if err := e.pub.Publish(context.Background(), e.sub.Subject(schema, tbl, group), pos.Key(), group, []byte(body), ""); err != nil {
-		t.Fatal(err)
+		t.Errorf("publish a change: %v", err) // not Fatal: producers run in goroutines
 	}
 	e.pub.Mark(pos.LSN)
 	return pos
@@ -106,9 +106,13 @@ type out struct {
 
 // outputs waits until the delivery stream holds n messages and returns them.
 func (e *env) outputs(t *testing.T, n int) []out {
+	return e.outputsWithin(t, n, 30*time.Second)
+}
+
+func (e *env) outputsWithin(t *testing.T, n int, within time.Duration) []out {
 	t.Helper()
 	ctx := context.Background()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(within)
 	for {
 		s, err := e.js.Stream(ctx, "PGS2_DELIVERY")
 		if err == nil {
@@ -118,7 +122,14 @@ func (e *env) outputs(t *testing.T, n int) []out {
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("delivery stream does not hold %d messages after 30s", n)
+			var have uint64
+			if err == nil {
+				info, _ := s.Info(ctx)
+				have = info.State.Msgs
+			}
+			cs, _ := e.js.Stream(ctx, "PGS2_CHANGES")
+			ci, _ := cs.Info(ctx)
+			t.Fatalf("delivery stream holds %d messages after %s, want %d (changes stream: %d, publisher err %v)", have, within, n, ci.State.Msgs, e.pub.Err())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -271,4 +282,8 @@ func TestRestartResumes(t *testing.T) {
 			t.Fatalf("output %d has v=%v, want %v (order)", i, rec["v"], want)
 		}
 	}
+}
+
+func parse(subject string) (sink, basin, stream, partition string, err error) {
+	return bus.ParseDeliverySubject(subject)
 }
