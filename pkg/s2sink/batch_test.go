@@ -8,7 +8,10 @@ import (
 	"net"
 	"testing"
 
+	"github.com/nats-io/nats.go"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
+
+	"github.com/pgs2/pgs2/pkg/bus"
 )
 
 func rec(body int, headers ...string) s2.AppendRecord {
@@ -107,5 +110,24 @@ func TestNoTokenForCloud(t *testing.T) {
 	}
 	if _, err := New(Config{Endpoint: "http://127.0.0.1:1"}); err != nil {
 		t.Fatalf("local endpoint without token: %v", err)
+	}
+}
+
+func TestRecord(t *testing.T) {
+	h := nats.Header{}
+	h.Set(bus.HeaderKey, "MjQwMjMxMjg6MA==")
+	h.Set(bus.HeaderAction, "update")
+	h.Set(bus.HeaderTable, "public.users")
+	h.Set(bus.HeaderCommitMs, "1795341600123")
+	r := Record(h, []byte(`{}`))
+	got := map[string]string{}
+	for _, hd := range r.Headers {
+		got[string(hd.Name)] = string(hd.Value)
+	}
+	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" {
+		t.Fatalf("headers %v", got)
+	}
+	if r.Timestamp == nil || *r.Timestamp != 1795341600123 {
+		t.Fatalf("timestamp %v, want the commit time in ms", r.Timestamp)
 	}
 }

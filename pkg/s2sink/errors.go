@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
@@ -94,6 +95,11 @@ func classify(op string, err error, retryAfter time.Duration) *Error {
 	case errors.As(err, &fence):
 		e.Class, e.Status, e.Code = FencingMismatch, fence.Status, "fencing_token_mismatch"
 		e.Message = "stream is fenced by another writer"
+		return e
+	case errors.As(err, &se) && se.Origin == "sdk":
+		// The SDK refused the request before sending it (e.g. over S2's
+		// limits): the same request never succeeds.
+		e.Class, e.Code, e.Message = RetryUntilFixed, strings.ToLower(se.Code), se.Message
 		return e
 	case errors.As(err, &se) && se.Status != 0:
 		e.Status, e.Code, e.Message = se.Status, se.Code, se.Message
