@@ -8,12 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
+
+	"github.com/pgs2/pgs2/pkg/config"
 )
 
 // Config says how to reach S2 for one sink.
@@ -144,4 +147,10 @@ func (t *retryAfterTransport) RoundTrip(r *http.Request) (*http.Response, error)
 		}
 	}
 	return resp, err
+}
+
+// FromSink reads a sink's S2 settings: its endpoint and the access token
+// from the environment variable it names.
+func FromSink(s config.Sink) Config {
+	return Config{Endpoint: s.Endpoint, Token: os.Getenv(s.AccessTokenEnv)}
 }

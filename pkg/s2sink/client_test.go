@@ -11,6 +11,7 @@ import (
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
+	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/s2local"
 )
@@ -142,4 +143,15 @@ func TestNetworkError(t *testing.T) {
 	}
 	var se *s2.S2Error
 	_ = errors.As(err, &se)
+}
+
+func TestFromSink(t *testing.T) {
+	t.Setenv("MY_S2_TOKEN", "tok")
+	c := FromSink(config.Sink{Endpoint: "http://127.0.0.1:8089", AccessTokenEnv: "MY_S2_TOKEN"})
+	if c.Endpoint != "http://127.0.0.1:8089" || c.Token != "tok" {
+		t.Fatalf("FromSink = %+v", c)
+	}
+	if _, err := New(FromSink(config.Sink{AccessTokenEnv: "UNSET_TOKEN_VAR"})); !errors.Is(err, ErrNoToken) {
+		t.Fatalf("cloud sink without a token: %v", err)
+	}
 }
