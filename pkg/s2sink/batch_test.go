@@ -119,12 +119,12 @@ func TestRecord(t *testing.T) {
 	h.Set(bus.HeaderAction, "update")
 	h.Set(bus.HeaderTable, "public.users")
 	h.Set(bus.HeaderCommitMs, "1795341600123")
-	r := Record(h, []byte(`{}`))
+	r := Record(h, []byte(`{}`), 42)
 	got := map[string]string{}
 	for _, hd := range r.Headers {
 		got[string(hd.Name)] = string(hd.Value)
 	}
-	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" {
+	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" || got["pgs2-seq"] != "42" {
 		t.Fatalf("headers %v", got)
 	}
 	if r.Timestamp == nil || *r.Timestamp != 1795341600123 {

@@ -155,3 +155,25 @@ func TestFromSink(t *testing.T) {
 		t.Fatalf("cloud sink without a token: %v", err)
 	}
 }
+
+func TestProgress(t *testing.T) {
+	_, url := local(t, s2local.Options{})
+	c, _ := New(Config{Endpoint: url})
+	ctx := context.Background()
+	_ = c.CreateStream(ctx, basin, "p")
+	if _, _, found, err := c.Progress(ctx, basin, "p"); err != nil || found {
+		t.Fatalf("empty stream: found=%v err=%v", found, err)
+	}
+	b := NewBatch(0, 0)
+	for seq := uint64(10); seq < 13; seq++ {
+		_ = b.Add(Record(nil, []byte("x"), seq))
+	}
+	_ = b.Add(s2.AppendRecord{Body: []byte("not pgs2's")})
+	if _, err := c.Append(ctx, basin, "p", b, nil); err != nil {
+		t.Fatal(err)
+	}
+	seq, tail, found, err := c.Progress(ctx, basin, "p")
+	if err != nil || !found || seq != 12 || tail != 4 {
+		t.Fatalf("Progress = %d %d %v %v, want 12 4 true", seq, tail, found, err)
+	}
+}
