@@ -1,0 +1,23 @@
+package delivery
+
+import (
+	"context"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/service"
+)
+
+// Main is the delivery service.
+func Main(ctx context.Context, env service.Env) error {
+	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-delivery", env.Log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	d, err := New(Config{DeliveryStream: bus.DefaultDeliveryStream, Sinks: env.Config.Sinks, Replicas: env.Config.NATS.Replicas},
+		js, WithLogger(env.Log), WithHealth(env.Health))
+	if err != nil {
+		return err
+	}
+	return d.Run(ctx)
+}

@@ -1,0 +1,55 @@
+package delivery
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+)
+
+// ParkedStream holds parked messages: those that cannot be appended as
+// they are, and every later message of their group.
+const ParkedStream = "PGS2_PARKED"
+
+// ParkRoot is the subject root of parked messages:
+// pgs2.parked.<sink>.<basin>.<stream>.<group hash>.
+const ParkRoot = "pgs2.parked"
+
+// Headers of a parked message, besides the delivery message's own.
+const (
+	HeaderDeliverySeq = "Pgs2-Delivery-Seq"
+	HeaderParkReason  = "Pgs2-Park-Reason"
+	HeaderParkedAt    = "Pgs2-Parked-At"
+	HeaderSubject     = "Pgs2-Subject"
+	HeaderS2Status    = "Pgs2-S2-Status"
+	HeaderS2Code      = "Pgs2-S2-Code"
+)
+
+// ParkSubject is the park of one group of a unit.
+func ParkSubject(u Unit, group string) string {
+	return ParkRoot + "." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream) + "." + group
+}
+
+// ParkFilter matches every park of a unit.
+func ParkFilter(u Unit) string { return ParkSubject(u, "*") }
+
+// EnsureParkedStream creates or updates the park stream. Parked messages
+// stay until they are delivered or acknowledged by an operator.
+func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas int) error {
+	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        ParkedStream,
+		Description: "pgs2 parked messages: failed and held back in group order",
+		Subjects:    []string{ParkRoot + ".>"},
+		Storage:     jetstream.FileStorage,
+		Replicas:    replicas,
+		Duplicates:  time.Hour,
+		AllowDirect: true,
+	})
+	if err != nil {
+		return fmt.Errorf("create or update stream %s: %w", ParkedStream, err)
+	}
+	return nil
+}

@@ -1,0 +1,326 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/s2sink"
+)
+
+// worker delivers one unit.
+type worker struct {
+	d   *Delivery
+	u   Unit
+	s   *sink
+	st  jetstream.Stream
+	log *slog.Logger
+
+	tail   uint64          // the S2 stream's next seq_num, as this writer knows it
+	parked map[string]bool // group hashes with parked messages
+	// parkedThrough is the last delivery sequence already parked: on a
+	// re-read, parked groups' messages up to it are in the park already.
+	parkedThrough uint64
+	batch         *s2sink.Batch
+	seqs          []uint64 // delivery sequences of the batch's records
+}
+
+func newWorker(d *Delivery, u Unit, s *sink, st jetstream.Stream) *worker {
+	return &worker{d: d, u: u, s: s, st: st, log: d.log.With("unit", u.String()),
+		batch: s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes)}
+}
+
+func (w *worker) run(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	for {
+		started := time.Now()
+		err := w.session(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(started) > 30*time.Second {
+			backoff = 100 * time.Millisecond
+		}
+		w.log.Warn("delivery session ended; restarting", "error", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// errReread means the S2 stream's tail is not what this writer expected
+// (another writer, or an operator): read the progress again.
+var errReread = errors.New("S2 stream changed under this writer")
+
+func (w *worker) session(ctx context.Context) error {
+	c := w.s.client
+	if w.s.cfg.CreateStream {
+		if err := c.CreateStream(ctx, w.u.Basin, w.u.Stream); err != nil {
+			return err
+		}
+	}
+	seq, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
+	if e := s2sink.Classify(err); e != nil && e.Status == 404 {
+		seq, tail, found, err = 0, 0, false, nil // appends will fail visibly until it exists
+	}
+	if err != nil {
+		return err
+	}
+	w.tail = tail
+	if err := w.loadParks(ctx); err != nil {
+		return err
+	}
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(w.u.Sink, w.u.Basin, w.u.Stream)}}
+	if found {
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, seq+1
+	}
+	cons, err := w.d.js.OrderedConsumer(ctx, w.d.cfg.DeliveryStream, occ)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", w.u, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(2 * w.s.cfg.Batch.MaxRecords))
+	if err != nil {
+		return fmt.Errorf("read %s: %w", w.u, err)
+	}
+	defer it.Stop()
+	msgs := make(chan jetstream.Msg, w.s.cfg.Batch.MaxRecords)
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(msgs)
+		for {
+			m, err := it.Next()
+			if err != nil {
+				readErr <- err
+				return
+			}
+			select {
+			case msgs <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	w.log.Debug("delivering", "from_seq", seq+1, "s2_tail", tail)
+
+	linger := w.s.cfg.Batch.Linger.D()
+	for {
+		var m jetstream.Msg
+		var ok bool
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case m, ok = <-msgs:
+		}
+		if !ok {
+			return fmt.Errorf("read %s: %w", w.u, <-readErr)
+		}
+		timer := time.NewTimer(linger)
+	fill:
+		for {
+			if full, err := w.add(ctx, m); err != nil {
+				timer.Stop()
+				return err
+			} else if full {
+				break
+			}
+			select {
+			case m, ok = <-msgs:
+				if !ok {
+					break fill
+				}
+			case <-timer.C:
+				break fill
+			case <-ctx.Done():
+				timer.Stop()
+				return ctx.Err()
+			}
+		}
+		timer.Stop()
+		if err := w.flush(ctx); err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("read %s: %w", w.u, <-readErr)
+		}
+	}
+}
+
+// add puts a message into the batch, or parks it. full reports that the
+// batch must be flushed (the message is then in the next batch).
+func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error) {
+	md, err := m.Metadata()
+	if err != nil {
+		return false, err
+	}
+	seq := md.Sequence.Stream
+	h := m.Headers()
+	group := groupHash(h.Get(bus.HeaderGroup))
+	if w.parked[group] {
+		if seq <= w.parkedThrough {
+			return false, nil // parked before a restart
+		}
+		return false, w.park(ctx, m, seq, group, "an earlier change of this group is parked", nil)
+	}
+	if reason := h.Get(bus.HeaderError); reason != "" {
+		return false, w.park(ctx, m, seq, group, reason, nil)
+	}
+	rec := s2sink.Record(h, m.Data(), seq)
+	switch err := w.batch.Add(rec); {
+	case errors.Is(err, s2sink.ErrRecordTooLarge):
+		return false, w.park(ctx, m, seq, group, err.Error(), nil)
+	case errors.Is(err, s2sink.ErrBatchFull):
+		if err := w.flush(ctx); err != nil {
+			return false, err
+		}
+		return w.add(ctx, m)
+	case err != nil:
+		return false, err
+	}
+	w.seqs = append(w.seqs, seq)
+	return w.batch.Len() >= w.s.cfg.Batch.MaxRecords, nil
+}
+
+// flush appends the batch, retrying with back-off until S2 takes it.
+// match_seq_num makes a retry after an append that took effect (a timeout,
+// a 5xx) detectable: S2 then reports the tail we would have reached.
+func (w *worker) flush(ctx context.Context) error {
+	n := uint64(w.batch.Len())
+	if n == 0 {
+		return nil
+	}
+	var firstFail time.Time
+	for attempt := 1; ; attempt++ {
+		expected := w.tail
+		ack, err := w.s.client.Append(ctx, w.u.Basin, w.u.Stream, w.batch, &expected)
+		if err == nil {
+			w.tail = ack.End
+			break
+		}
+		e := s2sink.Classify(err)
+		if e != nil && e.Class == s2sink.SeqNumMismatch {
+			if e.Tail == expected+n { // the earlier attempt landed
+				w.tail = e.Tail
+				break
+			}
+			return fmt.Errorf("%w: expected tail %d, S2 has %d", errReread, expected, e.Tail)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if firstFail.IsZero() {
+			firstFail = time.Now()
+		}
+		delay := w.backoff(attempt, e)
+		w.log.Warn("append failed; retrying", "error", err, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(delay):
+		}
+	}
+	if !firstFail.IsZero() {
+		w.log.Info("append succeeded after failures", "failing_for", time.Since(firstFail).Round(time.Millisecond))
+	}
+	w.batch.Reset()
+	w.seqs = w.seqs[:0]
+	return nil
+}
+
+// backoff is exponential from retry.initial to retry.max with full jitter
+// in its upper half, and never shorter than S2's retry-after-ms.
+func (w *worker) backoff(attempt int, e *s2sink.Error) time.Duration {
+	initial, maxD := w.s.cfg.Retry.Initial.D(), w.s.cfg.Retry.Max.D()
+	if e != nil && e.Class == s2sink.RetrySoon && attempt <= 3 {
+		initial = min(initial, 100*time.Millisecond) // transient: start quick
+	}
+	d := initial
+	for i := 1; i < attempt && d < maxD; i++ {
+		d *= 2
+	}
+	d = min(d, maxD)
+	d = d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+	if e != nil && e.RetryAfter > d {
+		d = e.RetryAfter
+	}
+	return d
+}
+
+// groupHash names a group in park subjects.
+func groupHash(group string) string {
+	return strconv.Itoa(bus.Partition([]byte(group), 1<<30))
+}
+
+// park moves a message to the unit's park. Records of other groups in the
+// current batch are appended first, so the park never runs ahead of S2
+// (progress on restart is the S2 stream's, plus what the park holds).
+func (w *worker) park(ctx context.Context, m jetstream.Msg, seq uint64, group, reason string, e *s2sink.Error) error {
+	if err := w.flush(ctx); err != nil {
+		return err
+	}
+	h := nats.Header{}
+	for k, v := range m.Headers() {
+		if k != bus.HeaderExpectedLastID && k != bus.HeaderMsgID {
+			h[k] = v
+		}
+	}
+	h.Set(bus.HeaderMsgID, "park:"+strconv.FormatUint(seq, 10))
+	h.Set(HeaderDeliverySeq, strconv.FormatUint(seq, 10))
+	h.Set(HeaderParkReason, reason)
+	h.Set(HeaderParkedAt, time.Now().UTC().Format(time.RFC3339Nano))
+	h.Set(HeaderSubject, m.Subject())
+	if e != nil {
+		h.Set(HeaderS2Status, strconv.Itoa(e.Status))
+		h.Set(HeaderS2Code, e.Code)
+	}
+	subj := ParkSubject(w.u, group)
+	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: h, Data: m.Data()}); err != nil {
+		return fmt.Errorf("park message %d of %s: %w", seq, w.u, err)
+	}
+	if !w.parked[group] {
+		w.log.Warn("group parked", "group", m.Headers().Get(bus.HeaderGroup), "seq", seq, "reason", reason)
+	}
+	w.parked[group] = true
+	w.parkedThrough = seq
+	return nil
+}
+
+// loadParks learns which groups of the unit are parked and up to which
+// delivery sequence.
+func (w *worker) loadParks(ctx context.Context) error {
+	w.parked = map[string]bool{}
+	w.parkedThrough = 0
+	ps, err := w.d.js.Stream(ctx, ParkedStream)
+	if err != nil {
+		return fmt.Errorf("park stream %s: %w", ParkedStream, err)
+	}
+	filter := ParkFilter(w.u)
+	info, err := ps.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return fmt.Errorf("list parked groups of %s: %w", w.u, err)
+	}
+	for subj, n := range info.State.Subjects {
+		if n > 0 {
+			w.parked[subj[len(filter)-1:]] = true
+		}
+	}
+	if len(w.parked) == 0 {
+		return nil
+	}
+	last, err := ps.GetLastMsgForSubject(ctx, filter)
+	if err != nil {
+		return fmt.Errorf("last parked message of %s: %w", w.u, err)
+	}
+	w.parkedThrough, _ = strconv.ParseUint(last.Header.Get(HeaderDeliverySeq), 10, 64)
+	return nil
+}
