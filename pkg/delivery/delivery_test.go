@@ -1,11 +1,15 @@
 package delivery_test
 
 import (
+	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/delivery"
+	"github.com/pgs2/pgs2/pkg/s2local"
 )
 
 // TestEndToEnd: inserts, updates and deletes of two tables reach the right
@@ -65,5 +69,92 @@ func TestEndToEnd(t *testing.T) {
 	rec := routed[0].Body["record"].(map[string]any)
 	if rec["total"] != 9.5 || !strings.Contains(routed[0].Raw, `"doc":{"items": [1, 2]}`) {
 		t.Errorf("routed record %s", routed[0].Raw)
+	}
+}
+
+// TestOrderUnderFaults: with 30 % of appends failing with 503 (some after
+// taking effect as 504s) and jittered latency, every group's changes reach
+// S2 in commit order, none missing; duplicates are counted (want 0).
+func TestOrderUnderFaults(t *testing.T) {
+	const groups, rounds = 200, 40
+	p := newPipeline(t, `CREATE TABLE counters (id int PRIMARY KEY, v int NOT NULL)`, []string{"public.counters"}, "app-basin")
+	p.sinks = []config.Sink{{Name: "counters", Tables: []string{"public.counters"}, Basin: "app-basin", Stream: "counters"}}
+	if err := p.s2.SetFaults(s2local.FaultConfig{Rules: []s2local.FaultRule{{Stream: "counters", AppendsOnly: true,
+		ErrorRate: 0.3, Statuses: []int{503, 503, 504}, LatencyMS: 2, JitterMS: 8}}}); err != nil {
+		t.Fatal(err)
+	}
+	p.start(t)
+	p.pg.MustExec(t, "app", fmt.Sprintf(`INSERT INTO counters SELECT g, 0 FROM generate_series(1, %d) g`, groups))
+	for r := 1; r <= rounds; r++ {
+		// Half the groups per transaction, in varying order.
+		p.pg.MustExec(t, "app", `UPDATE counters SET v = v + 1 WHERE id % 2 = 0`)
+		p.pg.MustExec(t, "app", `UPDATE counters SET v = v + 1 WHERE id % 2 = 1`)
+	}
+	recs := p.records(t, "app-basin", "counters", groups*(rounds+1))
+	last := map[float64]float64{}
+	keys := map[string]int{}
+	dups := 0
+	for _, r := range recs {
+		if keys[r.Headers["idempotency-key"]]++; keys[r.Headers["idempotency-key"]] > 1 {
+			dups++
+		}
+		rec := r.Body["record"].(map[string]any)
+		id, v := rec["id"].(float64), rec["v"].(float64)
+		if prev, ok := last[id]; (ok && v != prev+1) || (!ok && v != 0) {
+			t.Fatalf("group %v: v=%v after %v (record %d)", id, v, prev, r.Seq)
+		}
+		last[id] = v
+	}
+	t.Logf("%d records, %d duplicates", len(recs), dups)
+	if dups != 0 {
+		t.Errorf("%d duplicates in S2", dups)
+	}
+	for id, v := range last {
+		if v != rounds {
+			t.Errorf("group %v ends at %v, want %d", id, v, rounds)
+		}
+	}
+}
+
+// TestOversizedRowParksItsGroup: a 2 MiB row can never be appended: it is
+// parked with its reason, its group's later changes join it, and other
+// groups keep flowing.
+func TestOversizedRowParksItsGroup(t *testing.T) {
+	p := newPipeline(t, `CREATE TABLE docs (id int PRIMARY KEY, body text)`, []string{"public.docs"}, "app-basin")
+	p.sinks = []config.Sink{{Name: "docs", Tables: []string{"public.docs"}, Basin: "app-basin", Stream: "docs"}}
+	p.start(t)
+	p.pg.MustExec(t, "app", `INSERT INTO docs VALUES (1, repeat('x', 2*1024*1024))`)
+	p.pg.MustExec(t, "app", `INSERT INTO docs VALUES (2, 'small')`)
+	p.pg.MustExec(t, "app", `UPDATE docs SET body = 'now small' WHERE id = 1`)
+	p.pg.MustExec(t, "app", `INSERT INTO docs VALUES (3, 'small too')`)
+	recs := p.records(t, "app-basin", "docs", 2)
+	for _, r := range recs {
+		if id := r.Body["record"].(map[string]any)["id"]; id == float64(1) {
+			t.Fatalf("a change of the parked group reached S2: %.100s", r.Raw)
+		}
+	}
+	ctx := context.Background()
+	ps, err := p.js.Stream(ctx, delivery.ParkedStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for ps.CachedInfo().State.Msgs < 2 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		_, _ = ps.Info(ctx)
+	}
+	if n := ps.CachedInfo().State.Msgs; n != 2 {
+		t.Fatalf("park holds %d messages, want the oversized insert and the update after it", n)
+	}
+	first, err := ps.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reason := first.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "larger than S2's 1 MiB limit") {
+		t.Errorf("park reason %q", reason)
+	}
+	second, _ := ps.GetMsg(ctx, 2)
+	if reason := second.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "earlier change of this group") {
+		t.Errorf("second park reason %q", reason)
 	}
 }

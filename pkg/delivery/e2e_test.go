@@ -67,7 +67,7 @@ func newPipeline(t *testing.T, schema string, tables []string, basins ...string)
 }
 
 func quiet() *slog.Logger {
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 }
 
 // start runs the three services until the test ends.
