@@ -88,8 +88,8 @@ func (p *pipeline) start(t *testing.T) {
 	done := make(chan error, 3)
 	state := health.NewState()
 	c := capture.New(capture.Config{Source: "app",
-		Repl:   pgrepl.Config{DSN: p.pg.DSN("app"), Slot: "pgs2", Publication: "pgs2", Tables: p.tables},
-		Stream: bus.ChangesStreamConfig{Name: "PGS2_CHANGES", Source: "app", Replicas: 1, DuplicateWindow: time.Minute},
+		Repl:       pgrepl.Config{DSN: p.pg.DSN("app"), Slot: "pgs2", Publication: "pgs2", Tables: p.tables},
+		Stream:     bus.ChangesStreamConfig{Name: "PGS2_CHANGES", Source: "app", Replicas: 1, DuplicateWindow: time.Minute},
 		Partitions: 8, StatusInterval: 100 * time.Millisecond}, p.js, capture.WithLogger(quiet()), capture.WithHealth(state))
 	go func() { done <- c.Run(ctx) }()
 	for ready := false; !ready; ready, _ = state.Ready() {
