@@ -2,7 +2,11 @@ package delivery_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -156,5 +160,74 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	second, _ := ps.GetMsg(ctx, 2)
 	if reason := second.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "earlier change of this group") {
 		t.Errorf("second park reason %q", reason)
+	}
+
+	// The operator sees both, inspects the first, and acknowledges it.
+	admin, err := delivery.NewAdmin(ctx, p.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	admin.Register(mux)
+	api := httptest.NewServer(mux)
+	defer api.Close()
+	var list struct {
+		Messages []struct {
+			ID        string `json:"id"`
+			Table     string `json:"table"`
+			Group     string `json:"group"`
+			BlockedBy string `json:"blocked_by"`
+			LastError struct {
+				Message string `json:"message"`
+			} `json:"last_error"`
+		} `json:"messages"`
+	}
+	getJSON(t, api.URL+"/v1/sinks/docs/messages", &list)
+	if len(list.Messages) != 2 || list.Messages[0].Group != `["1"]` || list.Messages[0].Table != "public.docs" ||
+		!strings.Contains(list.Messages[0].LastError.Message, "1 MiB") || list.Messages[1].BlockedBy != "group" {
+		t.Fatalf("failed messages: %+v", list)
+	}
+	var shown struct {
+		Payload string `json:"payload"`
+	}
+	getJSON(t, api.URL+"/v1/sinks/docs/messages/"+list.Messages[0].ID, &shown)
+	if len(shown.Payload) < 2<<20 {
+		t.Errorf("shown payload has %d bytes (base64), want the whole 2 MiB row", len(shown.Payload))
+	}
+	resp, err := http.Post(api.URL+"/v1/sinks/docs/messages/"+list.Messages[0].ID+"/ack", "application/json",
+		strings.NewReader(`{"reason": "row too large; fixed at the source", "operator": "ada"}`))
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("ack: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	// The group continues: the update behind the dropped insert is
+	// delivered, then new changes flow directly.
+	p.pg.MustExec(t, "app", `UPDATE docs SET body = 'later' WHERE id = 1`)
+	recs = p.records(t, "app-basin", "docs", 4)
+	if b := recs[2].Body["record"].(map[string]any)["body"]; b != "now small" {
+		t.Errorf("record 2 body %v, want the parked update", b)
+	}
+	if b := recs[3].Body["record"].(map[string]any)["body"]; b != "later" {
+		t.Errorf("record 3 body %v, want the later update", b)
+	}
+	audit, err := p.js.Stream(ctx, delivery.AuditStream)
+	if err != nil || audit.CachedInfo().State.Msgs != 1 {
+		t.Errorf("audit stream: %v", err)
+	}
+}
+
+func getJSON(t *testing.T, url string, v any) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("GET %s: %d %s", url, resp.StatusCode, b)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -14,6 +14,13 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer nc.Close()
+	admin, err := NewAdmin(ctx, js, env.Config.NATS.Replicas)
+	if err != nil {
+		return err
+	}
+	if env.Mux != nil {
+		admin.Register(env.Mux)
+	}
 	d, err := New(Config{DeliveryStream: bus.DefaultDeliveryStream, Sinks: env.Config.Sinks, Replicas: env.Config.NATS.Replicas},
 		js, WithLogger(env.Log), WithHealth(env.Health))
 	if err != nil {

@@ -53,3 +53,9 @@ func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas in
 	}
 	return nil
 }
+
+// RetrySubject is where the admin API asks a unit's worker to retry its
+// parked groups now.
+func RetrySubject(u Unit) string {
+	return "pgs2.admin.retry." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
+}

@@ -31,11 +31,21 @@ type worker struct {
 	parkedThrough uint64
 	batch         *s2sink.Batch
 	seqs          []uint64 // delivery sequences of the batch's records
+	retries       map[string]*retryState
+	retryNow      chan struct{}
+}
+
+// retryState is the back-off of one parked group's head.
+type retryState struct {
+	attempts int
+	next     time.Time
 }
 
 func newWorker(d *Delivery, u Unit, s *sink, st jetstream.Stream) *worker {
 	return &worker{d: d, u: u, s: s, st: st, log: d.log.With("unit", u.String()),
-		batch: s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes)}
+		batch:    s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes),
+		retries:  map[string]*retryState{},
+		retryNow: make(chan struct{}, 1)}
 }
 
 func (w *worker) run(ctx context.Context) {
@@ -114,12 +124,32 @@ func (w *worker) session(ctx context.Context) error {
 	w.log.Debug("delivering", "from_seq", seq+1, "s2_tail", tail)
 
 	linger := w.s.cfg.Batch.Linger.D()
+	drainTick := time.NewTicker(100 * time.Millisecond)
+	defer drainTick.Stop()
+	sub, err := w.d.js.Conn().Subscribe(RetrySubject(w.u), func(*nats.Msg) { w.RetryNow() })
+	if err != nil {
+		return fmt.Errorf("subscribe to retries of %s: %w", w.u, err)
+	}
+	defer sub.Unsubscribe()
 	for {
 		var m jetstream.Msg
 		var ok bool
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-drainTick.C:
+			if err := w.drain(ctx); err != nil {
+				return err
+			}
+			continue
+		case <-w.retryNow:
+			for _, r := range w.retries {
+				r.next = time.Time{}
+			}
+			if err := w.drain(ctx); err != nil {
+				return err
+			}
+			continue
 		case m, ok = <-msgs:
 		}
 		if !ok {
@@ -323,4 +353,88 @@ func (w *worker) loadParks(ctx context.Context) error {
 	}
 	w.parkedThrough, _ = strconv.ParseUint(last.Header.Get(HeaderDeliverySeq), 10, 64)
 	return nil
+}
+
+// RetryNow makes the worker retry its parked groups at once.
+func (w *worker) RetryNow() {
+	select {
+	case w.retryNow <- struct{}{}:
+	default:
+	}
+}
+
+// drain retries the head of each parked group whose back-off has passed;
+// a head that goes through is removed from the park and the next one is
+// tried; a group whose park is empty flows again.
+func (w *worker) drain(ctx context.Context) error {
+	if len(w.parked) == 0 {
+		return nil
+	}
+	ps, err := w.d.js.Stream(ctx, ParkedStream)
+	if err != nil {
+		return fmt.Errorf("park stream: %w", err)
+	}
+	for g := range w.parked {
+		r := w.retries[g]
+		if r == nil {
+			r = &retryState{next: time.Now().Add(w.s.cfg.Retry.Initial.D())}
+			w.retries[g] = r
+		}
+		if time.Now().Before(r.next) {
+			continue
+		}
+		for {
+			head, err := ps.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(ParkSubject(w.u, g)))
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				delete(w.parked, g)
+				delete(w.retries, g)
+				w.log.Info("group unparked", "group_hash", g)
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("head of park %s: %w", g, err)
+			}
+			done, e, err := w.tryHead(ctx, head)
+			if err != nil {
+				return err
+			}
+			if !done {
+				r.attempts++
+				r.next = time.Now().Add(w.backoff(r.attempts, e))
+				break
+			}
+			if err := ps.DeleteMsg(ctx, head.Sequence); err != nil {
+				return fmt.Errorf("remove delivered message %d from the park: %w", head.Sequence, err)
+			}
+			r.attempts = 0
+		}
+	}
+	return nil
+}
+
+// tryHead appends a parked message if it can go now.
+func (w *worker) tryHead(ctx context.Context, head *jetstream.RawStreamMsg) (done bool, e *s2sink.Error, err error) {
+	if head.Header.Get(bus.HeaderError) != "" {
+		return false, nil, nil // the router's functions failed on it: an operator acknowledges it
+	}
+	seq, _ := strconv.ParseUint(head.Header.Get(HeaderDeliverySeq), 10, 64)
+	b := s2sink.NewBatch(1, 0)
+	if err := b.Add(s2sink.Record(head.Header, head.Data, seq)); err != nil {
+		return false, nil, nil // too large: stays until acknowledged
+	}
+	expected := w.tail
+	ack, aerr := w.s.client.Append(ctx, w.u.Basin, w.u.Stream, b, &expected)
+	if aerr == nil {
+		w.tail = ack.End
+		return true, nil, nil
+	}
+	e = s2sink.Classify(aerr)
+	if e != nil && e.Class == s2sink.SeqNumMismatch {
+		if e.Tail == expected+1 {
+			w.tail = e.Tail
+			return true, nil, nil
+		}
+		return false, nil, fmt.Errorf("%w: expected tail %d, S2 has %d", errReread, expected, e.Tail)
+	}
+	return false, e, nil
 }

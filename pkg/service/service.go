@@ -35,6 +35,9 @@ type Env struct {
 	Log        *slog.Logger
 	Health     *health.State
 	Metrics    *prometheus.Registry
+	// Mux is the service's HTTP server (--http-addr): a service may add
+	// its own endpoints before it starts serving them.
+	Mux *http.ServeMux
 }
 
 // Main parses flags, loads the config, serves health endpoints and calls
@@ -79,7 +82,7 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	defer cancelRun()
 	g.Go(func() error {
 		defer cancelRun()
-		return run(runCtx, Env{Config: cfg, ConfigPath: *cfgPath, Log: log, Health: state, Metrics: reg})
+		return run(runCtx, Env{Config: cfg, ConfigPath: *cfgPath, Log: log, Health: state, Metrics: reg, Mux: mux})
 	})
 	g.Go(func() error { return health.Serve(runCtx, *httpAddr, mux) })
 	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {

@@ -1,0 +1,231 @@
+package delivery
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
+)
+
+// AuditStream records operators' acknowledgements (dropped messages).
+const AuditStream = "PGS2_AUDIT"
+
+// Admin serves the admin API (proto/pgs2/admin/v1) over HTTP with JSON
+// bodies: failed (parked) messages, listed, shown, retried and
+// acknowledged. Any delivery process can answer: the state lives in
+// JetStream.
+type Admin struct {
+	js jetstream.JetStream
+}
+
+// NewAdmin returns the admin API, creating the audit stream if needed.
+func NewAdmin(ctx context.Context, js jetstream.JetStream, replicas int) (*Admin, error) {
+	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name: AuditStream, Description: "pgs2 operator actions on failed messages",
+		Subjects: []string{"pgs2.audit.>"}, Storage: jetstream.FileStorage, Replicas: replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create or update stream %s: %w", AuditStream, err)
+	}
+	return &Admin{js: js}, nil
+}
+
+// Register adds the API's routes to mux.
+func (a *Admin) Register(mux *http.ServeMux) {
+	mux.HandleFunc("GET /v1/sinks/{sink}/messages", a.list)
+	mux.HandleFunc("GET /v1/sinks/{sink}/messages/{id}", a.show)
+	mux.HandleFunc("POST /v1/sinks/{sink}/messages/{id}/retry", a.retry)
+	mux.HandleFunc("POST /v1/sinks/{sink}/messages/{id}/ack", a.ack)
+}
+
+func writeProto(w http.ResponseWriter, status int, m proto.Message) {
+	b, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: false}.Marshal(m)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+func writeErr(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
+}
+
+// failed turns a parked message into the API's view.
+func failed(m *jetstream.RawStreamMsg, withPayload bool) (*adminv1.FailedMessage, error) {
+	t := strings.Split(m.Subject, ".")
+	if len(t) != 6 {
+		return nil, fmt.Errorf("%q is not a park subject", m.Subject)
+	}
+	h := m.Header
+	dseq, _ := strconv.ParseUint(h.Get(HeaderDeliverySeq), 10, 64)
+	status, _ := strconv.Atoi(h.Get(HeaderS2Status))
+	f := &adminv1.FailedMessage{
+		Id: strconv.FormatUint(m.Sequence, 10), Sink: bus.UnescapeToken(t[2]), Basin: bus.UnescapeToken(t[3]), Stream: bus.UnescapeToken(t[4]),
+		Table: h.Get(bus.HeaderTable), Group: h.Get(bus.HeaderGroup), Subject: h.Get(HeaderSubject), StreamSequence: dseq,
+		IdempotencyKey: h.Get(bus.HeaderKey),
+		LastError:      &adminv1.DeliveryError{HttpStatus: int32(status), Code: h.Get(HeaderS2Code), Message: h.Get(HeaderParkReason)},
+	}
+	if at, err := time.Parse(time.RFC3339Nano, h.Get(HeaderParkedAt)); err == nil {
+		f.FirstFailureTime = timestamppb.New(at)
+	}
+	if strings.HasPrefix(f.LastError.Message, "an earlier change of this group") {
+		f.BlockedBy = "group"
+	}
+	if withPayload {
+		f.Payload = m.Data
+		for k, vs := range h {
+			for _, v := range vs {
+				f.Headers = append(f.Headers, &adminv1.Header{Name: k, Value: v})
+			}
+		}
+	}
+	return f, nil
+}
+
+func (a *Admin) park(ctx context.Context) (jetstream.Stream, error) {
+	return a.js.Stream(ctx, ParkedStream)
+}
+
+func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	sink := r.PathValue("sink")
+	q := r.URL.Query()
+	limit, _ := strconv.Atoi(q.Get("page_size"))
+	if limit <= 0 || limit > 1000 {
+		limit = 100
+	}
+	ps, err := a.park(ctx)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	filter := ParkRoot + ".>"
+	if sink != "-" {
+		filter = ParkRoot + "." + bus.EscapeToken(sink) + ".>"
+	}
+	resp := &adminv1.ListFailedMessagesResponse{}
+	start, _ := strconv.ParseUint(q.Get("page_token"), 10, 64)
+	seq := max(start, 1)
+	for len(resp.Messages) < limit {
+		m, err := ps.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(filter))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			break
+		}
+		if err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		seq = m.Sequence + 1
+		f, err := failed(m, false)
+		if err != nil {
+			continue
+		}
+		if (q.Get("basin") != "" && f.Basin != q.Get("basin")) || (q.Get("stream") != "" && f.Stream != q.Get("stream")) ||
+			(q.Get("table") != "" && f.Table != q.Get("table")) || (q.Get("group") != "" && f.Group != q.Get("group")) {
+			continue
+		}
+		resp.Messages = append(resp.Messages, f)
+	}
+	if len(resp.Messages) == limit {
+		resp.NextPageToken = strconv.FormatUint(seq, 10)
+	}
+	writeProto(w, http.StatusOK, resp)
+}
+
+func (a *Admin) get(w http.ResponseWriter, r *http.Request) (*jetstream.RawStreamMsg, *adminv1.FailedMessage, bool) {
+	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "message id must be a number (see messages list)")
+		return nil, nil, false
+	}
+	ps, err := a.park(r.Context())
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return nil, nil, false
+	}
+	m, err := ps.GetMsg(r.Context(), id)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		writeErr(w, http.StatusNotFound, fmt.Sprintf("no failed message %d (delivered or acknowledged already?)", id))
+		return nil, nil, false
+	}
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return nil, nil, false
+	}
+	f, err := failed(m, true)
+	if err != nil || (r.PathValue("sink") != "-" && f.Sink != r.PathValue("sink")) {
+		writeErr(w, http.StatusNotFound, fmt.Sprintf("message %d is not a failed message of sink %q", id, r.PathValue("sink")))
+		return nil, nil, false
+	}
+	return m, f, true
+}
+
+func (a *Admin) show(w http.ResponseWriter, r *http.Request) {
+	if _, f, ok := a.get(w, r); ok {
+		writeProto(w, http.StatusOK, f)
+	}
+}
+
+func (a *Admin) retry(w http.ResponseWriter, r *http.Request) {
+	_, f, ok := a.get(w, r)
+	if !ok {
+		return
+	}
+	if err := a.js.Conn().Publish(RetrySubject(Unit{f.Sink, f.Basin, f.Stream}), nil); err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	writeProto(w, http.StatusAccepted, &adminv1.RetryResponse{Groups: 1, Messages: 1})
+}
+
+func (a *Admin) ack(w http.ResponseWriter, r *http.Request) {
+	m, f, ok := a.get(w, r)
+	if !ok {
+		return
+	}
+	var req adminv1.AcknowledgeFailedMessageRequest
+	if b, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20)); len(b) > 0 {
+		if err := protojson.Unmarshal(b, &req); err != nil {
+			writeErr(w, http.StatusBadRequest, "body: "+err.Error())
+			return
+		}
+	}
+	if strings.TrimSpace(req.Reason) == "" {
+		writeErr(w, http.StatusBadRequest, `acknowledging drops the message: give a "reason"`)
+		return
+	}
+	rec := &adminv1.AuditRecord{Id: f.Id, Operator: req.Operator, Time: timestamppb.Now(), Reason: req.Reason, Message: f}
+	b, _ := protojson.Marshal(rec)
+	ctx := r.Context()
+	if _, err := a.js.PublishMsg(ctx, &nats.Msg{Subject: "pgs2.audit." + bus.EscapeToken(f.Sink), Data: b,
+		Header: nats.Header{bus.HeaderMsgID: []string{"ack:" + f.Id}}}); err != nil {
+		writeErr(w, http.StatusServiceUnavailable, "record the acknowledgement: "+err.Error())
+		return
+	}
+	ps, _ := a.park(ctx)
+	if err := ps.DeleteMsg(ctx, m.Sequence); err != nil {
+		writeErr(w, http.StatusServiceUnavailable, "drop the message: "+err.Error())
+		return
+	}
+	_ = a.js.Conn().Publish(RetrySubject(Unit{f.Sink, f.Basin, f.Stream}), nil)
+	writeProto(w, http.StatusOK, rec)
+}
