@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,7 +30,8 @@ const AuditStream = "PGS2_AUDIT"
 // acknowledged. Any delivery process can answer: the state lives in
 // JetStream.
 type Admin struct {
-	js jetstream.JetStream
+	js       jetstream.JetStream
+	failures jetstream.KeyValue
 }
 
 // NewAdmin returns the admin API, creating the audit stream if needed.
@@ -41,7 +43,11 @@ func NewAdmin(ctx context.Context, js jetstream.JetStream, replicas int) (*Admin
 	if err != nil {
 		return nil, fmt.Errorf("create or update stream %s: %w", AuditStream, err)
 	}
-	return &Admin{js: js}, nil
+	kv, err := EnsureFailures(ctx, js, replicas)
+	if err != nil {
+		return nil, err
+	}
+	return &Admin{js: js, failures: kv}, nil
 }
 
 // Register adds the API's routes to mux.
@@ -123,6 +129,25 @@ func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
 		filter = ParkRoot + "." + bus.EscapeToken(sink) + ".>"
 	}
 	resp := &adminv1.ListFailedMessagesResponse{}
+	if q.Get("page_token") == "" { // blocked streams first, on the first page
+		blocked, err := ListBlocked(ctx, a.failures)
+		if err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		for _, b := range blocked {
+			if sink != "-" && b.Sink != sink {
+				continue
+			}
+			resp.Messages = append(resp.Messages, &adminv1.FailedMessage{
+				Id: "blocked-" + unitKey(Unit{b.Sink, b.Basin, b.Stream}), Sink: b.Sink, Basin: b.Basin, Stream: b.Stream,
+				StreamSequence: b.HeadSeq, Attempts: uint32(b.Attempts), BlockedBy: "stream",
+				LastError:        &adminv1.DeliveryError{HttpStatus: int32(b.Status), Code: b.Code, Message: b.Message},
+				FirstFailureTime: timestamppb.New(b.FirstFailure), LastFailureTime: timestamppb.New(b.LastFailure),
+				NextAttemptTime: timestamppb.New(b.NextAttempt),
+			})
+		}
+	}
 	start, _ := strconv.ParseUint(q.Get("page_token"), 10, 64)
 	seq := max(start, 1)
 	for len(resp.Messages) < limit {
@@ -186,6 +211,20 @@ func (a *Admin) show(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *Admin) retry(w http.ResponseWriter, r *http.Request) {
+	if key, ok := strings.CutPrefix(r.PathValue("id"), "blocked-"); ok {
+		raw, err := base64.RawURLEncoding.DecodeString(key)
+		parts := strings.Split(string(raw), "\x00")
+		if err != nil || len(parts) != 3 {
+			writeErr(w, http.StatusBadRequest, "unknown blocked stream id")
+			return
+		}
+		if err := a.js.Conn().Publish(RetrySubject(Unit{parts[0], parts[1], parts[2]}), nil); err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		writeProto(w, http.StatusAccepted, &adminv1.RetryResponse{Groups: 0, Messages: 1})
+		return
+	}
 	_, f, ok := a.get(w, r)
 	if !ok {
 		return

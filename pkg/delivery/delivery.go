@@ -46,6 +46,8 @@ type Delivery struct {
 	sinks   map[string]*sink
 	workers map[Unit]*worker
 	wg      sync.WaitGroup
+
+	failures jetstream.KeyValue
 }
 
 type sink struct {
@@ -90,6 +92,11 @@ func (d *Delivery) Run(ctx context.Context) error {
 	if err := EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
 		return err
 	}
+	kv, err := EnsureFailures(ctx, d.js, d.cfg.Replicas)
+	if err != nil {
+		return err
+	}
+	d.failures = kv
 	defer d.wg.Wait()
 	t := time.NewTicker(d.cfg.Discover)
 	defer t.Stop()

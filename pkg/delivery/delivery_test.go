@@ -14,6 +14,8 @@ import (
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/delivery"
 	"github.com/pgs2/pgs2/pkg/s2local"
+	"github.com/pgs2/pgs2/pkg/s2sink"
+	"github.com/s2-streamstore/s2-sdk-go/s2"
 )
 
 // TestEndToEnd: inserts, updates and deletes of two tables reach the right
@@ -229,5 +231,100 @@ func getJSON(t *testing.T, url string, v any) {
 	}
 	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestStreamFailuresAreVisible: a bad token (401) and a missing stream
+// (404) block their own sink's stream, visible with S2's error through the
+// admin API, while another sink flows; fixing the cause lets them continue.
+func TestStreamFailuresAreVisible(t *testing.T) {
+	t.Setenv("S2_GOOD", "good-token")
+	t.Setenv("S2_BAD", "bad-token")
+	p := newPipeline(t, `CREATE TABLE users (id int PRIMARY KEY)`, []string{"public.users"}, "app-basin")
+	p.manualStreams = true
+	p.s2.Close()
+	// s2local with a token: rebuild on a new server.
+	srv, err := s2local.New(s2local.Options{Token: "good-token"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	p.s2, p.s2url = srv, hs.URL
+	p.client, _ = s2sink.New(s2sink.Config{Endpoint: hs.URL, Token: "good-token"})
+	ctx := context.Background()
+	if _, err := p.client.SDK().Basins.Create(ctx, s2.CreateBasinArgs{Basin: "app-basin"}); err != nil {
+		t.Fatal(err)
+	}
+	_ = p.client.CreateStream(ctx, "app-basin", "ok")
+	_ = p.client.CreateStream(ctx, "app-basin", "badtoken")
+	p.sinks = []config.Sink{
+		{Name: "ok", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "ok", AccessTokenEnv: "S2_GOOD"},
+		{Name: "badtoken", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "badtoken", AccessTokenEnv: "S2_BAD"},
+		{Name: "nostream", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "missing", AccessTokenEnv: "S2_GOOD"},
+	}
+	p.start(t)
+	p.pg.MustExec(t, "app", `INSERT INTO users SELECT g FROM generate_series(1, 5) g`)
+	p.records(t, "app-basin", "ok", 5)
+
+	admin, err := delivery.NewAdmin(ctx, p.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	admin.Register(mux)
+	api := httptest.NewServer(mux)
+	defer api.Close()
+	type failedList struct {
+		Messages []struct {
+			ID        string `json:"id"`
+			BlockedBy string `json:"blocked_by"`
+			LastError struct {
+				HTTPStatus int    `json:"http_status"`
+				Code       string `json:"code"`
+			} `json:"last_error"`
+		} `json:"messages"`
+	}
+	wait := func(sink string, status int, code string) string {
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			var l failedList
+			getJSON(t, api.URL+"/v1/sinks/"+sink+"/messages", &l)
+			if len(l.Messages) == 1 && l.Messages[0].LastError.HTTPStatus == status && l.Messages[0].LastError.Code == code && l.Messages[0].BlockedBy == "stream" {
+				return l.Messages[0].ID
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("sink %s: failed messages %+v, want one blocked stream with %d %s", sink, l, status, code)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	wait("badtoken", 401, "authn")
+	missing := wait("nostream", 404, "stream_not_found")
+
+	// Fix the stream and ask for a retry now.
+	if err := p.client.CreateStream(ctx, "app-basin", "missing"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Post(api.URL+"/v1/sinks/nostream/messages/"+missing+"/retry", "application/json", nil)
+	if err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("retry: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	p.records(t, "app-basin", "missing", 5)
+
+	// Fix the token: restart delivery with the right one.
+	t.Setenv("S2_BAD", "good-token")
+	p.stopDelivery()
+	p.stopDelivery = p.startDelivery(t, p.sinks)
+	p.records(t, "app-basin", "badtoken", 5)
+	var l failedList
+	deadline := time.Now().Add(10 * time.Second)
+	for getJSON(t, api.URL+"/v1/sinks/-/messages", &l); len(l.Messages) > 0 && time.Now().Before(deadline); getJSON(t, api.URL+"/v1/sinks/-/messages", &l) {
+		time.Sleep(50 * time.Millisecond)
+		l = failedList{}
+	}
+	if len(l.Messages) != 0 {
+		t.Fatalf("failures left after the fixes: %+v", l)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http/httptest"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -37,6 +38,9 @@ type pipeline struct {
 	client *s2sink.Client
 	tables []string
 	sinks  []config.Sink
+	// manualStreams leaves each sink's create_stream as the test set it.
+	manualStreams bool
+	stopDelivery  func()
 }
 
 func newPipeline(t *testing.T, schema string, tables []string, basins ...string) *pipeline {
@@ -76,7 +80,9 @@ func (p *pipeline) start(t *testing.T) {
 	for i := range p.sinks {
 		s := &p.sinks[i]
 		s.Endpoint = p.s2url
-		s.CreateStream = true
+		if !p.manualStreams {
+			s.CreateStream = true
+		}
 		if s.Batch.MaxRecords == 0 {
 			s.Batch = config.Batch{MaxRecords: 1000, MaxBytes: 1 << 20, Linger: config.Duration(5 * time.Millisecond)}
 		}
@@ -102,19 +108,38 @@ func (p *pipeline) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	go func() { done <- r.Run(ctx) }()
-	d, err := delivery.New(delivery.Config{Sinks: p.sinks, Discover: 100 * time.Millisecond, Replicas: 1}, p.js, delivery.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { done <- d.Run(ctx) }()
+	p.stopDelivery = p.startDelivery(t, p.sinks)
 	t.Cleanup(func() {
+		p.stopDelivery()
 		cancel()
-		for i := 0; i < 3; i++ {
+		for i := 0; i < 2; i++ {
 			if err := <-done; err != nil {
 				t.Errorf("service: %v", err)
 			}
 		}
 	})
+}
+
+// startDelivery runs a delivery with the given sinks; the returned func
+// stops it (at most once).
+func (p *pipeline) startDelivery(t *testing.T, sinks []config.Sink) func() {
+	t.Helper()
+	d, err := delivery.New(delivery.Config{Sinks: sinks, Discover: 100 * time.Millisecond, Replicas: 1}, p.js, delivery.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("delivery: %v", err)
+			}
+		})
+	}
 }
 
 type record struct {

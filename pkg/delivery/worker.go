@@ -50,6 +50,8 @@ func newWorker(d *Delivery, u Unit, s *sink, st jetstream.Stream) *worker {
 
 func (w *worker) run(ctx context.Context) {
 	backoff := 100 * time.Millisecond
+	var firstFail time.Time
+	attempts := 0
 	for {
 		started := time.Now()
 		err := w.session(ctx)
@@ -58,6 +60,14 @@ func (w *worker) run(ctx context.Context) {
 		}
 		if time.Since(started) > 30*time.Second {
 			backoff = 100 * time.Millisecond
+		}
+		if s2sink.Classify(err) != nil { // S2 refuses even to tell where we are: visible as blocked
+			if firstFail.IsZero() {
+				firstFail = time.Now()
+			}
+			attempts++
+			w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, Attempts: attempts,
+				FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(backoff)}, err)
 		}
 		w.log.Warn("delivery session ended; restarting", "error", err, "retry_in", backoff)
 		select {
@@ -87,6 +97,7 @@ func (w *worker) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	w.clearFailure(ctx) // S2 answers again (a failure recorded by an earlier worker goes too)
 	w.tail = tail
 	if err := w.loadParks(ctx); err != nil {
 		return err
@@ -230,6 +241,11 @@ func (w *worker) flush(ctx context.Context) error {
 		return nil
 	}
 	var firstFail time.Time
+	defer func() {
+		if !firstFail.IsZero() {
+			w.clearFailure(context.WithoutCancel(ctx))
+		}
+	}()
 	for attempt := 1; ; attempt++ {
 		expected := w.tail
 		ack, err := w.s.client.Append(ctx, w.u.Basin, w.u.Stream, w.batch, &expected)
@@ -253,9 +269,12 @@ func (w *worker) flush(ctx context.Context) error {
 		}
 		delay := w.backoff(attempt, e)
 		w.log.Warn("append failed; retrying", "error", err, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
+		w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, HeadSeq: w.seqs[0], Records: int(n),
+			Attempts: attempt, FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(delay)}, err)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-w.retryNow:
 		case <-time.After(delay):
 		}
 	}
