@@ -1,7 +1,7 @@
 # pgs2 — see README.md.
 GO      ?= go
 BIN     := bin
-SERVICES := capture router delivery s2local
+SERVICES := capture router delivery s2local pgs2ctl
 export PATH := /usr/local/go/bin:$(PATH)
 
 .PHONY: all build test bench lint proto run clean

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/ctl"
 	"github.com/pgs2/pgs2/pkg/delivery"
 	"github.com/pgs2/pgs2/pkg/s2local"
 	"github.com/pgs2/pgs2/pkg/s2sink"
@@ -196,12 +197,25 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	if len(shown.Payload) < 2<<20 {
 		t.Errorf("shown payload has %d bytes (base64), want the whole 2 MiB row", len(shown.Payload))
 	}
-	resp, err := http.Post(api.URL+"/v1/sinks/docs/messages/"+list.Messages[0].ID+"/ack", "application/json",
-		strings.NewReader(`{"reason": "row too large; fixed at the source", "operator": "ada"}`))
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("ack: %v %v", resp, err)
+	// The same through pgs2ctl, then the acknowledgement.
+	addr := strings.TrimPrefix(api.URL, "http://")
+	var out, errOut strings.Builder
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "list", "--sink", "docs"}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "1 MiB") || !strings.Contains(out.String(), `["1"]`) {
+		t.Fatalf("pgs2ctl messages list: %d %s %s", code, out.String(), errOut.String())
 	}
-	resp.Body.Close()
+	out.Reset()
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "show", list.Messages[1].ID}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), `"body": "now small"`) {
+		t.Fatalf("pgs2ctl messages show: %d %s %s", code, out.String(), errOut.String())
+	}
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "ack", list.Messages[0].ID}, &out, &errOut); code == 0 {
+		t.Fatal("pgs2ctl messages ack without --reason succeeded")
+	}
+	out.Reset()
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "ack", list.Messages[0].ID, "--reason", "row too large; fixed at the source", "--operator", "ada"}, &out, &errOut); code != 0 {
+		t.Fatalf("pgs2ctl messages ack: %d %s %s", code, out.String(), errOut.String())
+	}
 	// The group continues: the update behind the dropped insert is
 	// delivered, then new changes flow directly.
 	p.pg.MustExec(t, "app", `UPDATE docs SET body = 'later' WHERE id = 1`)

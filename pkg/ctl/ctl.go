@@ -1,0 +1,232 @@
+// Package ctl is pgs2ctl, the operator's command line: failed messages
+// (list, show, retry, ack) through a delivery process's admin API.
+package ctl
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
+
+  messages list [--sink S] [--stream S] [--table T] [--json]
+  messages show ID [--sink S]
+  messages retry ID [--sink S]
+  messages ack ID --reason TEXT [--operator NAME] [--sink S]
+
+--admin is a delivery process's --http-addr (default $PGS2_ADMIN_ADDR or 127.0.0.1:9103).
+`
+
+// Run runs pgs2ctl with args and returns its exit code.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("pgs2ctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage) }
+	def := os.Getenv("PGS2_ADMIN_ADDR")
+	if def == "" {
+		def = "127.0.0.1:9103"
+	}
+	admin := fs.String("admin", def, "delivery admin address")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	rest := fs.Args()
+	if len(rest) < 2 || rest[0] != "messages" {
+		fs.Usage()
+		return 2
+	}
+	c := &client{base: "http://" + strings.TrimPrefix(*admin, "http://"), out: stdout, hc: &http.Client{Timeout: 30 * time.Second}}
+	var err error
+	switch rest[1] {
+	case "list":
+		err = c.list(ctx, rest[2:], stderr)
+	case "show", "retry", "ack":
+		err = c.one(ctx, rest[1], rest[2:], stderr)
+	default:
+		fs.Usage()
+		return 2
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "pgs2ctl:", err)
+		return 1
+	}
+	return 0
+}
+
+type client struct {
+	base string
+	out  io.Writer
+	hc   *http.Client
+}
+
+func (c *client) call(ctx context.Context, method, path string, body any, v any) error {
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("reach the delivery admin API at %s (is delivery running? see --admin): %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode >= 300 {
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("%s", e.Error)
+		}
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(b))
+	}
+	if v != nil {
+		return json.Unmarshal(b, v)
+	}
+	return nil
+}
+
+type failed struct {
+	ID             string `json:"id"`
+	Sink           string `json:"sink"`
+	Basin          string `json:"basin"`
+	Stream         string `json:"stream"`
+	Table          string `json:"table"`
+	Group          string `json:"group"`
+	StreamSequence string `json:"stream_sequence"`
+	IdempotencyKey string `json:"idempotency_key"`
+	Payload        []byte `json:"payload"`
+	BlockedBy      string `json:"blocked_by"`
+	Attempts       int    `json:"attempts"`
+	LastError      struct {
+		HTTPStatus int    `json:"http_status"`
+		Code       string `json:"code"`
+		Message    string `json:"message"`
+	} `json:"last_error"`
+	FirstFailureTime string `json:"first_failure_time"`
+	Headers          []struct {
+		Name  string `json:"name"`
+		Value string `json:"value"`
+	} `json:"headers"`
+}
+
+func (c *client) list(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("list", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	sink := fs.String("sink", "-", "sink (- = all)")
+	stream := fs.String("stream", "", "only this S2 stream")
+	table := fs.String("table", "", "only this table (schema.table)")
+	asJSON := fs.Bool("json", false, "one JSON object a line")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *stream != "" {
+		q.Set("stream", *stream)
+	}
+	if *table != "" {
+		q.Set("table", *table)
+	}
+	var resp struct {
+		Messages []json.RawMessage `json:"messages"`
+	}
+	if err := c.call(ctx, "GET", "/v1/sinks/"+url.PathEscape(*sink)+"/messages?"+q.Encode(), nil, &resp); err != nil {
+		return err
+	}
+	if *asJSON {
+		for _, m := range resp.Messages {
+			fmt.Fprintln(c.out, string(m))
+		}
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSINK\tBASIN/STREAM\tTABLE\tGROUP\tBLOCKED BY\tERROR")
+	for _, raw := range resp.Messages {
+		var f failed
+		_ = json.Unmarshal(raw, &f)
+		errText := f.LastError.Message
+		if f.LastError.HTTPStatus != 0 {
+			errText = fmt.Sprintf("%d %s: %s", f.LastError.HTTPStatus, f.LastError.Code, errText)
+		}
+		blocked := f.BlockedBy
+		if blocked == "" {
+			blocked = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\n", f.ID, f.Sink, f.Basin, f.Stream, f.Table, f.Group, blocked, errText)
+	}
+	if len(resp.Messages) == 0 {
+		fmt.Fprintln(tw, "(no failed messages)")
+	}
+	return tw.Flush()
+}
+
+func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	sink := fs.String("sink", "-", "sink (- = any)")
+	reason := fs.String("reason", "", "why the message is dropped (ack)")
+	operator := fs.String("operator", os.Getenv("USER"), "who acknowledges (ack)")
+	// Accept the ID before or after the flags.
+	var id string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		id, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if id == "" && fs.NArg() > 0 {
+		id = fs.Arg(0)
+	}
+	if id == "" {
+		return fmt.Errorf("messages %s needs a message ID (see pgs2ctl messages list)", cmd)
+	}
+	path := "/v1/sinks/" + url.PathEscape(*sink) + "/messages/" + url.PathEscape(id)
+	switch cmd {
+	case "show":
+		var f failed
+		if err := c.call(ctx, "GET", path, nil, &f); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "id:        %s\nsink:      %s\nstream:    %s/%s\ntable:     %s\ngroup:     %s\nkey:       %s\nseq:       %s\nfailed at: %s\nerror:     %d %s %s\nheaders:\n",
+			f.ID, f.Sink, f.Basin, f.Stream, f.Table, f.Group, f.IdempotencyKey, f.StreamSequence, f.FirstFailureTime,
+			f.LastError.HTTPStatus, f.LastError.Code, f.LastError.Message)
+		for _, h := range f.Headers {
+			fmt.Fprintf(c.out, "  %s: %s\n", h.Name, h.Value)
+		}
+		var pretty bytes.Buffer
+		if json.Indent(&pretty, f.Payload, "", "  ") == nil {
+			fmt.Fprintf(c.out, "payload:\n%s\n", pretty.String())
+		} else {
+			fmt.Fprintf(c.out, "payload: %d bytes\n", len(f.Payload))
+		}
+	case "retry":
+		if err := c.call(ctx, "POST", path+"/retry", nil, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "retrying %s now\n", id)
+	case "ack":
+		if strings.TrimSpace(*reason) == "" {
+			return fmt.Errorf("ack drops the message: give --reason")
+		}
+		if err := c.call(ctx, "POST", path+"/ack", map[string]string{"reason": *reason, "operator": *operator}, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "acknowledged %s (dropped; recorded in the audit stream)\n", id)
+	}
+	return nil
+}
