@@ -91,12 +91,18 @@ type Ack struct {
 // refuse the append unless the stream's tail is exactly that (see
 // Error.SeqNumMismatch). Errors are *Error.
 func (c *Client) Append(ctx context.Context, basin, stream string, b *Batch, matchSeqNum *uint64) (Ack, error) {
+	return c.AppendFenced(ctx, basin, stream, b, matchSeqNum, nil)
+}
+
+// AppendFenced is Append for a fenced writer: S2 refuses the append
+// (FencingMismatch) unless the stream's fencing token is *token.
+func (c *Client) AppendFenced(ctx context.Context, basin, stream string, b *Batch, matchSeqNum *uint64, token *string) (Ack, error) {
 	if b.Len() == 0 {
 		return Ack{}, fmt.Errorf("append to %s/%s: empty batch", basin, stream)
 	}
 	var ra atomic.Int64
 	ctx = context.WithValue(ctx, retryAfterKey{}, &ra)
-	in := &s2.AppendInput{Records: b.records, MatchSeqNum: matchSeqNum}
+	in := &s2.AppendInput{Records: b.records, MatchSeqNum: matchSeqNum, FencingToken: token}
 	ack, err := c.sdk.Basin(basin).Stream(s2.StreamName(stream)).Append(ctx, in)
 	if err != nil {
 		return Ack{}, classify(fmt.Sprintf("append %d records to %s/%s", b.Len(), basin, stream), err, time.Duration(ra.Load())*time.Millisecond)
@@ -184,4 +190,17 @@ func (c *Client) Progress(ctx context.Context, basin, stream string) (seq, tail 
 		}
 	}
 	return 0, tail, false, nil
+}
+
+// Fence makes token the stream's fencing token (an S2 fence command
+// record): from then on only appends carrying it succeed, so a writer that
+// lost its ownership cannot append. It returns the stream's new tail.
+func (c *Client) Fence(ctx context.Context, basin, stream, token string) (uint64, error) {
+	b := NewBatch(1, 0)
+	_ = b.Add(s2.AppendRecord{Headers: []s2.Header{{Name: []byte{}, Value: []byte("fence")}}, Body: []byte(token)})
+	ack, err := c.Append(ctx, basin, stream, b, nil)
+	if err != nil {
+		return 0, err
+	}
+	return ack.End, nil
 }

@@ -177,3 +177,25 @@ func TestProgress(t *testing.T) {
 		t.Fatalf("Progress = %d %d %v %v, want 12 4 true", seq, tail, found, err)
 	}
 }
+
+func TestFence(t *testing.T) {
+	_, url := local(t, s2local.Options{})
+	c, _ := New(Config{Endpoint: url})
+	ctx := context.Background()
+	_ = c.CreateStream(ctx, basin, "f")
+	tail, err := c.Fence(ctx, basin, "f", "worker-a")
+	if err != nil || tail != 1 {
+		t.Fatalf("Fence = %d, %v", tail, err)
+	}
+	a, b := "worker-a", "worker-b"
+	if _, err := c.AppendFenced(ctx, basin, "f", batchOf(t, 1), nil, &a); err != nil {
+		t.Fatalf("the fencing writer: %v", err)
+	}
+	if _, err := c.Fence(ctx, basin, "f", b); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.AppendFenced(ctx, basin, "f", batchOf(t, 1), nil, &a)
+	if e := Classify(err); e == nil || e.Class != FencingMismatch {
+		t.Fatalf("the fenced-out writer: %v, want FencingMismatch", err)
+	}
+}
