@@ -7,8 +7,10 @@ package delivery
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"sort"
 	"sync"
 	"time"
 
@@ -28,6 +30,10 @@ type Config struct {
 	// looked for (default 1s).
 	Discover time.Duration
 	Replicas int
+	// LeaseTTL is how long a unit stays with a process that stopped
+	// renewing it (default 10s): a SIGKILLed process's units move to the
+	// others within it.
+	LeaseTTL time.Duration
 }
 
 // Unit is one S2 stream of one sink: the unit of ordering and ownership.
@@ -39,15 +45,24 @@ func (u Unit) String() string { return u.Sink + ":" + u.Basin + "/" + u.Stream }
 
 // Delivery runs a worker per unit.
 type Delivery struct {
-	cfg     Config
-	js      jetstream.JetStream
-	log     *slog.Logger
-	state   *health.State
-	sinks   map[string]*sink
-	workers map[Unit]*worker
-	wg      sync.WaitGroup
+	cfg   Config
+	js    jetstream.JetStream
+	log   *slog.Logger
+	state *health.State
+	sinks map[string]*sink
+	held  map[Unit]*held
+	wg    sync.WaitGroup
 
 	failures jetstream.KeyValue
+	leases   *leases
+}
+
+// held is a unit this process owns.
+type held struct {
+	w      *worker
+	rev    uint64
+	cancel context.CancelFunc
+	done   chan struct{}
 }
 
 type sink struct {
@@ -73,7 +88,10 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	if cfg.DeliveryStream == "" {
 		cfg.DeliveryStream = bus.DefaultDeliveryStream
 	}
-	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, workers: map[Unit]*worker{}}
+	if cfg.LeaseTTL <= 0 {
+		cfg.LeaseTTL = 10 * time.Second
+	}
+	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, held: map[Unit]*held{}}
 	for _, o := range opts {
 		o(d)
 	}
@@ -87,7 +105,8 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	return d, nil
 }
 
-// Run delivers until ctx ends.
+// Run delivers until ctx ends: it keeps a fair share of the units leased,
+// runs a worker for each, and releases them on the way out.
 func (d *Delivery) Run(ctx context.Context) error {
 	if err := EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
 		return err
@@ -97,13 +116,16 @@ func (d *Delivery) Run(ctx context.Context) error {
 		return err
 	}
 	d.failures = kv
-	defer d.wg.Wait()
+	if d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas); err != nil {
+		return err
+	}
+	defer d.stopAll()
 	t := time.NewTicker(d.cfg.Discover)
 	defer t.Stop()
 	for {
-		if err := d.discover(ctx); err != nil && ctx.Err() == nil {
+		if err := d.balance(ctx); err != nil && ctx.Err() == nil {
 			d.state.SetNotReady(err.Error())
-			d.log.Warn("discovering delivery units", "error", err)
+			d.log.Warn("balancing delivery units", "error", err)
 		} else {
 			d.state.SetReady()
 		}
@@ -115,45 +137,129 @@ func (d *Delivery) Run(ctx context.Context) error {
 	}
 }
 
-// discover starts a worker for every unit that has messages, and for every
-// sink's configured stream.
-func (d *Delivery) discover(ctx context.Context) error {
-	units := map[Unit]bool{}
-	for _, s := range d.sinks {
-		if s.cfg.Basin != "" && s.cfg.Stream != "" {
-			units[Unit{s.cfg.Name, s.cfg.Basin, s.cfg.Stream}] = true
+func (d *Delivery) stopAll() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for u, h := range d.held {
+		h.cancel()
+		<-h.done
+		d.leases.release(ctx, u, h.rev)
+	}
+	d.leases.leave(ctx)
+	d.wg.Wait()
+}
+
+func (d *Delivery) stop(ctx context.Context, u Unit, release bool) {
+	h := d.held[u]
+	h.cancel()
+	<-h.done
+	if release {
+		d.leases.release(ctx, u, h.rev)
+	}
+	delete(d.held, u)
+}
+
+// balance renews the leases held, gives up those over a fair share (new
+// processes joined), and claims free units up to it.
+func (d *Delivery) balance(ctx context.Context) error {
+	live, err := d.leases.heartbeat(ctx)
+	if err != nil {
+		return fmt.Errorf("heartbeat: %w", err)
+	}
+	for u, h := range d.held {
+		select {
+		case <-h.done: // the worker gave up (lost its fence)
+			d.stop(ctx, u, true)
+			continue
+		default:
 		}
-	}
-	st, err := d.js.Stream(ctx, d.cfg.DeliveryStream)
-	if err != nil {
-		return fmt.Errorf("delivery stream %s (is the router running? it creates it): %w", d.cfg.DeliveryStream, err)
-	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(bus.DeliveryRoot+".>"))
-	if err != nil {
-		return fmt.Errorf("list delivery subjects: %w", err)
-	}
-	for subj := range info.State.Subjects {
-		sk, basin, stream, _, err := bus.ParseDeliverySubject(subj)
-		if err != nil {
+		rev, err := d.leases.renew(ctx, u, h.rev)
+		if errors.Is(err, ErrLeaseLost) {
+			d.log.Warn("lease lost; stopping", "unit", u.String())
+			d.stop(ctx, u, false)
 			continue
 		}
-		units[Unit{sk, basin, stream}] = true
+		if err != nil {
+			return fmt.Errorf("renew %s: %w", u, err)
+		}
+		h.rev = rev
+		h.w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
 	}
-	for u := range units {
-		if _, ok := d.workers[u]; ok {
+	units, err := d.units(ctx)
+	if err != nil {
+		return err
+	}
+	fair := (len(units) + live - 1) / live
+	for i := len(units) - 1; i >= 0 && len(d.held) > fair; i-- {
+		if _, ok := d.held[units[i]]; ok {
+			d.log.Info("releasing a unit to another process", "unit", units[i].String())
+			d.stop(ctx, units[i], true)
+		}
+	}
+	// Start at a place of our own in the list, so processes claim different units.
+	off := int(bus.Partition([]byte(d.leases.id), max(len(units), 1)))
+	for k := 0; k < len(units) && len(d.held) < fair; k++ {
+		u := units[(off+k)%len(units)]
+		if _, ok := d.held[u]; ok {
 			continue
 		}
 		s := d.sinks[u.Sink]
 		if s == nil {
 			continue // a sink removed from the config: its messages wait
 		}
+		rev, ok, err := d.leases.claim(ctx, u)
+		if err != nil {
+			return fmt.Errorf("claim %s: %w", u, err)
+		}
+		if !ok {
+			continue
+		}
+		st, err := d.js.Stream(ctx, d.cfg.DeliveryStream)
+		if err != nil {
+			d.leases.release(ctx, u, rev)
+			return err
+		}
 		w := newWorker(d, u, s, st)
-		d.workers[u] = w
+		w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
+		wctx, cancel := context.WithCancel(ctx)
+		h := &held{w: w, rev: rev, cancel: cancel, done: make(chan struct{})}
+		d.held[u] = h
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
-			w.run(ctx)
+			defer close(h.done)
+			w.run(wctx)
 		}()
 	}
 	return nil
+}
+
+// units lists every unit that has messages, and every sink's configured
+// stream, in a stable order.
+func (d *Delivery) units(ctx context.Context) ([]Unit, error) {
+	set := map[Unit]bool{}
+	for _, s := range d.sinks {
+		if s.cfg.Basin != "" && s.cfg.Stream != "" {
+			set[Unit{s.cfg.Name, s.cfg.Basin, s.cfg.Stream}] = true
+		}
+	}
+	st, err := d.js.Stream(ctx, d.cfg.DeliveryStream)
+	if err != nil {
+		return nil, fmt.Errorf("delivery stream %s (is the router running? it creates it): %w", d.cfg.DeliveryStream, err)
+	}
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(bus.DeliveryRoot+".>"))
+	if err != nil {
+		return nil, fmt.Errorf("list delivery subjects: %w", err)
+	}
+	for subj := range info.State.Subjects {
+		if sk, basin, stream, _, err := bus.ParseDeliverySubject(subj); err == nil {
+			set[Unit{sk, basin, stream}] = true
+		}
+	}
+	units := make([]Unit, 0, len(set))
+	for u := range set {
+		units = append(units, u)
+	}
+	sort.Slice(units, func(i, j int) bool { return units[i].String() < units[j].String() })
+	return units, nil
 }

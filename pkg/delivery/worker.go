@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -33,6 +34,19 @@ type worker struct {
 	seqs          []uint64 // delivery sequences of the batch's records
 	retries       map[string]*retryState
 	retryNow      chan struct{}
+	validUntil    atomic.Int64 // the lease, in Unix nanoseconds, minus a margin
+	token         string       // this process's fencing token
+}
+
+// extend moves the lease's end.
+func (w *worker) extend(until time.Time) { w.validUntil.Store(until.UnixNano()) }
+
+// owned reports whether the lease still covers the next append.
+func (w *worker) owned() error {
+	if time.Now().UnixNano() > w.validUntil.Load() {
+		return fmt.Errorf("%w: %s not renewed in time", ErrLeaseLost, w.u)
+	}
+	return nil
 }
 
 // retryState is the back-off of one parked group's head.
@@ -42,7 +56,7 @@ type retryState struct {
 }
 
 func newWorker(d *Delivery, u Unit, s *sink, st jetstream.Stream) *worker {
-	return &worker{d: d, u: u, s: s, st: st, log: d.log.With("unit", u.String()),
+	return &worker{d: d, u: u, s: s, st: st, log: d.log.With("unit", u.String()), token: d.leases.id,
 		batch:    s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes),
 		retries:  map[string]*retryState{},
 		retryNow: make(chan struct{}, 1)}
@@ -55,7 +69,10 @@ func (w *worker) run(ctx context.Context) {
 	for {
 		started := time.Now()
 		err := w.session(ctx)
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || errors.Is(err, ErrLeaseLost) {
+			if err != nil && ctx.Err() == nil {
+				w.log.Warn("stopping", "error", err)
+			}
 			return
 		}
 		if time.Since(started) > 30*time.Second {
@@ -90,10 +107,15 @@ func (w *worker) session(ctx context.Context) error {
 			return err
 		}
 	}
-	seq, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
-	if e := s2sink.Classify(err); e != nil && e.Status == 404 {
-		seq, tail, found, err = 0, 0, false, nil // appends will fail visibly until it exists
+	// Fence the stream with this process's token: a previous owner that
+	// still holds messages can no longer append them.
+	if err := w.owned(); err != nil {
+		return err
 	}
+	if _, err := c.Fence(ctx, w.u.Basin, w.u.Stream, w.token); err != nil {
+		return err
+	}
+	seq, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
 	if err != nil {
 		return err
 	}
@@ -247,13 +269,19 @@ func (w *worker) flush(ctx context.Context) error {
 		}
 	}()
 	for attempt := 1; ; attempt++ {
+		if err := w.owned(); err != nil {
+			return err
+		}
 		expected := w.tail
-		ack, err := w.s.client.Append(ctx, w.u.Basin, w.u.Stream, w.batch, &expected)
+		ack, err := w.s.client.AppendFenced(ctx, w.u.Basin, w.u.Stream, w.batch, &expected, &w.token)
 		if err == nil {
 			w.tail = ack.End
 			break
 		}
 		e := s2sink.Classify(err)
+		if e != nil && e.Class == s2sink.FencingMismatch {
+			return fmt.Errorf("%w: another process fenced %s", ErrLeaseLost, w.u)
+		}
 		if e != nil && e.Class == s2sink.SeqNumMismatch {
 			if e.Tail == expected+n { // the earlier attempt landed
 				w.tail = e.Tail
@@ -441,13 +469,19 @@ func (w *worker) tryHead(ctx context.Context, head *jetstream.RawStreamMsg) (don
 	if err := b.Add(s2sink.Record(head.Header, head.Data, seq)); err != nil {
 		return false, nil, nil // too large: stays until acknowledged
 	}
+	if err := w.owned(); err != nil {
+		return false, nil, err
+	}
 	expected := w.tail
-	ack, aerr := w.s.client.Append(ctx, w.u.Basin, w.u.Stream, b, &expected)
+	ack, aerr := w.s.client.AppendFenced(ctx, w.u.Basin, w.u.Stream, b, &expected, &w.token)
 	if aerr == nil {
 		w.tail = ack.End
 		return true, nil, nil
 	}
 	e = s2sink.Classify(aerr)
+	if e != nil && e.Class == s2sink.FencingMismatch {
+		return false, nil, fmt.Errorf("%w: another process fenced %s", ErrLeaseLost, w.u)
+	}
 	if e != nil && e.Class == s2sink.SeqNumMismatch {
 		if e.Tail == expected+1 {
 			w.tail = e.Tail
