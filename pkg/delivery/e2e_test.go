@@ -77,6 +77,14 @@ func quiet() *slog.Logger {
 // start runs the three services until the test ends.
 func (p *pipeline) start(t *testing.T) {
 	t.Helper()
+	p.startPipelineWithoutDelivery(t)
+	p.stopDelivery = p.startDelivery(t, p.sinks)
+	t.Cleanup(func() { p.stopDelivery() })
+}
+
+// startPipelineWithoutDelivery runs capture and router until the test ends.
+func (p *pipeline) startPipelineWithoutDelivery(t *testing.T) {
+	t.Helper()
 	for i := range p.sinks {
 		s := &p.sinks[i]
 		s.Endpoint = p.s2url
@@ -108,9 +116,7 @@ func (p *pipeline) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	go func() { done <- r.Run(ctx) }()
-	p.stopDelivery = p.startDelivery(t, p.sinks)
 	t.Cleanup(func() {
-		p.stopDelivery()
 		cancel()
 		for i := 0; i < 2; i++ {
 			if err := <-done; err != nil {
@@ -153,8 +159,13 @@ type record struct {
 // records waits until basin/stream holds n records and returns them.
 func (p *pipeline) records(t *testing.T, basin, stream string, n int) []record {
 	t.Helper()
+	return p.recordsWithin(t, basin, stream, n, time.Minute)
+}
+
+func (p *pipeline) recordsWithin(t *testing.T, basin, stream string, n int, within time.Duration) []record {
+	t.Helper()
 	ctx := context.Background()
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(within)
 	var out []record
 	for {
 		out = out[:0]
