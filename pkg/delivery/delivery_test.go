@@ -342,3 +342,51 @@ func TestStreamFailuresAreVisible(t *testing.T) {
 		t.Fatalf("failures left after the fixes: %+v", l)
 	}
 }
+
+// TestMaxAttemptsDeadLetters: with retry.max_attempts, a batch S2 keeps
+// refusing, and a parked record, go to the dead-letter stream with their
+// last error instead of blocking forever; nothing is dropped silently.
+func TestMaxAttemptsDeadLetters(t *testing.T) {
+	p := newPipeline(t, `CREATE TABLE users (id int PRIMARY KEY, body text)`, []string{"public.users"}, "app-basin")
+	p.manualStreams = true
+	p.sinks = []config.Sink{
+		{Name: "gone", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "gone",
+			Retry: config.Retry{Initial: config.Duration(10 * time.Millisecond), Max: config.Duration(20 * time.Millisecond), MaxAttempts: 2}},
+		{Name: "big", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "big", CreateStream: true,
+			Retry: config.Retry{Initial: config.Duration(10 * time.Millisecond), Max: config.Duration(20 * time.Millisecond), MaxAttempts: 2}},
+	}
+	p.start(t)
+	p.pg.MustExec(t, "app", `INSERT INTO users VALUES (1, repeat('x', 2*1024*1024))`)
+	p.pg.MustExec(t, "app", `UPDATE users SET body = 'small' WHERE id = 1`)
+	// The parked oversized insert is dead-lettered, its group continues.
+	recs := p.records(t, "app-basin", "big", 1)
+	if recs[0].Body["record"].(map[string]any)["body"] != "small" {
+		t.Fatalf("record %.100s", recs[0].Raw)
+	}
+	ctx := context.Background()
+	dead, err := p.js.Stream(ctx, delivery.DeadStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gone, big int
+	deadline := time.Now().Add(30 * time.Second)
+	for (gone < 1 || big < 1) && time.Now().Before(deadline) {
+		gone, big = 0, 0
+		for seq := uint64(1); ; seq++ {
+			m, err := dead.GetMsg(ctx, seq)
+			if err != nil {
+				break
+			}
+			switch {
+			case strings.HasPrefix(m.Subject, "pgs2.dead.gone.") && strings.Contains(m.Header.Get(delivery.HeaderParkReason), "404"):
+				gone++
+			case strings.HasPrefix(m.Subject, "pgs2.dead.big.") && strings.Contains(m.Header.Get(delivery.HeaderParkReason), "1 MiB"):
+				big++
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if gone < 1 || big != 1 {
+		t.Fatalf("dead letters: %d for the missing stream (want ≥ 1, with its 404), %d oversized (want 1)", gone, big)
+	}
+}

@@ -26,7 +26,17 @@ const (
 	HeaderSubject     = "Pgs2-Subject"
 	HeaderS2Status    = "Pgs2-S2-Status"
 	HeaderS2Code      = "Pgs2-S2-Code"
+	HeaderAttempts    = "Pgs2-Attempts"
 )
+
+// DeadStream holds messages given up after retry.max_attempts, with their
+// last error: never silently dropped.
+const DeadStream = "PGS2_DEAD"
+
+// DeadSubject is a unit's dead-letter subject.
+func DeadSubject(u Unit) string {
+	return "pgs2.dead." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
+}
 
 // ParkSubject is the park of one group of a unit.
 func ParkSubject(u Unit, group string) string {
@@ -50,6 +60,13 @@ func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas in
 	})
 	if err != nil {
 		return fmt.Errorf("create or update stream %s: %w", ParkedStream, err)
+	}
+	_, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name: DeadStream, Description: "pgs2 messages given up after retry.max_attempts",
+		Subjects: []string{"pgs2.dead.>"}, Storage: jetstream.FileStorage, Replicas: replicas, Duplicates: time.Hour,
+	})
+	if err != nil {
+		return fmt.Errorf("create or update stream %s: %w", DeadStream, err)
 	}
 	return nil
 }

@@ -112,10 +112,17 @@ func (w *worker) session(ctx context.Context) error {
 	if err := w.owned(); err != nil {
 		return err
 	}
-	if _, err := c.Fence(ctx, w.u.Basin, w.u.Stream, w.token); err != nil {
+	// A missing stream cannot be fenced: go on unfenced, so its appends
+	// fail visibly (and reach the dead-letter stream after
+	// retry.max_attempts); once it exists the first append meets the fence
+	// mismatch and the next session fences it.
+	if _, err := c.Fence(ctx, w.u.Basin, w.u.Stream, w.token); err != nil && !notFound(err) {
 		return err
 	}
 	seq, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
+	if notFound(err) {
+		seq, tail, found, err = 0, 0, false, nil
+	}
 	if err != nil {
 		return err
 	}
@@ -295,6 +302,12 @@ func (w *worker) flush(ctx context.Context) error {
 		if firstFail.IsZero() {
 			firstFail = time.Now()
 		}
+		if max := w.s.cfg.Retry.MaxAttempts; max > 0 && attempt >= max {
+			if err := w.deadLetterBatch(ctx, err, attempt); err != nil {
+				return err
+			}
+			break
+		}
 		delay := w.backoff(attempt, e)
 		w.log.Warn("append failed; retrying", "error", err, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
 		w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, HeadSeq: w.seqs[0], Records: int(n),
@@ -447,8 +460,18 @@ func (w *worker) drain(ctx context.Context) error {
 			}
 			if !done {
 				r.attempts++
-				r.next = time.Now().Add(w.backoff(r.attempts, e))
-				break
+				if max := w.s.cfg.Retry.MaxAttempts; max > 0 && r.attempts >= max {
+					reason := head.Header.Get(HeaderParkReason)
+					if e != nil {
+						reason = e.Error()
+					}
+					if err := w.deadLetter(ctx, head.Header, head.Data, reason, r.attempts); err != nil {
+						return err
+					}
+				} else {
+					r.next = time.Now().Add(w.backoff(r.attempts, e))
+					break
+				}
 			}
 			if err := ps.DeleteMsg(ctx, head.Sequence); err != nil {
 				return fmt.Errorf("remove delivered message %d from the park: %w", head.Sequence, err)
@@ -490,4 +513,45 @@ func (w *worker) tryHead(ctx context.Context, head *jetstream.RawStreamMsg) (don
 		return false, nil, fmt.Errorf("%w: expected tail %d, S2 has %d", errReread, expected, e.Tail)
 	}
 	return false, e, nil
+}
+
+// deadLetterBatch moves the failing batch to the dead-letter stream after
+// retry.max_attempts, with its last error, and lets the unit go on.
+func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int) error {
+	for i, r := range w.batch.Records() {
+		h := nats.Header{}
+		for _, hd := range r.Headers {
+			h.Set("S2-"+string(hd.Name), string(hd.Value))
+		}
+		h.Set(HeaderDeliverySeq, strconv.FormatUint(w.seqs[i], 10))
+		if err := w.deadLetter(ctx, h, r.Body, cause.Error(), attempts); err != nil {
+			return err
+		}
+	}
+	w.log.Error("moved a batch to the dead-letter stream after retry.max_attempts", "records", w.batch.Len(), "error", cause)
+	return nil
+}
+
+// deadLetter publishes one message to the dead-letter stream.
+func (w *worker) deadLetter(ctx context.Context, h nats.Header, body []byte, reason string, attempts int) error {
+	dh := nats.Header{}
+	for k, v := range h {
+		if k != bus.HeaderMsgID && k != bus.HeaderExpectedLastID {
+			dh[k] = v
+		}
+	}
+	dh.Set(HeaderParkReason, reason)
+	dh.Set(HeaderAttempts, strconv.Itoa(attempts))
+	dh.Set(HeaderParkedAt, time.Now().UTC().Format(time.RFC3339Nano))
+	dh.Set(bus.HeaderMsgID, "dead:"+w.u.String()+":"+dh.Get(HeaderDeliverySeq))
+	subj := DeadSubject(w.u)
+	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: dh, Data: body}); err != nil {
+		return fmt.Errorf("dead-letter a message of %s: %w", w.u, err)
+	}
+	return nil
+}
+
+func notFound(err error) bool {
+	e := s2sink.Classify(err)
+	return e != nil && e.Status == 404
 }
