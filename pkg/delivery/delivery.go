@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
@@ -55,6 +57,7 @@ type Delivery struct {
 
 	failures jetstream.KeyValue
 	leases   *leases
+	tracer   trace.Tracer
 }
 
 // held is a unit this process owns.
@@ -91,7 +94,8 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	if cfg.LeaseTTL <= 0 {
 		cfg.LeaseTTL = 10 * time.Second
 	}
-	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, held: map[Unit]*held{}}
+	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, held: map[Unit]*held{},
+		tracer: otel.Tracer("pgs2/delivery")}
 	for _, o := range opts {
 		o(d)
 	}

@@ -17,6 +17,13 @@ import (
 	"github.com/pgs2/pgs2/pkg/s2local"
 	"github.com/pgs2/pgs2/pkg/s2sink"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
+	"go.opentelemetry.io/otel"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // TestEndToEnd: inserts, updates and deletes of two tables reach the right
@@ -388,5 +395,47 @@ func TestMaxAttemptsDeadLetters(t *testing.T) {
 	}
 	if gone < 1 || big != 1 {
 		t.Fatalf("dead letters: %d for the missing stream (want ≥ 1, with its 404), %d oversized (want 1)", gone, big)
+	}
+}
+
+// TestOneTracePerChange: capture's transaction span, the router's span and
+// delivery's append span belong to one trace.
+func TestOneTracePerChange(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	otel.SetTracerProvider(tp)
+	telemetry.SetEnabled(true)
+	defer func() { telemetry.SetEnabled(false); otel.SetTracerProvider(noop.NewTracerProvider()) }()
+
+	p := newPipeline(t, `CREATE TABLE users (id int PRIMARY KEY)`, []string{"public.users"}, "app-basin")
+	p.sinks = []config.Sink{{Name: "users", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "users"}}
+	p.start(t)
+	p.pg.MustExec(t, "app", `INSERT INTO users VALUES (1)`)
+	p.records(t, "app-basin", "users", 1)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var capTrace, routeTrace trace.TraceID
+		linked := false
+		for _, s := range rec.Ended() {
+			switch s.Name() {
+			case "capture transaction":
+				capTrace = s.SpanContext().TraceID()
+			case "route change":
+				routeTrace = s.SpanContext().TraceID()
+			case "s2 append":
+				for _, l := range s.Links() {
+					if l.SpanContext.TraceID() == routeTrace && routeTrace.IsValid() {
+						linked = true
+					}
+				}
+			}
+		}
+		if capTrace.IsValid() && capTrace == routeTrace && linked {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("spans do not form one trace: capture %s, route %s, append linked %v", capTrace, routeTrace, linked)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -5,10 +5,16 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/service"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // Main is the delivery service.
 func Main(ctx context.Context, env service.Env) error {
+	stopTracing, err := telemetry.Setup(ctx, telemetry.Config{Service: "delivery", OTLPEndpoint: env.Config.Telemetry.OTLPEndpoint})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
 	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-delivery", env.Log)
 	if err != nil {
 		return err

@@ -12,9 +12,12 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/s2sink"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // worker delivers one unit.
@@ -32,6 +35,7 @@ type worker struct {
 	parkedThrough uint64
 	batch         *s2sink.Batch
 	seqs          []uint64 // delivery sequences of the batch's records
+	traces        []string // their traceparents, when tracing is on
 	retries       map[string]*retryState
 	retryNow      chan struct{}
 	validUntil    atomic.Int64 // the lease, in Unix nanoseconds, minus a margin
@@ -258,6 +262,9 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 		return false, err
 	}
 	w.seqs = append(w.seqs, seq)
+	if telemetry.Enabled() {
+		w.traces = append(w.traces, h.Get(bus.HeaderTraceParent))
+	}
 	return w.batch.Len() >= w.s.cfg.Batch.MaxRecords, nil
 }
 
@@ -269,6 +276,19 @@ func (w *worker) flush(ctx context.Context) error {
 	if n == 0 {
 		return nil
 	}
+	if telemetry.Enabled() {
+		var links []trace.Link
+		for _, tp := range w.traces {
+			if sc := telemetry.ParseTraceParent(tp); sc.IsValid() && len(links) < 128 {
+				links = append(links, trace.Link{SpanContext: sc})
+			}
+		}
+		var span trace.Span
+		ctx, span = w.d.tracer.Start(ctx, "s2 append", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
+			trace.WithAttributes(attribute.String("pgs2.unit", w.u.String()), attribute.Int("pgs2.records", int(n))))
+		defer span.End()
+	}
+	defer func() { w.traces = w.traces[:0] }()
 	var firstFail time.Time
 	defer func() {
 		if !firstFail.IsZero() {

@@ -9,6 +9,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/service"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // FromConfig derives a router's settings from the config file.
@@ -25,6 +26,11 @@ func FromConfig(c *config.Config) Config {
 // Main is the router service: route until ctx ends; SIGHUP reloads the
 // sinks from the config file.
 func Main(ctx context.Context, env service.Env) error {
+	stopTracing, err := telemetry.Setup(ctx, telemetry.Config{Service: "router", OTLPEndpoint: env.Config.Telemetry.OTLPEndpoint})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
 	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-router", env.Log)
 	if err != nil {
 		return err

@@ -16,12 +16,16 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
 // Config configures a router.
@@ -36,12 +40,13 @@ type Config struct {
 
 // Router runs routing sessions.
 type Router struct {
-	cfg   Config
-	nc    *nats.Conn
-	js    jetstream.JetStream
-	log   *slog.Logger
-	state *health.State
-	sinks atomic.Pointer[Sinks]
+	cfg    Config
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	log    *slog.Logger
+	state  *health.State
+	sinks  atomic.Pointer[Sinks]
+	tracer trace.Tracer
 }
 
 // Option configures optional dependencies.
@@ -62,7 +67,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Router{cfg: cfg, nc: js.Conn(), js: js, log: slog.Default(), state: health.NewState()}
+	r := &Router{cfg: cfg, nc: js.Conn(), js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/router")}
 	r.sinks.Store(sinks)
 	for _, o := range opts {
 		o(r)
@@ -298,6 +303,15 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg, seq uint64) erro
 	body := msg.Data()
 	group := []byte(h.Get(bus.HeaderGroup))
 	traceparent := h.Get(bus.HeaderTraceParent)
+	if telemetry.Enabled() {
+		parent := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceParent(traceparent))
+		_, span := s.tracer.Start(parent, "route change", trace.WithSpanKind(trace.SpanKindConsumer),
+			trace.WithAttributes(attribute.String("pgs2.table", schema+"."+table), attribute.String("pgs2.key", key)))
+		defer span.End()
+		if tp := telemetry.TraceParent(span.SpanContext()); tp != "" {
+			traceparent = tp
+		}
+	}
 	action := field(body, actionField)
 	commitMs := ""
 	if ts, err := time.Parse(time.RFC3339Nano, field(body, commitField)); err == nil {

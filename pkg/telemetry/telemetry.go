@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sync/atomic"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
@@ -41,6 +42,7 @@ func Setup(ctx context.Context, c Config) (func(context.Context) error, error) {
 	if err != nil {
 		return nil, fmt.Errorf("telemetry.otlp_endpoint: %w", err)
 	}
+	enabled.Store(true)
 	tp := sdktrace.NewTracerProvider(
 		sdktrace.WithBatcher(exp),
 		sdktrace.WithResource(resource.NewSchemaless(semconv.ServiceName("pgs2-"+c.Service))),
@@ -54,6 +56,24 @@ func endpointURL(e string) string {
 		return e
 	}
 	return "http://" + e
+}
+
+var enabled atomic.Bool
+
+// Enabled reports whether Setup installed an exporter: services skip
+// per-message span work when it did not.
+func Enabled() bool { return enabled.Load() }
+
+// SetEnabled forces Enabled (tests that install their own provider).
+func SetEnabled(v bool) { enabled.Store(v) }
+
+// ParseTraceParent reads a W3C traceparent header value.
+func ParseTraceParent(v string) trace.SpanContext {
+	if v == "" {
+		return trace.SpanContext{}
+	}
+	ctx := propagation.TraceContext{}.Extract(context.Background(), propagation.MapCarrier{"traceparent": v})
+	return trace.SpanContextFromContext(ctx)
 }
 
 // TraceParent formats a span context as a W3C traceparent header value, or
