@@ -40,6 +40,8 @@ type pipeline struct {
 	sinks  []config.Sink
 	// manualStreams leaves each sink's create_stream as the test set it.
 	manualStreams bool
+	// routerProcess: the test runs the router itself (as a process).
+	routerProcess bool
 	stopDelivery  func()
 }
 
@@ -109,13 +111,17 @@ func (p *pipeline) startPipelineWithoutDelivery(t *testing.T) {
 	for ready := false; !ready; ready, _ = state.Ready() {
 		time.Sleep(20 * time.Millisecond)
 	}
-	r, err := router.New(router.Config{Source: "app", ChangesStream: "PGS2_CHANGES",
-		Delivery: bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: 1, DuplicateWindow: time.Minute},
-		Sinks:    p.sinks}, p.js, router.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
+	if p.routerProcess {
+		done <- nil
+	} else {
+		r, err := router.New(router.Config{Source: "app", ChangesStream: "PGS2_CHANGES",
+			Delivery: bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: 1, DuplicateWindow: time.Minute},
+			Sinks:    p.sinks}, p.js, router.WithLogger(quiet()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { done <- r.Run(ctx) }()
 	}
-	go func() { done <- r.Run(ctx) }()
 	t.Cleanup(func() {
 		cancel()
 		for i := 0; i < 2; i++ {

@@ -18,37 +18,45 @@ import (
 
 var (
 	buildOnce sync.Once
-	binPath   string
+	binDir    string
 	buildErr  error
 )
 
-func deliveryBinary(t *testing.T) string {
+// binary builds services/<name> once per test binary.
+func binary(t *testing.T, name string) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "pgs2-delivery-bin-")
+		dir, err := os.MkdirTemp("", "pgs2-bin-")
 		if err != nil {
 			buildErr = err
 			return
 		}
-		binPath = filepath.Join(dir, "delivery")
-		if out, err := exec.Command("go", "build", "-o", binPath, "../../services/delivery").CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		binDir = dir
+		for _, svc := range []string{"delivery", "router"} {
+			if out, err := exec.Command("go", "build", "-o", filepath.Join(dir, svc), "../../services/"+svc).CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("go build %s: %v\n%s", svc, err, out)
+			}
 		}
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)
 	}
-	return binPath
+	return filepath.Join(binDir, name)
 }
 
 // startWorker runs a delivery process and waits until it is ready.
 func startWorker(t *testing.T, cfg string, n int) *exec.Cmd {
+	return startService(t, "delivery", cfg, n)
+}
+
+// startService runs bin/<name> and waits until it is ready.
+func startService(t *testing.T, name, cfg string, n int) *exec.Cmd {
 	t.Helper()
 	port, _ := pgtest.FreePort()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	logPath := filepath.Join(t.TempDir(), fmt.Sprintf("delivery-%d.log", n))
+	logPath := filepath.Join(t.TempDir(), fmt.Sprintf("%s-%d.log", name, n))
 	logf, _ := os.Create(logPath)
-	cmd := exec.Command(deliveryBinary(t), "--config", cfg, "--http-addr", addr, "--log-level", "error")
+	cmd := exec.Command(binary(t, name), "--config", cfg, "--http-addr", addr, "--log-level", "error")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -58,7 +66,7 @@ func startWorker(t *testing.T, cfg string, n int) *exec.Cmd {
 		_, _ = cmd.Process.Wait()
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
-			t.Logf("delivery %d log:\n%s", n, b)
+			t.Logf("%s %d log:\n%s", name, n, b)
 		}
 	})
 	deadline := time.Now().Add(30 * time.Second)
@@ -71,7 +79,7 @@ func startWorker(t *testing.T, cfg string, n int) *exec.Cmd {
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(logPath)
-			t.Fatalf("delivery %d not ready:\n%s", n, b)
+			t.Fatalf("%s %d not ready:\n%s", name, n, b)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -79,9 +87,10 @@ func startWorker(t *testing.T, cfg string, n int) *exec.Cmd {
 
 // TestScaleOutUnderFaults: 200 groups × 200 updates routed over 4 S2
 // streams, 3 delivery processes of which one is SIGKILLed and restarted
-// twice, while s2local fails 30 % of appends with 503 and adds jittered
-// latency: for every group the records are in commit order, none missing;
-// duplicates are counted.
+// twice, the router process SIGKILLed and restarted twice too, while
+// s2local fails 30 % of appends with 503 and adds jittered latency: for
+// every group the records are in commit order, none missing; duplicates
+// are counted.
 func TestScaleOutUnderFaults(t *testing.T) {
 	const groups, rounds = 200, 200
 	p := newPipeline(t, `CREATE TABLE counters (id int PRIMARY KEY, v int NOT NULL)`, []string{"public.counters"}, "app-basin")
@@ -91,6 +100,7 @@ func TestScaleOutUnderFaults(t *testing.T) {
 		ErrorRate: 0.3, Statuses: []int{503}, LatencyMS: 2, JitterMS: 10}}}); err != nil {
 		t.Fatal(err)
 	}
+	p.routerProcess = true
 	p.startPipelineWithoutDelivery(t)
 	cfg := filepath.Join(t.TempDir(), "cdc.yaml")
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(`source: {name: app, dsn: %q, tables: [counters]}
@@ -106,6 +116,7 @@ sinks:
 `, p.pg.DSN("app"), p.ns.URL(), p.s2url)), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	rt := startService(t, "router", cfg, 0)
 	workers := []*exec.Cmd{startWorker(t, cfg, 0), startWorker(t, cfg, 1), startWorker(t, cfg, 2)}
 	p.pg.MustExec(t, "app", fmt.Sprintf(`INSERT INTO counters SELECT g, 0 FROM generate_series(1, %d) g`, groups))
 	done := make(chan struct{})
@@ -117,7 +128,11 @@ sinks:
 		}
 	}()
 	for k := 1; k <= 2; k++ {
-		time.Sleep(2 * time.Second)
+		time.Sleep(time.Second)
+		_ = rt.Process.Signal(syscall.SIGKILL)
+		_, _ = rt.Process.Wait()
+		rt = startService(t, "router", cfg, k)
+		time.Sleep(time.Second)
 		_ = workers[0].Process.Signal(syscall.SIGKILL)
 		_, _ = workers[0].Process.Wait()
 		workers[0] = startWorker(t, cfg, 2+k)
