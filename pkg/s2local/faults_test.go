@@ -95,7 +95,11 @@ func TestFaultAdmin(t *testing.T) {
 		t.Fatalf("tail: %+v %v", tail, err)
 	}
 	r = do(t, "GET", base+"/admin/faults", nil, auth)
-	if m := r.json(t); m["injected"].(map[string]any)["408"].(float64)+m["injected"].(map[string]any)["503"].(float64) != 4 {
+	// Draws are random: all four may be one status, so a count may be absent.
+	injected, _ := r.json(t)["injected"].(map[string]any)
+	n408, _ := injected["408"].(float64)
+	n503, _ := injected["503"].(float64)
+	if n408+n503 != 4 {
 		t.Fatalf("GET /admin/faults: %s", r.body)
 	}
 
