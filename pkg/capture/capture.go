@@ -5,6 +5,7 @@ package capture
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -323,7 +324,18 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			return nil
 		}
 		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
-		if err := s.pub.Publish(ctx, subject, string(r.Key), r.Group, r.Body, s.traceparent); err != nil {
+		body := r.Body
+		if limit := int(s.js.Conn().MaxPayload()) - 16<<10; len(body) > limit {
+			// Too large for this NATS server: publish a stub in its place,
+			// marked, so delivery parks it visibly (its group waits) instead
+			// of the whole capture stalling on it.
+			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(body), s.js.Conn().MaxPayload())
+			body = oversizedStub(r, reason)
+			s.pub.SetHeader(bus.HeaderError, reason)
+			defer s.pub.SetHeader(bus.HeaderError, "")
+			s.log.Error("change too large for NATS; published a stub that delivery parks", "table", r.Schema+"."+r.Table, "key", string(r.Key), "bytes", len(r.Body))
+		}
+		if err := s.pub.Publish(ctx, subject, string(r.Key), r.Group, body, s.traceparent); err != nil {
 			return err
 		}
 		s.published++
@@ -342,4 +354,15 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}
 	return nil
+}
+
+// oversizedStub stands in for a change too large to publish: its identity
+// and the reason, in the message format's shape.
+func oversizedStub(r *pgrepl.Row, reason string) []byte {
+	b, _ := json.Marshal(map[string]any{
+		"record": nil, "changes": nil, "action": r.Action, "error": reason,
+		"metadata": map[string]any{"table_schema": r.Schema, "table_name": r.Table, "commit_lsn": r.Pos.LSN,
+			"commit_idx": r.Pos.Idx, "idempotency_key": string(r.Key), "record_pks": json.RawMessage(r.Group)},
+	})
+	return b
 }

@@ -439,3 +439,35 @@ func TestOneTracePerChange(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestChangeOverNATSMaxPayload: a change larger than the NATS server takes
+// does not stall capture: a marked stub goes through and delivery parks it
+// visibly, while other changes flow.
+func TestChangeOverNATSMaxPayload(t *testing.T) {
+	p := newPipeline(t, `CREATE TABLE docs (id int PRIMARY KEY, body text)`, []string{"public.docs"}, "app-basin")
+	p.sinks = []config.Sink{{Name: "docs", Tables: []string{"public.docs"}, Basin: "app-basin", Stream: "docs"}}
+	p.start(t)
+	p.pg.MustExec(t, "app", `INSERT INTO docs VALUES (1, repeat('x', 9*1024*1024))`) // the test server allows 8 MB
+	p.pg.MustExec(t, "app", `INSERT INTO docs VALUES (2, 'small')`)
+	recs := p.records(t, "app-basin", "docs", 1)
+	if recs[0].Body["record"].(map[string]any)["id"] != float64(2) {
+		t.Fatalf("record %.200s", recs[0].Raw)
+	}
+	ctx := context.Background()
+	ps, err := p.js.Stream(ctx, delivery.ParkedStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for ps.CachedInfo().State.Msgs < 1 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		_, _ = ps.Info(ctx)
+	}
+	m, err := ps.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reason := m.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "max_payload") {
+		t.Fatalf("park reason %q", reason)
+	}
+}

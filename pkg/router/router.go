@@ -325,13 +325,16 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg, seq uint64) erro
 
 	var in *fn.Input
 	var inErr error
+	upstream := h.Get(bus.HeaderError) // capture could not publish the change itself
 	for _, i := range idxs {
 		if s.resume.done(pos, sinks, i) {
 			continue
 		}
 		sk := sinks.list[i]
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
-		if sk.Functions.Empty() {
+		if upstream != "" {
+			out, failure = s.splice(body, sk), upstream
+		} else if sk.Functions.Empty() {
 			out = s.splice(body, sk)
 		} else {
 			if in == nil && inErr == nil {
