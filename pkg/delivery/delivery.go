@@ -15,12 +15,14 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/s2sink"
 )
 
@@ -58,6 +60,7 @@ type Delivery struct {
 	failures jetstream.KeyValue
 	leases   *leases
 	tracer   trace.Tracer
+	metrics  *metrics.Delivery
 }
 
 // held is a unit this process owns.
@@ -79,6 +82,15 @@ type Option func(*Delivery)
 // WithLogger sets the logger.
 func WithLogger(l *slog.Logger) Option { return func(d *Delivery) { d.log = l } }
 
+// WithMetrics registers delivery's metrics in r.
+func WithMetrics(r prometheus.Registerer) Option {
+	return func(d *Delivery) {
+		if r != nil {
+			d.metrics = metrics.NewDelivery(r)
+		}
+	}
+}
+
 // WithHealth reports readiness into s.
 func WithHealth(s *health.State) Option { return func(d *Delivery) { d.state = s } }
 
@@ -98,6 +110,9 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 		tracer: otel.Tracer("pgs2/delivery")}
 	for _, o := range opts {
 		o(d)
+	}
+	if d.metrics == nil {
+		d.metrics = metrics.NewDelivery(prometheus.NewRegistry())
 	}
 	for _, sc := range cfg.Sinks {
 		c, err := s2sink.New(s2sink.FromSink(sc))
@@ -193,6 +208,7 @@ func (d *Delivery) balance(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer func() { d.metrics.Units.Set(float64(len(d.held))) }()
 	fair := (len(units) + live - 1) / live
 	for i := len(units) - 1; i >= 0 && len(d.held) > fair; i-- {
 		if _, ok := d.held[units[i]]; ok {

@@ -16,6 +16,8 @@ import (
 	"github.com/pgs2/pgs2/pkg/delivery"
 	"github.com/pgs2/pgs2/pkg/s2local"
 	"github.com/pgs2/pgs2/pkg/s2sink"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 	"go.opentelemetry.io/otel"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -78,6 +80,9 @@ func TestEndToEnd(t *testing.T) {
 	slim := p.records(t, "app-basin", "slim", 1)
 	if slim[0].Raw != `{"action":"insert","id":1}` {
 		t.Errorf("transformed body %s", slim[0].Raw)
+	}
+	if got := testutil.ToFloat64(metricVec(t, p.registry, "pgs2_delivery_records_appended_total", "users-to-s2")); got != 3 {
+		t.Errorf("records_appended_total{sink=users-to-s2} = %v, want 3", got)
 	}
 	routed := p.records(t, "logs-public", "orders", 1)
 	rec := routed[0].Body["record"].(map[string]any)
@@ -470,4 +475,27 @@ func TestChangeOverNATSMaxPayload(t *testing.T) {
 	if reason := m.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "max_payload") {
 		t.Fatalf("park reason %q", reason)
 	}
+}
+
+// metricVec returns the counter of a family for one sink label.
+func metricVec(t *testing.T, r *prometheus.Registry, name, sink string) prometheus.Collector {
+	t.Helper()
+	families, err := r.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "sink" && l.GetValue() == sink {
+					return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "x"}, func() float64 { return m.GetCounter().GetValue() })
+				}
+			}
+		}
+	}
+	t.Fatalf("no %s{sink=%q}", name, sink)
+	return nil
 }

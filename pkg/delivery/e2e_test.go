@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
 	"github.com/pgs2/pgs2/pkg/bus"
@@ -43,6 +44,7 @@ type pipeline struct {
 	// routerProcess: the test runs the router itself (as a process).
 	routerProcess bool
 	stopDelivery  func()
+	registry      *prometheus.Registry
 }
 
 func newPipeline(t *testing.T, schema string, tables []string, basins ...string) *pipeline {
@@ -136,7 +138,9 @@ func (p *pipeline) startPipelineWithoutDelivery(t *testing.T) {
 // stops it (at most once).
 func (p *pipeline) startDelivery(t *testing.T, sinks []config.Sink) func() {
 	t.Helper()
-	d, err := delivery.New(delivery.Config{Sinks: sinks, Discover: 100 * time.Millisecond, Replicas: 1}, p.js, delivery.WithLogger(quiet()))
+	p.registry = prometheus.NewRegistry()
+	d, err := delivery.New(delivery.Config{Sinks: sinks, Discover: 100 * time.Millisecond, Replicas: 1}, p.js,
+		delivery.WithLogger(quiet()), delivery.WithMetrics(p.registry))
 	if err != nil {
 		t.Fatal(err)
 	}

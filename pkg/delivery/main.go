@@ -28,7 +28,7 @@ func Main(ctx context.Context, env service.Env) error {
 		admin.Register(env.Mux)
 	}
 	d, err := New(Config{DeliveryStream: bus.DefaultDeliveryStream, Sinks: env.Config.Sinks, Replicas: env.Config.NATS.Replicas},
-		js, WithLogger(env.Log), WithHealth(env.Health))
+		js, WithLogger(env.Log), WithHealth(env.Health), WithMetrics(env.Metrics))
 	if err != nil {
 		return err
 	}

@@ -300,12 +300,19 @@ func (w *worker) flush(ctx context.Context) error {
 			return err
 		}
 		expected := w.tail
+		start := time.Now()
 		ack, err := w.s.client.AppendFenced(ctx, w.u.Basin, w.u.Stream, w.batch, &expected, &w.token)
 		if err == nil {
 			w.tail = ack.End
+			w.d.metrics.AppendTime.WithLabelValues(w.u.Sink).Observe(time.Since(start).Seconds())
+			w.d.metrics.Batches.WithLabelValues(w.u.Sink).Inc()
+			w.d.metrics.Records.WithLabelValues(w.u.Sink).Add(float64(n))
 			break
 		}
 		e := s2sink.Classify(err)
+		if e != nil {
+			w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
+		}
 		if e != nil && e.Class == s2sink.FencingMismatch {
 			return fmt.Errorf("%w: another process fenced %s", ErrLeaseLost, w.u)
 		}
@@ -397,6 +404,7 @@ func (w *worker) park(ctx context.Context, m jetstream.Msg, seq uint64, group, r
 	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: h, Data: m.Data()}); err != nil {
 		return fmt.Errorf("park message %d of %s: %w", seq, w.u, err)
 	}
+	w.d.metrics.Parked.WithLabelValues(w.u.Sink).Inc()
 	if !w.parked[group] {
 		w.log.Warn("group parked", "group", m.Headers().Get(bus.HeaderGroup), "seq", seq, "reason", reason)
 	}
@@ -568,6 +576,7 @@ func (w *worker) deadLetter(ctx context.Context, h nats.Header, body []byte, rea
 	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: dh, Data: body}); err != nil {
 		return fmt.Errorf("dead-letter a message of %s: %w", w.u, err)
 	}
+	w.d.metrics.DeadLetters.WithLabelValues(w.u.Sink).Inc()
 	return nil
 }
 

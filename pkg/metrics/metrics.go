@@ -61,3 +61,36 @@ func Registry() *prometheus.Registry {
 func Handler(r *prometheus.Registry) http.Handler {
 	return promhttp.HandlerFor(r, promhttp.HandlerOpts{})
 }
+
+// Delivery's metrics.
+type Delivery struct {
+	Records     *prometheus.CounterVec // by sink
+	Batches     *prometheus.CounterVec // by sink
+	Failures    *prometheus.CounterVec // by sink, class
+	Parked      *prometheus.CounterVec // by sink
+	DeadLetters *prometheus.CounterVec // by sink
+	Units       prometheus.Gauge
+	AppendTime  *prometheus.HistogramVec // by sink
+}
+
+// NewDelivery registers delivery's metrics in r.
+func NewDelivery(r prometheus.Registerer) *Delivery {
+	cv := func(name, help string, labels ...string) *prometheus.CounterVec {
+		c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "pgs2", Subsystem: "delivery", Name: name, Help: help}, labels)
+		r.MustRegister(c)
+		return c
+	}
+	m := &Delivery{
+		Records:     cv("records_appended_total", "Records appended to S2.", "sink"),
+		Batches:     cv("appends_total", "Successful S2 appends (batches).", "sink"),
+		Failures:    cv("append_failures_total", "Failed S2 appends, by failure class.", "sink", "class"),
+		Parked:      cv("parked_messages_total", "Messages moved to the park (their group waits).", "sink"),
+		DeadLetters: cv("dead_letters_total", "Messages moved to the dead-letter stream after retry.max_attempts.", "sink"),
+		Units: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "pgs2", Subsystem: "delivery", Name: "units_owned",
+			Help: "S2 streams this process writes to (leased)."}),
+		AppendTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "pgs2", Subsystem: "delivery", Name: "append_seconds",
+			Help: "Duration of successful S2 appends.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)}, []string{"sink"}),
+	}
+	r.MustRegister(m.Units, m.AppendTime)
+	return m
+}
