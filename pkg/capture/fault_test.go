@@ -5,13 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,42 +17,16 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
-
-// captureBinary builds bin/capture once per test binary.
-func captureBinary(t *testing.T) string {
+// startProc runs bin/capture as its own process with config cfgPath.
+func (e *env) startProc(t *testing.T, cfgPath string, _ int) *proctest.Proc {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "pgs2-capture-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "capture")
-		out, err := exec.Command("go", "build", "-o", binPath, "../../services/capture").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
+	return proctest.Start(t, proctest.Build(t, "../../services/capture"), "--config", cfgPath)
 }
 
-// proc is capture running as its own process.
-type proc struct {
-	cmd  *exec.Cmd
-	done chan error
-	log  string
-}
-
+// configFile writes the env's capture config.
 func (e *env) configFile(t *testing.T) string {
 	t.Helper()
 	tables := ""
@@ -79,69 +49,6 @@ nats:
 		t.Fatal(err)
 	}
 	return p
-}
-
-// startProc starts bin/capture and waits until /readyz answers 200.
-func (e *env) startProc(t *testing.T, cfgPath string, n int) *proc {
-	t.Helper()
-	port, err := pgtest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	logPath := filepath.Join(t.TempDir(), fmt.Sprintf("capture-%d.log", n))
-	logf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(captureBinary(t), "--config", cfgPath, "--http-addr", addr)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &proc{cmd: cmd, done: make(chan error, 1), log: logPath}
-	go func() { p.done <- cmd.Wait(); logf.Close() }()
-	t.Cleanup(func() { _ = cmd.Process.Kill() })
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return p
-			}
-		}
-		select {
-		case err := <-p.done:
-			b, _ := os.ReadFile(logPath)
-			t.Fatalf("capture exited before ready: %v\n%s", err, b)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logPath)
-			t.Fatalf("capture not ready after 30s:\n%s", b)
-		}
-	}
-}
-
-func (p *proc) kill(t *testing.T) {
-	t.Helper()
-	_ = p.cmd.Process.Signal(syscall.SIGKILL)
-	<-p.done
-}
-
-func (p *proc) term(t *testing.T) {
-	t.Helper()
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-p.done:
-		if err != nil {
-			b, _ := os.ReadFile(p.log)
-			t.Fatalf("capture exit after SIGTERM: %v (want 0)\n%s", err, b)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("capture did not exit within 30s of SIGTERM")
-	}
 }
 
 const faultSchema = `
@@ -360,14 +267,14 @@ func TestCrashSIGKILL(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := 1; i <= 5; i++ {
 		time.Sleep(time.Duration(300+rng.IntN(900)) * time.Millisecond)
-		p.kill(t)
+		p.Kill()
 		p = e.startProc(t, cfg, i)
 	}
 	time.Sleep(500 * time.Millisecond)
 	cancel()
 	wait()
 	e.verifyExactlyOnce(t)
-	p.term(t)
+	p.Term(t)
 }
 
 // TestPostgresRestart restarts Postgres under a running capture.
@@ -387,8 +294,8 @@ func TestPostgresRestart(t *testing.T) {
 	cancel()
 	wait()
 	e.verifyExactlyOnce(t)
-	p.term(t)
-	p.mustLog(t, "capture session ended; restarting")
+	p.Term(t)
+	p.MustLog(t, "capture session ended; restarting")
 }
 
 // TestNATSRestart restarts the JetStream server under a running capture.
@@ -406,21 +313,8 @@ func TestNATSRestart(t *testing.T) {
 	cancel()
 	wait()
 	e.verifyExactlyOnce(t)
-	p.term(t)
-	p.mustLog(t, "capture session ended; restarting")
-}
-
-// mustLog fails unless the process's log contains s.
-func (p *proc) mustLog(t *testing.T, s string) {
-	t.Helper()
-	b, err := os.ReadFile(p.log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(b), s) {
-		t.Fatalf("capture log lacks %q:\n%s", s, b)
-	}
-	t.Logf("capture log:\n%s", b)
+	p.Term(t)
+	p.MustLog(t, "capture session ended; restarting")
 }
 
 // TestEmbeddedNATS: with nats.embedded the capture process hosts JetStream
@@ -451,7 +345,7 @@ nats: {embedded: true, store_dir: %q, url: %q}
 		p := e.startProc(t, cfg, i)
 		pg.MustExec(t, "app", "INSERT INTO users VALUES ($1)", i)
 		waitEmbedded(t, url, uint64(i))
-		p.term(t)
+		p.Term(t)
 	}
 }
 

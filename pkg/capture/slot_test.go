@@ -3,9 +3,6 @@ package capture_test
 import (
 	"context"
 	"fmt"
-	"os"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -92,8 +89,8 @@ func TestLargeTransaction(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	killedAt := count()
-	rss := p.peakRSS(t)
-	p.kill(t)
+	rss := p.PeakRSS(t)
+	p.Kill()
 	p = e.startProc(t, cfg, 1)
 	for count() < n {
 		if time.Now().After(deadline) {
@@ -102,8 +99,8 @@ func TestLargeTransaction(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	time.Sleep(500 * time.Millisecond)
-	rss = max(rss, p.peakRSS(t))
-	p.term(t)
+	rss = max(rss, p.PeakRSS(t))
+	p.Term(t)
 	if got := count(); got != n {
 		t.Fatalf("stream holds %d changes, want exactly %d", got, n)
 	}
@@ -125,21 +122,4 @@ func TestLargeTransaction(t *testing.T) {
 	if rss > 200<<20 {
 		t.Fatalf("capture peak RSS %d MiB for a 1M-row transaction, want < 200 MiB", rss>>20)
 	}
-}
-
-// peakRSS reads VmHWM of the running process.
-func (p *proc) peakRSS(t *testing.T) uint64 {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
-			return kb << 10
-		}
-	}
-	t.Fatal("no VmHWM")
-	return 0
 }

@@ -2,87 +2,20 @@ package delivery_test
 
 import (
 	"fmt"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pgs2/pgs2/pkg/config"
-	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 	"github.com/pgs2/pgs2/pkg/s2local"
 )
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
-
-// binary builds services/<name> once per test binary.
-func binary(t *testing.T, name string) string {
+// startService runs bin/<name> (router or delivery) with config cfg.
+func startService(t *testing.T, name, cfg string) *proctest.Proc {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "pgs2-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binDir = dir
-		for _, svc := range []string{"delivery", "router"} {
-			if out, err := exec.Command("go", "build", "-o", filepath.Join(dir, svc), "../../services/"+svc).CombinedOutput(); err != nil {
-				buildErr = fmt.Errorf("go build %s: %v\n%s", svc, err, out)
-			}
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(binDir, name)
-}
-
-// startWorker runs a delivery process and waits until it is ready.
-func startWorker(t *testing.T, cfg string, n int) *exec.Cmd {
-	return startService(t, "delivery", cfg, n)
-}
-
-// startService runs bin/<name> and waits until it is ready.
-func startService(t *testing.T, name, cfg string, n int) *exec.Cmd {
-	t.Helper()
-	port, _ := pgtest.FreePort()
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	logPath := filepath.Join(t.TempDir(), fmt.Sprintf("%s-%d.log", name, n))
-	logf, _ := os.Create(logPath)
-	cmd := exec.Command(binary(t, name), "--config", cfg, "--http-addr", addr, "--log-level", "error")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_, _ = cmd.Process.Wait()
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("%s %d log:\n%s", name, n, b)
-		}
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if resp, err := http.Get("http://" + addr + "/readyz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return cmd
-			}
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logPath)
-			t.Fatalf("%s %d not ready:\n%s", name, n, b)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return proctest.Start(t, proctest.Build(t, "../../services/"+name), "--config", cfg, "--log-level", "error")
 }
 
 // TestScaleOutUnderFaults: 200 groups × 200 updates routed over 4 S2
@@ -116,8 +49,8 @@ sinks:
 `, p.pg.DSN("app"), p.ns.URL(), p.s2url)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	rt := startService(t, "router", cfg, 0)
-	workers := []*exec.Cmd{startWorker(t, cfg, 0), startWorker(t, cfg, 1), startWorker(t, cfg, 2)}
+	rt := startService(t, "router", cfg)
+	workers := []*proctest.Proc{startService(t, "delivery", cfg), startService(t, "delivery", cfg), startService(t, "delivery", cfg)}
 	p.pg.MustExec(t, "app", fmt.Sprintf(`INSERT INTO counters SELECT g, 0 FROM generate_series(1, %d) g`, groups))
 	done := make(chan struct{})
 	go func() {
@@ -129,13 +62,11 @@ sinks:
 	}()
 	for k := 1; k <= 2; k++ {
 		time.Sleep(time.Second)
-		_ = rt.Process.Signal(syscall.SIGKILL)
-		_, _ = rt.Process.Wait()
-		rt = startService(t, "router", cfg, k)
+		rt.Kill()
+		rt = startService(t, "router", cfg)
 		time.Sleep(time.Second)
-		_ = workers[0].Process.Signal(syscall.SIGKILL)
-		_, _ = workers[0].Process.Wait()
-		workers[0] = startWorker(t, cfg, 2+k)
+		workers[0].Kill()
+		workers[0] = startService(t, "delivery", cfg)
 	}
 	<-done
 	total, dups := 0, 0

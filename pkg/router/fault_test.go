@@ -3,79 +3,17 @@ package router_test
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
-
-func routerBinary(t *testing.T) string {
+func startRouter(t *testing.T, cfgPath string) *proctest.Proc {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "pgs2-router-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "router")
-		if out, err := exec.Command("go", "build", "-o", binPath, "../../services/router").CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
-}
-
-// startRouter runs bin/router and waits until it is ready.
-func startRouter(t *testing.T, cfgPath string) *exec.Cmd {
-	t.Helper()
-	port, _ := pgtest.FreePort()
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	logf, err := os.CreateTemp(t.TempDir(), "router-*.log")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(routerBinary(t), "--config", cfgPath, "--http-addr", addr)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_, _ = cmd.Process.Wait()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("router log:\n%s", b)
-		}
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if resp, err := http.Get("http://" + addr + "/readyz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return cmd
-			}
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("router not ready:\n%s", b)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return proctest.Start(t, proctest.Build(t, "../../services/router"), "--config", cfgPath)
 }
 
 // TestRouterSIGKILL kills the router process several times while changes
@@ -91,7 +29,7 @@ sinks:
 `, e.ns.URL())), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := startRouter(t, cfg)
+	rt := startRouter(t, cfg)
 	const groups, perGroup = 20, 150
 	ctx, cancel := context.WithCancel(context.Background())
 	produced := make(chan struct{})
@@ -109,9 +47,8 @@ sinks:
 	}()
 	for i := 0; i < 5; i++ {
 		time.Sleep(300 * time.Millisecond)
-		_ = cmd.Process.Signal(syscall.SIGKILL)
-		_, _ = cmd.Process.Wait()
-		cmd = startRouter(t, cfg)
+		rt.Kill()
+		rt = startRouter(t, cfg)
 	}
 	<-produced
 	cancel()
@@ -131,8 +68,5 @@ sinks:
 		}
 		last[k] = v
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("router exit after SIGTERM: %v", err)
-	}
+	rt.Term(t)
 }
