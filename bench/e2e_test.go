@@ -1,0 +1,626 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/s2-streamstore/s2-sdk-go/s2"
+
+	"github.com/pgs2/pgs2/pkg/pgtest"
+)
+
+const e2eBasin = "bench-basin"
+
+// e2eBins are the binaries of the end-to-end benchmark, built once.
+type e2eBins struct {
+	capture, router, delivery, s2local, nats string
+}
+
+// TestBenchEndToEnd measures the whole pipeline, commit → S2 ack, with every
+// component as its own process: PostgreSQL (pgtest), nats-server, s2local,
+// capture, router and delivery (one YAML config). Three measurements:
+// throughput draining a backlog (against pg_recvlogical on the same WAL),
+// commit → S2 latency at a steady offered load, and delivery's drain rate
+// with 1, 2 and 4 delivery processes over 8 streams while s2local adds 20 ms
+// to each append. Sizes scale with PGS2_BENCH_CHANGES (default 300000).
+func TestBenchEndToEnd(t *testing.T) {
+	if os.Getenv("PGS2_BENCH") != "1" {
+		t.Skip("benchmark: set PGS2_BENCH=1 (make bench)")
+	}
+	n := benchChanges(t)
+	root := repoRoot(t)
+	dir := t.TempDir()
+	b := e2eBins{
+		capture: filepath.Join(dir, "capture"), router: filepath.Join(dir, "router"),
+		delivery: filepath.Join(dir, "delivery"), s2local: filepath.Join(dir, "s2local"),
+		nats: filepath.Join(dir, "nats-server"),
+	}
+	goBuild(t, root, b.capture, "./services/capture")
+	goBuild(t, root, b.router, "./services/router")
+	goBuild(t, root, b.delivery, "./services/delivery")
+	goBuild(t, root, b.s2local, "./services/s2local")
+	goBuild(t, root, b.nats, "github.com/nats-io/nats-server/v2")
+	version := gitVersion(root)
+
+	var lines []string
+	add := func(format string, a ...any) { lines = append(lines, fmt.Sprintf(format, a...)) }
+	add("machine: %d CPUs (%s), %s, %s; code: %s", runtime.NumCPU(), cpuModel(), memTotal(), runtime.Version(), version)
+
+	t.Run("throughput", func(t *testing.T) {
+		r := e2eThroughput(t, b, n)
+		ratio := r.pipeline / r.recv
+		add("")
+		add("| throughput (%d changes backlog) | value |", n)
+		add("|---|--:|")
+		add("| pg_recvlogical changes/s | %.0f |", r.recv)
+		add("| pipeline changes/s (services start → all in S2) | %.0f |", r.pipeline)
+		add("| pipeline / pg_recvlogical (target ≥ 0.40) | %.2f |", ratio)
+		add("| start → first record in S2 | %s |", r.first.Round(time.Millisecond))
+		add("| CPU µs/change: capture / router / delivery / nats-server / s2local | %s |", r.cpu)
+		if ratio < 0.40 {
+			add("TARGET MISSED: pipeline/pg_recvlogical = %.2f < 0.40", ratio)
+		}
+	})
+	t.Run("latency", func(t *testing.T) {
+		r := e2eLatency(t, b, n)
+		add("")
+		add("| latency (%.0f changes/s offered for %s, %d changes) | value |", r.offered, r.dur.Round(time.Second), r.n)
+		add("|---|--:|")
+		add("| achieved commit rate, changes/s | %.0f |", r.achieved)
+		add("| p50 commit → observed in S2 | %.1f ms |", r.p50)
+		add("| p99 (target < 50 ms) | %.1f ms |", r.p99)
+		add("| max | %.1f ms |", r.max)
+		if r.p99 >= 50 {
+			add("TARGET MISSED: p99 = %.1f ms >= 50", r.p99)
+		}
+	})
+	t.Run("scaling", func(t *testing.T) {
+		m := n / 3
+		m -= m % (2 * txRows)
+		if m == 0 {
+			m = 2 * txRows
+		}
+		var rates []float64
+		for _, w := range []int{1, 2, 4} {
+			rates = append(rates, e2eScaling(t, b, m, w))
+		}
+		add("")
+		add("| delivery drain, %d changes over 8 streams, 20 ms per append | changes/s | speed-up |", m)
+		add("|---|--:|--:|")
+		for i, w := range []int{1, 2, 4} {
+			add("| %d delivery process(es) | %.0f | %.2f |", w, rates[i], rates[i]/rates[0])
+		}
+	})
+
+	for _, l := range lines {
+		t.Log(l)
+	}
+	fmt.Println("\n=== end-to-end benchmark ===")
+	for _, l := range lines {
+		fmt.Println(l)
+	}
+}
+
+// e2eEnv is one pipeline's infrastructure: PostgreSQL with the workload
+// table, nats-server and s2local as processes, and a config file.
+type e2eEnv struct {
+	w       *workload
+	dir     string
+	ns      *process
+	natsURL string
+	s2      *process
+	s2url   string
+	client  *s2.Client
+	cfg     string
+	procs   map[string]*process
+}
+
+func e2eStart(t *testing.T, b e2eBins, w *workload, slot, sink string, s2args ...string) *e2eEnv {
+	t.Helper()
+	e := &e2eEnv{w: w, dir: t.TempDir(), procs: map[string]*process{}}
+	e.ns, e.natsURL = startNATS(t, b.nats, e.dir)
+	port, err := pgtest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	e.s2url = "http://" + addr
+	e.s2 = startProcess(t, b.s2local, filepath.Join(e.dir, "s2local.log"), append([]string{"--addr", addr, "--log-level", "warn"}, s2args...)...)
+	waitHTTP(t, e.s2url+"/health", filepath.Join(e.dir, "s2local.log"))
+	base := e.s2url + "/v1"
+	e.client = s2.New("bench", &s2.ClientOptions{BaseURL: base, MakeBasinBaseURL: func(string) string { return base },
+		RequestTimeout: 90 * time.Second,
+		HTTPClient:     &http.Client{Timeout: 90 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}})
+	if _, err := e.client.Basins.Create(context.Background(), s2.CreateBasinArgs{Basin: e2eBasin}); err != nil {
+		t.Fatalf("create basin: %v", err)
+	}
+	e.cfg = filepath.Join(e.dir, "pgs2.yaml")
+	cfg := fmt.Sprintf(`source:
+  name: %s
+  dsn: %s
+  slot: %s
+  publication: pgs2
+  tables: [public.items]
+nats:
+  url: %s
+  partitions: 64
+  changes_stream: %s
+sinks:
+  - name: items
+    tables: [public.items]
+    basin: %s
+    endpoint: %s
+    create_stream: true
+%s`, benchSource, w.pg.DSN("app"), slot, e.natsURL, benchStream, e2eBasin, e.s2url, sink)
+	if err := os.WriteFile(e.cfg, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// service starts bin/<name> with the config (label names its log and HTTP port).
+func (e *e2eEnv) service(t *testing.T, bin, label string) *process {
+	t.Helper()
+	port, err := pgtest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startProcess(t, bin, filepath.Join(e.dir, label+".log"), "--config", e.cfg,
+		"--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn")
+	e.procs[label] = p
+	return p
+}
+
+// stopAll SIGTERMs the services in the given order and checks exit 0.
+func (e *e2eEnv) stopAll(t *testing.T, labels ...string) {
+	t.Helper()
+	for _, l := range labels {
+		p := e.procs[l]
+		if p == nil {
+			continue
+		}
+		select {
+		case <-p.done:
+			t.Errorf("%s exited before SIGTERM: %v\n%s", l, p.err, tailFile(filepath.Join(e.dir, l+".log")))
+			continue
+		default:
+		}
+		p.stop()
+		if code := p.state.ExitCode(); code != 0 {
+			t.Errorf("%s exited %d after SIGTERM, want 0\n%s", l, code, tailFile(filepath.Join(e.dir, l+".log")))
+		}
+		delete(e.procs, l)
+	}
+}
+
+func (e *e2eEnv) stopInfra(t *testing.T) {
+	t.Helper()
+	for name, p := range map[string]*process{"s2local": e.s2, "nats-server": e.ns} {
+		p.stop()
+		if code := p.state.ExitCode(); code != 0 {
+			t.Errorf("%s exited %d after SIGTERM, want 0\n%s", name, code, tailFile(filepath.Join(e.dir, name+".log")))
+		}
+	}
+}
+
+// checkAlive fails if a service exited.
+func (e *e2eEnv) checkAlive(t *testing.T) {
+	t.Helper()
+	for l, p := range e.procs {
+		select {
+		case <-p.done:
+			t.Fatalf("%s exited: %v\n%s", l, p.err, tailFile(filepath.Join(e.dir, l+".log")))
+		default:
+		}
+	}
+}
+
+func waitHTTP(t *testing.T, url, logPath string) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not ready\n%s", url, tailFile(logPath))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// s2Counter follows S2 streams and counts data records and fences.
+type s2Counter struct {
+	e       *e2eEnv
+	streams []string
+	next    map[string]uint64
+	data    map[string]int
+	fences  map[string]int
+}
+
+func newS2Counter(e *e2eEnv, streams ...string) *s2Counter {
+	return &s2Counter{e: e, streams: streams, next: map[string]uint64{}, data: map[string]int{}, fences: map[string]int{}}
+}
+
+func isCommand(r s2.SequencedRecord) bool { return len(r.Headers) == 1 && len(r.Headers[0].Name) == 0 }
+
+// tails sums the streams' tails (missing streams count 0).
+func (c *s2Counter) tails(ctx context.Context) (uint64, error) {
+	var sum uint64
+	for _, s := range c.streams {
+		tr, err := c.e.client.Basin(e2eBasin).Stream(s2.StreamName(s)).CheckTail(ctx)
+		if err != nil {
+			var se *s2.S2Error
+			if errors.As(err, &se) && se.Status == http.StatusNotFound {
+				continue
+			}
+			return 0, err
+		}
+		sum += tr.Tail.SeqNum
+	}
+	return sum, nil
+}
+
+// readUpTo reads every stream up to its current tail, counting.
+func (c *s2Counter) readUp(ctx context.Context) error {
+	for _, s := range c.streams {
+		sc := c.e.client.Basin(e2eBasin).Stream(s2.StreamName(s))
+		tr, err := sc.CheckTail(ctx)
+		if err != nil {
+			var se *s2.S2Error
+			if errors.As(err, &se) && se.Status == http.StatusNotFound {
+				continue
+			}
+			return err
+		}
+		for c.next[s] < tr.Tail.SeqNum {
+			start, count := c.next[s], uint64(1000)
+			rb, err := sc.Read(ctx, &s2.ReadOptions{SeqNum: &start, Count: &count})
+			if err != nil {
+				return err
+			}
+			if len(rb.Records) == 0 {
+				break
+			}
+			for _, r := range rb.Records {
+				if isCommand(r) {
+					c.fences[s]++
+				} else {
+					c.data[s]++
+				}
+			}
+			c.next[s] = rb.Records[len(rb.Records)-1].SeqNum + 1
+		}
+	}
+	return nil
+}
+
+func (c *s2Counter) totals() (data, fences int) {
+	for _, s := range c.streams {
+		data += c.data[s]
+		fences += c.fences[s]
+	}
+	return
+}
+
+// waitAll polls the tails every 20 ms until the streams hold n data records;
+// it returns the time of the poll that saw them, and of the first record.
+func (c *s2Counter) waitAll(ctx context.Context, t *testing.T, n int, start time.Time, limit time.Duration) (done, first time.Duration) {
+	t.Helper()
+	fences := 0
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		<-tick.C
+		c.e.checkAlive(t)
+		sum, err := c.tails(ctx)
+		if err != nil {
+			t.Fatalf("check tail: %v", err)
+		}
+		at := time.Since(start)
+		if sum > 0 && first == 0 {
+			first = at
+		}
+		if sum >= uint64(n+fences) {
+			if err := c.readUp(ctx); err != nil {
+				t.Fatalf("read back: %v", err)
+			}
+			d, f := c.totals()
+			if d >= n {
+				return at, first
+			}
+			fences = f
+		}
+		if at > limit {
+			d, f := c.totals()
+			t.Fatalf("after %s the streams hold %d (tails %d, fences %d) of %d records", limit, d, sum, f, n)
+		}
+	}
+}
+
+// check asserts each stream ends with exactly want[stream] data records.
+func (c *s2Counter) check(ctx context.Context, t *testing.T, want map[string]int) {
+	t.Helper()
+	if err := c.readUp(ctx); err != nil {
+		t.Fatalf("read back: %v", err)
+	}
+	for _, s := range c.streams {
+		if c.data[s] != want[s] {
+			t.Errorf("stream %s holds %d data records (+%d fences), want %d", s, c.data[s], c.fences[s], want[s])
+		}
+	}
+}
+
+func procsCPU(ps ...*process) []time.Duration {
+	var out []time.Duration
+	for _, p := range ps {
+		out = append(out, procCPU(p.pid()))
+	}
+	return out
+}
+
+type e2eThroughputResult struct {
+	recv, pipeline float64
+	first          time.Duration
+	cpu            string
+}
+
+func e2eThroughput(t *testing.T, b e2eBins, n int) e2eThroughputResult {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	w := prepareWorkload(ctx, t, n, "recv_e2e", "capture_e2e")
+	recvBin := filepath.Join(w.pg.BinDir, "pg_recvlogical")
+	if _, err := os.Stat(recvBin); err != nil {
+		if recvBin, err = exec.LookPath("pg_recvlogical"); err != nil {
+			t.Fatalf("pg_recvlogical not found")
+		}
+	}
+	rr := runRecvLogical(ctx, t, w, recvBin, "recv_e2e")
+
+	e := e2eStart(t, b, w, "capture_e2e", "    stream: items\n")
+	c := newS2Counter(e, "items")
+	waitQuiet(t)
+	start := time.Now()
+	cp := e.service(t, b.capture, "capture")
+	rt := e.service(t, b.router, "router")
+	dl := e.service(t, b.delivery, "delivery")
+	done, first := c.waitAll(ctx, t, n, start, 20*time.Minute)
+	cpu := procsCPU(cp, rt, dl, e.ns, e.s2)
+	r := e2eThroughputResult{recv: rr.changesPer, pipeline: float64(n) / done.Seconds(), first: first}
+	var parts []string
+	for _, d := range cpu {
+		parts = append(parts, fmt.Sprintf("%.1f", float64(d.Microseconds())/float64(n)))
+	}
+	r.cpu = strings.Join(parts, " / ")
+	time.Sleep(time.Second) // nothing beyond n arrives
+	c.check(ctx, t, map[string]int{"items": n})
+	e.stopAll(t, "delivery", "router", "capture")
+	e.stopInfra(t)
+	t.Logf("throughput: pipeline %d changes in %s (%.0f/s), pg_recvlogical %.0f/s, ratio %.2f; CPU µs/change %s",
+		n, done.Round(time.Millisecond), r.pipeline, r.recv, r.pipeline/r.recv, r.cpu)
+	return r
+}
+
+type e2eLatencyResult struct {
+	offered, achieved float64
+	dur               time.Duration
+	n                 int
+	p50, p99, max     float64
+}
+
+func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	const rate, perTick, tickEvery = 5000, 50, 10 * time.Millisecond
+	dur := time.Duration(float64(20*time.Second) * float64(n) / 300000)
+	if dur < 3*time.Second {
+		dur = 3 * time.Second
+	}
+	w := prepareWorkload(ctx, t, 0, "capture_lat")
+	e := e2eStart(t, b, w, "capture_lat", "    stream: items\n")
+	e.service(t, b.capture, "capture")
+	e.service(t, b.router, "router")
+	e.service(t, b.delivery, "delivery")
+	for _, l := range []string{"capture", "router", "delivery"} {
+		_ = l // readiness: wait for the first change to arrive below
+	}
+	conn, err := pgx.Connect(ctx, w.pg.DSN("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	// Warm-up: one change through the whole pipeline (stream created, sessions open).
+	if _, err := conn.Exec(ctx, `INSERT INTO public.items (id, name, qty, doc, updated_at) VALUES (0, 'warm', 0, '{}', now())`); err != nil {
+		t.Fatal(err)
+	}
+	c := newS2Counter(e, "items")
+	c.waitAll(ctx, t, 1, time.Now(), time.Minute)
+
+	// The reader long-polls from the tail and notes when each record is seen.
+	var mu sync.Mutex
+	var lats []float64
+	type obs struct {
+		commit time.Time
+		ms     float64
+	}
+	var seq []obs // in stream order, for the per-second profile
+	total := int(dur/tickEvery) * perTick
+	readerDone := make(chan error, 1)
+	go func() {
+		sc := e.client.Basin(e2eBasin).Stream("items")
+		next := c.next["items"]
+		seen := 0
+		for seen < total {
+			count, wait := uint64(1000), int32(10)
+			start := next
+			rb, err := sc.Read(ctx, &s2.ReadOptions{SeqNum: &start, Count: &count, Wait: &wait})
+			now := time.Now()
+			if err != nil {
+				readerDone <- err
+				return
+			}
+			for _, r := range rb.Records {
+				next = r.SeqNum + 1
+				if isCommand(r) {
+					continue
+				}
+				var m struct {
+					Metadata struct {
+						CommitTimestamp string `json:"commit_timestamp"`
+					} `json:"metadata"`
+				}
+				if err := json.Unmarshal(r.Body, &m); err != nil {
+					readerDone <- fmt.Errorf("record %d: %v", r.SeqNum, err)
+					return
+				}
+				ct, err := time.Parse(time.RFC3339Nano, m.Metadata.CommitTimestamp)
+				if err != nil {
+					readerDone <- fmt.Errorf("record %d: commit_timestamp %q: %v", r.SeqNum, m.Metadata.CommitTimestamp, err)
+					return
+				}
+				mu.Lock()
+				lats = append(lats, float64(now.Sub(ct).Microseconds())/1000)
+				seq = append(seq, obs{ct, lats[len(lats)-1]})
+				mu.Unlock()
+				seen++
+			}
+		}
+		readerDone <- nil
+	}()
+
+	// Load: perTick single-statement inserts as one transaction every tickEvery,
+	// on an absolute schedule (a late tick is caught up, not dropped).
+	start := time.Now()
+	id := int64(1)
+	for k := 0; k < int(dur/tickEvery); k++ {
+		if d := time.Until(start.Add(time.Duration(k) * tickEvery)); d > 0 {
+			time.Sleep(d)
+		}
+		if _, err := conn.Exec(ctx, `INSERT INTO public.items
+			SELECT g, 'item-' || g, (g % 100)::int, ((g % 100000) / 100.0)::numeric(12,2),
+			       ARRAY['tag-' || (g % 10), 'tag-' || (g % 7)],
+			       jsonb_build_object('id', g, 'color', 'red', 'n', g % 7),
+			       now()
+			FROM generate_series($1::bigint, $2::bigint) g`, id, id+perTick-1); err != nil {
+			t.Fatalf("insert: %v", err)
+		}
+		id += perTick
+	}
+	loadDur := time.Since(start)
+	select {
+	case err := <-readerDone:
+		if err != nil {
+			t.Fatalf("reader: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("reader saw %d of %d records", len(lats), total)
+	}
+	c.check(ctx, t, map[string]int{"items": total + 1})
+	e.stopAll(t, "delivery", "router", "capture")
+	e.stopInfra(t)
+
+	// Worst latency per second of commit time: shows whether slow records
+	// cluster (a stall) or spread (a queue).
+	var prof []string
+	if len(seq) > 0 {
+		t0 := seq[0].commit
+		worst := map[int]float64{}
+		last := 0
+		for _, o := range seq {
+			s := int(o.commit.Sub(t0) / time.Second)
+			worst[s] = max(worst[s], o.ms)
+			last = max(last, s)
+		}
+		for s := 0; s <= last; s++ {
+			prof = append(prof, fmt.Sprintf("%.0f", worst[s]))
+		}
+	}
+	t.Logf("latency: worst ms per second of commit time: %s", strings.Join(prof, " "))
+	sort.Float64s(lats)
+	pct := func(p float64) float64 { return lats[min(len(lats)-1, int(p*float64(len(lats))))] }
+	r := e2eLatencyResult{offered: rate, achieved: float64(total) / loadDur.Seconds(), dur: loadDur, n: total,
+		p50: pct(0.50), p99: pct(0.99), max: lats[len(lats)-1]}
+	t.Logf("latency: %d changes at %.0f/s: p50 %.1f ms, p99 %.1f ms, max %.1f ms", total, r.achieved, r.p50, r.p99, r.max)
+	return r
+}
+
+// e2eScaling drains n changes (already routed into the delivery stream)
+// into 8 S2 streams with the given number of delivery processes while
+// s2local adds 20 ms to every append; it returns changes/s.
+func e2eScaling(t *testing.T, b e2eBins, n, workers int) float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	slot := fmt.Sprintf("capture_scale_%d", workers)
+	w := prepareWorkload(ctx, t, n, slot)
+	e := e2eStart(t, b, w, slot, "    routing: '{\"stream\": \"s-\" + string(record.id % 8)}'\n",
+		"--fault-latency", "20ms", "--fault-appends-only")
+	e.service(t, b.capture, "capture")
+	e.service(t, b.router, "router")
+
+	// Wait for router to have published every change for delivery.
+	nc, err := nats.Connect(e.natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		e.checkAlive(t)
+		if time.Now().After(deadline) {
+			t.Fatalf("delivery stream not filled in 10m")
+		}
+		s, err := js.Stream(ctx, "PGS2_DELIVERY")
+		if err != nil {
+			continue
+		}
+		info, err := s.Info(ctx)
+		if err == nil && info.State.Msgs >= uint64(n) {
+			break
+		}
+	}
+	e.stopAll(t, "router", "capture")
+
+	streams := make([]string, 8)
+	want := map[string]int{}
+	for i := range streams {
+		streams[i] = fmt.Sprintf("s-%d", i)
+	}
+	for id := 1; id <= n/2; id++ {
+		want[fmt.Sprintf("s-%d", id%8)] += 2
+	}
+	c := newS2Counter(e, streams...)
+	waitQuiet(t)
+	start := time.Now()
+	var labels []string
+	for i := 0; i < workers; i++ {
+		l := fmt.Sprintf("delivery-%d", i)
+		e.service(t, b.delivery, l)
+		labels = append(labels, l)
+	}
+	done, _ := c.waitAll(ctx, t, n, start, 15*time.Minute)
+	rate := float64(n) / done.Seconds()
+	time.Sleep(time.Second)
+	c.check(ctx, t, want)
+	_, fences := c.totals()
+	e.stopAll(t, labels...)
+	e.stopInfra(t)
+	t.Logf("scaling: %d delivery process(es): %d changes in %s (%.0f/s), %d fences", workers, n, done.Round(time.Millisecond), rate, fences)
+	return rate
+}
