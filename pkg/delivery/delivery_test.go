@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/ctl"
 	"github.com/pgs2/pgs2/pkg/delivery"
@@ -157,12 +158,7 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for ps.CachedInfo().State.Msgs < 2 && time.Now().Before(deadline) {
-		time.Sleep(50 * time.Millisecond)
-		_, _ = ps.Info(ctx)
-	}
-	if n := ps.CachedInfo().State.Msgs; n != 2 {
+	if n := waitParked(t, ps, 2); n != 2 {
 		t.Fatalf("park holds %d messages, want the oversized insert and the update after it", n)
 	}
 	first, err := ps.GetMsg(ctx, 1)
@@ -178,14 +174,7 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	}
 
 	// The operator sees both, inspects the first, and acknowledges it.
-	admin, err := delivery.NewAdmin(ctx, p.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	admin.Register(mux)
-	api := httptest.NewServer(mux)
-	defer api.Close()
+	api := p.adminAPI(t)
 	var list struct {
 		Messages []struct {
 			ID        string `json:"id"`
@@ -293,14 +282,7 @@ func TestStreamFailuresAreVisible(t *testing.T) {
 	p.pg.MustExec(t, "app", `INSERT INTO users SELECT g FROM generate_series(1, 5) g`)
 	p.records(t, "app-basin", "ok", 5)
 
-	admin, err := delivery.NewAdmin(ctx, p.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	admin.Register(mux)
-	api := httptest.NewServer(mux)
-	defer api.Close()
+	api := p.adminAPI(t)
 	type failedList struct {
 		Messages []struct {
 			ID        string `json:"id"`
@@ -463,11 +445,7 @@ func TestChangeOverNATSMaxPayload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for ps.CachedInfo().State.Msgs < 1 && time.Now().Before(deadline) {
-		time.Sleep(50 * time.Millisecond)
-		_, _ = ps.Info(ctx)
-	}
+	waitParked(t, ps, 1)
 	m, err := ps.GetMsg(ctx, 1)
 	if err != nil {
 		t.Fatal(err)
@@ -498,4 +476,36 @@ func metricVec(t *testing.T, r *prometheus.Registry, name, sink string) promethe
 	}
 	t.Fatalf("no %s{sink=%q}", name, sink)
 	return nil
+}
+
+// adminAPI serves the delivery admin API for the test.
+func (p *pipeline) adminAPI(t *testing.T) *httptest.Server {
+	t.Helper()
+	admin, err := delivery.NewAdmin(context.Background(), p.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	admin.Register(mux)
+	api := httptest.NewServer(mux)
+	t.Cleanup(api.Close)
+	return api
+}
+
+// waitParked waits (up to 10s) until the park holds n messages and returns
+// how many it holds.
+func waitParked(t *testing.T, ps jetstream.Stream, n uint64) uint64 {
+	t.Helper()
+	ctx := context.Background()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, err := ps.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State.Msgs >= n || time.Now().After(deadline) {
+			return info.State.Msgs
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
