@@ -252,68 +252,58 @@ func (e *env) verifyExactlyOnce(t *testing.T) {
 	}
 }
 
-func newFaultEnv(t *testing.T) *env {
+// underLoad runs capture as a process under a workload, disrupts it
+// `times` times (pause() apart; disrupt returns the capture process to go
+// on with), then checks that JetStream holds every committed change exactly
+// once, in commit order, and that capture stops cleanly.
+func underLoad(t *testing.T, times int, pause func() time.Duration, disrupt func(e *env, p *proctest.Proc, cfg string, i int) *proctest.Proc) *proctest.Proc {
+	t.Helper()
 	e := newEnv(t, faultSchema, "public.acct")
-	return e
-}
-
-// TestCrashSIGKILL kills capture several times under a running workload.
-func TestCrashSIGKILL(t *testing.T) {
-	e := newFaultEnv(t)
 	cfg := e.configFile(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	p := e.startProc(t, cfg, 0)
 	wait := workload(ctx, t, e.pg.DSN("app"), 2)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for i := 1; i <= 5; i++ {
-		time.Sleep(time.Duration(300+rng.IntN(900)) * time.Millisecond)
-		p.Kill()
-		p = e.startProc(t, cfg, i)
-	}
-	time.Sleep(500 * time.Millisecond)
-	cancel()
-	wait()
-	e.verifyExactlyOnce(t)
-	p.Term(t)
-}
-
-// TestPostgresRestart restarts Postgres under a running capture.
-func TestPostgresRestart(t *testing.T) {
-	e := newFaultEnv(t)
-	cfg := e.configFile(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	p := e.startProc(t, cfg, 0)
-	wait := workload(ctx, t, e.pg.DSN("app"), 2)
-	for i := 0; i < 2; i++ {
-		time.Sleep(time.Second)
-		if err := e.pg.Restart(context.Background()); err != nil {
-			t.Fatal(err)
-		}
+	for i := 1; i <= times; i++ {
+		time.Sleep(pause())
+		p = disrupt(e, p, cfg, i)
 	}
 	time.Sleep(time.Second)
 	cancel()
 	wait()
 	e.verifyExactlyOnce(t)
 	p.Term(t)
+	return p
+}
+
+// TestCrashSIGKILL kills capture five times under a running workload.
+func TestCrashSIGKILL(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	underLoad(t, 5, func() time.Duration { return time.Duration(300+rng.IntN(900)) * time.Millisecond },
+		func(e *env, p *proctest.Proc, cfg string, i int) *proctest.Proc {
+			p.Kill()
+			return e.startProc(t, cfg, i)
+		})
+}
+
+// TestPostgresRestart restarts Postgres twice under a running capture.
+func TestPostgresRestart(t *testing.T) {
+	p := underLoad(t, 2, func() time.Duration { return time.Second },
+		func(e *env, p *proctest.Proc, _ string, _ int) *proctest.Proc {
+			if err := e.pg.Restart(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			return p
+		})
 	p.MustLog(t, "capture session ended; restarting")
 }
 
-// TestNATSRestart restarts the JetStream server under a running capture.
+// TestNATSRestart restarts the JetStream server twice under a running capture.
 func TestNATSRestart(t *testing.T) {
-	e := newFaultEnv(t)
-	cfg := e.configFile(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	p := e.startProc(t, cfg, 0)
-	wait := workload(ctx, t, e.pg.DSN("app"), 2)
-	for i := 0; i < 2; i++ {
-		time.Sleep(time.Second)
-		e.ns.Restart(t)
-	}
-	time.Sleep(time.Second)
-	cancel()
-	wait()
-	e.verifyExactlyOnce(t)
-	p.Term(t)
+	p := underLoad(t, 2, func() time.Duration { return time.Second },
+		func(e *env, p *proctest.Proc, _ string, _ int) *proctest.Proc {
+			e.ns.Restart(t)
+			return p
+		})
 	p.MustLog(t, "capture session ended; restarting")
 }
 
