@@ -151,6 +151,11 @@ func prepareWorkload(ctx context.Context, t *testing.T, n int, slots ...string) 
 		"checkpoint_timeout": "30min",
 		// No background work competing with the readers on a small machine.
 		"autovacuum": "off",
+		// As in production: a commit is flushed at once. With pgtest's
+		// default (off) the walsender sees a commit only when the WAL writer
+		// flushes it (wal_writer_delay, 200 ms), which the latency benchmark
+		// would otherwise measure. fsync stays off, so commits stay cheap.
+		"synchronous_commit": "on",
 	}))
 	pg.MustExec(t, "postgres", "CREATE DATABASE app")
 	pg.MustExec(t, "app", `CREATE TABLE public.items (
