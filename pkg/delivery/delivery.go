@@ -21,6 +21,7 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/s2sink"
@@ -74,6 +75,9 @@ type held struct {
 type sink struct {
 	cfg    config.Sink
 	client *s2sink.Client
+	// fns re-run the sink's functions on a message the router's functions
+	// failed on, when it is retried (after the functions were fixed).
+	fns *fn.Functions
 }
 
 // Option configures optional dependencies.
@@ -119,7 +123,11 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 		if err != nil {
 			return nil, fmt.Errorf("sink %q: %w", sc.Name, err)
 		}
-		d.sinks[sc.Name] = &sink{cfg: sc, client: c}
+		fns, err := fn.Compile(sc.Name, sc.Filter, sc.Transform, sc.Routing)
+		if err != nil {
+			return nil, err
+		}
+		d.sinks[sc.Name] = &sink{cfg: sc, client: c, fns: fns}
 	}
 	return d, nil
 }

@@ -509,3 +509,36 @@ func waitParked(t *testing.T, ps jetstream.Stream, n uint64) uint64 {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestFixedFunctionDeliversParkedChange: a transform that fails on one row
+// parks that row's group; once the function is fixed (a delivery with the
+// new config), the retried change goes through, in order, and the group
+// flows again.
+func TestFixedFunctionDeliversParkedChange(t *testing.T) {
+	p := newPipeline(t, `CREATE TABLE ratios (id int PRIMARY KEY, d int)`, []string{"public.ratios"}, "app-basin")
+	p.sinks = []config.Sink{{Name: "ratios", Tables: []string{"public.ratios"}, Basin: "app-basin", Stream: "ratios",
+		Transform: `{"id": record.id, "inv": 100 / record.d}`}}
+	p.start(t)
+	p.pg.MustExec(t, "app", `INSERT INTO ratios VALUES (1, 0)`) // division by zero
+	p.pg.MustExec(t, "app", `INSERT INTO ratios VALUES (2, 5)`)
+	p.pg.MustExec(t, "app", `UPDATE ratios SET d = 4 WHERE id = 1`) // joins the park
+	recs := p.records(t, "app-basin", "ratios", 1)
+	if recs[0].Raw != `{"id":2,"inv":20}` {
+		t.Fatalf("record %s", recs[0].Raw)
+	}
+	ps, err := p.js.Stream(context.Background(), delivery.ParkedStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := waitParked(t, ps, 2); n != 2 {
+		t.Fatalf("park holds %d, want the failed insert and the update behind it", n)
+	}
+	fixed := append([]config.Sink(nil), p.sinks...)
+	fixed[0].Transform = `{"id": record.id, "inv": record.d == 0 ? 0 : 100 / record.d}`
+	p.stopDelivery()
+	p.stopDelivery = p.startDelivery(t, fixed)
+	recs = p.records(t, "app-basin", "ratios", 3)
+	if recs[1].Raw != `{"id":1,"inv":0}` || recs[2].Raw != `{"id":1,"inv":25}` {
+		t.Fatalf("records after the fix: %s, %s", recs[1].Raw, recs[2].Raw)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/s2sink"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -512,12 +514,26 @@ func (w *worker) drain(ctx context.Context) error {
 
 // tryHead appends a parked message if it can go now.
 func (w *worker) tryHead(ctx context.Context, head *jetstream.RawStreamMsg) (done bool, e *s2sink.Error, err error) {
-	if head.Header.Get(bus.HeaderError) != "" {
-		return false, nil, nil // the router's functions failed on it: an operator acknowledges it
+	body := head.Data
+	if reason := head.Header.Get(bus.HeaderError); reason != "" {
+		if !strings.HasPrefix(reason, `sink "`) {
+			return false, nil, nil // capture could not carry it: an operator acknowledges it
+		}
+		// The router's functions failed on it: run the sink's functions as
+		// they are now (fixed, one hopes).
+		out, keep, err := w.rerun(body)
+		if err != nil {
+			w.log.Debug("functions still fail on a parked message", "error", err)
+			return false, nil, nil
+		}
+		if !keep {
+			return true, nil, nil // filtered out now: nothing to append
+		}
+		body = out
 	}
 	seq, _ := strconv.ParseUint(head.Header.Get(HeaderDeliverySeq), 10, 64)
 	b := s2sink.NewBatch(1, 0)
-	if err := b.Add(s2sink.Record(head.Header, head.Data, seq)); err != nil {
+	if err := b.Add(s2sink.Record(head.Header, body, seq)); err != nil {
 		return false, nil, nil // too large: stays until acknowledged
 	}
 	if err := w.owned(); err != nil {
@@ -583,4 +599,30 @@ func (w *worker) deadLetter(ctx context.Context, h nats.Header, body []byte, rea
 func notFound(err error) bool {
 	e := s2sink.Classify(err)
 	return e != nil && e.Status == 404
+}
+
+// rerun applies the sink's functions to a parked change. A routing result
+// other than this unit cannot be appended here (one writer per stream):
+// the message stays for an operator.
+func (w *worker) rerun(body []byte) (out []byte, keep bool, err error) {
+	f := w.s.fns
+	in, err := fn.ParseInput(body)
+	if err != nil {
+		return nil, false, err
+	}
+	if keep, err = f.Keep(in); err != nil || !keep {
+		return nil, false, err
+	}
+	basin, stream, err := f.Route(in)
+	if err != nil {
+		return nil, false, err
+	}
+	if (basin != "" && basin != w.u.Basin) || (stream != "" && stream != w.u.Stream) {
+		return nil, false, fmt.Errorf("routes to %s/%s now, not %s/%s", basin, stream, w.u.Basin, w.u.Stream)
+	}
+	if !f.HasTransform() {
+		return body, true, nil
+	}
+	out, err = f.TransformBody(in)
+	return out, err == nil, err
 }
