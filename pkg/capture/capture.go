@@ -186,7 +186,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	}
 	c.pub.Store(pub)
 	c.metrics.Sessions.Inc()
-	s := &session{Capture: c, repl: repl, pub: pub, last: last,
+	s := &session{Capture: c, repl: repl, pub: pub, last: last, maxBody: int(c.js.Conn().MaxPayload()) - 16<<10,
 		dec: pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
 	if s.span != nil { // ended inside a transaction
@@ -219,6 +219,9 @@ type session struct {
 	last     change.Position
 
 	published, skipped int64
+	// maxBody is the largest body the NATS server takes, leaving room for
+	// headers (read once: a session ends when the connection does).
+	maxBody int
 
 	// The current transaction's span; each of its changes carries its
 	// traceparent, so router and delivery continue the trace.
@@ -325,11 +328,11 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		}
 		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
 		body := r.Body
-		if limit := int(s.js.Conn().MaxPayload()) - 16<<10; len(body) > limit {
+		if len(body) > s.maxBody {
 			// Too large for this NATS server: publish a stub in its place,
 			// marked, so delivery parks it visibly (its group waits) instead
 			// of the whole capture stalling on it.
-			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(body), s.js.Conn().MaxPayload())
+			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(body), s.maxBody+16<<10)
 			body = oversizedStub(r, reason)
 			s.pub.SetHeader(bus.HeaderError, reason)
 			defer s.pub.SetHeader(bus.HeaderError, "")
