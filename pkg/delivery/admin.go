@@ -56,6 +56,151 @@ func (a *Admin) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/sinks/{sink}/messages/{id}", a.show)
 	mux.HandleFunc("POST /v1/sinks/{sink}/messages/{id}/retry", a.retry)
 	mux.HandleFunc("POST /v1/sinks/{sink}/messages/{id}/ack", a.ack)
+	mux.HandleFunc("POST /v1/sinks/{sink}/messages/retry", a.retryAll)
+	mux.HandleFunc("GET /v1/sinks/{sink}/audit", a.audit)
+	mux.HandleFunc("GET /v1/status", a.status)
+}
+
+// parkedSubjects returns the parks of a sink ("-" = every sink) with their
+// message counts.
+func (a *Admin) parkedSubjects(ctx context.Context, sink string) (map[string]uint64, error) {
+	ps, err := a.park(ctx)
+	if err != nil {
+		return nil, err
+	}
+	filter := ParkRoot + ".>"
+	if sink != "-" {
+		filter = ParkRoot + "." + bus.EscapeToken(sink) + ".>"
+	}
+	info, err := ps.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil, err
+	}
+	return info.State.Subjects, nil
+}
+
+// retryAll asks every worker with parked groups or a blocked stream of the
+// sink to retry now.
+func (a *Admin) retryAll(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	sink := r.PathValue("sink")
+	subjects, err := a.parkedSubjects(ctx, sink)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	units := map[Unit]bool{}
+	resp := &adminv1.RetryResponse{}
+	for subj, n := range subjects {
+		t := strings.Split(subj, ".")
+		if len(t) == 6 {
+			units[Unit{bus.UnescapeToken(t[2]), bus.UnescapeToken(t[3]), bus.UnescapeToken(t[4])}] = true
+			resp.Groups++
+			resp.Messages += n
+		}
+	}
+	blocked, err := ListBlocked(ctx, a.failures)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	for _, b := range blocked {
+		if sink == "-" || b.Sink == sink {
+			units[Unit{b.Sink, b.Basin, b.Stream}] = true
+			resp.Messages += uint64(b.Records)
+		}
+	}
+	for u := range units {
+		if err := a.js.Conn().Publish(RetrySubject(u), nil); err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+	}
+	writeProto(w, http.StatusAccepted, resp)
+}
+
+// audit lists a sink's acknowledgements, oldest first.
+func (a *Admin) audit(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	st, err := a.js.Stream(ctx, AuditStream)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	filter := "pgs2.audit.>"
+	if sink := r.PathValue("sink"); sink != "-" {
+		filter = "pgs2.audit." + bus.EscapeToken(sink)
+	}
+	limit, _ := strconv.Atoi(r.URL.Query().Get("page_size"))
+	if limit <= 0 || limit > 1000 {
+		limit = 100
+	}
+	seq, _ := strconv.ParseUint(r.URL.Query().Get("page_token"), 10, 64)
+	seq = max(seq, 1)
+	resp := &adminv1.ListAuditRecordsResponse{}
+	for len(resp.Records) < limit {
+		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(filter))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			break
+		}
+		if err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		seq = m.Sequence + 1
+		var rec adminv1.AuditRecord
+		if protojson.Unmarshal(m.Data, &rec) == nil {
+			resp.Records = append(resp.Records, &rec)
+		}
+	}
+	if len(resp.Records) == limit {
+		resp.NextPageToken = strconv.FormatUint(seq, 10)
+	}
+	writeProto(w, http.StatusOK, resp)
+}
+
+// status summarises each sink's failures: parked messages and groups, and
+// the oldest failure of its blocked streams.
+func (a *Admin) status(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	want := r.URL.Query().Get("sink")
+	subjects, err := a.parkedSubjects(ctx, "-")
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	bySink := map[string]*adminv1.SinkStatus{}
+	get := func(name string) *adminv1.SinkStatus {
+		if bySink[name] == nil {
+			bySink[name] = &adminv1.SinkStatus{Sink: name}
+		}
+		return bySink[name]
+	}
+	for subj, n := range subjects {
+		if t := strings.Split(subj, "."); len(t) == 6 {
+			st := get(bus.UnescapeToken(t[2]))
+			st.ParkedGroups++
+			st.ParkedMessages += n
+		}
+	}
+	blocked, err := ListBlocked(ctx, a.failures)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	for _, b := range blocked {
+		st := get(b.Sink)
+		if st.OldestFailureTime == nil || b.FirstFailure.Before(st.OldestFailureTime.AsTime()) {
+			st.OldestFailureTime = timestamppb.New(b.FirstFailure)
+		}
+	}
+	resp := &adminv1.GetStatusResponse{}
+	for name, st := range bySink {
+		if want == "" || want == name {
+			resp.Sinks = append(resp.Sinks, st)
+		}
+	}
+	writeProto(w, http.StatusOK, resp)
 }
 
 func writeProto(w http.ResponseWriter, status int, m proto.Message) {

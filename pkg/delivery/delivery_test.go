@@ -198,6 +198,23 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	if len(shown.Payload) < 2<<20 {
 		t.Errorf("shown payload has %d bytes (base64), want the whole 2 MiB row", len(shown.Payload))
 	}
+	var status struct {
+		Sinks []struct {
+			Sink           string `json:"sink"`
+			ParkedMessages string `json:"parked_messages"`
+			ParkedGroups   string `json:"parked_groups"`
+		} `json:"sinks"`
+	}
+	getJSON(t, api.URL+"/v1/status", &status)
+	if len(status.Sinks) != 1 || status.Sinks[0].Sink != "docs" || status.Sinks[0].ParkedMessages != "2" || status.Sinks[0].ParkedGroups != "1" {
+		t.Errorf("status %+v", status)
+	}
+	if resp, err := http.Post(api.URL+"/v1/sinks/docs/messages/retry", "application/json", nil); err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Errorf("retry all: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+
 	// The same through pgs2ctl, then the acknowledgement.
 	addr := strings.TrimPrefix(api.URL, "http://")
 	var out, errOut strings.Builder
@@ -227,9 +244,19 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	if b := recs[3].Body["record"].(map[string]any)["body"]; b != "later" {
 		t.Errorf("record 3 body %v, want the later update", b)
 	}
-	audit, err := p.js.Stream(ctx, delivery.AuditStream)
-	if err != nil || audit.CachedInfo().State.Msgs != 1 {
-		t.Errorf("audit stream: %v", err)
+	var audit struct {
+		Records []struct {
+			Operator string `json:"operator"`
+			Reason   string `json:"reason"`
+			Message  struct {
+				Group string `json:"group"`
+			} `json:"message"`
+		} `json:"records"`
+	}
+	getJSON(t, api.URL+"/v1/sinks/docs/audit", &audit)
+	if len(audit.Records) != 1 || audit.Records[0].Operator != "ada" || !strings.Contains(audit.Records[0].Reason, "too large") ||
+		audit.Records[0].Message.Group != `["1"]` {
+		t.Errorf("audit records %+v", audit)
 	}
 }
 
