@@ -92,9 +92,8 @@ func (a *Admin) retryAll(w http.ResponseWriter, r *http.Request) {
 	units := map[Unit]bool{}
 	resp := &adminv1.RetryResponse{}
 	for subj, n := range subjects {
-		t := strings.Split(subj, ".")
-		if len(t) == 6 {
-			units[Unit{bus.UnescapeToken(t[2]), bus.UnescapeToken(t[3]), bus.UnescapeToken(t[4])}] = true
+		if u, _, ok := parseParkSubject(subj); ok {
+			units[u] = true
 			resp.Groups++
 			resp.Messages += n
 		}
@@ -177,8 +176,8 @@ func (a *Admin) status(w http.ResponseWriter, r *http.Request) {
 		return bySink[name]
 	}
 	for subj, n := range subjects {
-		if t := strings.Split(subj, "."); len(t) == 6 {
-			st := get(bus.UnescapeToken(t[2]))
+		if u, _, ok := parseParkSubject(subj); ok {
+			st := get(u.Sink)
 			st.ParkedGroups++
 			st.ParkedMessages += n
 		}
@@ -222,15 +221,15 @@ func writeErr(w http.ResponseWriter, status int, msg string) {
 
 // failed turns a parked message into the API's view.
 func failed(m *jetstream.RawStreamMsg, withPayload bool) (*adminv1.FailedMessage, error) {
-	t := strings.Split(m.Subject, ".")
-	if len(t) != 6 {
+	u, _, ok := parseParkSubject(m.Subject)
+	if !ok {
 		return nil, fmt.Errorf("%q is not a park subject", m.Subject)
 	}
 	h := m.Header
 	dseq, _ := strconv.ParseUint(h.Get(HeaderDeliverySeq), 10, 64)
 	status, _ := strconv.Atoi(h.Get(HeaderS2Status))
 	f := &adminv1.FailedMessage{
-		Id: strconv.FormatUint(m.Sequence, 10), Sink: bus.UnescapeToken(t[2]), Basin: bus.UnescapeToken(t[3]), Stream: bus.UnescapeToken(t[4]),
+		Id: strconv.FormatUint(m.Sequence, 10), Sink: u.Sink, Basin: u.Basin, Stream: u.Stream,
 		Table: h.Get(bus.HeaderTable), Group: h.Get(bus.HeaderGroup), Subject: h.Get(HeaderSubject), StreamSequence: dseq,
 		IdempotencyKey: h.Get(bus.HeaderKey),
 		LastError:      &adminv1.DeliveryError{HttpStatus: int32(status), Code: h.Get(HeaderS2Code), Message: h.Get(HeaderParkReason)},

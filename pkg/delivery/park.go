@@ -3,6 +3,7 @@ package delivery
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -41,6 +42,15 @@ func DeadSubject(u Unit) string {
 // ParkSubject is the park of one group of a unit.
 func ParkSubject(u Unit, group string) string {
 	return ParkRoot + "." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream) + "." + group
+}
+
+// parseParkSubject splits a park subject into its unit and group hash.
+func parseParkSubject(subject string) (u Unit, group string, ok bool) {
+	t := strings.Split(subject, ".")
+	if len(t) != 6 || t[0]+"."+t[1] != ParkRoot {
+		return Unit{}, "", false
+	}
+	return Unit{bus.UnescapeToken(t[2]), bus.UnescapeToken(t[3]), bus.UnescapeToken(t[4])}, t[5], true
 }
 
 // ParkFilter matches every park of a unit.

@@ -430,8 +430,8 @@ func (w *worker) loadParks(ctx context.Context) error {
 		return fmt.Errorf("list parked groups of %s: %w", w.u, err)
 	}
 	for subj, n := range info.State.Subjects {
-		if n > 0 {
-			w.parked[subj[len(filter)-1:]] = true
+		if _, group, ok := parseParkSubject(subj); ok && n > 0 {
+			w.parked[group] = true
 		}
 	}
 	if len(w.parked) == 0 {

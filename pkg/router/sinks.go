@@ -1,6 +1,7 @@
 package router
 
 import (
+	"errors"
 	"fmt"
 	"regexp"
 
@@ -46,20 +47,9 @@ func CompileSinks(cfg []config.Sink) (*Sinks, error) {
 		}
 	}
 	if len(errs) > 0 {
-		return nil, fmt.Errorf("%d sink function(s) do not compile: %w", len(errs), joinErrs(errs))
+		return nil, fmt.Errorf("%d sink function(s) do not compile: %w", len(errs), errors.Join(errs...))
 	}
 	return s, nil
-}
-
-func joinErrs(errs []error) error {
-	if len(errs) == 1 {
-		return errs[0]
-	}
-	msg := ""
-	for _, e := range errs {
-		msg += "\n" + e.Error()
-	}
-	return fmt.Errorf("%s", msg)
 }
 
 var basinRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{6,46}[a-z0-9]$`)
