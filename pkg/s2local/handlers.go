@@ -74,16 +74,8 @@ func (s *Server) provisionBasin(w http.ResponseWriter, r *http.Request, name str
 		return
 	}
 	if !ensure {
-		if isNull(m["basin"]) {
-			writeError(w, errorf(codeBadJSON, "missing field `basin`"))
-			return
-		}
-		if e := decodeField(m["basin"], &name, "basin"); e != nil {
+		if name, e = nameField(m, "basin", validBasinName); e != nil {
 			writeError(w, e)
-			return
-		}
-		if err := validBasinName(name); err != nil {
-			writeError(w, errorf(codeBadJSON, "basin: %v", err))
 			return
 		}
 	}
@@ -177,17 +169,9 @@ func (s *Server) createStream(w http.ResponseWriter, r *http.Request, basin stri
 		writeError(w, e)
 		return
 	}
-	var name string
-	if isNull(m["stream"]) {
-		writeError(w, errorf(codeBadJSON, "missing field `stream`"))
-		return
-	}
-	if e := decodeField(m["stream"], &name, "stream"); e != nil {
+	name, e := nameField(m, "stream", validStreamName)
+	if e != nil {
 		writeError(w, e)
-		return
-	}
-	if err := validStreamName(name); err != nil {
-		writeError(w, errorf(codeBadJSON, "stream: %v", err))
 		return
 	}
 	s.provisionStream(w, r, basin, name, m["config"], modeCreate)
@@ -311,4 +295,19 @@ func (s *Server) checkTail(w http.ResponseWriter, r *http.Request, basin, name s
 		}
 	}
 	writeError(w, e)
+}
+
+// nameField reads a required name field of a JSON request and checks it.
+func nameField(m map[string]json.RawMessage, field string, valid func(string) error) (string, *apiError) {
+	if isNull(m[field]) {
+		return "", errorf(codeBadJSON, "missing field `%s`", field)
+	}
+	var name string
+	if e := decodeField(m[field], &name, field); e != nil {
+		return "", e
+	}
+	if err := valid(name); err != nil {
+		return "", errorf(codeBadJSON, "%s: %v", field, err)
+	}
+	return name, nil
 }

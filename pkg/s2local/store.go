@@ -281,17 +281,7 @@ func (b *basin) info() basinInfo {
 
 func (st *store) listBasins(prefix, startAfter string, limit int) ([]basinInfo, bool) {
 	st.mu.RLock()
-	var names []string
-	for n := range st.basins {
-		if strings.HasPrefix(n, prefix) && n > startAfter {
-			names = append(names, n)
-		}
-	}
-	sort.Strings(names)
-	more := len(names) > limit
-	if more {
-		names = names[:limit]
-	}
+	names, more := page(st.basins, prefix, startAfter, limit)
 	out := make([]basinInfo, 0, len(names))
 	for _, n := range names {
 		b := st.basins[n]
@@ -448,17 +438,7 @@ func (s *stream) info() streamInfo { return streamInfo{Name: s.name, CreatedAt: 
 func (b *basin) listStreams(prefix, startAfter string, limit int) ([]streamInfo, bool) {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
-	var names []string
-	for n := range b.streams {
-		if strings.HasPrefix(n, prefix) && n > startAfter {
-			names = append(names, n)
-		}
-	}
-	sort.Strings(names)
-	more := len(names) > limit
-	if more {
-		names = names[:limit]
-	}
+	names, more := page(b.streams, prefix, startAfter, limit)
 	out := make([]streamInfo, 0, len(names))
 	for _, n := range names {
 		out = append(out, b.streams[n].info())
@@ -613,4 +593,20 @@ func (st *store) deleteStream(b *basin, name string) *apiError {
 	}
 	delete(b.streams, name)
 	return nil
+}
+
+// page returns, in order, up to limit names of m that start with prefix and
+// sort after startAfter, and whether more follow.
+func page[V any](m map[string]V, prefix, startAfter string, limit int) ([]string, bool) {
+	var names []string
+	for n := range m {
+		if strings.HasPrefix(n, prefix) && n > startAfter {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	if len(names) > limit {
+		return names[:limit], true
+	}
+	return names, false
 }
