@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -21,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
+	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 )
 
@@ -72,6 +75,7 @@ func TestBenchEndToEnd(t *testing.T) {
 		add("| pipeline / pg_recvlogical (target ≥ 0.40) | %.2f |", ratio)
 		add("| start → first record in S2 | %s |", r.first.Round(time.Millisecond))
 		add("| CPU µs/change: capture / router / delivery / nats-server / s2local | %s |", r.cpu)
+		add("| changes per delivery message | %.1f |", r.perMsg)
 		if ratio < 0.40 {
 			add("TARGET MISSED: pipeline/pg_recvlogical = %.2f < 0.40", ratio)
 		}
@@ -128,12 +132,44 @@ type e2eEnv struct {
 	client  *s2.Client
 	cfg     string
 	procs   map[string]*process
+	// natsProfile is nats-server's CPU profile URL, with PGS2_BENCH_PROFILE.
+	natsProfile string
+}
+
+// profileNATS saves a 10 s CPU profile of nats-server to
+// $PGS2_BENCH_PROFILE/<name>.nats.cpu.pprof, in the background.
+func (e *e2eEnv) profileNATS(t *testing.T, name string) {
+	if e.natsProfile == "" {
+		return
+	}
+	go func() {
+		resp, err := http.Get(e.natsProfile)
+		if err != nil {
+			t.Logf("nats-server profile: %v", err)
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		path := filepath.Join(os.Getenv("PGS2_BENCH_PROFILE"), name+".nats.cpu.pprof")
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			t.Logf("nats-server profile: %v", err)
+		}
+	}()
 }
 
 func e2eStart(t *testing.T, b e2eBins, w *workload, slot, sink string, s2args ...string) *e2eEnv {
 	t.Helper()
 	e := &e2eEnv{w: w, dir: t.TempDir(), procs: map[string]*process{}}
-	e.ns, e.natsURL = startNATS(t, b.nats, e.dir)
+	var extra []string
+	if os.Getenv("PGS2_BENCH_PROFILE") != "" {
+		pp, err := pgtest.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.natsProfile = fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/profile?seconds=10", pp)
+		extra = append(extra, "--profile", strconv.Itoa(pp))
+	}
+	e.ns, e.natsURL = startNATS(t, b.nats, e.dir, extra...)
 	port, err := pgtest.FreePort()
 	if err != nil {
 		t.Fatal(err)
@@ -380,6 +416,7 @@ type e2eThroughputResult struct {
 	recv, pipeline float64
 	first          time.Duration
 	cpu            string
+	perMsg         float64 // changes per delivery message
 }
 
 func e2eThroughput(t *testing.T, b e2eBins, n int) e2eThroughputResult {
@@ -401,6 +438,7 @@ func e2eThroughput(t *testing.T, b e2eBins, n int) e2eThroughputResult {
 	cp := e.service(t, b.capture, "capture")
 	rt := e.service(t, b.router, "router")
 	dl := e.service(t, b.delivery, "delivery")
+	e.profileNATS(t, "throughput")
 	done, first := c.waitAll(ctx, t, n, start, 20*time.Minute)
 	cpu := procsCPU(cp, rt, dl, e.ns, e.s2)
 	r := e2eThroughputResult{recv: rr.changesPer, pipeline: float64(n) / done.Seconds(), first: first}
@@ -411,11 +449,28 @@ func e2eThroughput(t *testing.T, b e2eBins, n int) e2eThroughputResult {
 	r.cpu = strings.Join(parts, " / ")
 	time.Sleep(time.Second) // nothing beyond n arrives
 	c.check(ctx, t, map[string]int{"items": n})
+	r.perMsg = changesPerDeliveryMessage(ctx, t, e.natsURL, n)
 	e.stopAll(t, "delivery", "router", "capture")
 	e.stopInfra(t)
-	t.Logf("throughput: pipeline %d changes in %s (%.0f/s), pg_recvlogical %.0f/s, ratio %.2f; CPU µs/change %s",
-		n, done.Round(time.Millisecond), r.pipeline, r.recv, r.pipeline/r.recv, r.cpu)
+	t.Logf("throughput: pipeline %d changes in %s (%.0f/s), pg_recvlogical %.0f/s, ratio %.2f; CPU µs/change %s; %.1f changes per delivery message",
+		n, done.Round(time.Millisecond), r.pipeline, r.recv, r.pipeline/r.recv, r.cpu, r.perMsg)
 	return r
+}
+
+// changesPerDeliveryMessage is the router's average batch: n changes over
+// the delivery stream's messages.
+func changesPerDeliveryMessage(ctx context.Context, t *testing.T, natsURL string, n int) float64 {
+	nc, err := nats.Connect(natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	s, err := js.Stream(ctx, "PGS2_DELIVERY")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return float64(n) / float64(s.CachedInfo().State.Msgs)
 }
 
 type e2eLatencyResult struct {
@@ -586,12 +641,19 @@ func e2eScaling(t *testing.T, b e2eBins, n, workers int) float64 {
 		if time.Now().After(deadline) {
 			t.Fatalf("delivery stream not filled in 10m")
 		}
+		// Every change is routed when the last delivery message ends a
+		// round whose last input is the changes stream's last message.
 		s, err := js.Stream(ctx, "PGS2_DELIVERY")
 		if err != nil {
 			continue
 		}
-		info, err := s.Info(ctx)
-		if err == nil && info.State.Msgs >= uint64(n) {
+		m, err := s.GetLastMsgForSubject(ctx, ">")
+		if err != nil {
+			continue
+		}
+		ri, rn, _ := strings.Cut(m.Header.Get(bus.HeaderRound), "/")
+		end, _ := strconv.ParseUint(m.Header.Get(bus.HeaderInputEnd), 10, 64)
+		if cs, err := js.Stream(ctx, "PGS2_CHANGES"); err == nil && ri == rn && end > 0 && end == cs.CachedInfo().State.LastSeq {
 			break
 		}
 	}

@@ -12,17 +12,28 @@ import (
 // DefaultDeliveryStream is the stream between router and delivery.
 const DefaultDeliveryStream = "PGS2_DELIVERY"
 
-// Headers the router adds for delivery (S2 record headers and timestamp
-// come from them, since a transform may replace the body).
+// Headers of a single change outside a batch: a parked or dead-lettered
+// change carries its entry's fields as these (S2 record headers and
+// timestamp come from them, since a transform may replace the body).
 const (
 	HeaderKey      = "Pgs2-Key"       // the change's idempotency key
 	HeaderAction   = "Pgs2-Action"    // insert, update, delete, read
 	HeaderTable    = "Pgs2-Table"     // schema.table
 	HeaderCommitMs = "Pgs2-Commit-Ms" // commit time, ms since the Unix epoch
-	HeaderInputSeq = "Pgs2-Input-Seq" // the change's sequence in the changes stream
-	// HeaderError marks a message the router could not route or transform:
-	// delivery parks it, with its group, instead of appending it.
+	// HeaderError marks a change that cannot go on as it is: on
+	// PGS2_CHANGES one capture could not carry (too large), on a parked
+	// change one the router could not route or transform.
 	HeaderError = "Pgs2-Error"
+)
+
+// Headers of a delivery message: the router publishes in rounds — the
+// changes-stream messages [Input-Seq, Input-End] it read in one go, routed
+// into one batch per delivery subject — and numbers each round's messages,
+// so that after a crash it knows whether its last round is complete.
+const (
+	HeaderInputSeq = "Pgs2-Input-Seq" // the round's first changes-stream sequence
+	HeaderInputEnd = "Pgs2-Input-End" // the round's last changes-stream sequence
+	HeaderRound    = "Pgs2-Round"     // "<i>/<n>": this message is the round's i-th of n
 )
 
 // DeliverySubject is `pgs2.deliver.<sink>.<basin>.<stream>.<partition>`.

@@ -114,8 +114,10 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 	return p, nil
 }
 
-// Publish sends one change; traceparent ("" for none) continues the trace of
-// its transaction. It blocks only while the window is full.
+// Publish sends one message (capture: a change; router: a batch of routed
+// changes) with Nats-Msg-Id key; group (nil for none) goes in the
+// Pgs2-Group header, traceparent ("" for none) continues the trace of its
+// transaction. It blocks only while the window is full.
 func (p *Publisher) Publish(ctx context.Context, subject, key string, group []byte, body []byte, traceparent string) error {
 	select {
 	case p.slots <- struct{}{}:
@@ -126,7 +128,12 @@ func (p *Publisher) Publish(ctx context.Context, subject, key string, group []by
 	}
 	seq := p.published.Load() + 1
 	p.idVal[0] = key
-	p.grpVal[0] = string(group)
+	if group != nil {
+		p.grpVal[0] = string(group)
+		p.msg.Header[HeaderGroup] = p.grpVal
+	} else {
+		delete(p.msg.Header, HeaderGroup)
+	}
 	if p.lastKey != "" {
 		p.expVal[0] = p.lastKey
 		p.msg.Header[HeaderExpectedLastID] = p.expVal

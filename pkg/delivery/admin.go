@@ -226,7 +226,8 @@ func failed(m *jetstream.RawStreamMsg, withPayload bool) (*adminv1.FailedMessage
 		return nil, fmt.Errorf("%q is not a park subject", m.Subject)
 	}
 	h := m.Header
-	dseq, _ := strconv.ParseUint(h.Get(HeaderDeliverySeq), 10, 64)
+	dpos, _ := bus.ParseDeliveryPos(h.Get(HeaderDeliverySeq))
+	dseq := dpos.Seq
 	status, _ := strconv.Atoi(h.Get(HeaderS2Status))
 	f := &adminv1.FailedMessage{
 		Id: strconv.FormatUint(m.Sequence, 10), Sink: u.Sink, Basin: u.Basin, Stream: u.Stream,

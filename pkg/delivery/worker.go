@@ -32,16 +32,20 @@ type worker struct {
 
 	tail   uint64          // the S2 stream's next seq_num, as this writer knows it
 	parked map[string]bool // group hashes with parked messages
-	// parkedThrough is the last delivery sequence already parked: on a
-	// re-read, parked groups' messages up to it are in the park already.
-	parkedThrough uint64
-	batch         *s2sink.Batch
-	seqs          []uint64 // delivery sequences of the batch's records
-	traces        []string // their traceparents, when tracing is on
-	retries       map[string]*retryState
-	retryNow      chan struct{}
-	validUntil    atomic.Int64 // the lease, in Unix nanoseconds, minus a margin
-	token         string       // this process's fencing token
+	// parkedThrough is the last delivery position already parked: on a
+	// re-read, parked groups' changes up to it are in the park already.
+	parkedThrough bus.DeliveryPos
+	// done is the last delivery position S2 holds: on a re-read, changes
+	// up to it are skipped.
+	done       bus.DeliveryPos
+	batch      *s2sink.Batch
+	seqs       []bus.DeliveryPos // delivery positions of the batch's records
+	entry      bus.Entry
+	traces     []string // their traceparents, when tracing is on
+	retries    map[string]*retryState
+	retryNow   chan struct{}
+	validUntil atomic.Int64 // the lease, in Unix nanoseconds, minus a margin
+	token      string       // this process's fencing token
 }
 
 // extend moves the lease's end.
@@ -125,21 +129,21 @@ func (w *worker) session(ctx context.Context) error {
 	if _, err := c.Fence(ctx, w.u.Basin, w.u.Stream, w.token); err != nil && !notFound(err) {
 		return err
 	}
-	seq, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
+	pos, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
 	if notFound(err) {
-		seq, tail, found, err = 0, 0, false, nil
+		pos, tail, found, err = bus.DeliveryPos{}, 0, false, nil
 	}
 	if err != nil {
 		return err
 	}
 	w.clearFailure(ctx) // S2 answers again (a failure recorded by an earlier worker goes too)
-	w.tail = tail
+	w.tail, w.done = tail, pos
 	if err := w.loadParks(ctx); err != nil {
 		return err
 	}
 	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(w.u.Sink, w.u.Basin, w.u.Stream)}}
-	if found {
-		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, seq+1
+	if found { // from the message of the last change S2 holds: its later changes may be missing
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, pos.Seq
 	}
 	cons, err := w.d.js.OrderedConsumer(ctx, w.d.cfg.DeliveryStream, occ)
 	if err != nil {
@@ -167,7 +171,7 @@ func (w *worker) session(ctx context.Context) error {
 			}
 		}
 	}()
-	w.log.Debug("delivering", "from_seq", seq+1, "s2_tail", tail)
+	w.log.Debug("delivering", "after", pos, "s2_tail", tail)
 
 	linger := w.s.cfg.Batch.Linger.D()
 	drainTick := time.NewTicker(100 * time.Millisecond)
@@ -232,42 +236,70 @@ func (w *worker) session(ctx context.Context) error {
 	}
 }
 
-// add puts a message into the batch, or parks it. full reports that the
-// batch must be flushed (the message is then in the next batch).
+// add puts a delivery message's changes into the batch, or parks them.
+// full reports that the batch must be flushed.
 func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error) {
 	md, err := m.Metadata()
 	if err != nil {
 		return false, err
 	}
 	seq := md.Sequence.Stream
-	h := m.Headers()
-	group := groupHash(h.Get(bus.HeaderGroup))
-	if w.parked[group] {
-		if seq <= w.parkedThrough {
-			return false, nil // parked before a restart
+	r := bus.NewBatchReader(m.Data())
+	e := &w.entry
+	for idx := 0; r.Next(e); idx++ {
+		pos := bus.DeliveryPos{Seq: seq, Idx: idx}
+		if !w.done.Less(pos) {
+			continue // in S2 already
 		}
-		return false, w.park(ctx, m, seq, group, "an earlier change of this group is parked", nil)
-	}
-	if reason := h.Get(bus.HeaderError); reason != "" {
-		return false, w.park(ctx, m, seq, group, reason, nil)
-	}
-	rec := s2sink.Record(h, m.Data(), seq)
-	switch err := w.batch.Add(rec); {
-	case errors.Is(err, s2sink.ErrRecordTooLarge):
-		return false, w.park(ctx, m, seq, group, err.Error(), nil)
-	case errors.Is(err, s2sink.ErrBatchFull):
-		if err := w.flush(ctx); err != nil {
+		if err := w.addEntry(ctx, m.Subject(), pos, e); err != nil {
 			return false, err
 		}
-		return w.add(ctx, m)
-	case err != nil:
-		return false, err
 	}
-	w.seqs = append(w.seqs, seq)
-	if telemetry.Enabled() {
-		w.traces = append(w.traces, h.Get(bus.HeaderTraceParent))
+	if err := r.Err(); err != nil {
+		// Not a batch this build reads: park it whole, visible, rather than
+		// stall the stream or drop it.
+		*e = bus.Entry{CommitMs: -1, Body: m.Data()}
+		pos := bus.DeliveryPos{Seq: seq, Idx: 1 << 30}
+		if w.done.Less(pos) {
+			return false, w.park(ctx, m.Subject(), pos, e, groupHash(""), fmt.Sprintf("delivery message %d: %v", seq, err), nil)
+		}
 	}
 	return w.batch.Len() >= w.s.cfg.Batch.MaxRecords, nil
+}
+
+// addEntry puts one change into the batch (flushing it when full), or
+// parks it.
+func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryPos, e *bus.Entry) error {
+	group := groupHash(string(e.Group))
+	if w.parked[group] {
+		if !w.parkedThrough.Less(pos) {
+			return nil // parked before a restart
+		}
+		return w.park(ctx, subject, pos, e, group, "an earlier change of this group is parked", nil)
+	}
+	if len(e.Error) > 0 {
+		return w.park(ctx, subject, pos, e, group, string(e.Error), nil)
+	}
+	rec := s2sink.Record(e, e.Body, pos)
+	switch err := w.batch.Add(rec); {
+	case errors.Is(err, s2sink.ErrRecordTooLarge):
+		return w.park(ctx, subject, pos, e, group, err.Error(), nil)
+	case errors.Is(err, s2sink.ErrBatchFull):
+		if err := w.flush(ctx); err != nil {
+			return err
+		}
+		return w.addEntry(ctx, subject, pos, e)
+	case err != nil:
+		return err
+	}
+	w.seqs = append(w.seqs, pos)
+	if telemetry.Enabled() {
+		w.traces = append(w.traces, string(e.TraceParent))
+	}
+	if w.batch.Len() >= w.s.cfg.Batch.MaxRecords {
+		return w.flush(ctx)
+	}
+	return nil
 }
 
 // flush appends the batch, retrying with back-off until S2 takes it.
@@ -339,7 +371,7 @@ func (w *worker) flush(ctx context.Context) error {
 		}
 		delay := w.backoff(attempt, e)
 		w.log.Warn("append failed; retrying", "error", err, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
-		w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, HeadSeq: w.seqs[0], Records: int(n),
+		w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, HeadSeq: w.seqs[0].Seq, Records: int(n),
 			Attempts: attempt, FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(delay)}, err)
 		select {
 		case <-ctx.Done():
@@ -380,46 +412,72 @@ func groupHash(group string) string {
 	return strconv.Itoa(bus.Partition([]byte(group), 1<<30))
 }
 
-// park moves a message to the unit's park. Records of other groups in the
+// park moves a change to the unit's park. Records of other groups in the
 // current batch are appended first, so the park never runs ahead of S2
 // (progress on restart is the S2 stream's, plus what the park holds).
-func (w *worker) park(ctx context.Context, m jetstream.Msg, seq uint64, group, reason string, e *s2sink.Error) error {
+func (w *worker) park(ctx context.Context, subject string, pos bus.DeliveryPos, e *bus.Entry, group, reason string, s2err *s2sink.Error) error {
 	if err := w.flush(ctx); err != nil {
 		return err
 	}
-	h := nats.Header{}
-	for k, v := range m.Headers() {
-		if k != bus.HeaderExpectedLastID && k != bus.HeaderMsgID {
-			h[k] = v
-		}
-	}
-	h.Set(bus.HeaderMsgID, "park:"+strconv.FormatUint(seq, 10))
-	h.Set(HeaderDeliverySeq, strconv.FormatUint(seq, 10))
+	h := entryHeader(e)
+	h.Set(bus.HeaderMsgID, "park:"+pos.String())
+	h.Set(HeaderDeliverySeq, pos.String())
 	h.Set(HeaderParkReason, reason)
 	h.Set(HeaderParkedAt, time.Now().UTC().Format(time.RFC3339Nano))
-	h.Set(HeaderSubject, m.Subject())
-	if e != nil {
-		h.Set(HeaderS2Status, strconv.Itoa(e.Status))
-		h.Set(HeaderS2Code, e.Code)
+	h.Set(HeaderSubject, subject)
+	if s2err != nil {
+		h.Set(HeaderS2Status, strconv.Itoa(s2err.Status))
+		h.Set(HeaderS2Code, s2err.Code)
 	}
 	subj := ParkSubject(w.u, group)
-	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: h, Data: m.Data()}); err != nil {
-		return fmt.Errorf("park message %d of %s: %w", seq, w.u, err)
+	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: h, Data: e.Body}); err != nil {
+		return fmt.Errorf("park change %s of %s: %w", pos, w.u, err)
 	}
 	w.d.metrics.Parked.WithLabelValues(w.u.Sink).Inc()
 	if !w.parked[group] {
-		w.log.Warn("group parked", "group", m.Headers().Get(bus.HeaderGroup), "seq", seq, "reason", reason)
+		w.log.Warn("group parked", "group", string(e.Group), "position", pos, "reason", reason)
 	}
 	w.parked[group] = true
-	w.parkedThrough = seq
+	w.parkedThrough = pos
 	return nil
+}
+
+// entryHeader carries a change's fields as headers, outside its batch.
+func entryHeader(e *bus.Entry) nats.Header {
+	h := nats.Header{}
+	set := func(name string, v []byte) {
+		if len(v) > 0 {
+			h.Set(name, string(v))
+		}
+	}
+	set(bus.HeaderKey, e.Key)
+	set(bus.HeaderGroup, e.Group)
+	set(bus.HeaderAction, e.Action)
+	set(bus.HeaderTable, e.Table)
+	set(bus.HeaderTraceParent, e.TraceParent)
+	set(bus.HeaderError, e.Error)
+	if e.CommitMs >= 0 {
+		h.Set(bus.HeaderCommitMs, strconv.FormatInt(e.CommitMs, 10))
+	}
+	return h
+}
+
+// headerEntry is entryHeader's inverse.
+func headerEntry(h nats.Header, body []byte) *bus.Entry {
+	e := &bus.Entry{Key: []byte(h.Get(bus.HeaderKey)), Group: []byte(h.Get(bus.HeaderGroup)), Action: []byte(h.Get(bus.HeaderAction)),
+		Table: []byte(h.Get(bus.HeaderTable)), TraceParent: []byte(h.Get(bus.HeaderTraceParent)), Error: []byte(h.Get(bus.HeaderError)),
+		CommitMs: -1, Body: body}
+	if ms, err := strconv.ParseInt(h.Get(bus.HeaderCommitMs), 10, 64); err == nil {
+		e.CommitMs = ms
+	}
+	return e
 }
 
 // loadParks learns which groups of the unit are parked and up to which
 // delivery sequence.
 func (w *worker) loadParks(ctx context.Context) error {
 	w.parked = map[string]bool{}
-	w.parkedThrough = 0
+	w.parkedThrough = bus.DeliveryPos{}
 	ps, err := w.d.js.Stream(ctx, ParkedStream)
 	if err != nil {
 		return fmt.Errorf("park stream %s: %w", ParkedStream, err)
@@ -441,7 +499,10 @@ func (w *worker) loadParks(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("last parked message of %s: %w", w.u, err)
 	}
-	w.parkedThrough, _ = strconv.ParseUint(last.Header.Get(HeaderDeliverySeq), 10, 64)
+	w.parkedThrough, err = bus.ParseDeliveryPos(last.Header.Get(HeaderDeliverySeq))
+	if err != nil {
+		return fmt.Errorf("last parked message of %s: %w", w.u, err)
+	}
 	return nil
 }
 
@@ -531,9 +592,9 @@ func (w *worker) tryHead(ctx context.Context, head *jetstream.RawStreamMsg) (don
 		}
 		body = out
 	}
-	seq, _ := strconv.ParseUint(head.Header.Get(HeaderDeliverySeq), 10, 64)
+	pos, _ := bus.ParseDeliveryPos(head.Header.Get(HeaderDeliverySeq))
 	b := s2sink.NewBatch(1, 0)
-	if err := b.Add(s2sink.Record(head.Header, body, seq)); err != nil {
+	if err := b.Add(s2sink.Record(headerEntry(head.Header, nil), body, pos)); err != nil {
 		return false, nil, nil // too large: stays until acknowledged
 	}
 	if err := w.owned(); err != nil {
@@ -567,7 +628,7 @@ func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int)
 		for _, hd := range r.Headers {
 			h.Set("S2-"+string(hd.Name), string(hd.Value))
 		}
-		h.Set(HeaderDeliverySeq, strconv.FormatUint(w.seqs[i], 10))
+		h.Set(HeaderDeliverySeq, w.seqs[i].String())
 		if err := w.deadLetter(ctx, h, r.Body, cause.Error(), attempts); err != nil {
 			return err
 		}

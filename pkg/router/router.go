@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -21,7 +22,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
-	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
@@ -36,6 +36,12 @@ type Config struct {
 	Sinks         []config.Sink
 	// Window is how many outputs may await their PubAck (default 4096).
 	Window int
+	// MaxBatchBytes caps a delivery message's body (default 1 MiB, and
+	// never above the NATS server's max_payload).
+	MaxBatchBytes int
+	// Linger is how long a round may wait for more inputs once none is
+	// waiting (default 2ms): larger rounds make larger delivery messages.
+	Linger time.Duration
 }
 
 // Router runs routing sessions.
@@ -47,6 +53,9 @@ type Router struct {
 	state  *health.State
 	sinks  atomic.Pointer[Sinks]
 	tracer trace.Tracer
+	// crashAfter (tests) ends the first session after it published this
+	// many messages, as a crash in the middle of a round would.
+	crashAfter int
 }
 
 // Option configures optional dependencies.
@@ -62,6 +71,12 @@ func WithHealth(s *health.State) Option { return func(r *Router) { r.state = s }
 func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 	if cfg.Window <= 0 {
 		cfg.Window = 4096
+	}
+	if cfg.MaxBatchBytes <= 0 {
+		cfg.MaxBatchBytes = 1 << 20
+	}
+	if cfg.Linger <= 0 {
+		cfg.Linger = 2 * time.Millisecond
 	}
 	sinks, err := CompileSinks(cfg.Sinks)
 	if err != nil {
@@ -121,85 +136,66 @@ func (r *Router) Run(ctx context.Context) error {
 	}
 }
 
-// resume is the last output the delivery stream holds: outputs at or
-// before it are not published again.
-type resume struct {
-	pos  change.Position
-	sink string
-	set  bool
+// lastRound describes the delivery stream's last message: the round it
+// belongs to and its place in it.
+type lastRound struct {
+	id         string
+	start, end uint64 // the round's changes-stream sequences
+	i, n       int    // the message is the round's i-th of n
 }
 
-func parseOutputID(id string) (resume, error) {
-	if id == "" {
-		return resume{}, nil
-	}
-	key, sink, ok := strings.Cut(id, ":")
-	if !ok {
-		return resume{}, fmt.Errorf("delivery message id %q is not <key>:<sink>", id)
-	}
-	pos, err := change.ParseKey(key)
-	if err != nil {
-		return resume{}, err
-	}
-	return resume{pos: pos, sink: sink, set: true}, nil
-}
-
-// done reports whether the output of change pos for the sink at order i
-// is already stored.
-func (rs resume) done(pos change.Position, sinks *Sinks, i int) bool {
-	if !rs.set || rs.pos.Less(pos) {
-		return false
-	}
-	if pos.Less(rs.pos) {
-		return true
-	}
-	last, ok := sinks.order[rs.sink]
-	if !ok { // that sink is gone from the config: its position is finished
-		return true
-	}
-	return sinks.order[sinks.list[i].Name] <= last
-}
-
-// lastOutput reads the delivery stream's last message: its id, and the
-// changes-stream sequence it was routed from.
-func (r *Router) lastOutput(ctx context.Context) (id string, inputSeq uint64, err error) {
+// lastOutput reads the delivery stream's last message (ok=false: none).
+func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err error) {
 	delivery, err := r.js.Stream(ctx, r.cfg.Delivery.Name)
 	if err != nil {
-		return "", 0, fmt.Errorf("delivery stream %s: %w", r.cfg.Delivery.Name, err)
+		return lr, false, fmt.Errorf("delivery stream %s: %w", r.cfg.Delivery.Name, err)
 	}
 	m, err := delivery.GetLastMsgForSubject(ctx, bus.DeliveryRoot+".>")
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return "", 0, nil
+		return lr, false, nil
 	}
 	if err != nil {
-		return "", 0, fmt.Errorf("read the delivery stream's last message: %w", err)
+		return lr, false, fmt.Errorf("read the delivery stream's last message: %w", err)
 	}
-	id = m.Header.Get(bus.HeaderMsgID)
-	inputSeq, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputSeq), 10, 64)
-	if err != nil || id == "" {
-		return "", 0, fmt.Errorf("delivery message %d lacks %s or %s", m.Sequence, bus.HeaderMsgID, bus.HeaderInputSeq)
+	lr.id = m.Header.Get(bus.HeaderMsgID)
+	lr.start, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputSeq), 10, 64)
+	if err == nil {
+		lr.end, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputEnd), 10, 64)
 	}
-	return id, inputSeq, nil
+	if err == nil {
+		is, ns, _ := strings.Cut(m.Header.Get(bus.HeaderRound), "/")
+		lr.i, err = strconv.Atoi(is)
+		if err == nil {
+			lr.n, err = strconv.Atoi(ns)
+		}
+	}
+	if err != nil || lr.id == "" || lr.i < 1 || lr.i > lr.n || lr.end < lr.start {
+		return lr, false, fmt.Errorf("delivery message %d lacks a valid %s, %s, %s or %s (written by another version of the router?)",
+			m.Sequence, bus.HeaderMsgID, bus.HeaderInputSeq, bus.HeaderInputEnd, bus.HeaderRound)
+	}
+	return lr, true, nil
 }
 
 func (r *Router) session(ctx context.Context) error {
-	lastID, inputSeq, err := r.lastOutput(ctx)
-	if err != nil {
-		return err
-	}
-	rs, err := parseOutputID(lastID)
+	last, found, err := r.lastOutput(ctx)
 	if err != nil {
 		return err
 	}
 	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.ChangesFilter(r.cfg.Source)}}
-	if inputSeq > 0 { // from the input of the last output: its other sinks may be missing
-		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, inputSeq
+	var rp *replay
+	switch {
+	case !found:
+	case last.i == last.n: // the last round is complete
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, last.end+1
+	default: // it was cut short: route it again, publish what is missing
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, last.start
+		rp = &replay{end: last.end, stored: last.i, lastID: last.id}
 	}
 	cons, err := r.js.OrderedConsumer(ctx, r.cfg.ChangesStream, occ)
 	if err != nil {
 		return fmt.Errorf("read %s (is capture running? it creates the stream): %w", r.cfg.ChangesStream, err)
 	}
-	pub, err := bus.NewPublisher(r.nc, lastID, 0, bus.PublisherOptions{Window: r.cfg.Window})
+	pub, err := bus.NewPublisher(r.nc, last.id, 0, bus.PublisherOptions{Window: r.cfg.Window})
 	if err != nil {
 		return err
 	}
@@ -208,10 +204,12 @@ func (r *Router) session(ctx context.Context) error {
 		_ = pub.Close(ctx)
 		return fmt.Errorf("read %s: %w", r.cfg.ChangesStream, err)
 	}
-	s := &session{Router: r, pub: pub, resume: rs}
+	maxPayload := max(int(r.nc.MaxPayload())-8<<10, 64<<10) // room for the headers
+	s := &session{Router: r, pub: pub, replay: rp, maxPayload: maxPayload, maxBytes: min(maxPayload, r.cfg.MaxBatchBytes),
+		round: round{open: map[string]*batchMsg{}}}
 	stop := context.AfterFunc(ctx, it.Stop)
 	r.state.SetReady()
-	r.log.Info("routing", "source", r.cfg.Source, "from_seq", inputSeq, "resume_after", lastID)
+	r.log.Info("routing", "source", r.cfg.Source, "from_seq", occ.OptStartSeq, "resume_after", last.id)
 
 	runErr := s.run(ctx, it)
 	stop()
@@ -228,27 +226,93 @@ func (r *Router) session(ctx context.Context) error {
 	return runErr
 }
 
+// replay rebuilds a round that was cut short: the same inputs routed the
+// same way give the same messages, of which the first stored are in the
+// delivery stream already.
+type replay struct {
+	end    uint64 // the round's last input
+	stored int    // how many of its messages the stream holds
+	lastID string // the id of the last of them
+}
+
+// batchMsg is one delivery message being built.
+type batchMsg struct {
+	subject string
+	b       bus.BatchBuilder
+	lastKey string
+}
+
+// round is the outputs of the inputs read in one go, one batch per subject
+// (more when one fills up), published together in a fixed order.
+type round struct {
+	start, end uint64
+	started    time.Time
+	inputs     int
+	bytes      int
+	open       map[string]*batchMsg // subject → its batch being filled
+	msgs       []*batchMsg          // in the order they were opened
+	free       []*batchMsg
+}
+
+// Round limits: a round ends when no input is waiting, or at these.
+const (
+	maxRoundInputs  = 8192
+	maxRoundBytes   = 16 << 20
+	maxBatchEntries = 1000 // an S2 append's records
+)
+
 type session struct {
 	*Router
-	pub     *bus.Publisher
-	resume  resume
-	lastSeq uint64
-	out     []byte // reused output body
+	pub        *bus.Publisher
+	replay     *replay
+	maxBytes   int // of a delivery message's body, when batching
+	maxPayload int // of a delivery message's body: one change may reach it
+	lastSeq    uint64
+	round      round
+	published  int
+	out        []byte // reused output body
+	entry      bus.Entry
+}
+
+type input struct {
+	msg jetstream.Msg
+	err error
 }
 
 func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
+	ctx, cancel := context.WithCancel(ctx) // ends the reader with the session
+	defer cancel()
+	in := make(chan input, 2*s.cfg.Window)
+	go func() {
+		for {
+			m, err := it.Next()
+			select {
+			case in <- input{m, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
 	for {
-		msg, err := it.Next()
+		item, err := s.next(ctx, in, linger)
 		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			return err
+		}
+		if item.err != nil {
+			if ctx.Err() != nil || errors.Is(item.err, jetstream.ErrMsgIteratorClosed) {
 				return ctx.Err()
 			}
-			return fmt.Errorf("next change: %w", err)
+			return fmt.Errorf("next change: %w", item.err)
 		}
 		if err := s.pub.Err(); err != nil {
 			return err
 		}
-		md, err := msg.Metadata()
+		md, err := item.msg.Metadata()
 		if err != nil {
 			return fmt.Errorf("change metadata: %w", err)
 		}
@@ -257,10 +321,145 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 			continue
 		}
 		s.lastSeq = seq
-		if err := s.route(ctx, msg, seq); err != nil {
+		if s.replay != nil && seq > s.replay.end && s.round.inputs > 0 {
+			if err := s.flush(ctx); err != nil { // the round's last input is gone (max age): end it here
+				return err
+			}
+		}
+		if s.round.inputs == 0 {
+			s.round.start, s.round.started = seq, time.Now()
+		}
+		s.round.end = seq
+		s.round.inputs++
+		if err := s.route(ctx, item.msg); err != nil {
 			return err
 		}
+		if s.replay != nil {
+			if seq >= s.replay.end {
+				if err := s.flush(ctx); err != nil {
+					return err
+				}
+			}
+		} else if s.round.inputs >= maxRoundInputs || s.round.bytes >= maxRoundBytes {
+			if err := s.flush(ctx); err != nil {
+				return err
+			}
+		}
 	}
+}
+
+// next returns the next input. When none is waiting, the round is
+// published once it is Linger old: waiting that long for more inputs makes
+// larger batches while a backlog streams in.
+func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer) (input, error) {
+	for {
+		select {
+		case item := <-in:
+			return item, nil
+		case <-ctx.Done():
+			return input{}, ctx.Err()
+		default:
+		}
+		if s.round.inputs > 0 && s.replay == nil {
+			if wait := s.cfg.Linger - time.Since(s.round.started); wait > 0 {
+				linger.Reset(wait)
+				select {
+				case item := <-in:
+					linger.Stop()
+					return item, nil
+				case <-ctx.Done():
+					linger.Stop()
+					return input{}, ctx.Err()
+				case <-linger.C:
+				}
+			}
+			if err := s.flush(ctx); err != nil {
+				return input{}, err
+			}
+		}
+		select {
+		case item := <-in:
+			return item, nil
+		case <-ctx.Done():
+			return input{}, ctx.Err()
+		}
+	}
+}
+
+// add puts an entry into its subject's batch.
+func (s *session) add(subject string, e *bus.Entry) {
+	rd := &s.round
+	if size := e.Size(); size > s.maxPayload {
+		e.Error = fmt.Appendf(nil, "the routed change is %d bytes, more than a NATS message may hold (%d); acknowledge it, or raise the server's max_payload", size, s.maxPayload)
+		e.Body = nil
+	}
+	bm := rd.open[subject]
+	if bm != nil && (bm.b.Len() >= maxBatchEntries || bm.b.Size()+e.Size() > s.maxBytes) {
+		bm = nil // full: it stays in the round, a new one follows it
+	}
+	if bm == nil {
+		if n := len(rd.free); n > 0 {
+			bm, rd.free = rd.free[n-1], rd.free[:n-1]
+		} else {
+			bm = &batchMsg{}
+		}
+		bm.subject = subject
+		rd.open[subject] = bm
+		rd.msgs = append(rd.msgs, bm)
+	}
+	before := bm.b.Size()
+	bm.b.Add(e)
+	bm.lastKey = string(e.Key)
+	rd.bytes += bm.b.Size() - before
+}
+
+// messageID names a round's i-th message (1-based) by the round's end, its
+// place and its content, so a rebuilt round can be checked against what
+// the stream holds.
+func messageID(end uint64, i int, bm *batchMsg) string {
+	return strconv.FormatUint(end, 10) + "." + strconv.Itoa(i) + ":" + bm.lastKey + ":" + strconv.FormatUint(uint64(crc32.ChecksumIEEE([]byte(bm.subject))), 36)
+}
+
+// flush publishes the round's messages in order and starts a new round.
+func (s *session) flush(ctx context.Context) error {
+	rd := &s.round
+	n := len(rd.msgs)
+	skip := 0
+	if rp := s.replay; rp != nil {
+		s.replay = nil
+		if rp.stored <= n && messageID(rd.end, rp.stored, rd.msgs[rp.stored-1]) == rp.lastID {
+			skip = rp.stored
+		} else {
+			s.log.Warn("an interrupted round routes differently now (the sinks changed?): publishing all of it; some changes may be delivered twice",
+				"from_seq", rd.start, "to_seq", rd.end, "stored_id", rp.lastID)
+		}
+	}
+	start, end := strconv.FormatUint(rd.start, 10), strconv.FormatUint(rd.end, 10)
+	for i, bm := range rd.msgs {
+		if i < skip {
+			continue
+		}
+		s.pub.SetHeader(bus.HeaderInputSeq, start)
+		s.pub.SetHeader(bus.HeaderInputEnd, end)
+		s.pub.SetHeader(bus.HeaderRound, strconv.Itoa(i+1)+"/"+strconv.Itoa(n))
+		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(bm.b.Len()))
+		if s.crashAfter > 0 && s.published == s.crashAfter {
+			s.crashAfter = 0
+			return errors.New("simulated crash")
+		}
+		if err := s.pub.Publish(ctx, bm.subject, messageID(rd.end, i+1, bm), nil, bm.b.Bytes(), ""); err != nil {
+			return err
+		}
+		s.published++
+	}
+	for _, bm := range rd.msgs {
+		bm.b.Reset()
+		rd.free = append(rd.free, bm)
+	}
+	clear(rd.open)
+	rd.msgs = rd.msgs[:0]
+	rd.inputs, rd.bytes = 0, 0
+	return nil
 }
 
 var (
@@ -271,65 +470,54 @@ var (
 // field returns the string value after the last occurrence of name. The
 // metadata of a change is written last, so the last occurrence is the
 // real one.
-func field(body, name []byte) string {
+func field(body, name []byte) []byte {
 	i := bytes.LastIndex(body, name)
 	if i < 0 {
-		return ""
+		return nil
 	}
 	rest := body[i+len(name):]
 	j := bytes.IndexByte(rest, '"')
 	if j < 0 {
-		return ""
+		return nil
 	}
-	return string(rest[:j])
+	return rest[:j]
 }
 
-func (s *session) route(ctx context.Context, msg jetstream.Msg, seq uint64) error {
+func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	_, schema, table, partition, err := bus.ParseChangeSubject(msg.Subject())
 	if err != nil {
 		return err
 	}
 	sinks := s.sinks.Load()
-	idxs := sinks.byTable[schema+"."+table]
+	tbl := schema + "." + table
+	idxs := sinks.byTable[tbl]
 	if len(idxs) == 0 {
 		return nil
 	}
 	h := msg.Headers()
 	key := h.Get(bus.HeaderMsgID)
-	pos, err := change.ParseKey(key)
-	if err != nil {
-		return fmt.Errorf("change on %s: %w", msg.Subject(), err)
-	}
 	body := msg.Data()
-	group := []byte(h.Get(bus.HeaderGroup))
 	traceparent := h.Get(bus.HeaderTraceParent)
 	if telemetry.Enabled() {
 		parent := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceParent(traceparent))
 		_, span := s.tracer.Start(parent, "route change", trace.WithSpanKind(trace.SpanKindConsumer),
-			trace.WithAttributes(attribute.String("pgs2.table", schema+"."+table), attribute.String("pgs2.key", key)))
+			trace.WithAttributes(attribute.String("pgs2.table", tbl), attribute.String("pgs2.key", key)))
 		defer span.End()
 		if tp := telemetry.TraceParent(span.SpanContext()); tp != "" {
 			traceparent = tp
 		}
 	}
-	action := field(body, actionField)
-	commitMs := ""
-	if ts, err := time.Parse(time.RFC3339Nano, field(body, commitField)); err == nil {
-		commitMs = strconv.FormatInt(ts.UnixMilli(), 10)
+	e := &s.entry
+	*e = bus.Entry{Key: []byte(key), Group: []byte(h.Get(bus.HeaderGroup)), Action: field(body, actionField), Table: []byte(tbl),
+		CommitMs: -1, TraceParent: []byte(traceparent)}
+	if ts, err := time.Parse(time.RFC3339Nano, string(field(body, commitField))); err == nil {
+		e.CommitMs = ts.UnixMilli()
 	}
-	s.pub.SetHeader(bus.HeaderKey, key)
-	s.pub.SetHeader(bus.HeaderAction, action)
-	s.pub.SetHeader(bus.HeaderTable, schema+"."+table)
-	s.pub.SetHeader(bus.HeaderCommitMs, commitMs)
-	s.pub.SetHeader(bus.HeaderInputSeq, strconv.FormatUint(seq, 10))
 
 	var in *fn.Input
 	var inErr error
 	upstream := h.Get(bus.HeaderError) // capture could not publish the change itself
 	for _, i := range idxs {
-		if s.resume.done(pos, sinks, i) {
-			continue
-		}
 		sk := sinks.list[i]
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
 		if upstream != "" {
@@ -345,10 +533,8 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg, seq uint64) erro
 		if !keep {
 			continue
 		}
-		s.pub.SetHeader(bus.HeaderError, failure)
-		if err := s.pub.Publish(ctx, bus.DeliverySubject(sk.Name, basin, stream, partition), key+":"+sk.Name, group, out, traceparent); err != nil {
-			return err
-		}
+		e.Body, e.Error = out, []byte(failure)
+		s.add(bus.DeliverySubject(sk.Name, basin, stream, partition), e)
 	}
 	return nil
 }

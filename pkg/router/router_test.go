@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -69,12 +71,13 @@ func (e *env) change(t *testing.T, table, action string, id int, record string) 
 	return pos
 }
 
-func (e *env) run(t *testing.T, sinks []config.Sink) (*router.Router, func()) {
+func (e *env) run(t *testing.T, sinks []config.Sink, opts ...router.Option) (*router.Router, func()) {
 	t.Helper()
+	opts = append([]router.Option{router.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))),
+		router.WithHealth(health.NewState())}, opts...)
 	r, err := router.New(router.Config{Source: "app", ChangesStream: "PGS2_CHANGES",
 		Delivery: bus.DeliveryStreamConfig{Name: "PGS2_DELIVERY", Replicas: 1, DuplicateWindow: time.Minute},
-		Sinks:    sinks}, e.js, router.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))),
-		router.WithHealth(health.NewState()))
+		Sinks:    sinks}, e.js, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,57 +100,76 @@ func (e *env) run(t *testing.T, sinks []config.Sink) (*router.Router, func()) {
 	return r, stop
 }
 
+// out is one routed change: an entry of a delivery message.
 type out struct {
-	Subject string
-	Header  nats.Header
-	Body    map[string]any
-	Raw     string
+	Subject                          string
+	Header                           nats.Header // the delivery message's
+	Key, Group, Action, Table, Error string
+	CommitMs                         int64
+	Body                             map[string]any
+	Raw                              string
 }
 
-// outputs waits until the delivery stream holds n messages and returns them.
+// outputs waits until the delivery stream holds n routed changes and
+// returns them.
 func (e *env) outputs(t *testing.T, n int) []out {
 	return e.outputsWithin(t, n, 30*time.Second)
+}
+
+// readOutputs returns every routed change the delivery stream holds.
+func (e *env) readOutputs(t *testing.T) []out {
+	t.Helper()
+	ctx := context.Background()
+	s, err := e.js.Stream(ctx, "PGS2_DELIVERY")
+	if err != nil {
+		return nil
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res []out
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := bus.NewBatchReader(m.Data)
+		var en bus.Entry
+		k := 0
+		for r.Next(&en) {
+			o := out{Subject: m.Subject, Header: m.Header, Key: string(en.Key), Group: string(en.Group), Action: string(en.Action),
+				Table: string(en.Table), Error: string(en.Error), CommitMs: en.CommitMs, Raw: string(en.Body)}
+			_ = json.Unmarshal(en.Body, &o.Body)
+			res = append(res, o)
+			k++
+		}
+		if r.Err() != nil {
+			t.Fatalf("delivery message %d: %v", seq, r.Err())
+		}
+		if m.Header.Get(bus.HeaderEntries) != strconv.Itoa(k) {
+			t.Fatalf("delivery message %d has %d entries, its header says %s", seq, k, m.Header.Get(bus.HeaderEntries))
+		}
+	}
+	return res
 }
 
 func (e *env) outputsWithin(t *testing.T, n int, within time.Duration) []out {
 	t.Helper()
 	ctx := context.Background()
 	deadline := time.Now().Add(within)
-	for {
-		s, err := e.js.Stream(ctx, "PGS2_DELIVERY")
-		if err == nil {
-			info, _ := s.Info(ctx)
-			if info.State.Msgs >= uint64(n) {
-				break
-			}
-		}
+	for len(e.readOutputs(t)) < n {
 		if time.Now().After(deadline) {
-			var have uint64
-			if err == nil {
-				info, _ := s.Info(ctx)
-				have = info.State.Msgs
-			}
 			cs, _ := e.js.Stream(ctx, "PGS2_CHANGES")
 			ci, _ := cs.Info(ctx)
-			t.Fatalf("delivery stream holds %d messages after %s, want %d (changes stream: %d, publisher err %v)", have, within, n, ci.State.Msgs, e.pub.Err())
+			t.Fatalf("delivery stream holds %d changes after %s, want %d (changes stream: %d, publisher err %v)", len(e.readOutputs(t)), within, n, ci.State.Msgs, e.pub.Err())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(200 * time.Millisecond) // anything extra would show now
-	s, _ := e.js.Stream(ctx, "PGS2_DELIVERY")
-	info, _ := s.Info(ctx)
-	if info.State.Msgs != uint64(n) {
-		t.Fatalf("delivery stream holds %d messages, want %d", info.State.Msgs, n)
-	}
-	var res []out
-	for seq := uint64(1); seq <= info.State.LastSeq; seq++ {
-		m, err := s.GetMsg(ctx, seq)
-		if err != nil {
-			t.Fatal(err)
-		}
-		o := out{Subject: m.Subject, Header: m.Header, Raw: string(m.Data)}
-		_ = json.Unmarshal(m.Data, &o.Body)
-		res = append(res, o)
+	res := e.readOutputs(t)
+	if len(res) != n {
+		t.Fatalf("delivery stream holds %d changes, want %d", len(res), n)
 	}
 	return res
 }
@@ -167,38 +189,45 @@ func TestRouting(t *testing.T) {
 	e.change(t, "public.users", "delete", 7, `{"id":7}`)
 	outs := e.outputs(t, 5)
 
-	type want struct{ subject, id string }
-	wants := []want{
-		{"pgs2.deliver.plain.my-basin.users.", u.Key() + ":plain"},
-		{"pgs2.deliver.filtered.my-basin.all.", u.Key() + ":filtered"},
-		{"pgs2.deliver.filtered.my-basin.all.", ""},
-		{"pgs2.deliver.routed.logs-public.orders.", ""},
-		{"pgs2.deliver.plain.my-basin.users.", ""},
+	// Order holds per subject (a group's subject); rounds batch each
+	// subject's changes, so look them up.
+	find := func(prefix, table, action string) out {
+		t.Helper()
+		var found []out
+		for _, o := range outs {
+			if strings.HasPrefix(o.Subject, prefix) && o.Table == table && o.Action == action {
+				found = append(found, o)
+			}
+		}
+		if len(found) != 1 {
+			t.Fatalf("%d outputs on %s* for %s %s, want 1 (all: %+v)", len(found), prefix, action, table, outs)
+		}
+		if found[0].Error != "" {
+			t.Errorf("output on %s failed: %s", found[0].Subject, found[0].Error)
+		}
+		return found[0]
 	}
-	for i, w := range wants {
-		if !strings.HasPrefix(outs[i].Subject, w.subject) {
-			t.Errorf("output %d subject %s, want %s*", i, outs[i].Subject, w.subject)
-		}
-		if w.id != "" && outs[i].Header.Get("Nats-Msg-Id") != w.id {
-			t.Errorf("output %d id %q, want %q", i, outs[i].Header.Get("Nats-Msg-Id"), w.id)
-		}
-		if outs[i].Header.Get(bus.HeaderError) != "" {
-			t.Errorf("output %d failed: %s", i, outs[i].Header.Get(bus.HeaderError))
-		}
+	plain := find("pgs2.deliver.plain.my-basin.users.", "public.users", "insert")
+	if plain.Key != u.Key() {
+		t.Errorf("plain key %q, want %q", plain.Key, u.Key())
 	}
+	find("pgs2.deliver.plain.my-basin.users.", "public.users", "delete")
+	if f := find("pgs2.deliver.filtered.my-basin.all.", "public.users", "insert"); f.Key != u.Key() {
+		t.Errorf("filtered key %q, want %q", f.Key, u.Key())
+	}
+	find("pgs2.deliver.filtered.my-basin.all.", "public.orders", "insert")
+	routed := find("pgs2.deliver.routed.logs-public.orders.", "public.orders", "insert")
 	// Plain sinks get the body with metadata.consumer spliced in.
-	md := outs[0].Body["metadata"].(map[string]any)
+	md := plain.Body["metadata"].(map[string]any)
 	if c, _ := md["consumer"].(map[string]any); c["name"] != "plain" || md["table_name"] != "users" {
 		t.Errorf("plain body metadata %v", md)
 	}
 	// The transform replaced the body.
-	if outs[3].Raw != `{"action":"insert","id":1}` {
-		t.Errorf("transformed body %s", outs[3].Raw)
+	if routed.Raw != `{"action":"insert","id":1}` {
+		t.Errorf("transformed body %s", routed.Raw)
 	}
-	h := outs[3].Header
-	if h.Get(bus.HeaderAction) != "insert" || h.Get(bus.HeaderTable) != "public.orders" || h.Get(bus.HeaderCommitMs) != "1795341600123" ||
-		h.Get(bus.HeaderGroup) != `["1"]` || h.Get(bus.HeaderKey) == "" {
-		t.Errorf("headers %v", h)
+	if o := routed; o.CommitMs != 1795341600123 || o.Group != `["1"]` || o.Key == "" {
+		t.Errorf("entry %+v", o)
 	}
 }
 
@@ -212,14 +241,17 @@ func TestFunctionFailuresAreMarked(t *testing.T) {
 	e.change(t, "public.users", "insert", 2, `{"id":2,"name":"good-basin-2"}`)
 	e.change(t, "public.users", "insert", 3, `{"id":3}`)
 	outs := e.outputs(t, 3)
-	if msg := outs[0].Header.Get(bus.HeaderError); !strings.Contains(msg, "not a valid S2 basin") ||
+	sort.SliceStable(outs, func(i, j int) bool {
+		return outs[i].Body["record"].(map[string]any)["id"].(float64) < outs[j].Body["record"].(map[string]any)["id"].(float64)
+	})
+	if msg := outs[0].Error; !strings.Contains(msg, "not a valid S2 basin") ||
 		!strings.HasPrefix(outs[0].Subject, "pgs2.deliver.bad.my-basin.users.") {
 		t.Errorf("invalid routing result: subject %s error %q", outs[0].Subject, msg)
 	}
-	if !strings.HasPrefix(outs[1].Subject, "pgs2.deliver.bad.good-basin-2.users.") || outs[1].Header.Get(bus.HeaderError) != "" {
-		t.Errorf("valid routing: %s %q", outs[1].Subject, outs[1].Header.Get(bus.HeaderError))
+	if !strings.HasPrefix(outs[1].Subject, "pgs2.deliver.bad.good-basin-2.users.") || outs[1].Error != "" {
+		t.Errorf("valid routing: %s %q", outs[1].Subject, outs[1].Error)
 	}
-	if msg := outs[2].Header.Get(bus.HeaderError); !strings.Contains(msg, "routing function") {
+	if msg := outs[2].Error; !strings.Contains(msg, "routing function") {
 		t.Errorf("runtime error (no such key): %q", msg)
 	}
 }
@@ -271,16 +303,54 @@ func TestRestartResumes(t *testing.T) {
 	}
 	outs := e.outputs(t, 120)
 	seen := map[string]bool{}
+	last := map[string]float64{}
 	for i, o := range outs {
-		id := o.Header.Get("Nats-Msg-Id")
+		id := o.Key + " " + o.Subject
 		if seen[id] {
 			t.Fatalf("output %d: %s twice", i, id)
 		}
 		seen[id] = true
 		rec := o.Body["record"].(map[string]any)
-		if want := float64(i/2 + 1); rec["v"] != want {
-			t.Fatalf("output %d has v=%v, want %v (order)", i, rec["v"], want)
+		sink, _, _, _, _ := parse(o.Subject)
+		g := fmt.Sprintf("%s/%v", sink, rec["id"])
+		if rec["v"].(float64) <= last[g] {
+			t.Fatalf("output %d: group %s has v=%v after %v (order)", i, g, rec["v"], last[g])
 		}
+		last[g] = rec["v"].(float64)
+	}
+}
+
+// TestInterruptedRoundIsCompleted: a router that dies after publishing part
+// of a round publishes the rest of it, and nothing twice, when it resumes.
+func TestInterruptedRoundIsCompleted(t *testing.T) {
+	e := newEnv(t)
+	sinks := []config.Sink{
+		{Name: "a", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "a"},
+		{Name: "b", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "b"},
+	}
+	for v := 1; v <= 40; v++ { // all stored before the router starts: one round
+		e.change(t, "public.users", "update", v%8, fmt.Sprintf(`{"id":%d,"v":%d}`, v%8, v))
+	}
+	e.run(t, sinks, router.WithCrashAfter(3))
+	outs := e.outputs(t, 80)
+	last := map[string]float64{}
+	for i, o := range outs {
+		rec := o.Body["record"].(map[string]any)
+		sink, _, _, _, _ := parse(o.Subject)
+		g := fmt.Sprintf("%s/%v", sink, rec["id"])
+		if v := rec["v"].(float64); v != last[g]+8 && !(last[g] == 0 && v <= 8) {
+			t.Fatalf("output %d: group %s has v=%v after %v (lost, duplicated or reordered)", i, g, v, last[g])
+		}
+		last[g] = rec["v"].(float64)
+	}
+	s, _ := e.js.Stream(context.Background(), "PGS2_DELIVERY")
+	info, _ := s.Info(context.Background())
+	if info.State.Msgs < 4 {
+		t.Fatalf("%d delivery messages: the round was not cut after 3", info.State.Msgs)
+	}
+	m, _ := s.GetMsg(context.Background(), 4)
+	if r := m.Header.Get(bus.HeaderRound); !strings.HasPrefix(r, "4/") {
+		t.Fatalf("the 4th message is %s of its round, want the rest of the interrupted round", r)
 	}
 }
 

@@ -23,16 +23,15 @@ type Sink struct {
 type Sinks struct {
 	list    []*Sink
 	byTable map[string][]int // "schema.table" → indexes into list, in config order
-	order   map[string]int   // sink name → index
 }
 
 // CompileSinks compiles every sink's functions. A function that does not
 // compile or type-check is an error naming the sink, the expression and the
 // position.
 func CompileSinks(cfg []config.Sink) (*Sinks, error) {
-	s := &Sinks{byTable: map[string][]int{}, order: map[string]int{}}
+	s := &Sinks{byTable: map[string][]int{}}
 	var errs []error
-	for i, c := range cfg {
+	for _, c := range cfg {
 		f, err := fn.Compile(c.Name, c.Filter, c.Transform, c.Routing)
 		if err != nil {
 			errs = append(errs, err)
@@ -41,7 +40,6 @@ func CompileSinks(cfg []config.Sink) (*Sinks, error) {
 		sk := &Sink{Name: c.Name, Tables: c.Tables, Basin: c.Basin, Stream: c.Stream, Functions: f,
 			consumer: []byte(`,"consumer":{"name":"` + c.Name + `"}`)}
 		s.list = append(s.list, sk)
-		s.order[c.Name] = i
 		for _, t := range c.Tables {
 			s.byTable[t] = append(s.byTable[t], len(s.list)-1)
 		}

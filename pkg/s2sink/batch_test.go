@@ -8,7 +8,6 @@ import (
 	"net"
 	"testing"
 
-	"github.com/nats-io/nats.go"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
 	"github.com/pgs2/pgs2/pkg/bus"
@@ -114,17 +113,13 @@ func TestNoTokenForCloud(t *testing.T) {
 }
 
 func TestRecord(t *testing.T) {
-	h := nats.Header{}
-	h.Set(bus.HeaderKey, "MjQwMjMxMjg6MA==")
-	h.Set(bus.HeaderAction, "update")
-	h.Set(bus.HeaderTable, "public.users")
-	h.Set(bus.HeaderCommitMs, "1795341600123")
-	r := Record(h, []byte(`{}`), 42)
+	e := &bus.Entry{Key: []byte("MjQwMjMxMjg6MA=="), Action: []byte("update"), Table: []byte("public.users"), CommitMs: 1795341600123}
+	r := Record(e, []byte(`{}`), bus.DeliveryPos{Seq: 42, Idx: 7})
 	got := map[string]string{}
 	for _, hd := range r.Headers {
 		got[string(hd.Name)] = string(hd.Value)
 	}
-	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" || got["pgs2-seq"] != "42" {
+	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" || got["pgs2-seq"] != "42.7" {
 		t.Fatalf("headers %v", got)
 	}
 	if r.Timestamp == nil || *r.Timestamp != 1795341600123 {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
+	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/s2local"
@@ -166,15 +167,15 @@ func TestProgress(t *testing.T) {
 	}
 	b := NewBatch(0, 0)
 	for seq := uint64(10); seq < 13; seq++ {
-		_ = b.Add(Record(nil, []byte("x"), seq))
+		_ = b.Add(Record(&bus.Entry{}, []byte("x"), bus.DeliveryPos{Seq: seq, Idx: 2}))
 	}
 	_ = b.Add(s2.AppendRecord{Body: []byte("not pgs2's")})
 	if _, err := c.Append(ctx, basin, "p", b, nil); err != nil {
 		t.Fatal(err)
 	}
-	seq, tail, found, err := c.Progress(ctx, basin, "p")
-	if err != nil || !found || seq != 12 || tail != 4 {
-		t.Fatalf("Progress = %d %d %v %v, want 12 4 true", seq, tail, found, err)
+	pos, tail, found, err := c.Progress(ctx, basin, "p")
+	if err != nil || !found || pos != (bus.DeliveryPos{Seq: 12, Idx: 2}) || tail != 4 {
+		t.Fatalf("Progress = %v %d %v %v, want 12.2 4 true", pos, tail, found, err)
 	}
 }
 

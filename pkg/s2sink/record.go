@@ -1,9 +1,6 @@
 package s2sink
 
 import (
-	"strconv"
-
-	"github.com/nats-io/nats.go"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
 	"github.com/pgs2/pgs2/pkg/bus"
@@ -16,23 +13,32 @@ const (
 	HeaderTable          = "table"
 )
 
-// Record builds the S2 record of a delivery message: its body, headers
+var (
+	nameKey    = []byte(HeaderIdempotencyKey)
+	nameAction = []byte(HeaderAction)
+	nameTable  = []byte(HeaderTable)
+	nameSeq    = []byte(HeaderSeq)
+)
+
+// Record builds the S2 record of a routed change: body, headers
 // idempotency-key, action and table (so readers can drop duplicates and
-// route without parsing), and the commit time in ms as the timestamp.
+// route without parsing), and the commit time in ms as the timestamp. The
+// record points into e's fields and body; they must outlive the append.
 //
-// seq, the message's delivery-stream sequence, goes in the pgs2-seq header:
+// pos, the change's delivery-stream position, goes in the pgs2-seq header:
 // it is where delivery resumes (Client.Progress).
-func Record(h nats.Header, body []byte, seq uint64) s2.AppendRecord {
+func Record(e *bus.Entry, body []byte, pos bus.DeliveryPos) s2.AppendRecord {
 	r := s2.AppendRecord{
 		Body: body,
 		Headers: []s2.Header{
-			s2.NewHeader(HeaderIdempotencyKey, h.Get(bus.HeaderKey)),
-			s2.NewHeader(HeaderAction, h.Get(bus.HeaderAction)),
-			s2.NewHeader(HeaderTable, h.Get(bus.HeaderTable)),
-			s2.NewHeader(HeaderSeq, strconv.FormatUint(seq, 10)),
+			{Name: nameKey, Value: e.Key},
+			{Name: nameAction, Value: e.Action},
+			{Name: nameTable, Value: e.Table},
+			{Name: nameSeq, Value: []byte(pos.String())},
 		},
 	}
-	if ms, err := strconv.ParseUint(h.Get(bus.HeaderCommitMs), 10, 64); err == nil {
+	if e.CommitMs >= 0 {
+		ms := uint64(e.CommitMs)
 		r.Timestamp = &ms
 	}
 	return r

@@ -1,0 +1,91 @@
+package bus
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"testing"
+)
+
+func TestBatchRoundTrip(t *testing.T) {
+	var b BatchBuilder
+	var want []Entry
+	for i := range 50 {
+		e := Entry{Key: fmt.Appendf(nil, "k%d", i), Group: []byte(`["1"]`), Action: []byte("insert"), Table: []byte("public.users"),
+			CommitMs: int64(i*1000 - 1), Body: bytes.Repeat([]byte{'x'}, i*37)}
+		if i%3 == 0 {
+			e.Error, e.TraceParent = []byte("boom"), []byte("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+		}
+		want = append(want, e)
+		before := b.Size()
+		b.Add(&e)
+		if grew := b.Size() - before; grew > e.Size() || (i > 0 && grew < e.Size()-2*binaryMaxVarint) {
+			t.Fatalf("entry %d grew the batch by %d, Size says %d", i, grew, e.Size())
+		}
+	}
+	if b.Len() != 50 {
+		t.Fatalf("Len %d", b.Len())
+	}
+	r := NewBatchReader(b.Bytes())
+	var e Entry
+	i := 0
+	for r.Next(&e) {
+		w := want[i]
+		if !bytes.Equal(e.Key, w.Key) || !bytes.Equal(e.Group, w.Group) || !bytes.Equal(e.Action, w.Action) || !bytes.Equal(e.Table, w.Table) ||
+			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || !bytes.Equal(e.Body, w.Body) {
+			t.Fatalf("entry %d = %+v, want %+v", i, e, w)
+		}
+		i++
+	}
+	if r.Err() != nil || i != 50 {
+		t.Fatalf("read %d entries, err %v", i, r.Err())
+	}
+	b.Reset()
+	if b.Len() != 0 || b.Size() != 0 {
+		t.Fatal("Reset left entries")
+	}
+}
+
+const binaryMaxVarint = 10
+
+func TestBatchReaderRejects(t *testing.T) {
+	var b BatchBuilder
+	b.Add(&Entry{Key: []byte("k"), Body: []byte("hello")})
+	full := b.Bytes()
+	for _, data := range [][]byte{nil, {9}, full[:len(full)-1], append([]byte{1}, 0xff, 0xff)} {
+		r := NewBatchReader(data)
+		var e Entry
+		for r.Next(&e) {
+		}
+		if !errors.Is(r.Err(), ErrBadBatch) {
+			t.Errorf("%x: err %v, want ErrBadBatch", data, r.Err())
+		}
+	}
+}
+
+func FuzzBatchReader(f *testing.F) {
+	var b BatchBuilder
+	b.Add(&Entry{Key: []byte("k"), Body: []byte(`{"a":1}`), CommitMs: -1})
+	f.Add(b.Bytes())
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r := NewBatchReader(data)
+		var e Entry
+		for r.Next(&e) {
+		}
+	})
+}
+
+func TestDeliveryPos(t *testing.T) {
+	p, err := ParseDeliveryPos("12.3")
+	if err != nil || p != (DeliveryPos{12, 3}) || p.String() != "12.3" {
+		t.Fatalf("%v %v", p, err)
+	}
+	if whole, _ := ParseDeliveryPos("12"); !p.Less(whole) || whole.Less(p) {
+		t.Fatal("a bare sequence covers the whole message")
+	}
+	for _, bad := range []string{"", "x", "1.x", "1.-2"} {
+		if _, err := ParseDeliveryPos(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
