@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +27,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 )
@@ -415,6 +417,7 @@ type captureResult struct {
 	busiest    string        // the other processes that used most CPU
 	stopDur    time.Duration // SIGTERM → exit
 	streamMB   float64
+	messages   uint64 // in the stream: changes travel in batches
 }
 
 func runCapture(ctx context.Context, t *testing.T, w *workload, captureBin, natsBin, slot string) captureResult {
@@ -468,6 +471,7 @@ nats:
 
 	var samples []sample
 	var stream jetstream.Stream
+	var stored *atomic.Uint64
 	deadline := time.Now().Add(30 * time.Minute)
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
@@ -489,20 +493,22 @@ nats:
 				t.Fatalf("stream %s: %v", benchStream, err)
 			}
 			stream = s
-		}
-		info, err := stream.Info(ctx)
-		if err != nil {
-			t.Fatalf("stream info: %v", err)
+			stored = countChanges(ctx, t, s)
 		}
 		now := time.Since(start)
-		msgs := info.State.Msgs
+		msgs := stored.Load()
 		samples = append(samples, sample{now, msgs})
 		if msgs > 0 && r.firstMsg == 0 {
 			r.firstMsg = now
 		}
 		if msgs >= uint64(n) {
 			r.dur = now
+			info, err := stream.Info(ctx)
+			if err != nil {
+				t.Fatalf("stream info: %v", err)
+			}
 			r.streamMB = float64(info.State.Bytes) / (1 << 20)
+			r.messages = info.State.Msgs
 			break
 		}
 	}
@@ -534,12 +540,8 @@ nats:
 
 	// Nothing beyond n arrives.
 	time.Sleep(time.Second)
-	info, err := stream.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.State.Msgs != uint64(n) {
-		t.Errorf("stream holds %d messages, want exactly %d", info.State.Msgs, n)
+	if got := stored.Load(); got != uint64(n) {
+		t.Errorf("stream holds %d changes, want exactly %d", got, n)
 	}
 
 	// Clean shutdown.
@@ -557,13 +559,12 @@ nats:
 		t.Errorf("capture exited %d after SIGTERM, want 0 (%v)\n%s", code, cp.err, tailFile(capLog))
 	}
 
-	// The first and last messages are the first insert and the last update.
+	// The first and last changes are the first insert and the last update.
 	checkMsg(ctx, t, stream, 1, change.Insert)
-	checkMsg(ctx, t, stream, uint64(n), change.Update)
-	if info, err := stream.Info(ctx); err != nil {
-		t.Errorf("stream info after shutdown: %v", err)
-	} else if info.State.Msgs != uint64(n) {
-		t.Errorf("after shutdown the stream holds %d messages, want %d", info.State.Msgs, n)
+	checkMsg(ctx, t, stream, r.messages, change.Update)
+	time.Sleep(200 * time.Millisecond)
+	if got := stored.Load(); got != uint64(n) {
+		t.Errorf("after shutdown the stream holds %d changes, want %d", got, n)
 	}
 	t.Logf("capture: %d changes in %s (%.0f changes/s), first message after %s",
 		n, r.dur.Round(time.Millisecond), r.changesPer, r.firstMsg.Round(time.Millisecond))
@@ -583,6 +584,7 @@ func lastMsgs(s []sample) uint64 {
 	return s[len(s)-1].msgs
 }
 
+// checkMsg checks a message's first change (insert) or last (update).
 func checkMsg(ctx context.Context, t *testing.T, s jetstream.Stream, seq uint64, want change.Action) {
 	t.Helper()
 	m, err := s.GetMsg(ctx, seq)
@@ -590,17 +592,51 @@ func checkMsg(ctx context.Context, t *testing.T, s jetstream.Stream, seq uint64,
 		t.Errorf("get message %d: %v", seq, err)
 		return
 	}
-	var msg change.Message
-	if err := json.Unmarshal(m.Data, &msg); err != nil {
-		t.Errorf("message %d is not JSON: %v", seq, err)
+	r := bus.NewBatchReader(m.Data)
+	var e, pick bus.Entry
+	for i := 0; r.Next(&e); i++ {
+		if i == 0 && want == change.Insert || want != change.Insert {
+			pick = e
+		}
+	}
+	if r.Err() != nil {
+		t.Errorf("message %d: %v", seq, r.Err())
 		return
 	}
-	if msg.Action != want || msg.Metadata.TableName != "items" || msg.Record["doc"] == nil {
-		t.Errorf("message %d: action %q table %q, want %q on items with a doc:\n%s", seq, msg.Action, msg.Metadata.TableName, want, m.Data)
+	var msg change.Message
+	if err := json.Unmarshal(pick.Body, &msg); err != nil {
+		t.Errorf("message %d: a change is not JSON: %v", seq, err)
+		return
 	}
-	if m.Header.Get("Nats-Msg-Id") != msg.Metadata.IdempotencyKey {
-		t.Errorf("message %d: Nats-Msg-Id %q != idempotency_key %q", seq, m.Header.Get("Nats-Msg-Id"), msg.Metadata.IdempotencyKey)
+	if msg.Action != want || msg.Metadata.TableName != "items" || msg.Record["doc"] == nil || string(pick.Action) != string(want) {
+		t.Errorf("message %d: action %q table %q, want %q on items with a doc:\n%s", seq, msg.Action, msg.Metadata.TableName, want, pick.Body)
 	}
+	if string(pick.Key) != msg.Metadata.IdempotencyKey {
+		t.Errorf("message %d: entry key %q != idempotency_key %q", seq, pick.Key, msg.Metadata.IdempotencyKey)
+	}
+	if want == change.Update && m.Header.Get("Nats-Msg-Id") != msg.Metadata.IdempotencyKey {
+		t.Errorf("message %d: Nats-Msg-Id %q != its last change's idempotency_key %q", seq, m.Header.Get("Nats-Msg-Id"), msg.Metadata.IdempotencyKey)
+	}
+}
+
+// countChanges counts the changes stored in s as they arrive (the sum of
+// the messages' Pgs2-Entries headers, read with a headers-only consumer).
+func countChanges(ctx context.Context, t *testing.T, s jetstream.Stream) *atomic.Uint64 {
+	t.Helper()
+	var n atomic.Uint64
+	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{HeadersOnly: true})
+	if err != nil {
+		t.Fatalf("count changes: %v", err)
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		k, _ := strconv.ParseUint(m.Headers().Get(bus.HeaderEntries), 10, 64)
+		n.Add(k)
+	})
+	if err != nil {
+		t.Fatalf("count changes: %v", err)
+	}
+	t.Cleanup(cc.Stop)
+	return &n
 }
 
 // round is one run of each reader on the same backlog.
@@ -687,7 +723,8 @@ func report(t *testing.T, w *workload, version string, rs []round) {
 	add("| walsender CPU µs/change (pg_recvlogical's) | %8.1f |         |", med(func(r round) float64 { return perChange(r.recv.walsender) }))
 	add("| pg_recvlogical CPU µs/change               | %8.1f |         |", med(func(r round) float64 { return perChange(r.recv.cpu) }))
 	add("| capture SIGTERM → exit 0, ms               | %8.0f |         |", med(func(r round) float64 { return float64(r.capt.stopDur.Milliseconds()) }))
-	add("| stream bytes/message                       | %8.0f |         |", med(func(r round) float64 { return r.capt.streamMB * (1 << 20) / float64(n) }))
+	add("| stream bytes/change                        | %8.0f |         |", med(func(r round) float64 { return r.capt.streamMB * (1 << 20) / float64(n) }))
+	add("| changes per stream message                 | %8.1f |         |", med(func(r round) float64 { return float64(n) / float64(r.capt.messages) }))
 	add("")
 	add("each round (µs are CPU per change; busy = machine CPUs in use, other = of which not the measured processes;")
 	add("* = other processes used more than %.2f CPUs, left out of the medians):", disturbedCores)

@@ -89,3 +89,36 @@ func TestDeliveryPos(t *testing.T) {
 		}
 	}
 }
+
+func TestRoundIsDeterministic(t *testing.T) {
+	build := func() []string {
+		r := NewRound(3, 1<<20)
+		for i := range 20 {
+			r.Add(fmt.Sprintf("s.%d", i%4), &Entry{Key: fmt.Appendf(nil, "k%d", i), Body: []byte("x")})
+		}
+		var out []string
+		for _, m := range r.Msgs() {
+			out = append(out, fmt.Sprintf("%s/%d/%s", m.Subject, m.Batch.Len(), m.LastKey))
+		}
+		return out
+	}
+	a, b := build(), build()
+	if fmt.Sprint(a) != fmt.Sprint(b) {
+		t.Fatalf("same entries, different rounds:\n%v\n%v", a, b)
+	}
+	// 4 subjects × 5 entries, at most 3 per batch: 2 batches per subject,
+	// the second opened when the first filled.
+	if len(a) != 8 || a[0] != "s.0/3/k8" || a[4] != "s.0/2/k16" {
+		t.Fatalf("round %v", a)
+	}
+	r := NewRound(1000, 100)
+	r.Add("s", &Entry{Key: []byte("a"), Body: make([]byte, 500)})
+	r.Add("s", &Entry{Key: []byte("b"), Body: []byte("x")})
+	if len(r.Msgs()) != 2 || r.Entries() != 2 {
+		t.Fatalf("an oversized entry should get a batch of its own: %d messages", len(r.Msgs()))
+	}
+	r.Reset()
+	if len(r.Msgs()) != 0 || r.Entries() != 0 || r.Bytes() != 0 {
+		t.Fatal("Reset left entries")
+	}
+}

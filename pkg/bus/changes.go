@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -62,6 +64,109 @@ func EnsureChangesStream(ctx context.Context, js jetstream.JetStream, c ChangesS
 		return nil, fmt.Errorf("update stream %s: %w", c.Name, err)
 	}
 	return s, nil
+}
+
+// Headers of a changes-stream message: capture publishes rounds (see
+// Round) and names each message's round by its first and last change.
+const (
+	HeaderRoundFirst = "Pgs2-Round-First" // key of the round's first change
+	HeaderRoundLast  = "Pgs2-Round-Last"  // key of the round's last change
+)
+
+// ChangesResume is what the changes stream holds of a source: where
+// capture resumes.
+type ChangesResume struct {
+	// LastID is the last message's Nats-Msg-Id ("" when there is none):
+	// the publisher's chain continues from it.
+	LastID string
+	// Through: every change up to it is stored (the end of the last
+	// complete round).
+	Through change.Position
+	// Partial is set when the last round was cut short (a crash while
+	// publishing it): of its changes, First to Last, those in Stored (keys)
+	// are in the stream, the others are not.
+	Partial     bool
+	First, Last change.Position
+	Stored      map[string]bool
+}
+
+// Skip reports whether the change at pos (with idempotency key key) is in
+// the stream already.
+func (r *ChangesResume) Skip(pos change.Position, key []byte) bool {
+	if !r.Partial {
+		return !r.Through.Less(pos)
+	}
+	if pos.Less(r.First) {
+		return true
+	}
+	if r.Last.Less(pos) {
+		r.Partial, r.Stored, r.Through = false, nil, r.Last // past the interrupted round
+		return false
+	}
+	return r.Stored[string(key)]
+}
+
+// ResumeChanges reads what the changes stream holds of the source: its
+// last message and, when that ends an interrupted round, the keys the
+// round's stored messages carry. Capture is the stream's only writer, so a
+// round's messages are the stream's last ones.
+func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (ChangesResume, error) {
+	filter := ChangesFilter(source)
+	m, err := s.GetLastMsgForSubject(ctx, filter)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return ChangesResume{}, nil
+	}
+	if err != nil {
+		return ChangesResume{}, fmt.Errorf("read the last message of %s: %w", filter, err)
+	}
+	r := ChangesResume{LastID: m.Header.Get(HeaderMsgID)}
+	i, n, err := ParseRound(m.Header.Get(HeaderRound))
+	if err == nil {
+		r.First, err = change.ParseKey(m.Header.Get(HeaderRoundFirst))
+	}
+	if err == nil {
+		r.Last, err = change.ParseKey(m.Header.Get(HeaderRoundLast))
+	}
+	if err != nil || r.LastID == "" {
+		return ChangesResume{}, fmt.Errorf("message %d on %s lacks a valid %s, %s, %s or %s (written by another version of capture?): %v",
+			m.Sequence, filter, HeaderMsgID, HeaderRound, HeaderRoundFirst, HeaderRoundLast, err)
+	}
+	if i == n {
+		r.Through = r.Last
+		return r, nil
+	}
+	r.Partial, r.Stored = true, map[string]bool{}
+	for seq := m.Sequence - uint64(i) + 1; seq <= m.Sequence; seq++ {
+		sm, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			return ChangesResume{}, fmt.Errorf("read message %d of the interrupted round: %w", seq, err)
+		}
+		if sm.Header.Get(HeaderRoundFirst) != m.Header.Get(HeaderRoundFirst) {
+			return ChangesResume{}, fmt.Errorf("message %d is not of the interrupted round ending at %d: does another writer publish to %s?", seq, m.Sequence, filter)
+		}
+		br := NewBatchReader(sm.Data)
+		var e Entry
+		for br.Next(&e) {
+			r.Stored[string(e.Key)] = true
+		}
+		if err := br.Err(); err != nil {
+			return ChangesResume{}, fmt.Errorf("message %d: %w", seq, err)
+		}
+	}
+	return r, nil
+}
+
+// ParseRound reads a HeaderRound value, "<i>/<n>".
+func ParseRound(v string) (i, n int, err error) {
+	is, ns, _ := strings.Cut(v, "/")
+	i, err = strconv.Atoi(is)
+	if err == nil {
+		n, err = strconv.Atoi(ns)
+	}
+	if err != nil || i < 1 || i > n {
+		return 0, 0, fmt.Errorf("round %q is not <i>/<n>", v)
+	}
+	return i, n, nil
 }
 
 // LastChange returns the position and idempotency key of the last change the

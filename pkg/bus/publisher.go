@@ -38,9 +38,7 @@ type Publisher struct {
 	// Publishing goroutine only.
 	msg     nats.Msg
 	idVal   []string
-	grpVal  []string
 	expVal  []string
-	trVal   []string
 	lastKey string
 	slots   chan struct{} // one per message awaiting its PubAck
 
@@ -89,9 +87,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 		inbox:    nc.NewInbox() + ".",
 		timeout:  o.AckTimeout,
 		idVal:    make([]string, 1),
-		grpVal:   make([]string, 1),
 		expVal:   make([]string, 1),
-		trVal:    make([]string, 1),
 		lastKey:  lastKey,
 		slots:    make(chan struct{}, o.Window),
 		acked:    make([]bool, o.Window),
@@ -100,7 +96,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
-	p.msg.Header = nats.Header{HeaderMsgID: p.idVal, HeaderGroup: p.grpVal}
+	p.msg.Header = nats.Header{HeaderMsgID: p.idVal}
 	p.confirmed.Store(acked)
 	p.status = nc.StatusChanged(nats.DISCONNECTED, nats.RECONNECTING, nats.CLOSED)
 	sub, err := nc.Subscribe(p.inbox+"*", p.onAck)
@@ -114,11 +110,10 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 	return p, nil
 }
 
-// Publish sends one message (capture: a change; router: a batch of routed
-// changes) with Nats-Msg-Id key; group (nil for none) goes in the
-// Pgs2-Group header, traceparent ("" for none) continues the trace of its
-// transaction. It blocks only while the window is full.
-func (p *Publisher) Publish(ctx context.Context, subject, key string, group []byte, body []byte, traceparent string) error {
+// Publish sends one message (capture: a round's batch of changes for one
+// subject; router: of routed changes) with Nats-Msg-Id id, and the headers
+// set with SetHeader. It blocks only while the window is full.
+func (p *Publisher) Publish(ctx context.Context, subject, id string, body []byte) error {
 	select {
 	case p.slots <- struct{}{}:
 	case <-p.failed:
@@ -127,24 +122,12 @@ func (p *Publisher) Publish(ctx context.Context, subject, key string, group []by
 		return ctx.Err()
 	}
 	seq := p.published.Load() + 1
-	p.idVal[0] = key
-	if group != nil {
-		p.grpVal[0] = string(group)
-		p.msg.Header[HeaderGroup] = p.grpVal
-	} else {
-		delete(p.msg.Header, HeaderGroup)
-	}
+	p.idVal[0] = id
 	if p.lastKey != "" {
 		p.expVal[0] = p.lastKey
 		p.msg.Header[HeaderExpectedLastID] = p.expVal
 	} else {
 		delete(p.msg.Header, HeaderExpectedLastID)
-	}
-	if traceparent != "" {
-		p.trVal[0] = traceparent
-		p.msg.Header[HeaderTraceParent] = p.trVal
-	} else {
-		delete(p.msg.Header, HeaderTraceParent)
 	}
 	p.msg.Subject = subject
 	p.msg.Reply = p.inbox + strconv.FormatUint(seq, 10)
@@ -154,7 +137,7 @@ func (p *Publisher) Publish(ctx context.Context, subject, key string, group []by
 		p.fail(fmt.Errorf("publish %s: %w", subject, err))
 		return p.err
 	}
-	p.lastKey = key
+	p.lastKey = id
 	return nil
 }
 

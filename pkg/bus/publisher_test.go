@@ -43,7 +43,7 @@ func TestPublisherConfirmsWholeTransactions(t *testing.T) {
 		for i := 0; i < tx%7+1; i++ {
 			pos := change.Position{LSN: uint64(1000 + tx), Idx: i}
 			g := []byte{byte(i)}
-			if err := p.Publish(ctx, subj.Subject("public", "t", g), pos.Key(), g, []byte(`{}`), ""); err != nil {
+			if err := p.Publish(ctx, subj.Subject("public", "t", g), pos.Key(), []byte(`{}`)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -73,7 +73,7 @@ func TestPublisherRefusesGap(t *testing.T) {
 	ctx := context.Background()
 	p, _ := bus.NewPublisher(nc, "", 0, bus.PublisherOptions{})
 	first := change.Position{LSN: 10, Idx: 0}
-	if err := p.Publish(ctx, "pgs2.changes.app.public.t.0", first.Key(), nil, []byte(`{}`), ""); err != nil {
+	if err := p.Publish(ctx, "pgs2.changes.app.public.t.0", first.Key(), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
 	p.Mark(11)
@@ -84,7 +84,7 @@ func TestPublisherRefusesGap(t *testing.T) {
 	lost := change.Position{LSN: 20, Idx: 0}
 	p2, _ := bus.NewPublisher(nc, lost.Key(), 11, bus.PublisherOptions{})
 	next := change.Position{LSN: 30, Idx: 0}
-	_ = p2.Publish(ctx, "pgs2.changes.app.public.t.0", next.Key(), nil, []byte(`{}`), "")
+	_ = p2.Publish(ctx, "pgs2.changes.app.public.t.0", next.Key(), []byte(`{}`))
 	p2.Mark(31)
 	err := p2.Close(ctx)
 	if err == nil || !strings.Contains(err.Error(), "last msg") {
@@ -108,7 +108,7 @@ func TestPublisherFailsOnDisconnect(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("publisher did not fail when the connection dropped")
 	}
-	if err := p.Publish(ctx, "pgs2.changes.app.public.t.0", "k", nil, nil, ""); err == nil {
+	if err := p.Publish(ctx, "pgs2.changes.app.public.t.0", "k", nil); err == nil {
 		t.Fatal("Publish after failure succeeded")
 	}
 	_ = p.Close(ctx)
@@ -118,7 +118,7 @@ func TestPublisherNoStream(t *testing.T) {
 	_, nc, _ := setup(t)
 	ctx := context.Background()
 	p, _ := bus.NewPublisher(nc, "", 0, bus.PublisherOptions{})
-	_ = p.Publish(ctx, "pgs2.nostream.x", "k", nil, []byte("x"), "")
+	_ = p.Publish(ctx, "pgs2.nostream.x", "k", []byte("x"))
 	err := p.Close(ctx)
 	if err == nil || !strings.Contains(err.Error(), "no responders") {
 		t.Fatalf("Close = %v, want no responders", err)

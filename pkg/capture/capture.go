@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -22,7 +23,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
-	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
@@ -43,6 +43,9 @@ type Config struct {
 	Window int
 	// ShutdownTimeout bounds the wait for outstanding PubAcks on exit (default 30s).
 	ShutdownTimeout time.Duration
+	// Linger is how long a round of changes may collect before it is
+	// published (default 3ms): larger rounds make larger messages.
+	Linger time.Duration
 }
 
 // Capture runs the replication sessions.
@@ -54,6 +57,9 @@ type Capture struct {
 	tracer  trace.Tracer
 	metrics *metrics.Capture
 	pub     atomic.Pointer[bus.Publisher] // the current session's
+	// crashAfter (tests) ends the first session after it published this
+	// many messages, as a crash in the middle of a round would.
+	crashAfter int
 }
 
 // Option configures optional dependencies.
@@ -94,6 +100,9 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 	}
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 30 * time.Second
+	}
+	if cfg.Linger <= 0 {
+		cfg.Linger = 3 * time.Millisecond
 	}
 	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture")}
 	for _, o := range opts {
@@ -147,7 +156,7 @@ func (c *Capture) Run(ctx context.Context) error {
 // session streams from the slot's confirmed position, skipping the changes
 // the stream already holds, until an error or ctx ends.
 func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db string) (err error) {
-	last, lastKey, err := bus.LastChange(ctx, stream, c.cfg.Source)
+	resume, err := bus.ResumeChanges(ctx, stream, c.cfg.Source)
 	if err != nil {
 		return err
 	}
@@ -177,25 +186,38 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	if err != nil {
 		return fmt.Errorf("start replication on slot %s: %w", c.cfg.Repl.Slot, err)
 	}
-	c.log.Info("streaming", "slot", c.cfg.Repl.Slot, "confirmed_flush", confirmed, "resume_after", last.String())
+	if resume.Partial {
+		c.log.Info("streaming", "slot", c.cfg.Repl.Slot, "confirmed_flush", confirmed, "interrupted_round", resume.First.String()+" - "+resume.Last.String(),
+			"stored_of_it", len(resume.Stored))
+	} else {
+		c.log.Info("streaming", "slot", c.cfg.Repl.Slot, "confirmed_flush", confirmed, "resume_after", resume.Through.String())
+	}
 	c.state.SetReady()
 
-	pub, err := bus.NewPublisher(c.js.Conn(), lastKey, uint64(confirmed), bus.PublisherOptions{Window: c.cfg.Window})
+	pub, err := bus.NewPublisher(c.js.Conn(), resume.LastID, uint64(confirmed), bus.PublisherOptions{Window: c.cfg.Window})
 	if err != nil {
 		return err
 	}
 	c.pub.Store(pub)
 	c.metrics.Sessions.Inc()
-	s := &session{Capture: c, repl: repl, pub: pub, last: last, maxBody: int(c.js.Conn().MaxPayload()) - 16<<10,
-		dec: pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
+	maxBody := int(c.js.Conn().MaxPayload()) - 16<<10
+	s := &session{Capture: c, repl: repl, pub: pub, resume: resume, maxBody: maxBody,
+		round: bus.NewRound(maxBatchEntries, min(maxBody, maxBatchBytes)),
+		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
 	if s.span != nil { // ended inside a transaction
 		s.span.End()
 	}
 
-	// Wait for what is in flight, then confirm what is acknowledged.
+	// Publish the round in hand on a clean stop, wait for what is in
+	// flight, then confirm what is acknowledged.
 	cctx, cancel := context.WithTimeout(context.Background(), c.cfg.ShutdownTimeout)
 	defer cancel()
+	if ctx.Err() != nil && pub.Err() == nil {
+		if err := s.flush(cctx); err != nil {
+			c.log.Warn("could not publish the last round on shutdown; it is captured again on the next start", "error", err)
+		}
+	}
 	closeErr := pub.Close(cctx)
 	if serr := s.sendStatus(cctx); serr != nil && runErr == nil && ctx.Err() == nil {
 		runErr = serr
@@ -216,9 +238,25 @@ type session struct {
 	pub      *bus.Publisher
 	dec      *pgrepl.Decoder
 	subjects *bus.ChangeSubjects
-	last     change.Position
+	resume   bus.ChangesResume
+
+	// The round being collected: its changes are published together, one
+	// message per subject, when it is Linger old at a commit, when no WAL
+	// arrives for that long, or when it is full.
+	round        *bus.Round
+	roundStarted time.Time
+	roundFirst   string // key of its first change
+	roundLast    string // and of its last
+	// pendingCommit is the end LSN of the round's last commit: marked for
+	// confirmation once the round is published.
+	pendingCommit uint64
+	entry         bus.Entry
+	table         []byte // "schema.table" of the current change
+	commitMs      int64  // of the current transaction
+	tp            []byte // its traceparent
 
 	published, skipped int64
+	sent               int // messages
 	// maxBody is the largest body the NATS server takes, leaving room for
 	// headers (read once: a session ends when the connection does).
 	maxBody int
@@ -250,17 +288,33 @@ func (s *session) run(ctx context.Context) error {
 	defer context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })()
 	defer conn.SetReadDeadline(time.Time{})
 	next := time.Now().Add(s.cfg.StatusInterval)
-	_ = conn.SetReadDeadline(next)
+	deadline := next
+	_ = conn.SetReadDeadline(deadline)
 	for {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if now := time.Now(); !now.Before(next) {
+		now := time.Now()
+		if !now.Before(next) {
 			if err := s.sendStatus(ctx); err != nil {
 				return err
 			}
 			next = now.Add(s.cfg.StatusInterval)
-			_ = conn.SetReadDeadline(next)
+		}
+		want := next
+		if s.round.Entries() > 0 {
+			due := s.roundStarted.Add(s.cfg.Linger)
+			if !now.Before(due) { // no WAL for a while: publish what the round has
+				if err := s.flush(ctx); err != nil {
+					return err
+				}
+			} else if due.Before(want) {
+				want = due
+			}
+		}
+		if !want.Equal(deadline) {
+			deadline = want
+			_ = conn.SetReadDeadline(deadline)
 		}
 		msg, err := s.repl.ReceiveMessage(context.Background())
 		if err != nil {
@@ -286,7 +340,7 @@ func (s *session) run(ctx context.Context) error {
 				if err != nil {
 					return fmt.Errorf("parse keepalive: %w", err)
 				}
-				if !s.dec.InTx() {
+				if !s.dec.InTx() && s.round.Entries() == 0 && s.pendingCommit == 0 {
 					s.pub.MarkIdle(uint64(k.ServerWALEnd))
 				}
 				s.metrics.ServerLSN.Set(float64(k.ServerWALEnd))
@@ -318,43 +372,95 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		_, s.span = s.tracer.Start(ctx, "capture transaction", trace.WithSpanKind(trace.SpanKindProducer),
 			trace.WithAttributes(attribute.Int64("pgs2.commit_lsn", int64(ev.LSN))))
 		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
+		s.tp = append(s.tp[:0], s.traceparent...)
+		s.commitMs = ev.CommitMs
 		s.txChanges = 0
 	case pgrepl.EventRow:
 		r := &ev.Row
-		if !s.last.Less(r.Pos) { // already in the stream
+		if s.resume.Skip(r.Pos, r.Key) { // already in the stream
 			s.skipped++
 			s.metrics.Skipped.Inc()
 			return nil
 		}
-		subject := s.subjects.Subject(r.Schema, r.Table, r.Group)
-		body := r.Body
-		if len(body) > s.maxBody {
+		s.table = append(append(append(s.table[:0], r.Schema...), '.'), r.Table...)
+		e := &s.entry
+		*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, CommitMs: s.commitMs, TraceParent: s.tp, Body: r.Body}
+		if e.Size() > s.maxBody {
 			// Too large for this NATS server: publish a stub in its place,
 			// marked, so delivery parks it visibly (its group waits) instead
 			// of the whole capture stalling on it.
-			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(body), s.maxBody+16<<10)
-			body = oversizedStub(r, reason)
-			s.pub.SetHeader(bus.HeaderError, reason)
-			defer s.pub.SetHeader(bus.HeaderError, "")
-			s.log.Error("change too large for NATS; published a stub that delivery parks", "table", r.Schema+"."+r.Table, "key", string(r.Key), "bytes", len(r.Body))
+			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(r.Body), s.maxBody+16<<10)
+			e.Body, e.Error = oversizedStub(r, reason), []byte(reason)
+			s.log.Error("change too large for NATS; published a stub that delivery parks", "table", string(s.table), "key", string(r.Key), "bytes", len(r.Body))
 		}
-		if err := s.pub.Publish(ctx, subject, string(r.Key), r.Group, body, s.traceparent); err != nil {
-			return err
+		if s.round.Entries() == 0 {
+			s.roundStarted, s.roundFirst = time.Now(), string(r.Key)
 		}
+		s.roundLast = string(r.Key)
+		s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
 		s.published++
 		s.txChanges++
+		if s.round.Entries() >= maxRoundEntries || s.round.Bytes() >= maxRoundBytes {
+			return s.flush(ctx)
+		}
 	case pgrepl.EventCommit:
-		s.pub.Mark(ev.LSN)
+		if s.round.Entries() == 0 {
+			s.pub.Mark(ev.LSN) // its changes (if any) are published
+		} else {
+			s.pendingCommit = ev.LSN
+			if time.Since(s.roundStarted) >= s.cfg.Linger {
+				if err := s.flush(ctx); err != nil {
+					return err
+				}
+			}
+		}
 		s.metrics.Transactions.Inc()
 		s.metrics.Changes.Add(float64(s.txChanges))
 		if s.span != nil {
 			s.span.SetAttributes(attribute.Int("pgs2.changes", s.txChanges))
 			s.span.End()
 			s.span, s.traceparent = nil, ""
+			s.tp = s.tp[:0]
 		}
 	case pgrepl.EventTruncate:
 		s.metrics.Truncates.Inc()
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
+	}
+	return nil
+}
+
+// Round limits.
+const (
+	maxRoundEntries = 8192
+	maxRoundBytes   = 16 << 20
+	maxBatchEntries = 1000
+	maxBatchBytes   = 1 << 20
+)
+
+// flush publishes the round: one message per subject (more when one
+// filled up), each with Nats-Msg-Id = its last change's key, then marks
+// the round's last commit for confirmation.
+func (s *session) flush(ctx context.Context) error {
+	msgs := s.round.Msgs()
+	n := strconv.Itoa(len(msgs))
+	for i, m := range msgs {
+		s.pub.SetHeader(bus.HeaderRound, strconv.Itoa(i+1)+"/"+n)
+		s.pub.SetHeader(bus.HeaderRoundFirst, s.roundFirst)
+		s.pub.SetHeader(bus.HeaderRoundLast, s.roundLast)
+		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(m.Batch.Len()))
+		if s.crashAfter > 0 && s.sent == s.crashAfter {
+			s.crashAfter = 0
+			return errors.New("simulated crash")
+		}
+		if err := s.pub.Publish(ctx, m.Subject, m.LastKey, m.Batch.Bytes()); err != nil {
+			return err
+		}
+		s.sent++
+	}
+	s.round.Reset()
+	if s.pendingCommit != 0 {
+		s.pub.Mark(s.pendingCommit)
+		s.pendingCommit = 0
 	}
 	return nil
 }

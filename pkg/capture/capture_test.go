@@ -101,3 +101,26 @@ func TestTraceContext(t *testing.T) {
 		}
 	}
 }
+
+// TestInterruptedRound: capture dies after publishing 3 of a round's
+// messages; the next session publishes the rest of the round's changes,
+// none twice.
+func TestInterruptedRound(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY, v int)`, "public.users")
+	e.opts = append(e.opts, capture.WithCrashAfter(3))
+	e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO users SELECT g, 0 FROM generate_series(1, 40) g`) // one round over 8 partitions
+	msgs := e.waitMessages(t, 40) // fails on a change stored twice
+	for i, m := range msgs {
+		if m.Msg.Metadata.CommitIdx != i {
+			t.Fatalf("change %d has commit_idx %d", i, m.Msg.Metadata.CommitIdx)
+		}
+	}
+	bySeq := map[uint64]string{}
+	for _, m := range msgs {
+		bySeq[m.Seq] = m.Header.Get("Pgs2-Round")
+	}
+	if !strings.HasSuffix(bySeq[3], "/8") || bySeq[3][0] != '3' || bySeq[4][0] != '1' {
+		t.Fatalf("rounds by message: %v; want the interrupted round's 3 messages, then a new round", bySeq)
+	}
+}

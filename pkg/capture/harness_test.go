@@ -1,11 +1,14 @@
 package capture_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"os"
+	"sort"
+	"strconv"
 	"testing"
 	"time"
 
@@ -94,16 +97,20 @@ func (e *env) run(t *testing.T) func() error {
 	return stop
 }
 
-// got is one stored change.
+// got is one stored change: an entry of a changes-stream message.
 type got struct {
 	Subject string
-	Seq     uint64
-	Header  nats.Header
-	Raw     []byte
-	Msg     change.Message
+	Seq     uint64 // of its message
+	// Header holds the message's headers, with the entry's fields as the
+	// headers a change would carry alone: Nats-Msg-Id (its key),
+	// Pgs2-Group, traceparent and Pgs2-Error.
+	Header nats.Header
+	Raw    []byte
+	Msg    change.Message
+	Entry  bus.Entry
 }
 
-// waitMessages reads the changes stream until it holds n messages, and
+// waitMessages reads the changes stream until it holds n changes, and
 // fails the test if more than n arrive within a short grace period.
 func (e *env) waitMessages(t *testing.T, n int) []got {
 	t.Helper()
@@ -112,23 +119,30 @@ func (e *env) waitMessages(t *testing.T, n int) []got {
 		msgs := e.readAll(t)
 		if len(msgs) >= n {
 			if len(msgs) > n {
-				t.Fatalf("stream holds %d messages, want %d", len(msgs), n)
+				t.Fatalf("stream holds %d changes, want %d", len(msgs), n)
 			}
 			return msgs
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("stream holds %d messages after 60s, want %d", len(msgs), n)
+			t.Fatalf("stream holds %d changes after 60s, want %d", len(msgs), n)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 }
 
-// readAll returns every message of the changes stream in stream order.
+// readAll returns every change of the changes stream in commit order. It
+// fails the test when a subject's changes are out of commit order in the
+// stream (a group's order is its subject's) or a change is there twice.
 func (e *env) readAll(t *testing.T) []got {
+	t.Helper()
+	return readChanges(t, e.js, e.cfg.Stream.Name)
+}
+
+func readChanges(t *testing.T, js jetstream.JetStream, name string) []got {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	s, err := e.js.Stream(ctx, e.cfg.Stream.Name)
+	s, err := js.Stream(ctx, name)
 	if err != nil {
 		return nil
 	}
@@ -144,23 +158,70 @@ func (e *env) readAll(t *testing.T) []got {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := make([]got, 0, total)
-	for uint64(len(out)) < total {
-		batch, err := cons.Fetch(int(min(total-uint64(len(out)), 1000)), jetstream.FetchMaxWait(10*time.Second))
+	var out []got
+	lastOf := map[string]change.Position{}
+	seen := map[string]uint64{}
+	for read := uint64(0); read < total; {
+		batch, err := cons.Fetch(int(min(total-read, 1000)), jetstream.FetchMaxWait(10*time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}
 		for m := range batch.Messages() {
+			read++
 			md, _ := m.Metadata()
-			g := got{Subject: m.Subject(), Seq: md.Sequence.Stream, Header: m.Headers(), Raw: m.Data()}
-			if err := json.Unmarshal(m.Data(), &g.Msg); err != nil {
-				t.Fatalf("message %d is not valid JSON: %v\n%s", g.Seq, err, m.Data())
+			r := bus.NewBatchReader(m.Data())
+			var en bus.Entry
+			n := 0
+			for r.Next(&en) {
+				n++
+				g := got{Subject: m.Subject(), Seq: md.Sequence.Stream, Header: nats.Header{}, Raw: bytes.Clone(en.Body)}
+				for k, v := range m.Headers() {
+					g.Header[k] = v
+				}
+				g.Entry = bus.Entry{Key: bytes.Clone(en.Key), Group: bytes.Clone(en.Group), Action: bytes.Clone(en.Action), Table: bytes.Clone(en.Table),
+					CommitMs: en.CommitMs, TraceParent: bytes.Clone(en.TraceParent), Error: bytes.Clone(en.Error), Body: g.Raw}
+				g.Header.Set("Nats-Msg-Id", string(en.Key))
+				g.Header.Set(bus.HeaderGroup, string(en.Group))
+				g.Header.Del(bus.HeaderTraceParent)
+				if len(en.TraceParent) > 0 {
+					g.Header.Set(bus.HeaderTraceParent, string(en.TraceParent))
+				}
+				if len(en.Error) > 0 {
+					g.Header.Set(bus.HeaderError, string(en.Error))
+				}
+				if err := json.Unmarshal(en.Body, &g.Msg); err != nil {
+					t.Fatalf("a change in message %d is not valid JSON: %v\n%s", g.Seq, err, en.Body)
+				}
+				pos, err := change.ParseKey(string(en.Key))
+				if err != nil {
+					t.Fatalf("message %d: %v", g.Seq, err)
+				}
+				if prev, ok := lastOf[g.Subject]; ok && !prev.Less(pos) {
+					t.Errorf("subject %s: change %s after %s in the stream (out of commit order, or twice)", g.Subject, pos, prev)
+				}
+				lastOf[g.Subject] = pos
+				if s := seen[string(en.Key)]; s != 0 {
+					t.Errorf("change %s in messages %d and %d", pos, s, g.Seq)
+				}
+				seen[string(en.Key)] = g.Seq
+				out = append(out, g)
 			}
-			out = append(out, g)
+			if r.Err() != nil {
+				t.Fatalf("message %d: %v", md.Sequence.Stream, r.Err())
+			}
+			if m.Headers().Get(bus.HeaderEntries) != strconv.Itoa(n) || m.Headers().Get("Nats-Msg-Id") != string(en.Key) {
+				t.Errorf("message %d: %s %q and Nats-Msg-Id %q, with %d changes, the last %s", md.Sequence.Stream, bus.HeaderEntries,
+					m.Headers().Get(bus.HeaderEntries), m.Headers().Get("Nats-Msg-Id"), n, en.Key)
+			}
 		}
 		if batch.Error() != nil {
 			t.Fatal(batch.Error())
 		}
 	}
+	sort.SliceStable(out, func(i, j int) bool {
+		pi, _ := change.ParseKey(string(out[i].Entry.Key))
+		pj, _ := change.ParseKey(string(out[j].Entry.Key))
+		return pi.Less(pj)
+	})
 	return out
 }

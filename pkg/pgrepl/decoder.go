@@ -30,7 +30,10 @@ const (
 type Event struct {
 	Kind EventKind
 	LSN  uint64
-	Row  Row
+	// CommitMs is the transaction's commit time in ms since the Unix epoch
+	// (EventBegin).
+	CommitMs int64
+	Row      Row
 	// Tables names the truncated tables for EventTruncate.
 	Tables []string
 }
@@ -116,9 +119,10 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 		d.inTx = true
 		d.commitLSN = binary.BigEndian.Uint64(data[1:])
 		us := int64(binary.BigEndian.Uint64(data[9:]))
-		d.commitTS = pgTime(us).AppendFormat(d.commitTS[:0], "2006-01-02T15:04:05.000000Z07:00")
+		ts := pgTime(us)
+		d.commitTS = ts.AppendFormat(d.commitTS[:0], "2006-01-02T15:04:05.000000Z07:00")
 		d.idx = 0
-		return Event{Kind: EventBegin, LSN: d.commitLSN}, nil
+		return Event{Kind: EventBegin, LSN: d.commitLSN, CommitMs: ts.UnixMilli()}, nil
 	case 'C':
 		if len(data) < 26 {
 			return Event{}, fmt.Errorf("short commit message")

@@ -11,7 +11,6 @@ import (
 	"hash/crc32"
 	"log/slog"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -163,13 +162,9 @@ func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err err
 		lr.end, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputEnd), 10, 64)
 	}
 	if err == nil {
-		is, ns, _ := strings.Cut(m.Header.Get(bus.HeaderRound), "/")
-		lr.i, err = strconv.Atoi(is)
-		if err == nil {
-			lr.n, err = strconv.Atoi(ns)
-		}
+		lr.i, lr.n, err = bus.ParseRound(m.Header.Get(bus.HeaderRound))
 	}
-	if err != nil || lr.id == "" || lr.i < 1 || lr.i > lr.n || lr.end < lr.start {
+	if err != nil || lr.id == "" || lr.end < lr.start {
 		return lr, false, fmt.Errorf("delivery message %d lacks a valid %s, %s, %s or %s (written by another version of the router?)",
 			m.Sequence, bus.HeaderMsgID, bus.HeaderInputSeq, bus.HeaderInputEnd, bus.HeaderRound)
 	}
@@ -205,8 +200,8 @@ func (r *Router) session(ctx context.Context) error {
 		return fmt.Errorf("read %s: %w", r.cfg.ChangesStream, err)
 	}
 	maxPayload := max(int(r.nc.MaxPayload())-8<<10, 64<<10) // room for the headers
-	s := &session{Router: r, pub: pub, replay: rp, maxPayload: maxPayload, maxBytes: min(maxPayload, r.cfg.MaxBatchBytes),
-		round: round{open: map[string]*batchMsg{}}}
+	s := &session{Router: r, pub: pub, replay: rp, maxPayload: maxPayload,
+		round: round{Round: bus.NewRound(maxBatchEntries, min(maxPayload, r.cfg.MaxBatchBytes))}}
 	stop := context.AfterFunc(ctx, it.Stop)
 	r.state.SetReady()
 	r.log.Info("routing", "source", r.cfg.Source, "from_seq", occ.OptStartSeq, "resume_after", last.id)
@@ -235,23 +230,13 @@ type replay struct {
 	lastID string // the id of the last of them
 }
 
-// batchMsg is one delivery message being built.
-type batchMsg struct {
-	subject string
-	b       bus.BatchBuilder
-	lastKey string
-}
-
-// round is the outputs of the inputs read in one go, one batch per subject
-// (more when one fills up), published together in a fixed order.
+// round is the outputs of the inputs read in one go (bus.Round), and which
+// inputs those are.
 type round struct {
+	*bus.Round
 	start, end uint64
 	started    time.Time
 	inputs     int
-	bytes      int
-	open       map[string]*batchMsg // subject → its batch being filled
-	msgs       []*batchMsg          // in the order they were opened
-	free       []*batchMsg
 }
 
 // Round limits: a round ends when no input is waiting, or at these.
@@ -265,13 +250,13 @@ type session struct {
 	*Router
 	pub        *bus.Publisher
 	replay     *replay
-	maxBytes   int // of a delivery message's body, when batching
 	maxPayload int // of a delivery message's body: one change may reach it
 	lastSeq    uint64
 	round      round
 	published  int
-	out        []byte // reused output body
-	entry      bus.Entry
+	out        []byte    // reused output body
+	in         bus.Entry // the change being routed
+	entry      bus.Entry // its output
 }
 
 type input struct {
@@ -340,7 +325,7 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 					return err
 				}
 			}
-		} else if s.round.inputs >= maxRoundInputs || s.round.bytes >= maxRoundBytes {
+		} else if s.round.inputs >= maxRoundInputs || s.round.Bytes() >= maxRoundBytes {
 			if err := s.flush(ctx); err != nil {
 				return err
 			}
@@ -388,46 +373,29 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 
 // add puts an entry into its subject's batch.
 func (s *session) add(subject string, e *bus.Entry) {
-	rd := &s.round
 	if size := e.Size(); size > s.maxPayload {
 		e.Error = fmt.Appendf(nil, "the routed change is %d bytes, more than a NATS message may hold (%d); acknowledge it, or raise the server's max_payload", size, s.maxPayload)
 		e.Body = nil
 	}
-	bm := rd.open[subject]
-	if bm != nil && (bm.b.Len() >= maxBatchEntries || bm.b.Size()+e.Size() > s.maxBytes) {
-		bm = nil // full: it stays in the round, a new one follows it
-	}
-	if bm == nil {
-		if n := len(rd.free); n > 0 {
-			bm, rd.free = rd.free[n-1], rd.free[:n-1]
-		} else {
-			bm = &batchMsg{}
-		}
-		bm.subject = subject
-		rd.open[subject] = bm
-		rd.msgs = append(rd.msgs, bm)
-	}
-	before := bm.b.Size()
-	bm.b.Add(e)
-	bm.lastKey = string(e.Key)
-	rd.bytes += bm.b.Size() - before
+	s.round.Add(subject, e)
 }
 
 // messageID names a round's i-th message (1-based) by the round's end, its
 // place and its content, so a rebuilt round can be checked against what
 // the stream holds.
-func messageID(end uint64, i int, bm *batchMsg) string {
-	return strconv.FormatUint(end, 10) + "." + strconv.Itoa(i) + ":" + bm.lastKey + ":" + strconv.FormatUint(uint64(crc32.ChecksumIEEE([]byte(bm.subject))), 36)
+func messageID(end uint64, i int, m *bus.RoundMsg) string {
+	return strconv.FormatUint(end, 10) + "." + strconv.Itoa(i) + ":" + m.LastKey + ":" + strconv.FormatUint(uint64(crc32.ChecksumIEEE([]byte(m.Subject))), 36)
 }
 
 // flush publishes the round's messages in order and starts a new round.
 func (s *session) flush(ctx context.Context) error {
 	rd := &s.round
-	n := len(rd.msgs)
+	msgs := rd.Msgs()
+	n := len(msgs)
 	skip := 0
 	if rp := s.replay; rp != nil {
 		s.replay = nil
-		if rp.stored <= n && messageID(rd.end, rp.stored, rd.msgs[rp.stored-1]) == rp.lastID {
+		if rp.stored <= n && messageID(rd.end, rp.stored, msgs[rp.stored-1]) == rp.lastID {
 			skip = rp.stored
 		} else {
 			s.log.Warn("an interrupted round routes differently now (the sinks changed?): publishing all of it; some changes may be delivered twice",
@@ -435,54 +403,29 @@ func (s *session) flush(ctx context.Context) error {
 		}
 	}
 	start, end := strconv.FormatUint(rd.start, 10), strconv.FormatUint(rd.end, 10)
-	for i, bm := range rd.msgs {
+	for i, m := range msgs {
 		if i < skip {
 			continue
 		}
 		s.pub.SetHeader(bus.HeaderInputSeq, start)
 		s.pub.SetHeader(bus.HeaderInputEnd, end)
 		s.pub.SetHeader(bus.HeaderRound, strconv.Itoa(i+1)+"/"+strconv.Itoa(n))
-		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(bm.b.Len()))
+		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(m.Batch.Len()))
 		if s.crashAfter > 0 && s.published == s.crashAfter {
 			s.crashAfter = 0
 			return errors.New("simulated crash")
 		}
-		if err := s.pub.Publish(ctx, bm.subject, messageID(rd.end, i+1, bm), nil, bm.b.Bytes(), ""); err != nil {
+		if err := s.pub.Publish(ctx, m.Subject, messageID(rd.end, i+1, m), m.Batch.Bytes()); err != nil {
 			return err
 		}
 		s.published++
 	}
-	for _, bm := range rd.msgs {
-		bm.b.Reset()
-		rd.free = append(rd.free, bm)
-	}
-	clear(rd.open)
-	rd.msgs = rd.msgs[:0]
-	rd.inputs, rd.bytes = 0, 0
+	rd.Reset()
+	rd.inputs = 0
 	return nil
 }
 
-var (
-	actionField = []byte(`"action":"`)
-	commitField = []byte(`"commit_timestamp":"`)
-)
-
-// field returns the string value after the last occurrence of name. The
-// metadata of a change is written last, so the last occurrence is the
-// real one.
-func field(body, name []byte) []byte {
-	i := bytes.LastIndex(body, name)
-	if i < 0 {
-		return nil
-	}
-	rest := body[i+len(name):]
-	j := bytes.IndexByte(rest, '"')
-	if j < 0 {
-		return nil
-	}
-	return rest[:j]
-}
-
+// route applies the sinks to the changes of one input message.
 func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	_, schema, table, partition, err := bus.ParseChangeSubject(msg.Subject())
 	if err != nil {
@@ -494,29 +437,34 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	if len(idxs) == 0 {
 		return nil
 	}
-	h := msg.Headers()
-	key := h.Get(bus.HeaderMsgID)
-	body := msg.Data()
-	traceparent := h.Get(bus.HeaderTraceParent)
+	r := bus.NewBatchReader(msg.Data())
+	in := &s.in
+	for r.Next(in) {
+		s.routeChange(ctx, sinks, idxs, partition, in)
+	}
+	if err := r.Err(); err != nil {
+		return fmt.Errorf("change message on %s: %w", msg.Subject(), err)
+	}
+	return nil
+}
+
+// routeChange applies the sinks of its table to one change.
+func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, partition string, in *bus.Entry) {
+	e := &s.entry
+	*e = *in
+	body := in.Body
 	if telemetry.Enabled() {
-		parent := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceParent(traceparent))
+		parent := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceParent(string(in.TraceParent)))
 		_, span := s.tracer.Start(parent, "route change", trace.WithSpanKind(trace.SpanKindConsumer),
-			trace.WithAttributes(attribute.String("pgs2.table", tbl), attribute.String("pgs2.key", key)))
+			trace.WithAttributes(attribute.String("pgs2.table", string(in.Table)), attribute.String("pgs2.key", string(in.Key))))
 		defer span.End()
 		if tp := telemetry.TraceParent(span.SpanContext()); tp != "" {
-			traceparent = tp
+			e.TraceParent = []byte(tp)
 		}
 	}
-	e := &s.entry
-	*e = bus.Entry{Key: []byte(key), Group: []byte(h.Get(bus.HeaderGroup)), Action: field(body, actionField), Table: []byte(tbl),
-		CommitMs: -1, TraceParent: []byte(traceparent)}
-	if ts, err := time.Parse(time.RFC3339Nano, string(field(body, commitField))); err == nil {
-		e.CommitMs = ts.UnixMilli()
-	}
-
-	var in *fn.Input
-	var inErr error
-	upstream := h.Get(bus.HeaderError) // capture could not publish the change itself
+	var fin *fn.Input
+	var finErr error
+	upstream := string(in.Error) // capture could not carry the change itself
 	for _, i := range idxs {
 		sk := sinks.list[i]
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
@@ -525,10 +473,10 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 		} else if sk.Functions.Empty() {
 			out = s.splice(body, sk)
 		} else {
-			if in == nil && inErr == nil {
-				in, inErr = fn.ParseInput(body)
+			if fin == nil && finErr == nil {
+				fin, finErr = fn.ParseInput(body)
 			}
-			basin, stream, out, failure, keep = s.apply(sk, in, inErr, body)
+			basin, stream, out, failure, keep = s.apply(sk, fin, finErr, body)
 		}
 		if !keep {
 			continue
@@ -536,7 +484,6 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 		e.Body, e.Error = out, []byte(failure)
 		s.add(bus.DeliverySubject(sk.Name, basin, stream, partition), e)
 	}
-	return nil
 }
 
 // apply runs a sink's functions. A runtime error or an invalid routing

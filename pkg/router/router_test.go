@@ -64,7 +64,9 @@ func (e *env) change(t *testing.T, table, action string, id int, record string) 
 	body := fmt.Sprintf(`{"record":%s,"changes":null,"action":"%s","metadata":{"table_schema":"%s","table_name":"%s","commit_timestamp":"2026-11-22T10:00:00.123456Z","commit_lsn":%d,"commit_idx":0,"database_name":"app","idempotency_key":"%s","record_pks":["%d"],"transaction_annotations":null}}`,
 		record, action, schema, tbl, pos.LSN, pos.Key(), id)
 	group := []byte(fmt.Sprintf(`["%d"]`, id))
-	if err := e.pub.Publish(context.Background(), e.sub.Subject(schema, tbl, group), pos.Key(), group, []byte(body), ""); err != nil {
+	var b bus.BatchBuilder
+	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte(action), Table: []byte(table), CommitMs: 1795341600123, Body: []byte(body)})
+	if err := e.pub.Publish(context.Background(), e.sub.Subject(schema, tbl, group), pos.Key(), b.Bytes()); err != nil {
 		t.Errorf("publish a change: %v", err) // not Fatal: producers run in goroutines
 	}
 	e.pub.Mark(pos.LSN)
