@@ -470,6 +470,11 @@ func changesPerDeliveryMessage(ctx context.Context, t *testing.T, natsURL string
 	if err != nil {
 		t.Fatal(err)
 	}
+	cs, err := js.Stream(ctx, "PGS2_CHANGES")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("changes per message: %.1f in PGS2_CHANGES, %.1f in PGS2_DELIVERY", float64(n)/float64(cs.CachedInfo().State.Msgs), float64(n)/float64(s.CachedInfo().State.Msgs))
 	return float64(n) / float64(s.CachedInfo().State.Msgs)
 }
 

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"sync/atomic"
 	"strconv"
 	"testing"
 	"time"
@@ -95,16 +96,20 @@ nats:
 		done <- capture.Main(runCtx, service.Env{Config: cfg, Health: health.NewState(), Metrics: prometheus.NewRegistry(),
 			Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	}()
+	var stored *atomic.Uint64
 	for {
 		time.Sleep(50 * time.Millisecond)
-		s, err := js.Stream(ctx, benchStream)
-		if errors.Is(err, jetstream.ErrStreamNotFound) {
-			continue
+		if stored == nil {
+			s, err := js.Stream(ctx, benchStream)
+			if errors.Is(err, jetstream.ErrStreamNotFound) {
+				continue
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			stored = countChanges(ctx, t, s)
 		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if s.CachedInfo().State.Msgs >= uint64(n) {
+		if stored.Load() >= uint64(n) {
 			break
 		}
 	}

@@ -254,6 +254,9 @@ type session struct {
 	table         []byte // "schema.table" of the current change
 	commitMs      int64  // of the current transaction
 	tp            []byte // its traceparent
+	// behind: the transaction being read committed a while ago (a
+	// backlog), so rounds grow larger.
+	behind bool
 
 	published, skipped int64
 	sent               int // messages
@@ -289,6 +292,7 @@ func (s *session) run(ctx context.Context) error {
 	defer conn.SetReadDeadline(time.Time{})
 	next := time.Now().Add(s.cfg.StatusInterval)
 	deadline := next
+	var lastRecv time.Time // while a round is collecting: when WAL last arrived
 	_ = conn.SetReadDeadline(deadline)
 	for {
 		if ctx.Err() != nil {
@@ -303,12 +307,7 @@ func (s *session) run(ctx context.Context) error {
 		}
 		want := next
 		if s.round.Entries() > 0 {
-			due := s.roundStarted.Add(s.cfg.Linger)
-			if !now.Before(due) { // no WAL for a while: publish what the round has
-				if err := s.flush(ctx); err != nil {
-					return err
-				}
-			} else if due.Before(want) {
+			if due := later(lastRecv, s.roundStarted).Add(s.cfg.Linger); due.Before(want) {
 				want = due
 			}
 		}
@@ -322,9 +321,19 @@ func (s *session) run(ctx context.Context) error {
 				return ctx.Err()
 			}
 			if pgconn.Timeout(err) {
+				// A deadline that passed while this process was busy times
+				// out at once: publish only after Linger without WAL.
+				if s.round.Entries() > 0 && time.Since(later(lastRecv, s.roundStarted)) >= s.cfg.Linger {
+					if err := s.flush(ctx); err != nil {
+						return err
+					}
+				}
 				continue
 			}
 			return fmt.Errorf("receive replication message: %w", err)
+		}
+		if s.round.Entries() > 0 {
+			lastRecv = time.Now()
 		}
 		if err := s.pub.Err(); err != nil {
 			return err
@@ -374,6 +383,9 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
 		s.tp = append(s.tp[:0], s.traceparent...)
 		s.commitMs = ev.CommitMs
+		// Committed long ago: reading a backlog. (XLogData's WAL end
+		// cannot tell: a logical walsender sends the record's own LSN.)
+		s.behind = time.Now().UnixMilli()-ev.CommitMs > backlogAge.Milliseconds()
 		s.txChanges = 0
 	case pgrepl.EventRow:
 		r := &ev.Row
@@ -408,7 +420,9 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			s.pub.Mark(ev.LSN) // its changes (if any) are published
 		} else {
 			s.pendingCommit = ev.LSN
-			if time.Since(s.roundStarted) >= s.cfg.Linger {
+			// Publish at a commit once the round is Linger old; while
+			// far behind the server's WAL, let it grow (larger messages).
+			if age := time.Since(s.roundStarted); age >= s.cfg.Linger && (!s.behind || age >= maxRoundAge) {
 				if err := s.flush(ctx); err != nil {
 					return err
 				}
@@ -429,12 +443,23 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 	return nil
 }
 
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
 // Round limits.
 const (
 	maxRoundEntries = 8192
 	maxRoundBytes   = 16 << 20
 	maxBatchEntries = 1000
 	maxBatchBytes   = 1 << 20
+	// maxRoundAge bounds a round while catching up: reading transactions
+	// committed more than backlogAge ago.
+	maxRoundAge = 50 * time.Millisecond
+	backlogAge  = 500 * time.Millisecond
 )
 
 // flush publishes the round: one message per subject (more when one

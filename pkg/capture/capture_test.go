@@ -110,7 +110,7 @@ func TestInterruptedRound(t *testing.T) {
 	e.opts = append(e.opts, capture.WithCrashAfter(3))
 	e.run(t)
 	e.pg.MustExec(t, "app", `INSERT INTO users SELECT g, 0 FROM generate_series(1, 40) g`) // one round over 8 partitions
-	msgs := e.waitMessages(t, 40) // fails on a change stored twice
+	msgs := e.waitMessages(t, 40)                                                          // fails on a change stored twice
 	for i, m := range msgs {
 		if m.Msg.Metadata.CommitIdx != i {
 			t.Fatalf("change %d has commit_idx %d", i, m.Msg.Metadata.CommitIdx)

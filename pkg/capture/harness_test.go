@@ -150,72 +150,60 @@ func readChanges(t *testing.T, js jetstream.JetStream, name string) []got {
 	if err != nil {
 		t.Fatal(err)
 	}
-	total := info.State.Msgs
-	if total == 0 {
+	if info.State.Msgs == 0 {
 		return nil
-	}
-	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-	if err != nil {
-		t.Fatal(err)
 	}
 	var out []got
 	lastOf := map[string]change.Position{}
 	seen := map[string]uint64{}
-	for read := uint64(0); read < total; {
-		batch, err := cons.Fetch(int(min(total-read, 1000)), jetstream.FetchMaxWait(10*time.Second))
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+		m, err := s.GetMsg(ctx, seq)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("message %d: %v", seq, err)
 		}
-		for m := range batch.Messages() {
-			read++
-			md, _ := m.Metadata()
-			r := bus.NewBatchReader(m.Data())
-			var en bus.Entry
-			n := 0
-			for r.Next(&en) {
-				n++
-				g := got{Subject: m.Subject(), Seq: md.Sequence.Stream, Header: nats.Header{}, Raw: bytes.Clone(en.Body)}
-				for k, v := range m.Headers() {
-					g.Header[k] = v
-				}
-				g.Entry = bus.Entry{Key: bytes.Clone(en.Key), Group: bytes.Clone(en.Group), Action: bytes.Clone(en.Action), Table: bytes.Clone(en.Table),
-					CommitMs: en.CommitMs, TraceParent: bytes.Clone(en.TraceParent), Error: bytes.Clone(en.Error), Body: g.Raw}
-				g.Header.Set("Nats-Msg-Id", string(en.Key))
-				g.Header.Set(bus.HeaderGroup, string(en.Group))
-				g.Header.Del(bus.HeaderTraceParent)
-				if len(en.TraceParent) > 0 {
-					g.Header.Set(bus.HeaderTraceParent, string(en.TraceParent))
-				}
-				if len(en.Error) > 0 {
-					g.Header.Set(bus.HeaderError, string(en.Error))
-				}
-				if err := json.Unmarshal(en.Body, &g.Msg); err != nil {
-					t.Fatalf("a change in message %d is not valid JSON: %v\n%s", g.Seq, err, en.Body)
-				}
-				pos, err := change.ParseKey(string(en.Key))
-				if err != nil {
-					t.Fatalf("message %d: %v", g.Seq, err)
-				}
-				if prev, ok := lastOf[g.Subject]; ok && !prev.Less(pos) {
-					t.Errorf("subject %s: change %s after %s in the stream (out of commit order, or twice)", g.Subject, pos, prev)
-				}
-				lastOf[g.Subject] = pos
-				if s := seen[string(en.Key)]; s != 0 {
-					t.Errorf("change %s in messages %d and %d", pos, s, g.Seq)
-				}
-				seen[string(en.Key)] = g.Seq
-				out = append(out, g)
+		r := bus.NewBatchReader(m.Data)
+		var en bus.Entry
+		n := 0
+		for r.Next(&en) {
+			n++
+			g := got{Subject: m.Subject, Seq: seq, Header: nats.Header{}, Raw: bytes.Clone(en.Body)}
+			for k, v := range m.Header {
+				g.Header[k] = v
 			}
-			if r.Err() != nil {
-				t.Fatalf("message %d: %v", md.Sequence.Stream, r.Err())
+			g.Entry = bus.Entry{Key: bytes.Clone(en.Key), Group: bytes.Clone(en.Group), Action: bytes.Clone(en.Action), Table: bytes.Clone(en.Table),
+				CommitMs: en.CommitMs, TraceParent: bytes.Clone(en.TraceParent), Error: bytes.Clone(en.Error), Body: g.Raw}
+			g.Header.Set("Nats-Msg-Id", string(en.Key))
+			g.Header.Set(bus.HeaderGroup, string(en.Group))
+			g.Header.Del(bus.HeaderTraceParent)
+			if len(en.TraceParent) > 0 {
+				g.Header.Set(bus.HeaderTraceParent, string(en.TraceParent))
 			}
-			if m.Headers().Get(bus.HeaderEntries) != strconv.Itoa(n) || m.Headers().Get("Nats-Msg-Id") != string(en.Key) {
-				t.Errorf("message %d: %s %q and Nats-Msg-Id %q, with %d changes, the last %s", md.Sequence.Stream, bus.HeaderEntries,
-					m.Headers().Get(bus.HeaderEntries), m.Headers().Get("Nats-Msg-Id"), n, en.Key)
+			if len(en.Error) > 0 {
+				g.Header.Set(bus.HeaderError, string(en.Error))
 			}
+			if err := json.Unmarshal(en.Body, &g.Msg); err != nil {
+				t.Fatalf("a change in message %d is not valid JSON: %v\n%s", seq, err, en.Body)
+			}
+			pos, err := change.ParseKey(string(en.Key))
+			if err != nil {
+				t.Fatalf("message %d: %v", seq, err)
+			}
+			if prev, ok := lastOf[g.Subject]; ok && !prev.Less(pos) {
+				t.Errorf("subject %s: change %s after %s in the stream (out of commit order, or twice)", g.Subject, pos, prev)
+			}
+			lastOf[g.Subject] = pos
+			if s := seen[string(en.Key)]; s != 0 {
+				t.Errorf("change %s in messages %d and %d", pos, s, seq)
+			}
+			seen[string(en.Key)] = seq
+			out = append(out, g)
 		}
-		if batch.Error() != nil {
-			t.Fatal(batch.Error())
+		if r.Err() != nil {
+			t.Fatalf("message %d: %v", seq, r.Err())
+		}
+		if m.Header.Get(bus.HeaderEntries) != strconv.Itoa(n) || m.Header.Get("Nats-Msg-Id") != string(en.Key) {
+			t.Errorf("message %d: %s %q and Nats-Msg-Id %q, with %d changes, the last %s", seq, bus.HeaderEntries,
+				m.Header.Get(bus.HeaderEntries), m.Header.Get("Nats-Msg-Id"), n, en.Key)
 		}
 	}
 	sort.SliceStable(out, func(i, j int) bool {
