@@ -89,6 +89,7 @@ func TestBenchEndToEnd(t *testing.T) {
 		add("| p50 commit → observed in S2 | %.1f ms |", r.p50)
 		add("| p99 (target < 50 ms) | %.1f ms |", r.p99)
 		add("| max | %.1f ms |", r.max)
+		add("| by stage (commit → stored) | %s |", r.stages)
 		if r.p99 >= 50 {
 			add("TARGET MISSED: p99 = %.1f ms >= 50", r.p99)
 		}
@@ -483,6 +484,7 @@ type e2eLatencyResult struct {
 	dur               time.Duration
 	n                 int
 	p50, p99, max     float64
+	stages            string
 }
 
 func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
@@ -594,6 +596,7 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 	}
 	c.check(ctx, t, map[string]int{"items": total + 1})
 	e.stopAll(t, "delivery", "router", "capture")
+	stages := stageLatencies(ctx, t, e.natsURL)
 	e.stopInfra(t)
 
 	// Worst latency per second of commit time: shows whether slow records
@@ -618,7 +621,46 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 	r := e2eLatencyResult{offered: rate, achieved: float64(total) / loadDur.Seconds(), dur: loadDur, n: total,
 		p50: pct(0.50), p99: pct(0.99), max: lats[len(lats)-1]}
 	t.Logf("latency: %d changes at %.0f/s: p50 %.1f ms, p99 %.1f ms, max %.1f ms", total, r.achieved, r.p50, r.p99, r.max)
+	t.Logf("latency by stage (commit → stored in the stream, per message's first change): %s", stages)
+	r.stages = stages
 	return r
+}
+
+// stageLatencies reads when JetStream stored each message of the changes
+// and delivery streams, against the commit time of its first change.
+func stageLatencies(ctx context.Context, t *testing.T, natsURL string) string {
+	nc, err := nats.Connect(natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	var parts []string
+	for _, name := range []string{"PGS2_CHANGES", "PGS2_DELIVERY"} {
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := s.CachedInfo().State
+		stride := max(1, st.Msgs/5000)
+		var ms []float64
+		for seq := st.FirstSeq; seq <= st.LastSeq; seq += stride {
+			m, err := s.GetMsg(ctx, seq)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var e bus.Entry
+			if bus.NewBatchReader(m.Data).Next(&e) && e.CommitMs > 0 {
+				ms = append(ms, float64(m.Time.UnixMicro()-e.CommitMs*1000)/1000)
+			}
+		}
+		if len(ms) == 0 {
+			continue
+		}
+		sort.Float64s(ms)
+		parts = append(parts, fmt.Sprintf("%s p50 %.1f ms, p99 %.1f ms", name, ms[len(ms)/2], ms[min(len(ms)-1, len(ms)*99/100)]))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // e2eScaling drains n changes (already routed into the delivery stream)

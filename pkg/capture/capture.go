@@ -44,7 +44,7 @@ type Config struct {
 	// ShutdownTimeout bounds the wait for outstanding PubAcks on exit (default 30s).
 	ShutdownTimeout time.Duration
 	// Linger is how long a round of changes may collect before it is
-	// published (default 3ms): larger rounds make larger messages.
+	// published (default 1ms): larger rounds make larger messages.
 	Linger time.Duration
 }
 
@@ -102,7 +102,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 		cfg.ShutdownTimeout = 30 * time.Second
 	}
 	if cfg.Linger <= 0 {
-		cfg.Linger = 3 * time.Millisecond
+		cfg.Linger = time.Millisecond
 	}
 	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture")}
 	for _, o := range opts {

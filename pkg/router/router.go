@@ -39,7 +39,7 @@ type Config struct {
 	// never above the NATS server's max_payload).
 	MaxBatchBytes int
 	// Linger is how long a round may wait for more inputs once none is
-	// waiting (default 2ms): larger rounds make larger delivery messages.
+	// waiting (default 1ms): larger rounds make larger delivery messages.
 	Linger time.Duration
 }
 
@@ -75,7 +75,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 		cfg.MaxBatchBytes = 1 << 20
 	}
 	if cfg.Linger <= 0 {
-		cfg.Linger = 2 * time.Millisecond
+		cfg.Linger = time.Millisecond
 	}
 	sinks, err := CompileSinks(cfg.Sinks)
 	if err != nil {
@@ -243,7 +243,8 @@ type round struct {
 const (
 	maxRoundInputs  = 8192
 	maxRoundBytes   = 16 << 20
-	maxBatchEntries = 1000 // an S2 append's records
+	maxBatchEntries = 1000                  // an S2 append's records
+	maxRoundAge     = 50 * time.Millisecond // while catching up
 )
 
 type session struct {
@@ -252,6 +253,7 @@ type session struct {
 	replay     *replay
 	maxPayload int // of a delivery message's body: one change may reach it
 	lastSeq    uint64
+	pending    uint64 // inputs the stream holds beyond the last one read
 	round      round
 	published  int
 	out        []byte    // reused output body
@@ -302,6 +304,7 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 			return fmt.Errorf("change metadata: %w", err)
 		}
 		seq := md.Sequence.Stream
+		s.pending = md.NumPending
 		if seq <= s.lastSeq {
 			continue
 		}
@@ -346,7 +349,11 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 		default:
 		}
 		if s.round.inputs > 0 && s.replay == nil {
-			if wait := s.cfg.Linger - time.Since(s.round.started); wait > 0 {
+			limit := s.cfg.Linger
+			if s.pending > 0 { // catching up: more is on its way, let the round grow
+				limit = maxRoundAge
+			}
+			if wait := limit - time.Since(s.round.started); wait > 0 {
 				linger.Reset(wait)
 				select {
 				case item := <-in:
