@@ -1,11 +1,13 @@
 // Package ctl is pgs2ctl, the operator's command line: failed messages
-// (list, show, retry, ack) through a delivery process's admin API.
+// (list, show, retry, ack) through a delivery process's admin API, and
+// tailing an S2 stream through the S2 SDK.
 package ctl
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -18,11 +20,13 @@ import (
 )
 
 const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
+       pgs2ctl tail BASIN/STREAM [--json] [--from-tail | --seq N] [--count N] [--no-follow] [--endpoint URL]
 
   messages list [--sink S] [--stream S] [--table T] [--json]
   messages show ID [--sink S]
   messages retry ID [--sink S]
   messages ack ID --reason TEXT [--operator NAME] [--sink S]
+  tail BASIN/STREAM    print an S2 stream's records and follow it live (pgs2ctl tail -h)
 
 --admin is a delivery process's --http-addr (default $PGS2_ADMIN_ADDR or 127.0.0.1:9103).
 `
@@ -41,6 +45,18 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	rest := fs.Args()
+	if len(rest) > 0 && rest[0] == "tail" {
+		err := tail(ctx, rest[1:], stdout, os.Getenv)
+		switch {
+		case errors.Is(err, errUsage):
+			fmt.Fprintf(stderr, "pgs2ctl tail: %v\n\n%s", strings.TrimPrefix(err.Error(), "usage: "), tailUsage)
+			return 2
+		case err != nil:
+			fmt.Fprintln(stderr, "pgs2ctl tail:", err)
+			return 1
+		}
+		return 0
+	}
 	if len(rest) < 2 || rest[0] != "messages" {
 		fs.Usage()
 		return 2
