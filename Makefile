@@ -4,7 +4,7 @@ BIN     := bin
 SERVICES := capture router delivery s2local pgs2ctl
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build test bench lint proto run clean
+.PHONY: all build test bench lint proto run run-clean clean
 
 all: build
 
@@ -27,8 +27,17 @@ lint:
 proto:
 	scripts/gen-proto.sh
 
-run:
-	@echo "make run: not yet — the whole-pipeline runner lands with issue 9; see README.md"
+# The whole pipeline on one machine (state in .run/; see README.md). Flags go
+# in RUN_ARGS, e.g. make run RUN_ARGS='--nats-port 14222'.
+RUN_ARGS ?=
+run: build
+	@$(GO) build -trimpath -o $(BIN)/pgs2-run ./scripts/run
+	@$(BIN)/pgs2-run $(RUN_ARGS)
+
+# make run from scratch: removes .run/'s contents first.
+run-clean: build
+	@$(GO) build -trimpath -o $(BIN)/pgs2-run ./scripts/run
+	@$(BIN)/pgs2-run --clean $(RUN_ARGS)
 
 clean:
 	rm -rf $(BIN)

@@ -37,6 +37,11 @@ type Options struct {
 	Settings map[string]string
 	// LogFile receives the server's output; empty = DataDir/../postgres.log.
 	LogFile string
+	// FixParentPerms, when the server runs as the postgres OS user (this
+	// process is root), adds search permission for others (o+x) to each
+	// directory above DataDir's parent that the postgres user cannot enter.
+	// Without it such a directory is an error that names it.
+	FixParentPerms bool
 }
 
 // Instance is a running (or stopped) PostgreSQL server.
@@ -134,6 +139,10 @@ func Start(ctx context.Context, opts Options) (*Instance, error) {
 		in.Close()
 		return nil, err
 	}
+	if err := in.checkParents(filepath.Dir(in.DataDir)); err != nil {
+		in.Close()
+		return nil, err
+	}
 	if _, err := os.Stat(filepath.Join(in.DataDir, "PG_VERSION")); err != nil {
 		if err := in.initdb(ctx); err != nil {
 			in.Close()
@@ -167,6 +176,47 @@ func (in *Instance) chown(dir string) error {
 		return fmt.Errorf("chown %s to postgres: %w", dir, err)
 	}
 	return nil
+}
+
+// checkParents makes sure the postgres OS user can enter every directory
+// above dir (it needs search permission on each to reach its data).
+func (in *Instance) checkParents(dir string) error {
+	if in.cred == nil {
+		return nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("resolve %s: %w", dir, err)
+	}
+	for p := filepath.Dir(abs); ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return fmt.Errorf("stat %s: %w", p, err)
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil
+		}
+		bit, who := os.FileMode(0o001), "o"
+		switch {
+		case st.Uid == in.cred.Uid:
+			bit, who = 0o100, "u"
+		case st.Gid == in.cred.Gid:
+			bit, who = 0o010, "g"
+		}
+		if fi.Mode().Perm()&bit == 0 {
+			if !in.opts.FixParentPerms {
+				return fmt.Errorf("the postgres OS user cannot enter %s (mode %04o), so it cannot reach %s: "+
+					"run `chmod %s+x %s` or choose a data directory elsewhere", p, fi.Mode().Perm(), dir, who, p)
+			}
+			if err := os.Chmod(p, fi.Mode()&(os.ModePerm|os.ModeSetuid|os.ModeSetgid|os.ModeSticky)|bit); err != nil {
+				return fmt.Errorf("let the postgres OS user enter %s: %w", p, err)
+			}
+		}
+		if p == filepath.Dir(p) {
+			return nil
+		}
+	}
 }
 
 func (in *Instance) command(ctx context.Context, name string, args ...string) *exec.Cmd {
