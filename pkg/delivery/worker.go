@@ -41,6 +41,7 @@ type worker struct {
 	batch      *s2sink.Batch
 	seqs       []bus.DeliveryPos // delivery positions of the batch's records
 	entry      bus.Entry
+	pending    uint64   // messages the stream holds for the unit beyond the last one read
 	traces     []string // their traceparents, when tracing is on
 	retries    map[string]*retryState
 	retryNow   chan struct{}
@@ -214,12 +215,20 @@ func (w *worker) session(ctx context.Context) error {
 			} else if full {
 				break
 			}
+			// The stream holds nothing more for this unit: wait only for
+			// the rest of a burst (a router round), not the whole linger.
+			var idle <-chan time.Time
+			if w.pending == 0 && len(msgs) == 0 {
+				idle = time.After(min(idleGap, linger))
+			}
 			select {
 			case m, ok = <-msgs:
 				if !ok {
 					break fill
 				}
 			case <-timer.C:
+				break fill
+			case <-idle:
 				break fill
 			case <-ctx.Done():
 				timer.Stop()
@@ -236,6 +245,10 @@ func (w *worker) session(ctx context.Context) error {
 	}
 }
 
+// idleGap ends a batch's linger early once the unit's stream has nothing
+// more and no message arrived for this long.
+const idleGap = time.Millisecond
+
 // add puts a delivery message's changes into the batch, or parks them.
 // full reports that the batch must be flushed.
 func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error) {
@@ -244,6 +257,7 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 		return false, err
 	}
 	seq := md.Sequence.Stream
+	w.pending = md.NumPending
 	r := bus.NewBatchReader(m.Data())
 	e := &w.entry
 	for idx := 0; r.Next(e); idx++ {
