@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -37,7 +36,7 @@ func s2server(t *testing.T) string {
 		t.Fatal(err)
 	}
 	url := "http://127.0.0.1:" + strconv.Itoa(port)
-	var logb syncBuffer
+	var logb proctest.Buffer
 	cmd := exec.Command(bin, "--addr", "127.0.0.1:"+strconv.Itoa(port), "--data-dir", t.TempDir(), "--token", token)
 	cmd.Stdout, cmd.Stderr = &logb, &logb
 	if err := cmd.Start(); err != nil {
@@ -71,23 +70,6 @@ func s2server(t *testing.T) string {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return url
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func sdk(url string) *s2.Client {
@@ -282,7 +264,7 @@ func TestTailFollowUntilCancelled(t *testing.T) {
 	t.Setenv("S2_ACCESS_TOKEN", token)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var out syncBuffer
+	var out proctest.Buffer
 	done := make(chan int, 1)
 	go func() {
 		var errb bytes.Buffer

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
 var (
@@ -73,7 +74,7 @@ func needPostgres(t *testing.T) {
 type runner struct {
 	cmd    *exec.Cmd
 	out    *lines
-	stderr *syncBuffer
+	stderr *proctest.Buffer
 	done   chan error
 }
 
@@ -101,23 +102,6 @@ func (l *lines) String() string {
 	return strings.Join(l.all, "\n")
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func startRunner(t *testing.T, bin string, args ...string) *runner {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(bin, "run"), args...)
@@ -125,7 +109,7 @@ func startRunner(t *testing.T, bin string, args ...string) *runner {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &runner{cmd: cmd, out: &lines{}, stderr: &syncBuffer{}, done: make(chan error, 1)}
+	r := &runner{cmd: cmd, out: &lines{}, stderr: &proctest.Buffer{}, done: make(chan error, 1)}
 	cmd.Stderr = r.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

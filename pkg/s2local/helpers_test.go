@@ -20,6 +20,7 @@ import (
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
+	"github.com/pgs2/pgs2/pkg/proctest"
 	"github.com/pgs2/pgs2/pkg/s2local"
 )
 
@@ -191,26 +192,8 @@ func wantError(t *testing.T, r rawResp, status int, code string) {
 type proc struct {
 	cmd    *exec.Cmd
 	base   string
-	log    *syncBuffer
+	log    *proctest.Buffer
 	exited chan struct{} // closed when the process has exited
-}
-
-// syncBuffer is a bytes.Buffer safe for the process's writes and our reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // startProc starts bin/s2local with args (plus --addr) and waits for
@@ -223,7 +206,7 @@ func startProc(t *testing.T, args ...string) *proc {
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	p := &proc{base: "http://" + addr, log: &syncBuffer{}, exited: make(chan struct{})}
+	p := &proc{base: "http://" + addr, log: &proctest.Buffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(s2localBin, append([]string{"--addr", addr}, args...)...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {

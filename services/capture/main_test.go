@@ -17,13 +17,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
 // captureBin is the binary built by TestMain.
@@ -449,7 +449,7 @@ func TestReadyAndSIGTERM(t *testing.T) {
 	cmd := exec.CommandContext(ctx, captureBin, "--config", p, "--http-addr", addr)
 	cmd.Env = env()
 	cmd.WaitDelay = 5 * time.Second
-	var stderr syncBuffer // read while the process writes
+	var stderr proctest.Buffer // read while the process writes
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -522,22 +522,4 @@ func TestReadyAndSIGTERM(t *testing.T) {
 		}
 	}
 	t.Logf("output:\n%s", out)
-}
-
-// syncBuffer is a bytes.Buffer safe to read while a process writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
