@@ -661,6 +661,8 @@ func stageLatencies(ctx context.Context, t *testing.T, natsURL string) string {
 		st := s.CachedInfo().State
 		stride := max(1, st.Msgs/5000)
 		var ms []float64
+		worst := map[int64]float64{}
+		var first int64
 		for seq := st.FirstSeq; seq <= st.LastSeq; seq += stride {
 			m, err := s.GetMsg(ctx, seq)
 			if err != nil {
@@ -668,12 +670,25 @@ func stageLatencies(ctx context.Context, t *testing.T, natsURL string) string {
 			}
 			var e bus.Entry
 			if bus.NewBatchReader(m.Data).Next(&e) && e.CommitMs > 0 {
-				ms = append(ms, float64(m.Time.UnixMicro()-e.CommitMs*1000)/1000)
+				if seq > st.FirstSeq+1 && first == 0 { // after the warm-up change
+					first = e.CommitMs
+				}
+				d := float64(m.Time.UnixMicro()-e.CommitMs*1000) / 1000
+				ms = append(ms, d)
+				if first > 0 {
+					sec := (e.CommitMs - first) / 1000
+					worst[sec] = max(worst[sec], d)
+				}
 			}
 		}
 		if len(ms) == 0 {
 			continue
 		}
+		var prof []string
+		for sec := int64(0); sec < int64(len(worst)); sec++ {
+			prof = append(prof, fmt.Sprintf("%.0f", worst[sec]))
+		}
+		t.Logf("%s: worst ms per second of commit time: %s", name, strings.Join(prof, " "))
 		sort.Float64s(ms)
 		parts = append(parts, fmt.Sprintf("%s p50 %.1f ms, p99 %.1f ms", name, ms[len(ms)/2], ms[min(len(ms)-1, len(ms)*99/100)]))
 	}
