@@ -10,8 +10,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -76,8 +78,9 @@ type sink struct {
 	cfg    config.Sink
 	client *s2sink.Client
 	// fns re-run the sink's functions on a message the router's functions
-	// failed on, when it is retried (after the functions were fixed).
-	fns *fn.Functions
+	// failed on, when it is retried (after the functions were fixed and
+	// reloaded).
+	fns atomic.Pointer[fn.Functions]
 }
 
 // Option configures optional dependencies.
@@ -127,9 +130,55 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 		if err != nil {
 			return nil, err
 		}
-		d.sinks[sc.Name] = &sink{cfg: sc, client: c, fns: fns}
+		s := &sink{cfg: sc, client: c}
+		s.fns.Store(fns)
+		d.sinks[sc.Name] = s
 	}
 	return d, nil
+}
+
+// Reload applies the sinks' functions from a new config (SIGHUP): a parked
+// change the router's functions failed on is retried with them. Functions
+// that do not compile are refused, and nothing changes. Sinks added or
+// removed, or changed in anything but their functions, apply after a
+// restart; restart names them.
+func (d *Delivery) Reload(sinks []config.Sink) (restart []string, err error) {
+	compiled := map[string]*fn.Functions{}
+	var errs []error
+	for _, sc := range sinks {
+		f, err := fn.Compile(sc.Name, sc.Filter, sc.Transform, sc.Routing)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		compiled[sc.Name] = f
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	seen := map[string]bool{}
+	for _, sc := range sinks {
+		seen[sc.Name] = true
+		s, ok := d.sinks[sc.Name]
+		if !ok {
+			restart = append(restart, sc.Name)
+			continue
+		}
+		s.fns.Store(compiled[sc.Name])
+		was, now := s.cfg, sc
+		was.Filter, was.Transform, was.Routing = "", "", ""
+		now.Filter, now.Transform, now.Routing = "", "", ""
+		if !reflect.DeepEqual(was, now) {
+			restart = append(restart, sc.Name)
+		}
+	}
+	for name := range d.sinks {
+		if !seen[name] {
+			restart = append(restart, name)
+		}
+	}
+	sort.Strings(restart)
+	return restart, nil
 }
 
 // Run delivers until ctx ends: it keeps a fair share of the units leased,

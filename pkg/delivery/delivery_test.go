@@ -538,34 +538,55 @@ func waitParked(t *testing.T, ps jetstream.Stream, n uint64) uint64 {
 }
 
 // TestFixedFunctionDeliversParkedChange: a transform that fails on one row
-// parks that row's group; once the function is fixed (a delivery with the
-// new config), the retried change goes through, in order, and the group
-// flows again.
+// parks that row's group; once the function is fixed (a delivery restarted
+// with the new config, or the running one reloaded on SIGHUP), the retried
+// change goes through, in order, and the group flows again.
 func TestFixedFunctionDeliversParkedChange(t *testing.T) {
-	p := newPipeline(t, `CREATE TABLE ratios (id int PRIMARY KEY, d int)`, []string{"public.ratios"}, "app-basin")
-	p.sinks = []config.Sink{{Name: "ratios", Tables: []string{"public.ratios"}, Basin: "app-basin", Stream: "ratios",
-		Transform: `{"id": record.id, "inv": 100 / record.d}`}}
-	p.start(t)
-	p.pg.MustExec(t, "app", `INSERT INTO ratios VALUES (1, 0)`) // division by zero
-	p.pg.MustExec(t, "app", `INSERT INTO ratios VALUES (2, 5)`)
-	p.pg.MustExec(t, "app", `UPDATE ratios SET d = 4 WHERE id = 1`) // joins the park
-	recs := p.records(t, "app-basin", "ratios", 1)
-	if recs[0].Raw != `{"id":2,"inv":20}` {
-		t.Fatalf("record %s", recs[0].Raw)
-	}
-	ps, err := p.js.Stream(context.Background(), delivery.ParkedStream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := waitParked(t, ps, 2); n != 2 {
-		t.Fatalf("park holds %d, want the failed insert and the update behind it", n)
-	}
-	fixed := append([]config.Sink(nil), p.sinks...)
-	fixed[0].Transform = `{"id": record.id, "inv": record.d == 0 ? 0 : 100 / record.d}`
-	p.stopDelivery()
-	p.stopDelivery = p.startDelivery(t, fixed)
-	recs = p.records(t, "app-basin", "ratios", 3)
-	if recs[1].Raw != `{"id":1,"inv":0}` || recs[2].Raw != `{"id":1,"inv":25}` {
-		t.Fatalf("records after the fix: %s, %s", recs[1].Raw, recs[2].Raw)
+	for _, how := range []string{"restart", "reload"} {
+		t.Run(how, func(t *testing.T) {
+			p := newPipeline(t, `CREATE TABLE ratios (id int PRIMARY KEY, d int)`, []string{"public.ratios"}, "app-basin")
+			p.sinks = []config.Sink{{Name: "ratios", Tables: []string{"public.ratios"}, Basin: "app-basin", Stream: "ratios",
+				Transform: `{"id": record.id, "inv": 100 / record.d}`}}
+			p.start(t)
+			p.pg.MustExec(t, "app", `INSERT INTO ratios VALUES (1, 0)`) // division by zero
+			p.pg.MustExec(t, "app", `INSERT INTO ratios VALUES (2, 5)`)
+			p.pg.MustExec(t, "app", `UPDATE ratios SET d = 4 WHERE id = 1`) // joins the park
+			recs := p.records(t, "app-basin", "ratios", 1)
+			if recs[0].Raw != `{"id":2,"inv":20}` {
+				t.Fatalf("record %s", recs[0].Raw)
+			}
+			ps, err := p.js.Stream(context.Background(), delivery.ParkedStream)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := waitParked(t, ps, 2); n != 2 {
+				t.Fatalf("park holds %d, want the failed insert and the update behind it", n)
+			}
+			fixed := append([]config.Sink(nil), p.sinks...)
+			fixed[0].Transform = `{"id": record.id, "inv": record.d == 0 ? 0 : 100 / record.d}`
+			if how == "restart" {
+				p.stopDelivery()
+				p.stopDelivery = p.startDelivery(t, fixed)
+			} else {
+				bad := append([]config.Sink(nil), fixed...)
+				bad[0].Transform = `{"id": `
+				if _, err := p.delivery.Reload(bad); err == nil || !strings.Contains(err.Error(), `sink "ratios"`) {
+					t.Fatalf("Reload of a function that does not compile = %v, want an error naming the sink", err)
+				}
+				moved := append([]config.Sink(nil), fixed...)
+				moved[0].Stream = "elsewhere"
+				moved = append(moved, config.Sink{Name: "new", Tables: []string{"public.ratios"}, Basin: "app-basin", Stream: "n"})
+				if restart, err := p.delivery.Reload(moved); err != nil || strings.Join(restart, ",") != "new,ratios" {
+					t.Fatalf("Reload with a new sink and a moved stream = %v, %v; want both named for a restart", restart, err)
+				}
+				if restart, err := p.delivery.Reload(fixed); err != nil || len(restart) != 0 {
+					t.Fatalf("Reload of fixed functions = %v, %v", restart, err)
+				}
+			}
+			recs = p.records(t, "app-basin", "ratios", 3)
+			if recs[1].Raw != `{"id":1,"inv":0}` || recs[2].Raw != `{"id":1,"inv":25}` {
+				t.Fatalf("records after the fix: %s, %s", recs[1].Raw, recs[2].Raw)
+			}
+		})
 	}
 }

@@ -44,6 +44,7 @@ type pipeline struct {
 	// routerProcess: the test runs the router itself (as a process).
 	routerProcess bool
 	stopDelivery  func()
+	delivery      *delivery.Delivery // the last one started
 	registry      *prometheus.Registry
 }
 
@@ -144,6 +145,7 @@ func (p *pipeline) startDelivery(t *testing.T, sinks []config.Sink) func() {
 	if err != nil {
 		t.Fatal(err)
 	}
+	p.delivery = d
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()

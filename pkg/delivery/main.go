@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/service"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -32,5 +33,12 @@ func Main(ctx context.Context, env service.Env) error {
 	if err != nil {
 		return err
 	}
+	service.OnReload(ctx, env, func(c *config.Config) error {
+		restart, err := d.Reload(c.Sinks)
+		if len(restart) > 0 {
+			env.Log.Warn("sink settings other than functions apply after a restart of delivery", "sinks", restart)
+		}
+		return err
+	})
 	return d.Run(ctx)
 }

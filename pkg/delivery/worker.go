@@ -680,7 +680,7 @@ func notFound(err error) bool {
 // other than this unit cannot be appended here (one writer per stream):
 // the message stays for an operator.
 func (w *worker) rerun(body []byte) (out []byte, keep bool, err error) {
-	f := w.s.fns
+	f := w.s.fns.Load()
 	in, err := fn.ParseInput(body)
 	if err != nil {
 		return nil, false, err

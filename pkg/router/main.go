@@ -2,9 +2,6 @@ package router
 
 import (
 	"context"
-	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
@@ -40,26 +37,6 @@ func Main(ctx context.Context, env service.Env) error {
 	if err != nil {
 		return err
 	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	go func() {
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-hup:
-				c, err := config.Load(env.ConfigPath)
-				if err == nil {
-					err = r.Reload(c.Sinks)
-				}
-				if err != nil {
-					env.Log.Error("config reload refused; keeping the running config", "error", err)
-					continue
-				}
-				env.Log.Info("config reloaded", "sinks", len(c.Sinks))
-			}
-		}
-	}()
+	service.OnReload(ctx, env, func(c *config.Config) error { return r.Reload(c.Sinks) })
 	return r.Run(ctx)
 }

@@ -131,3 +131,30 @@ func RedactURLs(urls string) string {
 	}
 	return strings.Join(parts, ",")
 }
+
+// OnReload calls reload with the config file read again on every SIGHUP,
+// until ctx ends. A file that does not load, or a reload that fails, is
+// logged and the running config stays.
+func OnReload(ctx context.Context, env Env, reload func(*config.Config) error) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				c, err := config.Load(env.ConfigPath)
+				if err == nil {
+					err = reload(c)
+				}
+				if err != nil {
+					env.Log.Error("config reload refused; keeping the running config", "error", err)
+					continue
+				}
+				env.Log.Info("config reloaded", "sinks", len(c.Sinks))
+			}
+		}
+	}()
+}
