@@ -166,10 +166,14 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	}
 	defer catConn.Close(context.Background())
 	var flushText string
-	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1`,
-		c.cfg.Repl.Slot).Scan(&flushText); err != nil {
+	var serverMs int64
+	asked := time.Now()
+	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0'), (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+		FROM pg_replication_slots WHERE slot_name = $1`, c.cfg.Repl.Slot).Scan(&flushText, &serverMs); err != nil {
 		return fmt.Errorf("read slot %s: %w", c.cfg.Repl.Slot, err)
 	}
+	// The server's clock against ours (commit times are the server's).
+	clockSkew := serverMs - asked.Add(time.Since(asked)/2).UnixMilli()
 	confirmed, err := pglogrepl.ParseLSN(flushText)
 	if err != nil {
 		return fmt.Errorf("slot %s confirmed_flush_lsn %q: %w", c.cfg.Repl.Slot, flushText, err)
@@ -201,7 +205,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	c.pub.Store(pub)
 	c.metrics.Sessions.Inc()
 	maxBody := int(c.js.Conn().MaxPayload()) - 16<<10
-	s := &session{Capture: c, repl: repl, pub: pub, resume: resume, maxBody: maxBody,
+	s := &session{Capture: c, repl: repl, pub: pub, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
 		round: bus.NewRound(maxBatchEntries, min(maxBody, maxBatchBytes)),
 		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
@@ -257,6 +261,8 @@ type session struct {
 	// behind: the transaction being read committed a while ago (a
 	// backlog), so rounds grow larger.
 	behind bool
+	// clockSkew is the server's clock minus ours, in ms.
+	clockSkew int64
 
 	published, skipped int64
 	sent               int // messages
@@ -383,9 +389,10 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
 		s.tp = append(s.tp[:0], s.traceparent...)
 		s.commitMs = ev.CommitMs
-		// Committed long ago: reading a backlog. (XLogData's WAL end
-		// cannot tell: a logical walsender sends the record's own LSN.)
-		s.behind = time.Now().UnixMilli()-ev.CommitMs > backlogAge.Milliseconds()
+		// Committed long ago (by the server's clock): reading a backlog.
+		// (XLogData's WAL end cannot tell: a logical walsender sends the
+		// record's own LSN.)
+		s.behind = time.Now().UnixMilli()+s.clockSkew-ev.CommitMs > backlogAge.Milliseconds()
 		s.txChanges = 0
 	case pgrepl.EventRow:
 		r := &ev.Row
