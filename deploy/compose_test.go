@@ -5,6 +5,8 @@ package deploy_test
 import (
 	"context"
 	"os"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/compose-spec/compose-go/v2/cli"
@@ -21,9 +23,33 @@ func TestComposeFile(t *testing.T) {
 	if err != nil {
 		t.Fatalf("docker-compose.yml: %v", err)
 	}
-	for _, name := range []string{"postgres", "nats", "capture"} {
-		if _, err := p.GetService(name); err != nil {
+	for _, name := range []string{"postgres", "nats", "s2local", "capture", "router", "delivery"} {
+		svc, err := p.GetService(name)
+		if err != nil {
 			t.Errorf("service %s: %v", name, err)
+			continue
+		}
+		switch name {
+		case "capture", "router", "delivery", "s2local":
+			// One image: the entrypoint picks the binary.
+			if len(svc.Entrypoint) != 1 || svc.Entrypoint[0] != "/usr/local/bin/"+name {
+				t.Errorf("service %s: entrypoint %v, want /usr/local/bin/%s", name, svc.Entrypoint, name)
+			}
+		}
+		if name != "s2local" && svc.Build != nil && !slices.Contains(svc.Command, "/etc/pgs2/cdc.yaml") {
+			t.Errorf("service %s: command %v does not use the config file", name, svc.Command)
+		}
+	}
+	if d, _ := p.GetService("delivery"); d.Deploy == nil || d.Deploy.Replicas == nil || *d.Deploy.Replicas < 2 {
+		t.Errorf("delivery should run as several workers")
+	}
+	df, err := os.ReadFile("Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bin := range []string{"capture", "router", "delivery", "s2local", "pgs2ctl"} {
+		if !strings.Contains(string(df), bin) {
+			t.Errorf("deploy/Dockerfile does not build %s", bin)
 		}
 	}
 	b, err := os.ReadFile("cdc.compose.yaml")

@@ -82,3 +82,28 @@ func exitCode(err error) int {
 	}
 	return 0
 }
+
+// TestCreateBasinFlag: --create-basin makes basins at start, keeps them on
+// the next start (persistent data dir), and refuses an invalid name.
+func TestCreateBasinFlag(t *testing.T) {
+	out, err := exec.Command(s2localBin, "--create-basin", "Not_A_Basin").CombinedOutput()
+	if code := exitCode(err); code != 1 || !strings.Contains(string(out), "Not_A_Basin") {
+		t.Fatalf("invalid basin name: exit %d\n%s", code, out)
+	}
+	dir := t.TempDir()
+	for run := 0; run < 2; run++ {
+		p := startProc(t, "--data-dir", dir, "--create-basin", "compose-basin", "--create-basin", "other-basin")
+		list, err := newSDK(p.base, "any").Basins.List(context.Background(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, b := range list.Basins {
+			names = append(names, string(b.Name))
+		}
+		if strings.Join(names, ",") != "compose-basin,other-basin" {
+			t.Fatalf("run %d: basins %v", run, names)
+		}
+		p.stop(t)
+	}
+}

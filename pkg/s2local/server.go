@@ -7,6 +7,7 @@ import (
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -33,6 +34,8 @@ type Options struct {
 	Fsync bool
 	// Faults is the initial fault injection setup.
 	Faults FaultConfig
+	// Basins are created at start when missing (existing ones are kept).
+	Basins []string
 	// Logger receives the server's logs (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -62,6 +65,16 @@ func New(o Options) (*Server, error) {
 	st, err := newStore(o.DataDir, o.Fsync, lg.Info)
 	if err != nil {
 		return nil, err
+	}
+	for _, name := range o.Basins {
+		if err := validBasinName(name); err != nil {
+			_ = st.close()
+			return nil, fmt.Errorf("basin %q: %w", name, err)
+		}
+		if _, _, e := st.createBasin(name, basinConfig{}, nil, "", false); e != nil && e.code != codeResourceExists {
+			_ = st.close()
+			return nil, fmt.Errorf("create basin %q: %s", name, e.message)
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{opts: o, log: lg, st: st, faults: newFaults(o.Faults), baseCtx: ctx, cancelBase: cancel}, nil

@@ -47,6 +47,11 @@ func run(args []string, stderr io.Writer) int {
 	basin := fs.String("fault-basin", "", "fault injection: only this basin")
 	stream := fs.String("fault-stream", "", "fault injection: only this stream")
 	seed := fs.Int64("fault-seed", -1, "fault injection: seed for a deterministic sequence (-1: random)")
+	var basins []string
+	fs.Func("create-basin", "create this basin at start if missing (repeatable)", func(v string) error {
+		basins = append(basins, v)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -100,9 +105,9 @@ func run(args []string, stderr io.Writer) int {
 		return 2
 	}
 
-	srv, err := s2local.New(s2local.Options{DataDir: *dataDir, Token: *token, Fsync: *fsync, Faults: faults, Logger: log})
+	srv, err := s2local.New(s2local.Options{DataDir: *dataDir, Token: *token, Fsync: *fsync, Faults: faults, Logger: log, Basins: basins})
 	if err != nil {
-		fmt.Fprintf(stderr, "s2local: open data directory %q: %v\n", *dataDir, err)
+		fmt.Fprintf(stderr, "s2local: start with data directory %q: %v\n", *dataDir, err)
 		return 1
 	}
 	ln, err := net.Listen("tcp", *addr)
