@@ -168,36 +168,3 @@ func ParseRound(v string) (i, n int, err error) {
 	}
 	return i, n, nil
 }
-
-// LastChange returns the position and idempotency key of the last change the
-// stream holds for the source, or a zero position when it holds none. The
-// stream is a gapless prefix of the source's changes (see Publisher), so
-// everything up to this position is stored.
-func LastChange(ctx context.Context, s jetstream.Stream, source string) (change.Position, string, error) {
-	key, err := LastMsgID(ctx, s, ChangesFilter(source))
-	if err != nil || key == "" {
-		return change.Position{}, "", err
-	}
-	pos, err := change.ParseKey(key)
-	if err != nil {
-		return change.Position{}, "", fmt.Errorf("last change of %s: %w", source, err)
-	}
-	return pos, key, nil
-}
-
-// LastMsgID returns the Nats-Msg-Id of the last message on subjects
-// matching filter, or "" when there is none.
-func LastMsgID(ctx context.Context, s jetstream.Stream, filter string) (string, error) {
-	m, err := s.GetLastMsgForSubject(ctx, filter)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return "", nil
-	}
-	if err != nil {
-		return "", fmt.Errorf("read the last message of %s: %w", filter, err)
-	}
-	id := m.Header.Get(HeaderMsgID)
-	if id == "" {
-		return "", fmt.Errorf("message %d on %s has no %s", m.Sequence, filter, HeaderMsgID)
-	}
-	return id, nil
-}

@@ -249,8 +249,9 @@ type session struct {
 	// arrives for that long, or when it is full.
 	round        *bus.Round
 	roundStarted time.Time
-	roundFirst   string // key of its first change
-	roundLast    string // and of its last
+	walAt        time.Time // when WAL last arrived while the round collects
+	roundFirst   string    // key of its first change
+	roundLast    string    // and of its last
 	// pendingCommit is the end LSN of the round's last commit: marked for
 	// confirmation once the round is published.
 	pendingCommit uint64
@@ -298,7 +299,6 @@ func (s *session) run(ctx context.Context) error {
 	defer conn.SetReadDeadline(time.Time{})
 	next := time.Now().Add(s.cfg.StatusInterval)
 	deadline := next
-	var lastRecv time.Time // while a round is collecting: when WAL last arrived
 	_ = conn.SetReadDeadline(deadline)
 	for {
 		if ctx.Err() != nil {
@@ -313,7 +313,7 @@ func (s *session) run(ctx context.Context) error {
 		}
 		want := next
 		if s.round.Entries() > 0 {
-			if due := later(lastRecv, s.roundStarted).Add(s.cfg.Linger); due.Before(want) {
+			if due := s.walAt.Add(s.cfg.Linger); due.Before(want) {
 				want = due
 			}
 		}
@@ -329,7 +329,7 @@ func (s *session) run(ctx context.Context) error {
 			if pgconn.Timeout(err) {
 				// A deadline that passed while this process was busy times
 				// out at once: publish only after Linger without WAL.
-				if s.round.Entries() > 0 && time.Since(later(lastRecv, s.roundStarted)) >= s.cfg.Linger {
+				if s.round.Entries() > 0 && time.Since(s.walAt) >= s.cfg.Linger {
 					if err := s.flush(ctx); err != nil {
 						return err
 					}
@@ -339,7 +339,7 @@ func (s *session) run(ctx context.Context) error {
 			return fmt.Errorf("receive replication message: %w", err)
 		}
 		if s.round.Entries() > 0 {
-			lastRecv = time.Now()
+			s.walAt = time.Now()
 		}
 		if err := s.pub.Err(); err != nil {
 			return err
@@ -414,6 +414,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		}
 		if s.round.Entries() == 0 {
 			s.roundStarted, s.roundFirst = time.Now(), string(r.Key)
+			s.walAt = s.roundStarted
 		}
 		s.roundLast = string(r.Key)
 		s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
@@ -448,13 +449,6 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}
 	return nil
-}
-
-func later(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 // Round limits.
