@@ -42,6 +42,16 @@ func jsonBody(r *http.Request) (json.RawMessage, *apiError) {
 	return append(json.RawMessage(nil), body...), nil
 }
 
+// requestFields reads a JSON object request body into its fields (nil
+// for an empty body).
+func requestFields(r *http.Request) (map[string]json.RawMessage, *apiError) {
+	raw, e := jsonBody(r)
+	if e != nil {
+		return nil, e
+	}
+	return fields(raw, "request")
+}
+
 func (s *Server) listBasins(w http.ResponseWriter, r *http.Request) {
 	prefix, startAfter, limit, e := listArgs(r)
 	if e != nil {
@@ -63,12 +73,7 @@ func (s *Server) ensureBasin(w http.ResponseWriter, r *http.Request, name string
 // provisionBasin serves POST /basins (create) and PUT /basins/{basin}
 // (ensure).
 func (s *Server) provisionBasin(w http.ResponseWriter, r *http.Request, name string, ensure bool) {
-	raw, e := jsonBody(r)
-	if e != nil {
-		writeError(w, e)
-		return
-	}
-	m, e := fields(raw, "request")
+	m, e := requestFields(r)
 	if e != nil {
 		writeError(w, e)
 		return
@@ -159,12 +164,7 @@ func (s *Server) listStreams(w http.ResponseWriter, r *http.Request, basin strin
 }
 
 func (s *Server) createStream(w http.ResponseWriter, r *http.Request, basin string) {
-	raw, e := jsonBody(r)
-	if e != nil {
-		writeError(w, e)
-		return
-	}
-	m, e := fields(raw, "request")
+	m, e := requestFields(r)
 	if e != nil {
 		writeError(w, e)
 		return

@@ -121,15 +121,21 @@ func (st *store) writeFileAtomic(path string, data []byte) error {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = st.syncDir(filepath.Dir(path))
+		err = st.rename(tmp, path)
 	}
 	if err != nil {
 		_ = os.Remove(tmp)
 	}
 	return err
+}
+
+// rename moves from to to and (with fsync) makes the move durable by
+// syncing to's directory.
+func (st *store) rename(from, to string) error {
+	if err := os.Rename(from, to); err != nil {
+		return err
+	}
+	return st.syncDir(filepath.Dir(to))
 }
 
 func (st *store) syncDir(dir string) error {
@@ -344,10 +350,7 @@ func (st *store) createBasin(name string, cfg basinConfig, location *string, req
 			err = st.syncDir(tmp)
 		}
 		if err == nil {
-			err = os.Rename(tmp, final)
-		}
-		if err == nil {
-			err = st.syncDir(filepath.Dir(final))
+			err = st.rename(tmp, final)
 		}
 		if err != nil {
 			_ = os.RemoveAll(tmp)
@@ -518,10 +521,7 @@ func (st *store) createStream(b *basin, name string, o optStreamConfig, requestT
 			err = st.syncDir(tmp)
 		}
 		if err == nil {
-			err = os.Rename(tmp, final)
-		}
-		if err == nil {
-			err = st.syncDir(filepath.Dir(final))
+			err = st.rename(tmp, final)
 		}
 		if err == nil {
 			s.dir = final
