@@ -1,5 +1,21 @@
 package bus
 
+import "time"
+
+// The limits capture and router put on batches and rounds.
+const (
+	// MaxBatchEntries is an S2 append's records: a larger batch would be
+	// split by delivery anyway.
+	MaxBatchEntries = 1000
+	// MaxBatchBytes caps a batch's body (and never above the NATS server's
+	// max_payload, which the publishers check).
+	MaxBatchBytes = 1 << 20
+	// MaxRoundBytes caps a round's batches together.
+	MaxRoundBytes = 16 << 20
+	// MaxRoundAge bounds a round while its writer catches up on a backlog.
+	MaxRoundAge = 50 * time.Millisecond
+)
+
 // Round collects entries into one batch per subject (more when one fills
 // up) for publishing together. Its messages keep the order in which they
 // were opened, so the same entries added in the same order always make the

@@ -206,7 +206,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	c.metrics.Sessions.Inc()
 	maxBody := int(c.js.Conn().MaxPayload()) - 16<<10
 	s := &session{Capture: c, repl: repl, pub: pub, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
-		round: bus.NewRound(maxBatchEntries, min(maxBody, maxBatchBytes)),
+		round: bus.NewRound(bus.MaxBatchEntries, min(maxBody, bus.MaxBatchBytes)),
 		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	runErr := s.run(ctx)
 	if s.span != nil { // ended inside a transaction
@@ -420,7 +420,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
 		s.published++
 		s.txChanges++
-		if s.round.Entries() >= maxRoundEntries || s.round.Bytes() >= maxRoundBytes {
+		if s.round.Entries() >= maxRoundEntries || s.round.Bytes() >= bus.MaxRoundBytes {
 			return s.flush(ctx)
 		}
 	case pgrepl.EventCommit:
@@ -430,7 +430,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			s.pendingCommit = ev.LSN
 			// Publish at a commit once the round is Linger old; while
 			// far behind the server's WAL, let it grow (larger messages).
-			if age := time.Since(s.roundStarted); age >= s.cfg.Linger && (!s.behind || age >= maxRoundAge) {
+			if age := time.Since(s.roundStarted); age >= s.cfg.Linger && (!s.behind || age >= bus.MaxRoundAge) {
 				if err := s.flush(ctx); err != nil {
 					return err
 				}
@@ -451,16 +451,12 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 	return nil
 }
 
-// Round limits.
+// Round limits (bus has the ones router shares).
 const (
 	maxRoundEntries = 8192
-	maxRoundBytes   = 16 << 20
-	maxBatchEntries = 1000
-	maxBatchBytes   = 1 << 20
-	// maxRoundAge bounds a round while catching up: reading transactions
-	// committed more than backlogAge ago.
-	maxRoundAge = 50 * time.Millisecond
-	backlogAge  = 500 * time.Millisecond
+	// A round may grow to bus.MaxRoundAge while catching up: reading
+	// transactions committed more than backlogAge ago.
+	backlogAge = 500 * time.Millisecond
 )
 
 // flush publishes the round: one message per subject (more when one

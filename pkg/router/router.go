@@ -72,7 +72,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 		cfg.Window = 4096
 	}
 	if cfg.MaxBatchBytes <= 0 {
-		cfg.MaxBatchBytes = 1 << 20
+		cfg.MaxBatchBytes = bus.MaxBatchBytes
 	}
 	if cfg.Linger <= 0 {
 		cfg.Linger = time.Millisecond
@@ -201,7 +201,7 @@ func (r *Router) session(ctx context.Context) error {
 	}
 	maxPayload := max(int(r.nc.MaxPayload())-8<<10, 64<<10) // room for the headers
 	s := &session{Router: r, pub: pub, replay: rp, maxPayload: maxPayload,
-		round: round{Round: bus.NewRound(maxBatchEntries, min(maxPayload, r.cfg.MaxBatchBytes))}}
+		round: round{Round: bus.NewRound(bus.MaxBatchEntries, min(maxPayload, r.cfg.MaxBatchBytes))}}
 	stop := context.AfterFunc(ctx, it.Stop)
 	r.state.SetReady()
 	r.log.Info("routing", "source", r.cfg.Source, "from_seq", occ.OptStartSeq, "resume_after", last.id)
@@ -240,12 +240,7 @@ type round struct {
 }
 
 // Round limits: a round ends when no input is waiting, or at these.
-const (
-	maxRoundInputs  = 8192
-	maxRoundBytes   = 16 << 20
-	maxBatchEntries = 1000                  // an S2 append's records
-	maxRoundAge     = 50 * time.Millisecond // while catching up
-)
+const maxRoundInputs = 8192 // and bus.MaxRoundBytes; bus.MaxRoundAge while catching up
 
 type session struct {
 	*Router
@@ -328,7 +323,7 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 					return err
 				}
 			}
-		} else if s.round.inputs >= maxRoundInputs || s.round.Bytes() >= maxRoundBytes {
+		} else if s.round.inputs >= maxRoundInputs || s.round.Bytes() >= bus.MaxRoundBytes {
 			if err := s.flush(ctx); err != nil {
 				return err
 			}
@@ -351,7 +346,7 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 		if s.round.inputs > 0 && s.replay == nil {
 			limit := s.cfg.Linger
 			if s.pending > 0 { // catching up: more is on its way, let the round grow
-				limit = maxRoundAge
+				limit = bus.MaxRoundAge
 			}
 			if wait := limit - time.Since(s.round.started); wait > 0 {
 				linger.Reset(wait)
