@@ -16,7 +16,6 @@ import (
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
-	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 )
 
@@ -160,38 +159,6 @@ func (t *retryAfterTransport) RoundTrip(r *http.Request) (*http.Response, error)
 // from the environment variable it names.
 func FromSink(s config.Sink) Config {
 	return Config{Endpoint: s.Endpoint, Token: os.Getenv(s.AccessTokenEnv)}
-}
-
-// HeaderSeq is the S2 record header holding the delivery-stream position
-// ("<seq>.<index>") the record came from: delivery's progress, stored with
-// the data.
-const HeaderSeq = "pgs2-seq"
-
-// Progress returns the stream's tail and the last HeaderSeq among its last
-// records (found=false when none of them has one, e.g. an empty stream or
-// one pgs2 never wrote).
-func (c *Client) Progress(ctx context.Context, basin, stream string) (pos bus.DeliveryPos, tail uint64, found bool, err error) {
-	tail, err = c.Tail(ctx, basin, stream)
-	if err != nil || tail == 0 {
-		return pos, tail, false, err
-	}
-	back, count := int64(min(tail, 1000)), uint64(1000)
-	var ra atomic.Int64
-	rctx := context.WithValue(ctx, retryAfterKey{}, &ra)
-	b, err := c.sdk.Basin(basin).Stream(s2.StreamName(stream)).Read(rctx, &s2.ReadOptions{TailOffset: &back, Count: &count})
-	if err != nil {
-		return pos, tail, false, classify(fmt.Sprintf("read the last records of %s/%s", basin, stream), err, time.Duration(ra.Load())*time.Millisecond)
-	}
-	for i := len(b.Records) - 1; i >= 0; i-- {
-		for _, h := range b.Records[i].Headers {
-			if string(h.Name) == HeaderSeq {
-				if p, perr := bus.ParseDeliveryPos(string(h.Value)); perr == nil {
-					return p, tail, true, nil
-				}
-			}
-		}
-	}
-	return pos, tail, false, nil
 }
 
 // Fence makes token the stream's fencing token (an S2 fence command

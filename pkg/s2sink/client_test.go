@@ -11,7 +11,6 @@ import (
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
-	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/s2local"
@@ -154,28 +153,6 @@ func TestFromSink(t *testing.T) {
 	}
 	if _, err := New(FromSink(config.Sink{AccessTokenEnv: "UNSET_TOKEN_VAR"})); !errors.Is(err, ErrNoToken) {
 		t.Fatalf("cloud sink without a token: %v", err)
-	}
-}
-
-func TestProgress(t *testing.T) {
-	_, url := local(t, s2local.Options{})
-	c, _ := New(Config{Endpoint: url})
-	ctx := context.Background()
-	_ = c.CreateStream(ctx, basin, "p")
-	if _, _, found, err := c.Progress(ctx, basin, "p"); err != nil || found {
-		t.Fatalf("empty stream: found=%v err=%v", found, err)
-	}
-	b := NewBatch(0, 0)
-	for seq := uint64(10); seq < 13; seq++ {
-		_ = b.Add(Record(&bus.Entry{}, []byte("x"), bus.DeliveryPos{Seq: seq, Idx: 2}))
-	}
-	_ = b.Add(s2.AppendRecord{Body: []byte("not pgs2's")})
-	if _, err := c.Append(ctx, basin, "p", b, nil); err != nil {
-		t.Fatal(err)
-	}
-	pos, tail, found, err := c.Progress(ctx, basin, "p")
-	if err != nil || !found || pos != (bus.DeliveryPos{Seq: 12, Idx: 2}) || tail != 4 {
-		t.Fatalf("Progress = %v %d %v %v, want 12.2 4 true", pos, tail, found, err)
 	}
 }
 
