@@ -18,10 +18,55 @@ import (
 //	key, group, action, table  uvarint length + bytes each
 //	commit_ms                  varint (-1 = unknown)
 //	traceparent, error         uvarint length + bytes each
+//	error kind                 one byte (version 2 on; ErrorKind)
 //	body                       uvarint length + bytes
 //
-// The message's HeaderEntries header holds the entry count.
-const batchVersion = 1
+// The message's HeaderEntries header holds the entry count. Version 1
+// (before error kinds) is still read: its errors are of ErrorUnknown.
+const batchVersion = 2
+
+// ErrorKind says why a change cannot go on as it is, so that delivery can
+// branch on it without reading the error's text.
+type ErrorKind byte
+
+const (
+	// ErrorNone: the change is fine.
+	ErrorNone ErrorKind = iota
+	// ErrorTooLarge: the change does not fit a NATS message (capture or
+	// router): only an operator can let its group go on (acknowledge it).
+	ErrorTooLarge
+	// ErrorFunction: a sink function failed on it (router): delivery
+	// retries it with the sink's functions as they are then.
+	ErrorFunction
+	// ErrorUnknown: an error of a version that did not record its kind.
+	ErrorUnknown
+)
+
+// String names the kind (the Pgs2-Error-Kind header of a parked change).
+func (k ErrorKind) String() string {
+	switch k {
+	case ErrorNone:
+		return ""
+	case ErrorTooLarge:
+		return "too-large"
+	case ErrorFunction:
+		return "function"
+	}
+	return "unknown"
+}
+
+// ParseErrorKind reads ErrorKind.String's output ("" is ErrorNone).
+func ParseErrorKind(s string) ErrorKind {
+	switch s {
+	case "":
+		return ErrorNone
+	case "too-large":
+		return ErrorTooLarge
+	case "function":
+		return ErrorFunction
+	}
+	return ErrorUnknown
+}
 
 // HeaderEntries is the number of changes in a delivery message.
 const HeaderEntries = "Pgs2-Entries"
@@ -37,13 +82,14 @@ type Entry struct {
 	TraceParent []byte // W3C trace context of the change
 	// Error marks a change the router could not route or transform (or
 	// capture could not carry): delivery parks it with its group.
-	Error []byte
-	Body  []byte
+	Error     []byte
+	ErrorKind ErrorKind // why, when Error is set
+	Body      []byte
 }
 
 // Size is the entry's encoded size.
 func (e *Entry) Size() int {
-	n := binary.MaxVarintLen64
+	n := binary.MaxVarintLen64 + 1
 	for _, f := range [...][]byte{e.Key, e.Group, e.Action, e.Table, e.TraceParent, e.Error, e.Body} {
 		n += uvarintLen(uint64(len(f))) + len(f)
 	}
@@ -77,6 +123,7 @@ func (b *BatchBuilder) Add(e *Entry) {
 	b.buf = binary.AppendVarint(b.buf, e.CommitMs)
 	b.buf = appendField(b.buf, e.TraceParent)
 	b.buf = appendField(b.buf, e.Error)
+	b.buf = append(b.buf, byte(e.ErrorKind))
 	b.buf = appendField(b.buf, e.Body)
 	b.n++
 }
@@ -103,8 +150,9 @@ var ErrBadBatch = errors.New("malformed delivery message batch")
 
 // BatchReader decodes a delivery message body entry by entry.
 type BatchReader struct {
-	data []byte
-	err  error
+	data    []byte
+	version byte
+	err     error
 }
 
 // NewBatchReader reads data, a delivery message body.
@@ -113,10 +161,10 @@ func NewBatchReader(data []byte) *BatchReader {
 	switch {
 	case len(data) == 0:
 		r.err = fmt.Errorf("%w: empty body", ErrBadBatch)
-	case data[0] != batchVersion:
-		r.err = fmt.Errorf("%w: version %d, this build reads %d (run router and delivery of the same release)", ErrBadBatch, data[0], batchVersion)
+	case data[0] != batchVersion && data[0] != 1:
+		r.err = fmt.Errorf("%w: version %d, this build reads 1 to %d (run router and delivery of the same release)", ErrBadBatch, data[0], batchVersion)
 	default:
-		r.data = data[1:]
+		r.data, r.version = data[1:], data[0]
 	}
 	return r
 }
@@ -149,7 +197,20 @@ func (r *BatchReader) Next(e *Entry) bool {
 			e.CommitMs, d = ms, d[k:]
 		}
 	}
-	e.TraceParent, e.Error, e.Body = field(), field(), field()
+	e.TraceParent, e.Error = field(), field()
+	e.ErrorKind = ErrorNone
+	switch {
+	case r.err != nil:
+	case r.version >= 2:
+		if len(d) == 0 {
+			r.err = fmt.Errorf("%w: truncated entry", ErrBadBatch)
+		} else {
+			e.ErrorKind, d = ErrorKind(d[0]), d[1:]
+		}
+	case len(e.Error) > 0:
+		e.ErrorKind = ErrorUnknown
+	}
+	e.Body = field()
 	if r.err != nil {
 		return false
 	}

@@ -14,7 +14,7 @@ func TestBatchRoundTrip(t *testing.T) {
 		e := Entry{Key: fmt.Appendf(nil, "k%d", i), Group: []byte(`["1"]`), Action: []byte("insert"), Table: []byte("public.users"),
 			CommitMs: int64(i*1000 - 1), Body: bytes.Repeat([]byte{'x'}, i*37)}
 		if i%3 == 0 {
-			e.Error, e.TraceParent = []byte("boom"), []byte("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+			e.Error, e.ErrorKind, e.TraceParent = []byte("boom"), ErrorFunction, []byte("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
 		}
 		want = append(want, e)
 		before := b.Size()
@@ -32,7 +32,7 @@ func TestBatchRoundTrip(t *testing.T) {
 	for r.Next(&e) {
 		w := want[i]
 		if !bytes.Equal(e.Key, w.Key) || !bytes.Equal(e.Group, w.Group) || !bytes.Equal(e.Action, w.Action) || !bytes.Equal(e.Table, w.Table) ||
-			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || !bytes.Equal(e.Body, w.Body) {
+			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || e.ErrorKind != w.ErrorKind || !bytes.Equal(e.Body, w.Body) {
 			t.Fatalf("entry %d = %+v, want %+v", i, e, w)
 		}
 		i++
@@ -47,6 +47,32 @@ func TestBatchRoundTrip(t *testing.T) {
 }
 
 const binaryMaxVarint = 10
+
+// TestBatchVersion1: batches written before error kinds are still read;
+// their errors are of an unknown kind.
+func TestBatchVersion1(t *testing.T) {
+	v1 := []byte{1}
+	for _, f := range []string{"k", `["1"]`, "insert", "public.t"} {
+		v1 = appendField(v1, []byte(f))
+	}
+	v1 = append(v1, 2) // commit_ms 1 (zigzag)
+	v1 = appendField(v1, nil)
+	v1 = appendField(v1, []byte("too large"))
+	v1 = appendField(v1, []byte("{}"))
+	r := NewBatchReader(v1)
+	var e Entry
+	if !r.Next(&e) || string(e.Key) != "k" || e.CommitMs != 1 || string(e.Error) != "too large" || e.ErrorKind != ErrorUnknown || string(e.Body) != "{}" {
+		t.Fatalf("v1 entry %+v, err %v", e, r.Err())
+	}
+	if r.Next(&e) || r.Err() != nil {
+		t.Fatalf("a second entry, or err %v", r.Err())
+	}
+	for _, k := range []ErrorKind{ErrorNone, ErrorTooLarge, ErrorFunction, ErrorUnknown} {
+		if ParseErrorKind(k.String()) != k {
+			t.Errorf("ParseErrorKind(%q) != %d", k.String(), k)
+		}
+	}
+}
 
 func TestBatchReaderRejects(t *testing.T) {
 	var b BatchBuilder

@@ -24,6 +24,8 @@ const (
 	// PGS2_CHANGES one capture could not carry (too large), on a parked
 	// change one the router could not route or transform.
 	HeaderError = "Pgs2-Error"
+	// HeaderErrorKind is the ErrorKind of HeaderError.
+	HeaderErrorKind = "Pgs2-Error-Kind"
 )
 
 // Headers of a delivery message: the router publishes in rounds — the
@@ -92,4 +94,22 @@ func EnsureDeliveryStream(ctx context.Context, js jetstream.JetStream, c Deliver
 		return nil, fmt.Errorf("create or update stream %s: %w", c.Name, err)
 	}
 	return s, nil
+}
+
+// OrderedInactive is how long the server keeps an ordered consumer whose
+// reader is gone (a crashed process): its readers delete it themselves on
+// the way out (DropConsumer).
+const OrderedInactive = 30 * time.Second
+
+// DropConsumer deletes an ordered consumer's server-side consumer at the
+// end of a session, so that sessions restarting in a loop do not pile up
+// consumers until their inactivity threshold.
+func DropConsumer(js jetstream.JetStream, stream string, c jetstream.Consumer) {
+	info := c.CachedInfo()
+	if info == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = js.DeleteConsumer(ctx, stream, info.Name)
 }

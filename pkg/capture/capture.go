@@ -409,7 +409,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			// marked, so delivery parks it visibly (its group waits) instead
 			// of the whole capture stalling on it.
 			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(r.Body), s.maxBody+16<<10)
-			e.Body, e.Error = oversizedStub(r, reason), []byte(reason)
+			e.Body, e.Error, e.ErrorKind = oversizedStub(r, reason), []byte(reason), bus.ErrorTooLarge
 			s.log.Error("change too large for NATS; published a stub that delivery parks", "table", string(s.table), "key", string(r.Key), "bytes", len(r.Body))
 		}
 		if s.round.Entries() == 0 {

@@ -176,7 +176,7 @@ func (r *Router) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.ChangesFilter(r.cfg.Source)}}
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.ChangesFilter(r.cfg.Source)}, InactiveThreshold: bus.OrderedInactive}
 	var rp *replay
 	switch {
 	case !found:
@@ -209,6 +209,7 @@ func (r *Router) session(ctx context.Context) error {
 	runErr := s.run(ctx, it)
 	stop()
 	it.Stop()
+	bus.DropConsumer(r.js, r.cfg.ChangesStream, cons)
 	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	closeErr := pub.Close(cctx)
@@ -377,6 +378,7 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 func (s *session) add(subject string, e *bus.Entry) {
 	if size := e.Size(); size > s.maxPayload {
 		e.Error = fmt.Appendf(nil, "the routed change is %d bytes, more than a NATS message may hold (%d); acknowledge it, or raise the server's max_payload", size, s.maxPayload)
+		e.ErrorKind = bus.ErrorTooLarge
 		e.Body = nil
 	}
 	s.round.Add(subject, e)
@@ -470,8 +472,9 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	for _, i := range idxs {
 		sk := sinks.list[i]
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
+		kind := bus.ErrorFunction
 		if upstream != "" {
-			out, failure = s.splice(body, sk), upstream
+			out, failure, kind = s.splice(body, sk), upstream, in.ErrorKind
 		} else if sk.Functions.Empty() {
 			out = s.splice(body, sk)
 		} else {
@@ -483,7 +486,10 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 		if !keep {
 			continue
 		}
-		e.Body, e.Error = out, []byte(failure)
+		e.Body, e.Error, e.ErrorKind = out, []byte(failure), bus.ErrorNone
+		if failure != "" {
+			e.ErrorKind = kind
+		}
 		s.add(bus.DeliverySubject(sk.Name, basin, stream, partition), e)
 	}
 }
