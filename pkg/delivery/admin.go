@@ -238,7 +238,7 @@ func failed(m *jetstream.RawStreamMsg, withPayload bool) (*adminv1.FailedMessage
 	if at, err := time.Parse(time.RFC3339Nano, h.Get(HeaderParkedAt)); err == nil {
 		f.FirstFailureTime = timestamppb.New(at)
 	}
-	if strings.HasPrefix(f.LastError.Message, "an earlier change of this group") {
+	if parkKind(h.Get(HeaderParkKind)) == parkBehind {
 		f.BlockedBy = "group"
 	}
 	if withPayload {
@@ -405,7 +405,11 @@ func (a *Admin) ack(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusServiceUnavailable, "record the acknowledgement: "+err.Error())
 		return
 	}
-	ps, _ := a.park(ctx)
+	ps, err := a.park(ctx)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, "drop the message: "+err.Error())
+		return
+	}
 	if err := ps.DeleteMsg(ctx, m.Sequence); err != nil {
 		writeErr(w, http.StatusServiceUnavailable, "drop the message: "+err.Error())
 		return

@@ -76,7 +76,7 @@ type held struct {
 
 type sink struct {
 	cfg    config.Sink
-	client *s2sink.Client
+	client appender
 	// fns re-run the sink's functions on a message the router's functions
 	// failed on, when it is retried (after the functions were fixed and
 	// reloaded).
@@ -291,12 +291,7 @@ func (d *Delivery) balance(ctx context.Context) error {
 		if !ok {
 			continue
 		}
-		st, err := d.js.Stream(ctx, d.cfg.DeliveryStream)
-		if err != nil {
-			d.leases.release(ctx, u, rev)
-			return err
-		}
-		w := newWorker(d, u, s, st)
+		w := newWorker(d, u, s)
 		w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
 		wctx, cancel := context.WithCancel(ctx)
 		h := &held{w: w, rev: rev, cancel: cancel, done: make(chan struct{})}

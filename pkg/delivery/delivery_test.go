@@ -3,6 +3,7 @@ package delivery_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -161,14 +162,12 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	if n := waitParked(t, ps, 2); n != 2 {
 		t.Fatalf("park holds %d messages, want the oversized insert and the update after it", n)
 	}
-	first, err := ps.GetMsg(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	parked := parkedMessages(t, ps)
+	first := parked[0]
 	if reason := first.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "larger than S2's 1 MiB limit") {
 		t.Errorf("park reason %q", reason)
 	}
-	second, _ := ps.GetMsg(ctx, 2)
+	second := parked[1]
 	if reason := second.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "earlier change of this group") {
 		t.Errorf("second park reason %q", reason)
 	}
@@ -473,10 +472,7 @@ func TestChangeOverNATSMaxPayload(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitParked(t, ps, 1)
-	m, err := ps.GetMsg(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := parkedMessages(t, ps)[0]
 	if reason := m.Header.Get(delivery.HeaderParkReason); !strings.Contains(reason, "max_payload") {
 		t.Fatalf("park reason %q", reason)
 	}
@@ -519,21 +515,38 @@ func (p *pipeline) adminAPI(t *testing.T) *httptest.Server {
 	return api
 }
 
-// waitParked waits (up to 10s) until the park holds n messages and returns
-// how many it holds.
+// waitParked waits (up to 10s) until the parks hold n messages and returns
+// how many they hold.
 func waitParked(t *testing.T, ps jetstream.Stream, n uint64) uint64 {
 	t.Helper()
-	ctx := context.Background()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		info, err := ps.Info(ctx)
+		got := uint64(len(parkedMessages(t, ps)))
+		if got >= n || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// parkedMessages returns the parked messages (not the owners' markers),
+// oldest first.
+func parkedMessages(t *testing.T, ps jetstream.Stream) []*jetstream.RawStreamMsg {
+	t.Helper()
+	ctx := context.Background()
+	var out []*jetstream.RawStreamMsg
+	for seq := uint64(1); ; {
+		m, err := ps.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(delivery.ParkRoot+".>"))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return out
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		if info.State.Msgs >= n || time.Now().After(deadline) {
-			return info.State.Msgs
+		seq = m.Sequence + 1
+		if !strings.HasSuffix(m.Subject, ".owner") {
+			out = append(out, m)
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 

@@ -75,8 +75,13 @@ func newPipeline(t *testing.T, schema string, tables []string, basins ...string)
 	return p
 }
 
+// quiet logs errors only (everything with PGS2_TEST_LOG=debug).
 func quiet() *slog.Logger {
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	lvl := slog.LevelError
+	if os.Getenv("PGS2_TEST_LOG") == "debug" {
+		lvl = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 }
 
 // start runs the three services until the test ends.

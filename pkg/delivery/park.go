@@ -2,10 +2,15 @@ package delivery
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/pgs2/pgs2/pkg/bus"
@@ -16,18 +21,34 @@ import (
 const ParkedStream = "PGS2_PARKED"
 
 // ParkRoot is the subject root of parked messages:
-// pgs2.parked.<sink>.<basin>.<stream>.<group hash>.
+// pgs2.parked.<sink>.<basin>.<stream>.<group id>.
 const ParkRoot = "pgs2.parked"
+
+// ownerToken is the last subject token of a unit's owner marker,
+// pgs2.parked.<sink>.<basin>.<stream>.owner (group ids are hex, never it).
+const ownerToken = "owner"
 
 // Headers of a parked message, besides the delivery message's own.
 const (
 	HeaderDeliverySeq = "Pgs2-Delivery-Seq"
 	HeaderParkReason  = "Pgs2-Park-Reason"
-	HeaderParkedAt    = "Pgs2-Parked-At"
-	HeaderSubject     = "Pgs2-Subject"
-	HeaderS2Status    = "Pgs2-S2-Status"
-	HeaderS2Code      = "Pgs2-S2-Code"
-	HeaderAttempts    = "Pgs2-Attempts"
+	// HeaderParkKind says why the message is parked: "failed" (it could
+	// not be appended as it is) or "behind" (an earlier change of its
+	// group is parked).
+	HeaderParkKind = "Pgs2-Park-Kind"
+	HeaderParkedAt = "Pgs2-Parked-At"
+	HeaderSubject  = "Pgs2-Subject"
+	HeaderS2Status = "Pgs2-S2-Status"
+	HeaderS2Code   = "Pgs2-S2-Code"
+	HeaderAttempts = "Pgs2-Attempts"
+)
+
+// parkKind is a HeaderParkKind value.
+type parkKind string
+
+const (
+	parkFailed parkKind = "failed"
+	parkBehind parkKind = "behind"
 )
 
 // DeadStream holds messages given up after retry.max_attempts, with their
@@ -39,21 +60,33 @@ func DeadSubject(u Unit) string {
 	return "pgs2.dead." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
 }
 
+// groupID names a group of a table in park subjects: 128 bits of SHA-256
+// of the table and the group key, so that two groups share a park only
+// with odds of about n²/2¹²⁹ for n parked groups (nil for a billion).
+func groupID(table, group []byte) string {
+	h := sha256.New()
+	h.Write(table)
+	h.Write([]byte{0})
+	h.Write(group)
+	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
 // ParkSubject is the park of one group of a unit.
 func ParkSubject(u Unit, group string) string {
 	return ParkRoot + "." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream) + "." + group
 }
 
-// parseParkSubject splits a park subject into its unit and group hash.
+// parseParkSubject splits a park subject into its unit and group id (the
+// owner marker is not a park).
 func parseParkSubject(subject string) (u Unit, group string, ok bool) {
 	t := strings.Split(subject, ".")
-	if len(t) != 6 || t[0]+"."+t[1] != ParkRoot {
+	if len(t) != 6 || t[0]+"."+t[1] != ParkRoot || t[5] == ownerToken {
 		return Unit{}, "", false
 	}
 	return Unit{bus.UnescapeToken(t[2]), bus.UnescapeToken(t[3]), bus.UnescapeToken(t[4])}, t[5], true
 }
 
-// ParkFilter matches every park of a unit.
+// ParkFilter matches every park of a unit (and its owner marker).
 func ParkFilter(u Unit) string { return ParkSubject(u, "*") }
 
 // EnsureParkedStream creates or updates the park stream. Parked messages
@@ -85,4 +118,263 @@ func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas in
 // parked groups now.
 func RetrySubject(u Unit) string {
 	return "pgs2.admin.retry." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
+}
+
+// unitParks is a worker's view of its unit's parks. Every message the
+// worker publishes there is conditional on the last sequence of the
+// unit's park subjects being the one it last saw (Nats-Expected-Last-
+// Subject-Sequence over ParkFilter), and every session starts by
+// publishing an owner marker the same way: once a new owner's marker is
+// stored, an earlier owner's park publishes are refused, so a change is
+// never parked behind the back of the owner that read the parks.
+type unitParks struct {
+	js    jetstream.JetStream
+	st    jetstream.Stream
+	u     Unit
+	token string
+
+	lastSeq uint64 // the last sequence of the unit's park subjects, as this owner left it
+	// through is the last delivery position parked: every change up to
+	// it is in S2 or in a park.
+	through bus.DeliveryPos
+	groups  map[string]*parkedGroup
+	order   []string // parked groups, for taking turns at draining
+	next    int
+}
+
+// parkedGroup is the retry state of one parked group's head.
+type parkedGroup struct {
+	attempts int
+	due      time.Time
+}
+
+func newUnitParks(js jetstream.JetStream, u Unit, token string) *unitParks {
+	return &unitParks{js: js, u: u, token: token, groups: map[string]*parkedGroup{}}
+}
+
+func (p *unitParks) ownerSubject() string { return ParkSubject(p.u, ownerToken) }
+
+// open starts a session: it removes a drained prefix an earlier session
+// appended but did not remove (drained: S2's HeaderPark, "" for none),
+// stores this owner's marker, and loads which groups are parked.
+func (p *unitParks) open(ctx context.Context, drained string) error {
+	var err error
+	if p.st, err = p.js.Stream(ctx, ParkedStream); err != nil {
+		return fmt.Errorf("park stream %s: %w", ParkedStream, err)
+	}
+	if drained != "" {
+		group, seq, err := parseParkRef(drained)
+		if err != nil {
+			return err
+		}
+		if err := p.purge(ctx, group, seq); err != nil {
+			return err
+		}
+	}
+	if err := p.claim(ctx); err != nil {
+		return err
+	}
+	return p.load(ctx)
+}
+
+// claim publishes the owner marker, conditional on the unit's parks
+// being as read, and takes the last parked position from what preceded
+// it (a park message, or the previous marker, which carries it on).
+func (p *unitParks) claim(ctx context.Context) error {
+	filter := ParkFilter(p.u)
+	for attempt := 0; ; attempt++ {
+		var lastSeq uint64
+		var through bus.DeliveryPos
+		last, err := p.st.GetLastMsgForSubject(ctx, filter)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+		case err != nil:
+			return fmt.Errorf("last parked message of %s: %w", p.u, err)
+		default:
+			lastSeq = last.Sequence
+			if v := last.Header.Get(HeaderDeliverySeq); v != "" {
+				if through, err = bus.ParseDeliveryPos(v); err != nil {
+					return fmt.Errorf("parked message %d of %s: %w", last.Sequence, p.u, err)
+				}
+			}
+		}
+		// The previous marker carries the last parked position on, in
+		// case the park messages after it were removed since.
+		prev, err := p.st.GetLastMsgForSubject(ctx, p.ownerSubject())
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+		case err != nil:
+			return fmt.Errorf("owner of the parks of %s: %w", p.u, err)
+		default:
+			if v, perr := bus.ParseDeliveryPos(prev.Header.Get(HeaderDeliverySeq)); perr == nil && through.Less(v) {
+				through = v
+			}
+		}
+		m := &nats.Msg{Subject: p.ownerSubject(), Data: []byte(p.token), Header: nats.Header{}}
+		m.Header.Set(HeaderDeliverySeq, through.String())
+		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(lastSeq, filter))
+		if wrongLast(err) && attempt < 10 {
+			continue // parked meanwhile (an earlier owner still finishing): read again
+		}
+		if err != nil {
+			return fmt.Errorf("claim the parks of %s: %w", p.u, err)
+		}
+		p.lastSeq, p.through = ack.Sequence, through
+		break
+	}
+	// Earlier markers are of no use.
+	if err := p.st.Purge(ctx, jetstream.WithPurgeSubject(p.ownerSubject()), jetstream.WithPurgeKeep(1)); err != nil {
+		return fmt.Errorf("remove old owner markers of %s: %w", p.u, err)
+	}
+	return nil
+}
+
+// load learns which groups of the unit are parked.
+func (p *unitParks) load(ctx context.Context) error {
+	clear(p.groups)
+	p.order, p.next = p.order[:0], 0
+	info, err := p.st.Info(ctx, jetstream.WithSubjectFilter(ParkFilter(p.u)))
+	if err != nil {
+		return fmt.Errorf("list parked groups of %s: %w", p.u, err)
+	}
+	now := time.Now()
+	for subj, n := range info.State.Subjects {
+		if _, group, ok := parseParkSubject(subj); ok && n > 0 {
+			p.groups[group] = &parkedGroup{due: now}
+			p.order = append(p.order, group)
+		}
+	}
+	return nil
+}
+
+func wrongLast(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// publish parks a message of group, conditional on the unit's parks being
+// as this owner left them. When they are not (a drain or an operator
+// removed the last one), it reads them again and retries, unless another
+// process's marker is stored: then the unit is no longer this one's.
+func (p *unitParks) publish(ctx context.Context, group string, h nats.Header, body []byte) error {
+	filter := ParkFilter(p.u)
+	m := &nats.Msg{Subject: ParkSubject(p.u, group), Header: h, Data: body}
+	for attempt := 0; ; attempt++ {
+		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(p.lastSeq, filter))
+		if err == nil {
+			p.lastSeq = ack.Sequence
+			return nil
+		}
+		if !wrongLast(err) || attempt >= 10 {
+			return err
+		}
+		if err := p.refresh(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+// refresh reads the last sequence of the unit's parks, then checks that
+// the owner marker is still this process's (in that order: a marker
+// stored after the first read makes the next conditional publish fail).
+func (p *unitParks) refresh(ctx context.Context) error {
+	var lastSeq uint64
+	last, err := p.st.GetLastMsgForSubject(ctx, ParkFilter(p.u))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return fmt.Errorf("last parked message of %s: %w", p.u, err)
+	default:
+		lastSeq = last.Sequence
+	}
+	if err := p.checkOwner(ctx); err != nil {
+		return err
+	}
+	p.lastSeq = lastSeq
+	return nil
+}
+
+// checkOwner fails with ErrLeaseLost unless the unit's owner marker is
+// this process's.
+func (p *unitParks) checkOwner(ctx context.Context) error {
+	owner, err := p.st.GetLastMsgForSubject(ctx, p.ownerSubject())
+	if errors.Is(err, jetstream.ErrMsgNotFound) || (err == nil && string(owner.Data) != p.token) {
+		return fmt.Errorf("%w: another process claimed the parks of %s", ErrLeaseLost, p.u)
+	}
+	if err != nil {
+		return fmt.Errorf("owner of the parks of %s: %w", p.u, err)
+	}
+	return nil
+}
+
+// purge removes a group's parked messages up to seq (delivered, dropped
+// or dead-lettered).
+func (p *unitParks) purge(ctx context.Context, group string, seq uint64) error {
+	if err := p.st.Purge(ctx, jetstream.WithPurgeSubject(ParkSubject(p.u, group)), jetstream.WithPurgeSequence(seq+1)); err != nil {
+		return fmt.Errorf("remove delivered messages of park %s of %s: %w", group, p.u, err)
+	}
+	return nil
+}
+
+// parkRef names a drained prefix of a park (HeaderPark): "<group>:<seq>".
+func parkRef(group string, seq uint64) string { return group + ":" + strconv.FormatUint(seq, 10) }
+
+func parseParkRef(s string) (group string, seq uint64, err error) {
+	group, v, ok := strings.Cut(s, ":")
+	if ok {
+		seq, err = strconv.ParseUint(v, 10, 64)
+	}
+	if !ok || err != nil || group == "" {
+		return "", 0, fmt.Errorf("S2 record header %s %q is not <group>:<seq>", "pgs2-park", s)
+	}
+	return group, seq, nil
+}
+
+func (p *unitParks) has(group string) bool { _, ok := p.groups[group]; return ok }
+
+func (p *unitParks) count() int { return len(p.groups) }
+
+// add records that group has a message parked at pos; a newly parked
+// group's head is first retried after first.
+func (p *unitParks) add(group string, pos bus.DeliveryPos, first time.Duration) {
+	if _, ok := p.groups[group]; !ok {
+		p.groups[group] = &parkedGroup{due: time.Now().Add(first)}
+		p.order = append(p.order, group)
+	}
+	p.through = pos
+}
+
+// remove forgets a group whose park is empty.
+func (p *unitParks) remove(group string) {
+	delete(p.groups, group)
+	for i, g := range p.order {
+		if g == group {
+			p.order = append(p.order[:i], p.order[i+1:]...)
+			if p.next > i {
+				p.next--
+			}
+			break
+		}
+	}
+}
+
+// dueNow makes every parked group's head due (an operator asked).
+func (p *unitParks) dueNow() {
+	for _, g := range p.groups {
+		g.due = time.Time{}
+	}
+}
+
+// nextDue returns the next parked group, in turn, whose retry is due.
+func (p *unitParks) nextDue(now time.Time) (string, *parkedGroup) {
+	for k := 0; k < len(p.order); k++ {
+		i := (p.next + k) % len(p.order)
+		g := p.order[i]
+		if st := p.groups[g]; !now.Before(st.due) {
+			p.next = i + 1
+			return g, st
+		}
+	}
+	return "", nil
 }

@@ -13,40 +13,52 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/s2-streamstore/s2-sdk-go/s2"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgs2/pgs2/pkg/bus"
-	"github.com/pgs2/pgs2/pkg/fn"
+	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/s2sink"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
+// appender is what a worker needs of S2 (s2sink.Client has it): appends
+// with match_seq_num and a fencing token, the tail, and reading records
+// back.
+type appender interface {
+	CreateStream(ctx context.Context, basin, stream string) error
+	Fence(ctx context.Context, basin, stream, token string) (uint64, error)
+	AppendFenced(ctx context.Context, basin, stream string, b *s2sink.Batch, matchSeqNum *uint64, token *string) (s2sink.Ack, error)
+	s2sink.RecordReader
+}
+
 // worker delivers one unit.
 type worker struct {
-	d   *Delivery
-	u   Unit
-	s   *sink
-	st  jetstream.Stream
-	log *slog.Logger
+	d     *Delivery
+	u     Unit
+	s     *sink
+	s2    appender
+	log   *slog.Logger
+	parks *unitParks
 
-	tail   uint64          // the S2 stream's next seq_num, as this writer knows it
-	parked map[string]bool // group hashes with parked messages
-	// parkedThrough is the last delivery position already parked: on a
-	// re-read, parked groups' changes up to it are in the park already.
-	parkedThrough bus.DeliveryPos
-	// done is the last delivery position S2 holds: on a re-read, changes
-	// up to it are skipped.
-	done       bus.DeliveryPos
-	batch      *s2sink.Batch
-	seqs       []bus.DeliveryPos // delivery positions of the batch's records
-	entry      bus.Entry
-	pending    uint64   // messages the stream holds for the unit beyond the last one read
-	traces     []string // their traceparents, when tracing is on
-	retries    map[string]*retryState
-	retryNow   chan struct{}
-	validUntil atomic.Int64 // the lease, in Unix nanoseconds, minus a margin
-	token      string       // this process's fencing token
+	tail uint64 // the S2 stream's next seq_num, as this writer knows it
+	// done is the session's resume point: entries at or before it are in
+	// S2 (or parked) already.
+	done bus.DeliveryPos
+	// read is the last entry read: once the batch is appended, every
+	// entry up to it is in S2 or parked (a drained park's records carry
+	// it as their resume point).
+	read     bus.DeliveryPos
+	batch    *s2sink.Batch
+	seqs     []bus.DeliveryPos // delivery positions of the batch's records
+	entry    bus.Entry
+	pending  uint64   // messages the stream holds for the unit beyond the last one read
+	traces   []string // their traceparents, when tracing is on
+	retryNow chan struct{}
+	// validUntil is the lease, in Unix nanoseconds, minus a margin.
+	validUntil atomic.Int64
+	token      string // this process's fencing token
 }
 
 // extend moves the lease's end.
@@ -60,34 +72,24 @@ func (w *worker) owned() error {
 	return nil
 }
 
-// retryState is the back-off of one parked group's head.
-type retryState struct {
-	attempts int
-	next     time.Time
+func newWorker(d *Delivery, u Unit, s *sink) *worker {
+	w := &worker{d: d, u: u, s: s, s2: s.client, log: d.log.With("unit", u.String()), token: d.leases.id,
+		batch:    s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes),
+		retryNow: make(chan struct{}, 1)}
+	w.parks = newUnitParks(d.js, u, w.token)
+	return w
 }
 
-func newWorker(d *Delivery, u Unit, s *sink, st jetstream.Stream) *worker {
-	return &worker{d: d, u: u, s: s, st: st, log: d.log.With("unit", u.String()), token: d.leases.id,
-		batch:    s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes),
-		retries:  map[string]*retryState{},
-		retryNow: make(chan struct{}, 1)}
-}
+// sessionRestarts is the back-off between a worker's sessions.
+var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second, ResetAfter: 30 * time.Second}
 
 func (w *worker) run(ctx context.Context) {
-	backoff := 100 * time.Millisecond
 	var firstFail time.Time
 	attempts := 0
-	for {
-		started := time.Now()
-		err := w.session(ctx)
-		if ctx.Err() != nil || errors.Is(err, ErrLeaseLost) {
-			if err != nil && ctx.Err() == nil {
-				w.log.Warn("stopping", "error", err)
-			}
-			return
-		}
-		if time.Since(started) > 30*time.Second {
-			backoff = 100 * time.Millisecond
+	restart.Loop(ctx, sessionRestarts, w.session, func(err error, wait time.Duration) bool {
+		if errors.Is(err, ErrLeaseLost) {
+			w.log.Warn("stopping", "error", err)
+			return false
 		}
 		if s2sink.Classify(err) != nil { // S2 refuses even to tell where we are: visible as blocked
 			if firstFail.IsZero() {
@@ -95,16 +97,11 @@ func (w *worker) run(ctx context.Context) {
 			}
 			attempts++
 			w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, Attempts: attempts,
-				FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(backoff)}, err)
+				FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(wait)}, err)
 		}
-		w.log.Warn("delivery session ended; restarting", "error", err, "retry_in", backoff)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(backoff*2, 5*time.Second)
-	}
+		w.log.Warn("delivery session ended; restarting", "error", err, "retry_in", wait)
+		return true
+	})
 }
 
 // errReread means the S2 stream's tail is not what this writer expected
@@ -112,7 +109,13 @@ func (w *worker) run(ctx context.Context) {
 var errReread = errors.New("S2 stream changed under this writer")
 
 func (w *worker) session(ctx context.Context) error {
-	c := w.s.client
+	ctx, cancel := context.WithCancel(ctx) // ends the reader with the session
+	defer cancel()
+	// A failed append of the last session left its batch: the entries
+	// are read again.
+	w.batch.Reset()
+	w.seqs, w.traces = w.seqs[:0], w.traces[:0]
+	c := w.s2
 	if w.s.cfg.CreateStream {
 		if err := c.CreateStream(ctx, w.u.Basin, w.u.Stream); err != nil {
 			return err
@@ -130,21 +133,30 @@ func (w *worker) session(ctx context.Context) error {
 	if _, err := c.Fence(ctx, w.u.Basin, w.u.Stream, w.token); err != nil && !notFound(err) {
 		return err
 	}
-	pos, tail, found, err := c.Progress(ctx, w.u.Basin, w.u.Stream)
+	res, err := s2sink.FindResume(ctx, c, w.u.Basin, w.u.Stream)
 	if notFound(err) {
-		pos, tail, found, err = bus.DeliveryPos{}, 0, false, nil
+		res, err = s2sink.Resume{}, nil
 	}
 	if err != nil {
 		return err
 	}
 	w.clearFailure(ctx) // S2 answers again (a failure recorded by an earlier worker goes too)
-	w.tail, w.done = tail, pos
-	if err := w.loadParks(ctx); err != nil {
+	// Claim the unit's parks (later publishes by an earlier owner are
+	// refused from here on) and learn which groups are parked.
+	if err := w.parks.open(ctx, res.Park); err != nil {
 		return err
 	}
-	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(w.u.Sink, w.u.Basin, w.u.Stream)}}
-	if found { // from the message of the last change S2 holds: its later changes may be missing
-		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, pos.Seq
+	// Every change up to the last one parked is in S2 or in a park too: a
+	// change is parked only once every change read before it is appended.
+	w.tail, w.done = res.Tail, res.Through
+	if w.done.Less(w.parks.through) {
+		w.done = w.parks.through
+	}
+	w.read = w.done
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(w.u.Sink, w.u.Basin, w.u.Stream)},
+		InactiveThreshold: bus.OrderedInactive}
+	if w.done != (bus.DeliveryPos{}) { // from the message of the last change handled: its later changes may not be
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, w.done.Seq
 	}
 	cons, err := w.d.js.OrderedConsumer(ctx, w.d.cfg.DeliveryStream, occ)
 	if err != nil {
@@ -154,6 +166,7 @@ func (w *worker) session(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", w.u, err)
 	}
+	defer bus.DropConsumer(w.d.js, w.d.cfg.DeliveryStream, cons)
 	defer it.Stop()
 	msgs := make(chan jetstream.Msg, w.s.cfg.Batch.MaxRecords)
 	readErr := make(chan error, 1)
@@ -172,7 +185,7 @@ func (w *worker) session(ctx context.Context) error {
 			}
 		}
 	}()
-	w.log.Debug("delivering", "after", pos, "s2_tail", tail)
+	w.log.Debug("delivering", "after", w.done, "s2_tail", res.Tail, "parked_groups", w.parks.count())
 
 	linger := w.s.cfg.Batch.Linger.D()
 	drainTick := time.NewTicker(100 * time.Millisecond)
@@ -189,15 +202,13 @@ func (w *worker) session(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-drainTick.C:
-			if err := w.drain(ctx); err != nil {
+			if err := w.drainWhileIdle(ctx, msgs); err != nil {
 				return err
 			}
 			continue
 		case <-w.retryNow:
-			for _, r := range w.retries {
-				r.next = time.Time{}
-			}
-			if err := w.drain(ctx); err != nil {
+			w.parks.dueNow()
+			if err := w.drainWhileIdle(ctx, msgs); err != nil {
 				return err
 			}
 			continue
@@ -242,6 +253,11 @@ func (w *worker) session(ctx context.Context) error {
 		if !ok {
 			return fmt.Errorf("read %s: %w", w.u, <-readErr)
 		}
+		// A draining park takes one batch per batch of the unit's other
+		// changes: they keep at least half of the appends.
+		if _, err := w.drainOne(ctx); err != nil {
+			return err
+		}
 	}
 }
 
@@ -268,6 +284,7 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 		if err := w.addEntry(ctx, m.Subject(), pos, e); err != nil {
 			return false, err
 		}
+		w.read = pos
 	}
 	if err := r.Err(); err != nil {
 		// Not a batch this build reads: park it whole, visible, rather than
@@ -275,7 +292,10 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 		*e = bus.Entry{CommitMs: -1, Body: m.Data()}
 		pos := bus.DeliveryPos{Seq: seq, Idx: 1 << 30}
 		if w.done.Less(pos) {
-			return false, w.park(ctx, m.Subject(), pos, e, groupHash(""), fmt.Sprintf("delivery message %d: %v", seq, err), nil)
+			if err := w.park(ctx, m.Subject(), pos, e, groupID(nil, nil), parkFailed, fmt.Sprintf("delivery message %d: %v", seq, err), nil); err != nil {
+				return false, err
+			}
+			w.read = pos
 		}
 	}
 	return w.batch.Len() >= w.s.cfg.Batch.MaxRecords, nil
@@ -284,20 +304,17 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 // addEntry puts one change into the batch (flushing it when full), or
 // parks it.
 func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryPos, e *bus.Entry) error {
-	group := groupHash(string(e.Group))
-	if w.parked[group] {
-		if !w.parkedThrough.Less(pos) {
-			return nil // parked before a restart
-		}
-		return w.park(ctx, subject, pos, e, group, "an earlier change of this group is parked", nil)
+	group := groupID(e.Table, e.Group)
+	if w.parks.has(group) {
+		return w.park(ctx, subject, pos, e, group, parkBehind, "an earlier change of this group is parked", nil)
 	}
 	if len(e.Error) > 0 {
-		return w.park(ctx, subject, pos, e, group, string(e.Error), nil)
+		return w.park(ctx, subject, pos, e, group, parkFailed, string(e.Error), nil)
 	}
 	rec := s2sink.Record(e, e.Body, pos)
 	switch err := w.batch.Add(rec); {
 	case errors.Is(err, s2sink.ErrRecordTooLarge):
-		return w.park(ctx, subject, pos, e, group, err.Error(), nil)
+		return w.park(ctx, subject, pos, e, group, parkFailed, err.Error(), nil)
 	case errors.Is(err, s2sink.ErrBatchFull):
 		if err := w.flush(ctx); err != nil {
 			return err
@@ -318,7 +335,8 @@ func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryP
 
 // flush appends the batch, retrying with back-off until S2 takes it.
 // match_seq_num makes a retry after an append that took effect (a timeout,
-// a 5xx) detectable: S2 then reports the tail we would have reached.
+// a 5xx) detectable: S2 then reports another tail, and reading the records
+// there back tells whether they are this batch.
 func (w *worker) flush(ctx context.Context) error {
 	n := uint64(w.batch.Len())
 	if n == 0 {
@@ -344,49 +362,31 @@ func (w *worker) flush(ctx context.Context) error {
 		}
 	}()
 	for attempt := 1; ; attempt++ {
-		if err := w.owned(); err != nil {
+		start := time.Now()
+		e, err := w.append(ctx, w.batch, w.seqs[0], w.seqs[n-1])
+		if err != nil {
 			return err
 		}
-		expected := w.tail
-		start := time.Now()
-		ack, err := w.s.client.AppendFenced(ctx, w.u.Basin, w.u.Stream, w.batch, &expected, &w.token)
-		if err == nil {
-			w.tail = ack.End
+		if e == nil {
 			w.d.metrics.AppendTime.WithLabelValues(w.u.Sink).Observe(time.Since(start).Seconds())
 			w.d.metrics.Batches.WithLabelValues(w.u.Sink).Inc()
 			w.d.metrics.Records.WithLabelValues(w.u.Sink).Add(float64(n))
 			break
 		}
-		e := s2sink.Classify(err)
-		if e != nil {
-			w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
-		}
-		if e != nil && e.Class == s2sink.FencingMismatch {
-			return fmt.Errorf("%w: another process fenced %s", ErrLeaseLost, w.u)
-		}
-		if e != nil && e.Class == s2sink.SeqNumMismatch {
-			if e.Tail == expected+n { // the earlier attempt landed
-				w.tail = e.Tail
-				break
-			}
-			return fmt.Errorf("%w: expected tail %d, S2 has %d", errReread, expected, e.Tail)
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
+		w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
 		if firstFail.IsZero() {
 			firstFail = time.Now()
 		}
 		if max := w.s.cfg.Retry.MaxAttempts; max > 0 && attempt >= max {
-			if err := w.deadLetterBatch(ctx, err, attempt); err != nil {
+			if err := w.deadLetterBatch(ctx, e, attempt); err != nil {
 				return err
 			}
 			break
 		}
 		delay := w.backoff(attempt, e)
-		w.log.Warn("append failed; retrying", "error", err, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
+		w.log.Warn("append failed; retrying", "error", e, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
 		w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, HeadSeq: w.seqs[0].Seq, Records: int(n),
-			Attempts: attempt, FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(delay)}, err)
+			Attempts: attempt, FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(delay)}, e)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -400,6 +400,77 @@ func (w *worker) flush(ctx context.Context) error {
 	w.batch.Reset()
 	w.seqs = w.seqs[:0]
 	return nil
+}
+
+// append makes one attempt to append b, whose records came from the
+// delivery positions first to last, at the writer's tail. It returns the
+// S2 failure to retry after (nil: b is in the stream), or an error that
+// ends the session: ErrLeaseLost when another process fenced the stream,
+// errReread when the stream's tail is not this writer's.
+func (w *worker) append(ctx context.Context, b *s2sink.Batch, first, last bus.DeliveryPos) (*s2sink.Error, error) {
+	if err := w.owned(); err != nil {
+		return nil, err
+	}
+	n := uint64(b.Len())
+	expected := w.tail
+	ack, err := w.s2.AppendFenced(ctx, w.u.Basin, w.u.Stream, b, &expected, &w.token)
+	if err == nil {
+		w.tail = ack.End
+		return nil, nil
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	e := s2sink.Classify(err)
+	switch {
+	case e == nil:
+		return nil, err
+	case e.Class == s2sink.FencingMismatch:
+		return nil, fmt.Errorf("%w: another process fenced %s", ErrLeaseLost, w.u)
+	case e.Class == s2sink.SeqNumMismatch:
+		// An earlier attempt may have landed (a timeout, a 5xx that took
+		// effect), or another writer appended: read the records back.
+		if e.Tail >= expected+n {
+			landed, rerr := w.holds(ctx, expected, n, first, last)
+			if rerr != nil {
+				return nil, rerr
+			}
+			if landed {
+				w.tail = expected + n
+				return nil, nil
+			}
+		}
+		return nil, fmt.Errorf("%w: expected tail %d, S2 has %d", errReread, expected, e.Tail)
+	}
+	return e, nil
+}
+
+// holds reports whether the n records at seq_num from on are a batch this
+// writer appended, of the delivery positions first to last.
+func (w *worker) holds(ctx context.Context, from, n uint64, first, last bus.DeliveryPos) (bool, error) {
+	for _, probe := range []struct {
+		seq uint64
+		pos bus.DeliveryPos
+	}{{from, first}, {from + n - 1, last}} {
+		recs, err := w.s2.Read(ctx, w.u.Basin, w.u.Stream, probe.seq, 1)
+		if err != nil {
+			return false, err
+		}
+		if len(recs) == 0 || recs[0].SeqNum != probe.seq || recordPos(&recs[0]) != probe.pos.String() {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// recordPos is a record's pgs2-seq header ("" when it has none).
+func recordPos(r *s2.SequencedRecord) string {
+	for _, h := range r.Headers {
+		if string(h.Name) == s2sink.HeaderSeq {
+			return string(h.Value)
+		}
+	}
+	return ""
 }
 
 // backoff is exponential from retry.initial to retry.max with full jitter
@@ -421,21 +492,20 @@ func (w *worker) backoff(attempt int, e *s2sink.Error) time.Duration {
 	return d
 }
 
-// groupHash names a group in park subjects.
-func groupHash(group string) string {
-	return strconv.Itoa(bus.Partition([]byte(group), 1<<30))
-}
-
-// park moves a change to the unit's park. Records of other groups in the
+// park moves a change to its group's park. Records of other groups in the
 // current batch are appended first, so the park never runs ahead of S2
 // (progress on restart is the S2 stream's, plus what the park holds).
-func (w *worker) park(ctx context.Context, subject string, pos bus.DeliveryPos, e *bus.Entry, group, reason string, s2err *s2sink.Error) error {
+func (w *worker) park(ctx context.Context, subject string, pos bus.DeliveryPos, e *bus.Entry, group string, kind parkKind, reason string, s2err *s2sink.Error) error {
 	if err := w.flush(ctx); err != nil {
 		return err
 	}
+	if err := w.owned(); err != nil {
+		return err
+	}
 	h := entryHeader(e)
-	h.Set(bus.HeaderMsgID, "park:"+pos.String())
+	h.Set(bus.HeaderMsgID, "park:"+w.u.String()+":"+pos.String())
 	h.Set(HeaderDeliverySeq, pos.String())
+	h.Set(HeaderParkKind, string(kind))
 	h.Set(HeaderParkReason, reason)
 	h.Set(HeaderParkedAt, time.Now().UTC().Format(time.RFC3339Nano))
 	h.Set(HeaderSubject, subject)
@@ -443,16 +513,14 @@ func (w *worker) park(ctx context.Context, subject string, pos bus.DeliveryPos, 
 		h.Set(HeaderS2Status, strconv.Itoa(s2err.Status))
 		h.Set(HeaderS2Code, s2err.Code)
 	}
-	subj := ParkSubject(w.u, group)
-	if _, err := w.d.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Header: h, Data: e.Body}); err != nil {
+	if err := w.parks.publish(ctx, group, h, e.Body); err != nil {
 		return fmt.Errorf("park change %s of %s: %w", pos, w.u, err)
 	}
 	w.d.metrics.Parked.WithLabelValues(w.u.Sink).Inc()
-	if !w.parked[group] {
-		w.log.Warn("group parked", "group", string(e.Group), "position", pos, "reason", reason)
+	if !w.parks.has(group) {
+		w.log.Warn("group parked", "group", string(e.Group), "table", string(e.Table), "position", pos, "reason", reason)
 	}
-	w.parked[group] = true
-	w.parkedThrough = pos
+	w.parks.add(group, pos, w.s.cfg.Retry.Initial.D())
 	return nil
 }
 
@@ -470,6 +538,9 @@ func entryHeader(e *bus.Entry) nats.Header {
 	set(bus.HeaderTable, e.Table)
 	set(bus.HeaderTraceParent, e.TraceParent)
 	set(bus.HeaderError, e.Error)
+	if e.ErrorKind != bus.ErrorNone {
+		h.Set(bus.HeaderErrorKind, e.ErrorKind.String())
+	}
 	if e.CommitMs >= 0 {
 		h.Set(bus.HeaderCommitMs, strconv.FormatInt(e.CommitMs, 10))
 	}
@@ -480,44 +551,14 @@ func entryHeader(e *bus.Entry) nats.Header {
 func headerEntry(h nats.Header, body []byte) *bus.Entry {
 	e := &bus.Entry{Key: []byte(h.Get(bus.HeaderKey)), Group: []byte(h.Get(bus.HeaderGroup)), Action: []byte(h.Get(bus.HeaderAction)),
 		Table: []byte(h.Get(bus.HeaderTable)), TraceParent: []byte(h.Get(bus.HeaderTraceParent)), Error: []byte(h.Get(bus.HeaderError)),
-		CommitMs: -1, Body: body}
+		ErrorKind: bus.ParseErrorKind(h.Get(bus.HeaderErrorKind)), CommitMs: -1, Body: body}
+	if len(e.Error) > 0 && e.ErrorKind == bus.ErrorNone {
+		e.ErrorKind = bus.ErrorUnknown // parked by a version that did not record the kind
+	}
 	if ms, err := strconv.ParseInt(h.Get(bus.HeaderCommitMs), 10, 64); err == nil {
 		e.CommitMs = ms
 	}
 	return e
-}
-
-// loadParks learns which groups of the unit are parked and up to which
-// delivery sequence.
-func (w *worker) loadParks(ctx context.Context) error {
-	w.parked = map[string]bool{}
-	w.parkedThrough = bus.DeliveryPos{}
-	ps, err := w.d.js.Stream(ctx, ParkedStream)
-	if err != nil {
-		return fmt.Errorf("park stream %s: %w", ParkedStream, err)
-	}
-	filter := ParkFilter(w.u)
-	info, err := ps.Info(ctx, jetstream.WithSubjectFilter(filter))
-	if err != nil {
-		return fmt.Errorf("list parked groups of %s: %w", w.u, err)
-	}
-	for subj, n := range info.State.Subjects {
-		if _, group, ok := parseParkSubject(subj); ok && n > 0 {
-			w.parked[group] = true
-		}
-	}
-	if len(w.parked) == 0 {
-		return nil
-	}
-	last, err := ps.GetLastMsgForSubject(ctx, filter)
-	if err != nil {
-		return fmt.Errorf("last parked message of %s: %w", w.u, err)
-	}
-	w.parkedThrough, err = bus.ParseDeliveryPos(last.Header.Get(HeaderDeliverySeq))
-	if err != nil {
-		return fmt.Errorf("last parked message of %s: %w", w.u, err)
-	}
-	return nil
 }
 
 // RetryNow makes the worker retry its parked groups at once.
@@ -528,115 +569,12 @@ func (w *worker) RetryNow() {
 	}
 }
 
-// drain retries the head of each parked group whose back-off has passed;
-// a head that goes through is removed from the park and the next one is
-// tried; a group whose park is empty flows again.
-func (w *worker) drain(ctx context.Context) error {
-	if len(w.parked) == 0 {
-		return nil
-	}
-	ps, err := w.d.js.Stream(ctx, ParkedStream)
-	if err != nil {
-		return fmt.Errorf("park stream: %w", err)
-	}
-	for g := range w.parked {
-		r := w.retries[g]
-		if r == nil {
-			r = &retryState{next: time.Now().Add(w.s.cfg.Retry.Initial.D())}
-			w.retries[g] = r
-		}
-		if time.Now().Before(r.next) {
-			continue
-		}
-		for {
-			head, err := ps.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(ParkSubject(w.u, g)))
-			if errors.Is(err, jetstream.ErrMsgNotFound) {
-				delete(w.parked, g)
-				delete(w.retries, g)
-				w.log.Info("group unparked", "group_hash", g)
-				break
-			}
-			if err != nil {
-				return fmt.Errorf("head of park %s: %w", g, err)
-			}
-			done, e, err := w.tryHead(ctx, head)
-			if err != nil {
-				return err
-			}
-			if !done {
-				r.attempts++
-				if max := w.s.cfg.Retry.MaxAttempts; max > 0 && r.attempts >= max {
-					reason := head.Header.Get(HeaderParkReason)
-					if e != nil {
-						reason = e.Error()
-					}
-					if err := w.deadLetter(ctx, head.Header, head.Data, reason, r.attempts); err != nil {
-						return err
-					}
-				} else {
-					r.next = time.Now().Add(w.backoff(r.attempts, e))
-					break
-				}
-			}
-			if err := ps.DeleteMsg(ctx, head.Sequence); err != nil {
-				return fmt.Errorf("remove delivered message %d from the park: %w", head.Sequence, err)
-			}
-			r.attempts = 0
-		}
-	}
-	return nil
-}
-
-// tryHead appends a parked message if it can go now.
-func (w *worker) tryHead(ctx context.Context, head *jetstream.RawStreamMsg) (done bool, e *s2sink.Error, err error) {
-	body := head.Data
-	if reason := head.Header.Get(bus.HeaderError); reason != "" {
-		if !strings.HasPrefix(reason, `sink "`) {
-			return false, nil, nil // capture could not carry it: an operator acknowledges it
-		}
-		// The router's functions failed on it: run the sink's functions as
-		// they are now (fixed, one hopes).
-		out, keep, err := w.rerun(body)
-		if err != nil {
-			w.log.Debug("functions still fail on a parked message", "error", err)
-			return false, nil, nil
-		}
-		if !keep {
-			return true, nil, nil // filtered out now: nothing to append
-		}
-		body = out
-	}
-	pos, _ := bus.ParseDeliveryPos(head.Header.Get(HeaderDeliverySeq))
-	b := s2sink.NewBatch(1, 0)
-	if err := b.Add(s2sink.Record(headerEntry(head.Header, nil), body, pos)); err != nil {
-		return false, nil, nil // too large: stays until acknowledged
-	}
-	if err := w.owned(); err != nil {
-		return false, nil, err
-	}
-	expected := w.tail
-	ack, aerr := w.s.client.AppendFenced(ctx, w.u.Basin, w.u.Stream, b, &expected, &w.token)
-	if aerr == nil {
-		w.tail = ack.End
-		return true, nil, nil
-	}
-	e = s2sink.Classify(aerr)
-	if e != nil && e.Class == s2sink.FencingMismatch {
-		return false, nil, fmt.Errorf("%w: another process fenced %s", ErrLeaseLost, w.u)
-	}
-	if e != nil && e.Class == s2sink.SeqNumMismatch {
-		if e.Tail == expected+1 {
-			w.tail = e.Tail
-			return true, nil, nil
-		}
-		return false, nil, fmt.Errorf("%w: expected tail %d, S2 has %d", errReread, expected, e.Tail)
-	}
-	return false, e, nil
-}
-
 // deadLetterBatch moves the failing batch to the dead-letter stream after
 // retry.max_attempts, with its last error, and lets the unit go on.
 func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int) error {
+	if err := w.parks.checkOwner(ctx); err != nil {
+		return err
+	}
 	for i, r := range w.batch.Records() {
 		h := nats.Header{}
 		for _, hd := range r.Headers {
@@ -655,7 +593,7 @@ func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int)
 func (w *worker) deadLetter(ctx context.Context, h nats.Header, body []byte, reason string, attempts int) error {
 	dh := nats.Header{}
 	for k, v := range h {
-		if k != bus.HeaderMsgID && k != bus.HeaderExpectedLastID {
+		if !strings.HasPrefix(k, "Nats-") { // the park's own (ids, expected sequences)
 			dh[k] = v
 		}
 	}
@@ -674,30 +612,4 @@ func (w *worker) deadLetter(ctx context.Context, h nats.Header, body []byte, rea
 func notFound(err error) bool {
 	e := s2sink.Classify(err)
 	return e != nil && e.Status == 404
-}
-
-// rerun applies the sink's functions to a parked change. A routing result
-// other than this unit cannot be appended here (one writer per stream):
-// the message stays for an operator.
-func (w *worker) rerun(body []byte) (out []byte, keep bool, err error) {
-	f := w.s.fns.Load()
-	in, err := fn.ParseInput(body)
-	if err != nil {
-		return nil, false, err
-	}
-	if keep, err = f.Keep(in); err != nil || !keep {
-		return nil, false, err
-	}
-	basin, stream, err := f.Route(in)
-	if err != nil {
-		return nil, false, err
-	}
-	if (basin != "" && basin != w.u.Basin) || (stream != "" && stream != w.u.Stream) {
-		return nil, false, fmt.Errorf("routes to %s/%s now, not %s/%s", basin, stream, w.u.Basin, w.u.Stream)
-	}
-	if !f.HasTransform() {
-		return body, true, nil
-	}
-	out, err = f.TransformBody(in)
-	return out, err == nil, err
 }
