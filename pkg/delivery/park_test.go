@@ -1,0 +1,68 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+)
+
+// TestStaleOwnerCannotPark: once a new owner claimed a unit's parks, the
+// old owner's park publish is refused (ErrLeaseLost) instead of landing
+// behind the new owner's back. On d7607e1 a park was a plain publish.
+func TestStaleOwnerCannotPark(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	u := Unit{"s", testBasin, "stale"}
+	old, cur := newUnitParks(h.js, u, "old"), newUnitParks(h.js, u, "new")
+	if err := old.open(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	g := groupID([]byte("public.t"), []byte(`["1"]`))
+	park := func(p *unitParks, pos int) error {
+		hd := nats.Header{}
+		hd.Set(HeaderDeliverySeq, fmt.Sprintf("%d.0", pos))
+		return p.publish(ctx, g, hd, []byte("{}"))
+	}
+	if err := park(old, 1); err != nil {
+		t.Fatalf("the owner parks: %v", err)
+	}
+	if err := cur.open(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	if !cur.has(g) || cur.through != (bus.DeliveryPos{Seq: 1}) {
+		t.Fatalf("the new owner sees groups %v through %v, want the park of 1.0", cur.groups, cur.through)
+	}
+	if err := park(old, 2); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("the old owner's park after the claim: %v, want ErrLeaseLost", err)
+	}
+	if err := park(cur, 2); err != nil {
+		t.Fatalf("the new owner parks: %v", err)
+	}
+}
+
+// TestGroupIDsDoNotCollide: two groups whose 30-bit hashes (d7607e1's
+// park subjects) collide get distinct parks, and the table is part of a
+// group's identity.
+func TestGroupIDsDoNotCollide(t *testing.T) {
+	seen := map[int]string{}
+	var a, b string
+	for i := 0; a == ""; i++ {
+		g := fmt.Sprintf(`["%d"]`, i)
+		old := bus.Partition([]byte(g), 1<<30)
+		if prev, ok := seen[old]; ok {
+			a, b = prev, g
+		}
+		seen[old] = g
+	}
+	if groupID([]byte("public.t"), []byte(a)) == groupID([]byte("public.t"), []byte(b)) {
+		t.Fatalf("groups %s and %s share a park", a, b)
+	}
+	if groupID([]byte("public.a"), []byte(a)) == groupID([]byte("public.b"), []byte(a)) {
+		t.Fatalf("group %s of two tables shares a park", a)
+	}
+}
