@@ -135,14 +135,26 @@ func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (Chan
 		r.Through = r.Last
 		return r, nil
 	}
+	// The round's stored messages are the stream's last ones. A round
+	// published after an interrupted one, to complete it, carries the same
+	// Round-First (and a Round-Last at least as late), so when it was cut
+	// short too, the stored messages of both (of every such round in a
+	// row) are read: the messages back from the last with that Round-First.
 	r.Partial, r.Stored = true, map[string]bool{}
-	for seq := m.Sequence - uint64(i) + 1; seq <= m.Sequence; seq++ {
+	first := m.Header.Get(HeaderRoundFirst)
+	for seq := m.Sequence; seq > 0; seq-- {
 		sm, err := s.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			break
+		}
 		if err != nil {
 			return ChangesResume{}, fmt.Errorf("read message %d of the interrupted round: %w", seq, err)
 		}
-		if sm.Header.Get(HeaderRoundFirst) != m.Header.Get(HeaderRoundFirst) {
-			return ChangesResume{}, fmt.Errorf("message %d is not of the interrupted round ending at %d: does another writer publish to %s?", seq, m.Sequence, filter)
+		if sm.Header.Get(HeaderRoundFirst) != first {
+			if seq > m.Sequence-uint64(i) {
+				return ChangesResume{}, fmt.Errorf("message %d is not of the interrupted round ending at %d: does another writer publish to %s?", seq, m.Sequence, filter)
+			}
+			break
 		}
 		br := NewBatchReader(sm.Data)
 		var e Entry

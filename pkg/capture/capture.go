@@ -57,9 +57,9 @@ type Capture struct {
 	tracer  trace.Tracer
 	metrics *metrics.Capture
 	pub     atomic.Pointer[bus.Publisher] // the current session's
-	// crashAfter (tests) ends the first session after it published this
+	// crashAfter (tests) ends the first sessions, in turn, after each published this
 	// many messages, as a crash in the middle of a round would.
-	crashAfter int
+	crashAfter []int
 }
 
 // Option configures optional dependencies.
@@ -208,6 +208,10 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	s := &session{Capture: c, repl: repl, pub: pub, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
 		round: bus.NewRound(bus.MaxBatchEntries, min(maxBody, bus.MaxBatchBytes)),
 		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
+	if resume.Partial {
+		interrupted := resume
+		s.completing = &interrupted
+	}
 	runErr := s.run(ctx)
 	if s.span != nil { // ended inside a transaction
 		s.span.End()
@@ -243,6 +247,9 @@ type session struct {
 	dec      *pgrepl.Decoder
 	subjects *bus.ChangeSubjects
 	resume   bus.ChangesResume
+	// completing is the interrupted round this session started after, until
+	// a round is wholly published: the first round names itself as it.
+	completing *bus.ChangesResume
 
 	// The round being collected: its changes are published together, one
 	// message per subject, when it is Linger old at a commit, when no WAL
@@ -415,8 +422,14 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		if s.round.Entries() == 0 {
 			s.roundStarted, s.roundFirst = time.Now(), string(r.Key)
 			s.walAt = s.roundStarted
+			if s.completing != nil { // completes an interrupted round: named as it, so a cut here is read back with it
+				s.roundFirst = s.completing.First.Key()
+			}
 		}
 		s.roundLast = string(r.Key)
+		if s.completing != nil && r.Pos.Less(s.completing.Last) {
+			s.roundLast = s.completing.Last.Key()
+		}
 		s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
 		s.published++
 		s.txChanges++
@@ -470,8 +483,8 @@ func (s *session) flush(ctx context.Context) error {
 		s.pub.SetHeader(bus.HeaderRoundFirst, s.roundFirst)
 		s.pub.SetHeader(bus.HeaderRoundLast, s.roundLast)
 		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(m.Batch.Len()))
-		if s.crashAfter > 0 && s.sent == s.crashAfter {
-			s.crashAfter = 0
+		if len(s.crashAfter) > 0 && s.sent == s.crashAfter[0] {
+			s.crashAfter = s.crashAfter[1:]
 			return errors.New("simulated crash")
 		}
 		if err := s.pub.Publish(ctx, m.Subject, m.LastKey, m.Batch.Bytes()); err != nil {
@@ -480,6 +493,9 @@ func (s *session) flush(ctx context.Context) error {
 		s.sent++
 	}
 	s.round.Reset()
+	if len(msgs) > 0 {
+		s.completing = nil // the interrupted round is complete now
+	}
 	if s.pendingCommit != 0 {
 		s.pub.Mark(s.pendingCommit)
 		s.pendingCommit = 0

@@ -124,3 +124,21 @@ func TestInterruptedRound(t *testing.T) {
 		t.Fatalf("rounds by message: %v; want the interrupted round's 3 messages, then a new round", bySeq)
 	}
 }
+
+// TestInterruptedRoundsInARow: the round that completes an interrupted
+// one is cut short too; the third session still stores every change once
+// (d7607e1 stored the first round's changes again).
+func TestInterruptedRoundsInARow(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY, v int)`, "public.users")
+	e.opts = append(e.opts, capture.WithCrashAfter(3, 2))
+	e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO users SELECT g, 0 FROM generate_series(1, 40) g`)
+	msgs := e.waitMessages(t, 40) // fails on a change stored twice
+	seen := map[int]bool{}
+	for _, m := range msgs {
+		if seen[m.Msg.Metadata.CommitIdx] {
+			t.Fatalf("change %d stored twice", m.Msg.Metadata.CommitIdx)
+		}
+		seen[m.Msg.Metadata.CommitIdx] = true
+	}
+}
