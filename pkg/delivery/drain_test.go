@@ -1,0 +1,76 @@
+package delivery
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/s2sink"
+)
+
+// TestDrainTakesTurns: a park of 3,000 changes drains in batched appends
+// (at most max_records each) that take turns with other groups' changes,
+// which keep flowing meanwhile (d7607e1 drained it inline, one record per
+// append, stalling the stream for its whole length).
+func TestDrainTakesTurns(t *testing.T) {
+	h := newHarness(t)
+	u := Unit{"drain", testBasin, "drain"}
+	s := h.sink(u, h.client, config.Retry{Initial: config.Duration(300 * time.Millisecond), Max: config.Duration(time.Second)})
+	_, stop, _ := h.start(h.delivery("w1", h.js), u, s)
+	defer stop()
+	const parked = 3000
+	for m := 0; m < parked/1000; m++ {
+		var es []bus.Entry
+		for i := 0; i < 1000; i++ {
+			e := entry("public.t", 0, fmt.Sprintf("p%d", m*1000+i), []byte(`{"v":1}`))
+			if m == 0 && i == 0 { // fails in the router; goes through when retried
+				e.Error, e.ErrorKind = []byte("injected"), bus.ErrorFunction
+			}
+			es = append(es, e)
+		}
+		h.publish(u, 0, es...)
+	}
+	ctx := context.Background()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st, _ := h.js.Stream(ctx, ParkedStream)
+		if info, err := st.Info(ctx); err == nil && info.State.Msgs >= parked+1 || time.Now().After(deadline) {
+			break
+		}
+	}
+	const others = 200
+	for i := 0; i < others; i++ {
+		h.publish(u, 1, entry("public.t", 1+i%5, fmt.Sprintf("o%d", i), []byte(`{"v":2}`)))
+		time.Sleep(5 * time.Millisecond)
+	}
+	recs := h.waitRecords(u, parked+others, 30*time.Second)
+	if len(recs) != parked+others {
+		t.Fatalf("S2 holds %d records, want %d", len(recs), parked+others)
+	}
+	first, last, between, drains := -1, -1, 0, 0
+	for i := range recs {
+		if k := header(&recs[i], s2sink.HeaderIdempotencyKey); k[0] == 'p' {
+			if first < 0 {
+				first = i
+			}
+			last = i
+		}
+		if header(&recs[i], s2sink.HeaderPark) != "" {
+			drains++
+		}
+	}
+	for i := first; i <= last; i++ {
+		if header(&recs[i], s2sink.HeaderIdempotencyKey)[0] == 'o' {
+			between++
+		}
+	}
+	t.Logf("park drained in %d appends; %d other changes appended while it drained", drains, between)
+	if drains < parked/1000 || drains > parked/10 {
+		t.Errorf("park drained in %d appends, want batches of up to 1000", drains)
+	}
+	if between == 0 {
+		t.Error("no other group's change was appended while the park drained")
+	}
+}
