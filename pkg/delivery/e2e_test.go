@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
@@ -53,12 +52,8 @@ func newPipeline(t *testing.T, schema string, tables []string, basins ...string)
 	p := &pipeline{pg: pgtest.New(t), ns: natstest.New(t), tables: tables}
 	p.pg.MustExec(t, "postgres", "CREATE DATABASE app")
 	p.pg.MustExec(t, "app", schema)
-	nc, err := nats.Connect(p.ns.URL(), nats.ReconnectBufSize(-1), nats.MaxReconnects(-1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	p.js, _ = jetstream.New(nc)
+	_, p.js = p.ns.Connect(t)
+	var err error
 	p.s2, err = s2local.New(s2local.Options{})
 	if err != nil {
 		t.Fatal(err)

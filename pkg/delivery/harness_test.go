@@ -45,13 +45,7 @@ const testBasin = "test-basin"
 func newHarness(t testing.TB) *harness {
 	t.Helper()
 	h := &harness{t: t, ns: natstest.New(t)}
-	nc, err := nats.Connect(h.ns.URL(), nats.ReconnectBufSize(-1), nats.MaxReconnects(-1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	h.nc = nc
-	h.js, _ = jetstream.New(nc)
+	h.nc, h.js = h.ns.Connect(t)
 	ctx := context.Background()
 	if _, err := bus.EnsureDeliveryStream(ctx, h.js, bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: 1, DuplicateWindow: time.Minute}); err != nil {
 		t.Fatal(err)
@@ -59,6 +53,7 @@ func newHarness(t testing.TB) *harness {
 	if err := EnsureParkedStream(ctx, h.js, 1); err != nil {
 		t.Fatal(err)
 	}
+	var err error
 	if h.fails, err = EnsureFailures(ctx, h.js, 1); err != nil {
 		t.Fatal(err)
 	}

@@ -185,12 +185,11 @@ func (p *unitParks) claim(ctx context.Context) error {
 	for attempt := 0; ; attempt++ {
 		var lastSeq uint64
 		var through bus.DeliveryPos
-		last, err := p.st.GetLastMsgForSubject(ctx, filter)
-		switch {
-		case errors.Is(err, jetstream.ErrMsgNotFound):
-		case err != nil:
-			return fmt.Errorf("last parked message of %s: %w", p.u, err)
-		default:
+		last, err := p.last(ctx, filter)
+		if err != nil {
+			return err
+		}
+		if last != nil {
 			lastSeq = last.Sequence
 			if v := last.Header.Get(HeaderDeliverySeq); v != "" {
 				if through, err = bus.ParseDeliveryPos(v); err != nil {
@@ -200,12 +199,11 @@ func (p *unitParks) claim(ctx context.Context) error {
 		}
 		// The previous marker carries the last parked position on, in
 		// case the park messages after it were removed since.
-		prev, err := p.st.GetLastMsgForSubject(ctx, p.ownerSubject())
-		switch {
-		case errors.Is(err, jetstream.ErrMsgNotFound):
-		case err != nil:
-			return fmt.Errorf("owner of the parks of %s: %w", p.u, err)
-		default:
+		prev, err := p.last(ctx, p.ownerSubject())
+		if err != nil {
+			return err
+		}
+		if prev != nil {
 			if v, perr := bus.ParseDeliveryPos(prev.Header.Get(HeaderDeliverySeq)); perr == nil && through.Less(v) {
 				through = v
 			}
@@ -279,31 +277,42 @@ func (p *unitParks) publish(ctx context.Context, group string, h nats.Header, bo
 // the owner marker is still this process's (in that order: a marker
 // stored after the first read makes the next conditional publish fail).
 func (p *unitParks) refresh(ctx context.Context) error {
-	var lastSeq uint64
-	last, err := p.st.GetLastMsgForSubject(ctx, ParkFilter(p.u))
-	switch {
-	case errors.Is(err, jetstream.ErrMsgNotFound):
-	case err != nil:
-		return fmt.Errorf("last parked message of %s: %w", p.u, err)
-	default:
-		lastSeq = last.Sequence
+	last, err := p.last(ctx, ParkFilter(p.u))
+	if err != nil {
+		return err
 	}
 	if err := p.checkOwner(ctx); err != nil {
 		return err
 	}
-	p.lastSeq = lastSeq
+	p.lastSeq = 0
+	if last != nil {
+		p.lastSeq = last.Sequence
+	}
 	return nil
+}
+
+// last returns the last message on subject (a filter) of the park stream,
+// or nil when there is none.
+func (p *unitParks) last(ctx context.Context, subject string) (*jetstream.RawStreamMsg, error) {
+	m, err := p.st.GetLastMsgForSubject(ctx, subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("last message of %s: %w", subject, err)
+	}
+	return m, nil
 }
 
 // checkOwner fails with ErrLeaseLost unless the unit's owner marker is
 // this process's.
 func (p *unitParks) checkOwner(ctx context.Context) error {
-	owner, err := p.st.GetLastMsgForSubject(ctx, p.ownerSubject())
-	if errors.Is(err, jetstream.ErrMsgNotFound) || (err == nil && string(owner.Data) != p.token) {
-		return fmt.Errorf("%w: another process claimed the parks of %s", ErrLeaseLost, p.u)
-	}
+	owner, err := p.last(ctx, p.ownerSubject())
 	if err != nil {
-		return fmt.Errorf("owner of the parks of %s: %w", p.u, err)
+		return err
+	}
+	if owner == nil || string(owner.Data) != p.token {
+		return fmt.Errorf("%w: another process claimed the parks of %s", ErrLeaseLost, p.u)
 	}
 	return nil
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 )
@@ -55,4 +57,21 @@ func (s *Server) Restart(t testing.TB) {
 	s.Shutdown()
 	s.WaitForShutdown()
 	s.start(t)
+}
+
+// Connect connects to the server for the test (no reconnect buffer, so
+// publishes fail while it is down; reconnecting for ever), closed at
+// cleanup.
+func (s *Server) Connect(t testing.TB) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(s.URL(), nats.ReconnectBufSize(-1), nats.MaxReconnects(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
 }

@@ -38,7 +38,7 @@ func TestProgressEdges(t *testing.T) {
 	}
 	check := func(stream string, want bus.DeliveryPos) {
 		t.Helper()
-		r, err := c.Resume(ctx, basin, stream)
+		r, err := FindResume(ctx, c, basin, stream)
 		if err != nil || !r.Found || r.Through != want {
 			t.Fatalf("%s: Resume = %+v, %v; want through %v", stream, r, err, want)
 		}

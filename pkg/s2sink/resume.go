@@ -74,11 +74,6 @@ type RecordReader interface {
 	Read(ctx context.Context, basin, stream string, seq uint64, count int) ([]s2.SequencedRecord, error)
 }
 
-// Resume reads the stream's resume point with c.
-func (c *Client) Resume(ctx context.Context, basin, stream string) (Resume, error) {
-	return FindResume(ctx, c, basin, stream)
-}
-
 // FindResume finds the last record delivery appended — searching back from
 // the tail past command records (fences) and other writers' records,
 // whatever their number and size — and reads the resume point from it.
