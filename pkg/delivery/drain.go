@@ -57,6 +57,7 @@ func (w *worker) drainOne(ctx context.Context) (did bool, err error) {
 	}
 	var recs []s2.AppendRecord
 	var first, last bus.DeliveryPos
+	var head *parkedMsg  // the batch's first record's message
 	var through uint64   // the last park message the batch accounts for
 	var stuck *parkedMsg // the first message that cannot go now
 	var stuckErr *s2sink.Error
@@ -76,7 +77,7 @@ func (w *worker) drainOne(ctx context.Context) (did bool, err error) {
 			break
 		}
 		if len(recs) == 0 {
-			first = m.pos
+			first, head = m.pos, m
 		}
 		recs, bytes, last, through = append(recs, rec), bytes+size, m.pos, m.seq
 	}
@@ -97,12 +98,17 @@ func (w *worker) drainOne(ctx context.Context) (did bool, err error) {
 		}
 		if e != nil { // S2 refuses the append: the head waits
 			w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
-			return true, w.headFailed(ctx, group, st, msgs[0], e)
+			return true, w.headFailed(ctx, group, st, head, e)
 		}
 		w.d.metrics.Records.WithLabelValues(w.u.Sink).Add(float64(len(recs)))
 		w.d.metrics.Batches.WithLabelValues(w.u.Sink).Inc()
 	}
 	if through > 0 {
+		if len(recs) == 0 { // filtered out: S2 holds no trace of them
+			if err := w.parks.settle(ctx, w.read); err != nil {
+				return true, err
+			}
+		}
 		if err := w.parks.purge(ctx, group, through); err != nil {
 			return true, err
 		}
@@ -123,7 +129,7 @@ func (w *worker) headFailed(ctx context.Context, group string, st *parkedGroup, 
 		if e != nil && e != errStuck {
 			reason = e.Error()
 		}
-		if err := w.parks.checkOwner(ctx); err != nil {
+		if err := w.parks.settle(ctx, w.read); err != nil {
 			return err
 		}
 		if err := w.deadLetter(ctx, head.header, head.body, reason, st.attempts); err != nil {

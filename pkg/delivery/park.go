@@ -317,6 +317,28 @@ func (p *unitParks) checkOwner(ctx context.Context) error {
 	return nil
 }
 
+// settle records, before changes leave delivery without reaching S2 (a
+// park's head dead-lettered or filtered out, a batch dead-lettered), that
+// every change up to through is handled: S2 holds no trace of them, so
+// without it the next session would read them again. It publishes a new
+// owner marker carrying through, conditional like a park publish, so it
+// also fails with ErrLeaseLost once another process claimed the unit.
+func (p *unitParks) settle(ctx context.Context, through bus.DeliveryPos) error {
+	if through.Less(p.through) {
+		through = p.through
+	}
+	h := nats.Header{}
+	h.Set(HeaderDeliverySeq, through.String())
+	if err := p.publish(ctx, ownerToken, h, []byte(p.token)); err != nil {
+		return fmt.Errorf("record the progress of %s: %w", p.u, err)
+	}
+	p.through = through
+	if err := p.st.Purge(ctx, jetstream.WithPurgeSubject(p.ownerSubject()), jetstream.WithPurgeKeep(1)); err != nil {
+		return fmt.Errorf("remove old owner markers of %s: %w", p.u, err)
+	}
+	return nil
+}
+
 // purge removes a group's parked messages up to seq (delivered, dropped
 // or dead-lettered).
 func (p *unitParks) purge(ctx context.Context, group string, seq uint64) error {

@@ -572,7 +572,8 @@ func (w *worker) RetryNow() {
 // deadLetterBatch moves the failing batch to the dead-letter stream after
 // retry.max_attempts, with its last error, and lets the unit go on.
 func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int) error {
-	if err := w.parks.checkOwner(ctx); err != nil {
+	// The batch holds every change read up to w.read that is not parked.
+	if err := w.parks.settle(ctx, w.read); err != nil {
 		return err
 	}
 	for i, r := range w.batch.Records() {
