@@ -614,8 +614,8 @@ func checkMsg(ctx context.Context, t *testing.T, s jetstream.Stream, seq uint64,
 	if string(pick.Key) != msg.Metadata.IdempotencyKey {
 		t.Errorf("message %d: entry key %q != idempotency_key %q", seq, pick.Key, msg.Metadata.IdempotencyKey)
 	}
-	if want == change.Update && m.Header.Get("Nats-Msg-Id") != msg.Metadata.IdempotencyKey {
-		t.Errorf("message %d: Nats-Msg-Id %q != its last change's idempotency_key %q", seq, m.Header.Get("Nats-Msg-Id"), msg.Metadata.IdempotencyKey)
+	if want == change.Update && m.Header.Get(bus.HeaderID) != msg.Metadata.IdempotencyKey {
+		t.Errorf("message %d: Pgs2-Msg-Id %q != its last change's idempotency_key %q", seq, m.Header.Get(bus.HeaderID), msg.Metadata.IdempotencyKey)
 	}
 }
 

@@ -27,7 +27,7 @@ type ChangesStreamConfig struct {
 var ErrStreamShared = errors.New("changes stream is shared")
 
 // EnsureChangesStream creates or updates the changes stream. Capture must be
-// its only writer: ordered publishing uses Nats-Expected-Last-Msg-Id, which
+// its only writer: ordered publishing uses Nats-Expected-Last-Sequence, which
 // JetStream checks per stream.
 func EnsureChangesStream(ctx context.Context, js jetstream.JetStream, c ChangesStreamConfig) (jetstream.Stream, error) {
 	subjects := []string{ChangesFilter(c.Source)}
@@ -76,8 +76,10 @@ const (
 // ChangesResume is what the changes stream holds of a source: where
 // capture resumes.
 type ChangesResume struct {
-	// LastID is the last message's Nats-Msg-Id ("" when there is none):
-	// the publisher's chain continues from it.
+	// LastSeq is the stream's last sequence: the publisher's chain
+	// continues from it.
+	LastSeq uint64
+	// LastID is the last message's Pgs2-Msg-Id ("" when there is none).
 	LastID string
 	// Through: every change up to it is stored (the end of the last
 	// complete round).
@@ -112,14 +114,19 @@ func (r *ChangesResume) Skip(pos change.Position, key []byte) bool {
 // round's messages are the stream's last ones.
 func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (ChangesResume, error) {
 	filter := ChangesFilter(source)
-	m, err := s.GetLastMsgForSubject(ctx, filter)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return ChangesResume{}, nil
-	}
+	info, err := s.Info(ctx)
 	if err != nil {
-		return ChangesResume{}, fmt.Errorf("read the last message of %s: %w", filter, err)
+		return ChangesResume{}, fmt.Errorf("read the state of the changes stream: %w", err)
 	}
-	r := ChangesResume{LastID: m.Header.Get(HeaderMsgID)}
+	last := info.State.LastSeq
+	if info.State.Msgs == 0 {
+		return ChangesResume{LastSeq: last}, nil
+	}
+	m, err := s.GetMsg(ctx, last)
+	if err != nil {
+		return ChangesResume{}, fmt.Errorf("read the last message (%d) of the changes stream: %w", last, err)
+	}
+	r := ChangesResume{LastSeq: last, LastID: m.Header.Get(HeaderID)}
 	i, n, err := ParseRound(m.Header.Get(HeaderRound))
 	if err == nil {
 		r.First, err = change.ParseKey(m.Header.Get(HeaderRoundFirst))
@@ -129,7 +136,7 @@ func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (Chan
 	}
 	if err != nil || r.LastID == "" {
 		return ChangesResume{}, fmt.Errorf("message %d on %s lacks a valid %s, %s, %s or %s (written by another version of capture?): %v",
-			m.Sequence, filter, HeaderMsgID, HeaderRound, HeaderRoundFirst, HeaderRoundLast, err)
+			m.Sequence, filter, HeaderID, HeaderRound, HeaderRoundFirst, HeaderRoundLast, err)
 	}
 	if i == n {
 		r.Through = r.Last

@@ -18,12 +18,24 @@ import (
 // changes; router: its outputs) to JetStream asynchronously, in order, and
 // tells which marked positions are wholly acknowledged.
 //
-// Every message carries Nats-Msg-Id (its idempotency key) and
-// Nats-Expected-Last-Msg-Id (its predecessor's key), so JetStream refuses a
-// message whose predecessor is not stored: the stream stays a gapless prefix
-// of the change sequence even when publishes fail out of order (a server
-// restart, a lost connection). After the first failure the publisher is
-// broken: its owner rebuilds it from the stream's last stored change.
+// Every message carries Pgs2-Msg-Id (its identity, which resume reads back)
+// and Nats-Expected-Last-Sequence (the stream sequence its predecessor
+// took), so JetStream refuses a message whose predecessor is not stored:
+// the stream stays a gapless prefix of what its single writer published
+// even when publishes fail out of order (a server restart, a lost
+// connection, a leader election). After the first failure the publisher is
+// broken: its owner rebuilds it from the stream's last stored message.
+//
+// Why a sequence and not Nats-Expected-Last-Msg-Id: on a replicated stream
+// every replica re-checks the last msg id when it applies a message, and a
+// mismatch there (the id is kept in memory and diverges across leader
+// changes) is a write error that stops the replica for good; the expected
+// last sequence is checked only by the leader, against the stream's own
+// sequence, including the messages still being replicated, so publishes
+// pipeline. And no Nats-Msg-Id: JetStream checks it before the chain, so a
+// message equal to a stored one is acknowledged as a duplicate without
+// moving the stream, and the next one then breaks the chain (a republished
+// round would stall for the duplicate window).
 //
 // It speaks the JetStream publish protocol directly (a core publish with a
 // reply subject per message, one subscription for all PubAcks) and reuses
@@ -39,7 +51,8 @@ type Publisher struct {
 	msg     nats.Msg
 	idVal   []string
 	expVal  []string
-	lastKey string
+	base    uint64        // the stream's last sequence before the first message
+	expBuf  []byte        // scratch for the expected sequence
 	slots   chan struct{} // one per message awaiting its PubAck
 
 	published atomic.Uint64 // sequence of the last published message
@@ -72,10 +85,10 @@ type PublisherOptions struct {
 	AckTimeout time.Duration
 }
 
-// NewPublisher returns a publisher whose first message follows lastKey (the
-// stream's last stored key; "" for an empty stream). acked is the position
-// Acked starts at.
-func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOptions) (*Publisher, error) {
+// NewPublisher returns a publisher whose first message follows the
+// stream's message at lastSeq (its State.LastSeq; 0 for a stream never
+// written). acked is the position Acked starts at.
+func NewPublisher(nc *nats.Conn, lastSeq uint64, acked uint64, o PublisherOptions) (*Publisher, error) {
 	if o.Window <= 0 {
 		o.Window = 4096
 	}
@@ -88,7 +101,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 		timeout:  o.AckTimeout,
 		idVal:    make([]string, 1),
 		expVal:   make([]string, 1),
-		lastKey:  lastKey,
+		base:     lastSeq,
 		slots:    make(chan struct{}, o.Window),
 		acked:    make([]bool, o.Window),
 		progress: time.Now(),
@@ -96,7 +109,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
-	p.msg.Header = nats.Header{HeaderMsgID: p.idVal}
+	p.msg.Header = nats.Header{HeaderID: p.idVal, HeaderExpectedLastSeq: p.expVal}
 	p.confirmed.Store(acked)
 	p.status = nc.StatusChanged(nats.DISCONNECTED, nats.RECONNECTING, nats.CLOSED)
 	sub, err := nc.Subscribe(p.inbox+"*", p.onAck)
@@ -111,7 +124,7 @@ func NewPublisher(nc *nats.Conn, lastKey string, acked uint64, o PublisherOption
 }
 
 // Publish sends one message (capture: a round's batch of changes for one
-// subject; router: of routed changes) with Nats-Msg-Id id, and the headers
+// subject; router: of routed changes) with Pgs2-Msg-Id id, and the headers
 // set with SetHeader. It blocks only while the window is full.
 func (p *Publisher) Publish(ctx context.Context, subject, id string, body []byte) error {
 	select {
@@ -123,12 +136,8 @@ func (p *Publisher) Publish(ctx context.Context, subject, id string, body []byte
 	}
 	seq := p.published.Load() + 1
 	p.idVal[0] = id
-	if p.lastKey != "" {
-		p.expVal[0] = p.lastKey
-		p.msg.Header[HeaderExpectedLastID] = p.expVal
-	} else {
-		delete(p.msg.Header, HeaderExpectedLastID)
-	}
+	p.expBuf = strconv.AppendUint(p.expBuf[:0], p.base+seq-1, 10)
+	p.expVal[0] = string(p.expBuf)
 	p.msg.Subject = subject
 	p.msg.Reply = p.inbox + strconv.FormatUint(seq, 10)
 	p.msg.Data = body
@@ -137,7 +146,6 @@ func (p *Publisher) Publish(ctx context.Context, subject, id string, body []byte
 		p.fail(fmt.Errorf("publish %s: %w", subject, err))
 		return p.err
 	}
-	p.lastKey = id
 	return nil
 }
 
@@ -151,6 +159,16 @@ type pubAck struct {
 }
 
 var errorField = []byte(`"error"`)
+
+// errCodeWrongLastSequence is JetStream's JSStreamWrongLastSequenceErr.
+const errCodeWrongLastSequence = 10071
+
+// ErrChainBroken means JetStream refused a message because its
+// predecessor is not the stream's last message: another message took its
+// place (another writer, or a message of an earlier session still in
+// flight) or an earlier one was lost. The owner rebuilds the publisher from
+// what the stream holds.
+var ErrChainBroken = errors.New("the stream's last message is not this one's predecessor")
 
 func (p *Publisher) onAck(m *nats.Msg) {
 	seq, err := strconv.ParseUint(m.Subject[len(p.inbox):], 10, 64)
@@ -172,7 +190,11 @@ func (p *Publisher) onAck(m *nats.Msg) {
 			if a.Error != nil {
 				desc = fmt.Sprintf("%s (code %d, err_code %d)", a.Error.Description, a.Error.Code, a.Error.ErrCode)
 			}
-			p.fail(fmt.Errorf("jetstream refused message %d: %s", seq, desc))
+			err := fmt.Errorf("jetstream refused message %d: %s", seq, desc)
+			if a.Error != nil && a.Error.ErrCode == errCodeWrongLastSequence {
+				err = fmt.Errorf("%w: %w", ErrChainBroken, err)
+			}
+			p.fail(err)
 			return
 		}
 	}

@@ -17,10 +17,15 @@ const (
 
 // Headers on PGS2_CHANGES messages.
 const (
-	HeaderMsgID          = "Nats-Msg-Id"
-	HeaderExpectedLastID = "Nats-Expected-Last-Msg-Id"
-	HeaderGroup          = "Pgs2-Group"
-	HeaderTraceParent    = "traceparent"
+	// HeaderMsgID is JetStream's idempotency key (deduplicated within the
+	// stream's duplicate window): park, dead-letter and ack messages.
+	HeaderMsgID = "Nats-Msg-Id"
+	// HeaderID names a chained message (capture's and router's), read back
+	// on resume; not a deduplication key (see Publisher).
+	HeaderID              = "Pgs2-Msg-Id"
+	HeaderExpectedLastSeq = "Nats-Expected-Last-Sequence"
+	HeaderGroup           = "Pgs2-Group"
+	HeaderTraceParent     = "traceparent"
 )
 
 // EscapeToken makes s one subject token: bytes other than [A-Za-z0-9_-]

@@ -26,6 +26,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
+	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
@@ -125,33 +126,37 @@ func (c *Capture) Run(ctx context.Context) error {
 	if src.SlotCreated {
 		c.log.Info("created replication slot", "slot", c.cfg.Repl.Slot)
 	}
-	stream, err := bus.EnsureChangesStream(ctx, c.js, c.cfg.Stream)
-	if err != nil {
+	var stream jetstream.Stream
+	err = restart.Until(ctx, sessionRestarts, func(ctx context.Context) (err error) {
+		stream, err = bus.EnsureChangesStream(ctx, c.js, c.cfg.Stream)
 		return err
-	}
-	backoff := 100 * time.Millisecond
-	for {
-		started := time.Now()
-		err := c.session(ctx, stream, src.Database)
+	}, bus.Permanent, func(err error, wait time.Duration) {
+		c.state.SetNotReady(err.Error())
+		c.log.Warn("cannot set up the changes stream yet; retrying", "error", err, "retry_in", wait)
+	})
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
+		return err
+	}
+	var setupErr error
+	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
+		return c.session(ctx, stream, src.Database)
+	}, func(err error, wait time.Duration) bool {
 		if errors.Is(err, pgrepl.ErrSetup) {
-			return err
-		}
-		if time.Since(started) > 30*time.Second {
-			backoff = 100 * time.Millisecond
+			setupErr = err
+			return false
 		}
 		c.state.SetNotReady(err.Error())
-		c.log.Warn("capture session ended; restarting", "error", err, "retry_in", backoff)
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(backoff):
-		}
-		backoff = min(backoff*2, 5*time.Second)
-	}
+		c.log.Warn("capture session ended; restarting", "error", err, "retry_in", wait)
+		return true
+	})
+	return setupErr
 }
+
+// sessionRestarts is the back-off between sessions (and start-up attempts).
+var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second, ResetAfter: 30 * time.Second}
 
 // session streams from the slot's confirmed position, skipping the changes
 // the stream already holds, until an error or ctx ends.
@@ -198,7 +203,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	}
 	c.state.SetReady()
 
-	pub, err := bus.NewPublisher(c.js.Conn(), resume.LastID, uint64(confirmed), bus.PublisherOptions{Window: c.cfg.Window})
+	pub, err := bus.NewPublisher(c.js.Conn(), resume.LastSeq, uint64(confirmed), bus.PublisherOptions{Window: c.cfg.Window})
 	if err != nil {
 		return err
 	}
@@ -473,7 +478,7 @@ const (
 )
 
 // flush publishes the round: one message per subject (more when one
-// filled up), each with Nats-Msg-Id = its last change's key, then marks
+// filled up), each with Pgs2-Msg-Id = its last change's key, then marks
 // the round's last commit for confirmation.
 func (s *session) flush(ctx context.Context) error {
 	msgs := s.round.Msgs()

@@ -52,8 +52,8 @@ func TestActionsAndMetadata(t *testing.T) {
 	}
 	for _, g := range msgs {
 		want := change.Position{LSN: g.Msg.Metadata.CommitLSN, Idx: g.Msg.Metadata.CommitIdx}.Key()
-		if g.Msg.Metadata.IdempotencyKey != want || g.Header.Get("Nats-Msg-Id") != want {
-			t.Errorf("idempotency key %q header %q, want %q", g.Msg.Metadata.IdempotencyKey, g.Header.Get("Nats-Msg-Id"), want)
+		if g.Msg.Metadata.IdempotencyKey != want || g.Header.Get("Pgs2-Msg-Id") != want {
+			t.Errorf("idempotency key %q header %q, want %q", g.Msg.Metadata.IdempotencyKey, g.Header.Get("Pgs2-Msg-Id"), want)
 		}
 		if g.Header.Get("Pgs2-Group") != `["7"]` {
 			t.Errorf("group header %q", g.Header.Get("Pgs2-Group"))

@@ -102,7 +102,7 @@ type got struct {
 	Subject string
 	Seq     uint64 // of its message
 	// Header holds the message's headers, with the entry's fields as the
-	// headers a change would carry alone: Nats-Msg-Id (its key),
+	// headers a change would carry alone: Pgs2-Msg-Id (its key),
 	// Pgs2-Group, traceparent and Pgs2-Error.
 	Header nats.Header
 	Raw    []byte
@@ -172,7 +172,7 @@ func readChanges(t *testing.T, js jetstream.JetStream, name string) []got {
 			}
 			g.Entry = bus.Entry{Key: bytes.Clone(en.Key), Group: bytes.Clone(en.Group), Action: bytes.Clone(en.Action), Table: bytes.Clone(en.Table),
 				CommitMs: en.CommitMs, TraceParent: bytes.Clone(en.TraceParent), Error: bytes.Clone(en.Error), Body: g.Raw}
-			g.Header.Set("Nats-Msg-Id", string(en.Key))
+			g.Header.Set(bus.HeaderID, string(en.Key))
 			g.Header.Set(bus.HeaderGroup, string(en.Group))
 			g.Header.Del(bus.HeaderTraceParent)
 			if len(en.TraceParent) > 0 {
@@ -201,9 +201,9 @@ func readChanges(t *testing.T, js jetstream.JetStream, name string) []got {
 		if r.Err() != nil {
 			t.Fatalf("message %d: %v", seq, r.Err())
 		}
-		if m.Header.Get(bus.HeaderEntries) != strconv.Itoa(n) || m.Header.Get("Nats-Msg-Id") != string(en.Key) {
-			t.Errorf("message %d: %s %q and Nats-Msg-Id %q, with %d changes, the last %s", seq, bus.HeaderEntries,
-				m.Header.Get(bus.HeaderEntries), m.Header.Get("Nats-Msg-Id"), n, en.Key)
+		if m.Header.Get(bus.HeaderEntries) != strconv.Itoa(n) || m.Header.Get(bus.HeaderID) != string(en.Key) {
+			t.Errorf("message %d: %s %q and Pgs2-Msg-Id %q, with %d changes, the last %s", seq, bus.HeaderEntries,
+				m.Header.Get(bus.HeaderEntries), m.Header.Get(bus.HeaderID), n, en.Key)
 		}
 	}
 	sort.SliceStable(out, func(i, j int) bool {

@@ -26,6 +26,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
+	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/s2sink"
 )
 
@@ -184,15 +185,20 @@ func (d *Delivery) Reload(sinks []config.Sink) (restart []string, err error) {
 // Run delivers until ctx ends: it keeps a fair share of the units leased,
 // runs a worker for each, and releases them on the way out.
 func (d *Delivery) Run(ctx context.Context) error {
-	if err := EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
+	err := SetUp(ctx, d.log, d.state, func(ctx context.Context) (err error) {
+		if err := EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
+			return err
+		}
+		if d.failures, err = EnsureFailures(ctx, d.js, d.cfg.Replicas); err != nil {
+			return err
+		}
+		d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas)
 		return err
-	}
-	kv, err := EnsureFailures(ctx, d.js, d.cfg.Replicas)
+	})
 	if err != nil {
-		return err
-	}
-	d.failures = kv
-	if d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
 	}
 	defer d.stopAll()
@@ -211,6 +217,17 @@ func (d *Delivery) Run(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+}
+
+// SetUp runs delivery's start-up calls (streams and buckets) until they
+// succeed: while a NATS cluster elects leaders they time out, and delivery
+// waits (not ready) rather than exit. A permanent error (bus.Permanent)
+// ends it.
+func SetUp(ctx context.Context, log *slog.Logger, state *health.State, step func(context.Context) error) error {
+	return restart.Until(ctx, sessionRestarts, step, bus.Permanent, func(err error, wait time.Duration) {
+		state.SetNotReady(err.Error())
+		log.Warn("cannot set up delivery's streams and buckets yet; retrying", "error", err, "retry_in", wait)
+	})
 }
 
 func (d *Delivery) stopAll() {

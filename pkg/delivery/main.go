@@ -21,8 +21,14 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer nc.Close()
-	admin, err := NewAdmin(ctx, js, env.Config.NATS.Replicas)
-	if err != nil {
+	var admin *Admin
+	if err := SetUp(ctx, env.Log, env.Health, func(ctx context.Context) (err error) {
+		admin, err = NewAdmin(ctx, js, env.Config.NATS.Replicas)
+		return err
+	}); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
 	}
 	if env.Mux != nil {

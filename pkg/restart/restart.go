@@ -66,3 +66,32 @@ func Loop(ctx context.Context, p Policy, session func(context.Context) error, en
 		}
 	}
 }
+
+// Until runs step until it succeeds, ctx ends (ctx's error) or permanent
+// reports its error as one that retrying cannot fix (that error). Between
+// attempts it waits p's back-off; failed, if not nil, is told each
+// transient error and the wait. A service's start-up calls go through it,
+// so that a NATS cluster electing leaders delays a service, not ends it.
+func Until(ctx context.Context, p Policy, step func(context.Context) error, permanent func(error) bool, failed func(err error, wait time.Duration)) error {
+	b := NewBackoff(p)
+	for {
+		err := step(ctx)
+		if err == nil || (permanent != nil && permanent(err)) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		wait := b.Next(0)
+		if failed != nil {
+			failed(err, wait)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}

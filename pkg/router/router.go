@@ -24,6 +24,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
@@ -111,33 +112,34 @@ func (r *Router) Reload(cfg []config.Sink) error {
 // handing later messages to the new client at once — a reorder, and with
 // AckAll the earlier ones would then be acknowledged unrouted.
 func (r *Router) Run(ctx context.Context) error {
-	if _, err := bus.EnsureDeliveryStream(ctx, r.js, r.cfg.Delivery); err != nil {
+	err := restart.Until(ctx, sessionRestarts, func(ctx context.Context) error {
+		_, err := bus.EnsureDeliveryStream(ctx, r.js, r.cfg.Delivery)
 		return err
-	}
-	backoff := 100 * time.Millisecond
-	for {
-		started := time.Now()
-		err := r.session(ctx)
+	}, bus.Permanent, func(err error, wait time.Duration) {
+		r.state.SetNotReady(err.Error())
+		r.log.Warn("cannot set up the delivery stream yet; retrying", "error", err, "retry_in", wait)
+	})
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if time.Since(started) > 30*time.Second {
-			backoff = 100 * time.Millisecond
-		}
-		r.state.SetNotReady(err.Error())
-		r.log.Warn("router session ended; restarting", "error", err, "retry_in", backoff)
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(backoff):
-		}
-		backoff = min(backoff*2, 5*time.Second)
+		return err
 	}
+	restart.Loop(ctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
+		r.state.SetNotReady(err.Error())
+		r.log.Warn("router session ended; restarting", "error", err, "retry_in", wait)
+		return true
+	})
+	return nil
 }
+
+// sessionRestarts is the back-off between sessions (and start-up attempts).
+var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second, ResetAfter: 30 * time.Second}
 
 // lastRound describes the delivery stream's last message: the round it
 // belongs to and its place in it.
 type lastRound struct {
+	seq        uint64 // the delivery stream's last sequence
 	id         string
 	start, end uint64 // the round's changes-stream sequences
 	i, n       int    // the message is the round's i-th of n
@@ -149,14 +151,19 @@ func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err err
 	if err != nil {
 		return lr, false, fmt.Errorf("delivery stream %s: %w", r.cfg.Delivery.Name, err)
 	}
-	m, err := delivery.GetLastMsgForSubject(ctx, bus.DeliveryRoot+".>")
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
+	info, err := delivery.Info(ctx)
+	if err != nil {
+		return lr, false, fmt.Errorf("read the state of delivery stream %s: %w", r.cfg.Delivery.Name, err)
+	}
+	lr.seq = info.State.LastSeq
+	if info.State.Msgs == 0 {
 		return lr, false, nil
 	}
+	m, err := delivery.GetMsg(ctx, lr.seq)
 	if err != nil {
-		return lr, false, fmt.Errorf("read the delivery stream's last message: %w", err)
+		return lr, false, fmt.Errorf("read the delivery stream's last message (%d): %w", lr.seq, err)
 	}
-	lr.id = m.Header.Get(bus.HeaderMsgID)
+	lr.id = m.Header.Get(bus.HeaderID)
 	lr.start, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputSeq), 10, 64)
 	if err == nil {
 		lr.end, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputEnd), 10, 64)
@@ -166,7 +173,7 @@ func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err err
 	}
 	if err != nil || lr.id == "" || lr.end < lr.start {
 		return lr, false, fmt.Errorf("delivery message %d lacks a valid %s, %s, %s or %s (written by another version of the router?)",
-			m.Sequence, bus.HeaderMsgID, bus.HeaderInputSeq, bus.HeaderInputEnd, bus.HeaderRound)
+			m.Sequence, bus.HeaderID, bus.HeaderInputSeq, bus.HeaderInputEnd, bus.HeaderRound)
 	}
 	return lr, true, nil
 }
@@ -190,7 +197,7 @@ func (r *Router) session(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read %s (is capture running? it creates the stream): %w", r.cfg.ChangesStream, err)
 	}
-	pub, err := bus.NewPublisher(r.nc, last.id, 0, bus.PublisherOptions{Window: r.cfg.Window})
+	pub, err := bus.NewPublisher(r.nc, last.seq, 0, bus.PublisherOptions{Window: r.cfg.Window})
 	if err != nil {
 		return err
 	}

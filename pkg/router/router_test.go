@@ -46,7 +46,7 @@ func newEnv(t *testing.T) *env {
 	if _, err := bus.EnsureChangesStream(ctx, e.js, bus.ChangesStreamConfig{Name: "PGS2_CHANGES", Source: "app", Replicas: 1, DuplicateWindow: time.Minute}); err != nil {
 		t.Fatal(err)
 	}
-	e.pub, err = bus.NewPublisher(nc, "", 0, bus.PublisherOptions{})
+	e.pub, err = bus.NewPublisher(nc, 0, 0, bus.PublisherOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
