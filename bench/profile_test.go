@@ -11,8 +11,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
-	"sync/atomic"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 

@@ -4,8 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 )
 
 // A delivery message carries a batch: several routed changes for one
@@ -220,37 +218,3 @@ func (r *BatchReader) Next(e *Entry) bool {
 
 // Err is the decoding error, if any.
 func (r *BatchReader) Err() error { return r.err }
-
-// DeliveryPos is the position of one change in the delivery stream: its
-// message's stream sequence and its index in the message's batch.
-type DeliveryPos struct {
-	Seq uint64
-	Idx int
-}
-
-// Less orders positions.
-func (p DeliveryPos) Less(q DeliveryPos) bool {
-	return p.Seq < q.Seq || (p.Seq == q.Seq && p.Idx < q.Idx)
-}
-
-// String is "<seq>.<idx>".
-func (p DeliveryPos) String() string {
-	return strconv.FormatUint(p.Seq, 10) + "." + strconv.Itoa(p.Idx)
-}
-
-// ParseDeliveryPos reads "<seq>.<idx>" (or "<seq>": the whole message).
-func ParseDeliveryPos(s string) (DeliveryPos, error) {
-	seqS, idxS, hasIdx := strings.Cut(s, ".")
-	seq, err := strconv.ParseUint(seqS, 10, 64)
-	if err != nil {
-		return DeliveryPos{}, fmt.Errorf("delivery position %q: want <seq>.<index>", s)
-	}
-	if !hasIdx {
-		return DeliveryPos{Seq: seq, Idx: 1 << 30}, nil
-	}
-	idx, err := strconv.Atoi(idxS)
-	if err != nil || idx < 0 {
-		return DeliveryPos{}, fmt.Errorf("delivery position %q: want <seq>.<index>", s)
-	}
-	return DeliveryPos{Seq: seq, Idx: idx}, nil
-}

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestBatchRoundTrip(t *testing.T) {
@@ -102,17 +104,58 @@ func FuzzBatchReader(f *testing.F) {
 }
 
 func TestDeliveryPos(t *testing.T) {
-	p, err := ParseDeliveryPos("12.3")
-	if err != nil || p != (DeliveryPos{12, 3}) || p.String() != "12.3" {
+	p, err := ParseDeliveryPos("A@k:12.3")
+	if err != nil || p != (DeliveryPos{"A@k", 12, 3}) || p.String() != "A@k:12.3" {
 		t.Fatalf("%v %v", p, err)
 	}
-	if whole, _ := ParseDeliveryPos("12"); !p.Less(whole) || whole.Less(p) {
+	if whole, _ := ParseDeliveryPos("A@k:12"); !p.Less(whole) || whole.Less(p) {
 		t.Fatal("a bare sequence covers the whole message")
 	}
-	for _, bad := range []string{"", "x", "1.x", "1.-2"} {
+	for _, bad := range []string{"", "x", "12.3", ":12.3", "A:1.x", "A:1.-2"} {
 		if _, err := ParseDeliveryPos(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+	key := StreamKey("my.stream", time.UnixMilli(1795341600123))
+	if strings.ContainsAny(key, ".:,") {
+		t.Fatalf("stream key %q holds a separator", key)
+	}
+}
+
+func TestProgress(t *testing.T) {
+	p := Progress{}
+	a5, a7, b2 := DeliveryPos{"a", 5, 0}, DeliveryPos{"a", 7, 1}, DeliveryPos{"b", 2, 0}
+	if p.Covers(a5) {
+		t.Fatal("empty progress covers a position")
+	}
+	p.Advance(a7)
+	p.Advance(a5) // earlier: no effect
+	p.Advance(b2)
+	if !p.Covers(a5) || !p.Covers(a7) || p.Covers(DeliveryPos{"a", 7, 2}) || !p.Covers(b2) || p.Covers(DeliveryPos{"c", 1, 0}) {
+		t.Fatalf("covers wrong: %v", p)
+	}
+	s := p.String()
+	if s != "a:7.1,b:2.0" {
+		t.Fatalf("String = %q", s)
+	}
+	q, err := ParseProgress(s)
+	if err != nil || !q.Equal(p) {
+		t.Fatalf("ParseProgress(%q) = %v, %v", s, q, err)
+	}
+	c := p.Clone()
+	c.Advance(DeliveryPos{"a", 9, 0})
+	if p.Covers(DeliveryPos{"a", 9, 0}) {
+		t.Fatal("Clone shares its map")
+	}
+	p.Merge(Progress{"a": {"a", 8, 0}, "c": {"c", 1, 0}})
+	if p.String() != "a:8.0,b:2.0,c:1.0" {
+		t.Fatalf("Merge = %v", p)
+	}
+	if e, err := ParseProgress(""); err != nil || len(e) != 0 {
+		t.Fatalf("ParseProgress(\"\") = %v, %v", e, err)
+	}
+	if _, err := ParseProgress("a:1.0,12.3"); err == nil {
+		t.Fatal("a position without its stream accepted")
 	}
 }
 

@@ -23,7 +23,8 @@ type ChangesStreamConfig struct {
 	MaxAge          time.Duration // 0 = keep until deleted
 }
 
-// ErrStreamShared means the changes stream holds another writer's subjects.
+// ErrStreamShared means a changes or delivery stream holds another
+// writer's subjects.
 var ErrStreamShared = errors.New("changes stream is shared")
 
 // EnsureChangesStream creates or updates the changes stream. Capture must be

@@ -2,15 +2,14 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
-
-// DefaultDeliveryStream is the stream between router and delivery.
-const DefaultDeliveryStream = "PGS2_DELIVERY"
 
 // Headers of a single change outside a batch: a parked or dead-lettered
 // change carries its entry's fields as these (S2 record headers and
@@ -38,23 +37,31 @@ const (
 	HeaderRound    = "Pgs2-Round"     // "<i>/<n>": this message is the round's i-th of n
 )
 
-// DeliverySubject is `pgs2.deliver.<sink>.<basin>.<stream>.<partition>`.
-func DeliverySubject(sink, basin, stream, partition string) string {
-	return DeliveryRoot + "." + EscapeToken(sink) + "." + EscapeToken(basin) + "." + EscapeToken(stream) + "." + partition
+// DeliverySubject is
+// `pgs2.deliver.<source>.<sink>.<basin>.<stream>.<partition>`.
+func DeliverySubject(source, sink, basin, stream, partition string) string {
+	return DeliveryRoot + "." + EscapeToken(source) + "." + EscapeToken(sink) + "." + EscapeToken(basin) + "." + EscapeToken(stream) + "." + partition
 }
 
-// DeliveryStreamFilter matches every partition of one sink's S2 stream.
-func DeliveryStreamFilter(sink, basin, stream string) string {
-	return DeliveryRoot + "." + EscapeToken(sink) + "." + EscapeToken(basin) + "." + EscapeToken(stream) + ".*"
+// DeliveryFilter matches every delivery subject of one source: its
+// delivery stream's subjects.
+func DeliveryFilter(source string) string {
+	return DeliveryRoot + "." + EscapeToken(source) + ".>"
+}
+
+// DeliveryStreamFilter matches every partition of one sink's S2 stream in
+// one source's delivery stream.
+func DeliveryStreamFilter(source, sink, basin, stream string) string {
+	return DeliveryRoot + "." + EscapeToken(source) + "." + EscapeToken(sink) + "." + EscapeToken(basin) + "." + EscapeToken(stream) + ".*"
 }
 
 // ParseDeliverySubject splits a delivery subject into its unescaped parts.
-func ParseDeliverySubject(subject string) (sink, basin, stream, partition string, err error) {
+func ParseDeliverySubject(subject string) (source, sink, basin, stream, partition string, err error) {
 	t := strings.Split(subject, ".")
-	if len(t) != 6 || t[0]+"."+t[1] != DeliveryRoot {
-		return "", "", "", "", fmt.Errorf("%q is not a delivery subject", subject)
+	if len(t) != 7 || t[0]+"."+t[1] != DeliveryRoot {
+		return "", "", "", "", "", fmt.Errorf("%q is not a delivery subject", subject)
 	}
-	return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), t[5], nil
+	return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), UnescapeToken(t[5]), t[6], nil
 }
 
 // ParseChangeSubject splits a change subject into its unescaped parts.
@@ -66,21 +73,25 @@ func ParseChangeSubject(subject string) (source, schema, table, partition string
 	return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), t[5], nil
 }
 
-// DeliveryStreamConfig describes the delivery stream.
+// DeliveryStreamConfig describes a source's delivery stream.
 type DeliveryStreamConfig struct {
 	Name            string
+	Source          string
 	Replicas        int
 	DuplicateWindow time.Duration
 	MaxAge          time.Duration
 }
 
-// EnsureDeliveryStream creates or updates the delivery stream. The router
-// is its only writer (ordered publishing, as for the changes stream).
+// EnsureDeliveryStream creates or updates a source's delivery stream. The
+// source's router is its only writer (ordered publishing, as for the
+// changes stream), so each source has a stream of its own: a stream with
+// other subjects is refused (ErrStreamShared). Delivery reads them all.
 func EnsureDeliveryStream(ctx context.Context, js jetstream.JetStream, c DeliveryStreamConfig) (jetstream.Stream, error) {
+	subjects := []string{DeliveryFilter(c.Source)}
 	sc := jetstream.StreamConfig{
 		Name:        c.Name,
-		Description: "pgs2 changes routed to S2 streams",
-		Subjects:    []string{DeliveryRoot + ".>"},
+		Description: "pgs2 changes of source " + c.Source + " routed to S2 streams",
+		Subjects:    subjects,
 		Retention:   jetstream.LimitsPolicy,
 		Storage:     jetstream.FileStorage,
 		Replicas:    c.Replicas,
@@ -89,11 +100,45 @@ func EnsureDeliveryStream(ctx context.Context, js jetstream.JetStream, c Deliver
 		AllowDirect: true,
 		MaxMsgSize:  -1,
 	}
-	s, err := js.CreateOrUpdateStream(ctx, sc)
+	s, err := js.Stream(ctx, c.Name)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		s, err = js.CreateStream(ctx, sc)
+		if err != nil {
+			return nil, fmt.Errorf("create stream %s: %w", c.Name, err)
+		}
+		return s, nil
+	case err != nil:
+		return nil, fmt.Errorf("look up stream %s: %w", c.Name, err)
+	}
+	if have := s.CachedInfo().Config.Subjects; !slices.Equal(have, subjects) {
+		hint := "set nats.delivery_stream to another name"
+		if slices.Equal(have, []string{DeliveryRoot + ".>"}) {
+			hint += " (this stream was made by an earlier pgs2 for every source: once delivery has sent what it holds, delete it)"
+		}
+		return nil, fmt.Errorf("%w: stream %s has subjects %v, not %v; each source needs a delivery stream of its own: %s",
+			ErrStreamShared, c.Name, have, subjects, hint)
+	}
+	s, err = js.UpdateStream(ctx, sc)
 	if err != nil {
-		return nil, fmt.Errorf("create or update stream %s: %w", c.Name, err)
+		return nil, fmt.Errorf("update stream %s: %w", c.Name, err)
 	}
 	return s, nil
+}
+
+// ListDeliveryStreams names the delivery streams of every source (streams
+// with subjects under pgs2.deliver).
+func ListDeliveryStreams(ctx context.Context, js jetstream.JetStream) ([]string, error) {
+	l := js.StreamNames(ctx, jetstream.WithStreamListSubject(DeliveryRoot+".>"))
+	var names []string
+	for n := range l.Name() {
+		names = append(names, n)
+	}
+	if err := l.Err(); err != nil {
+		return nil, fmt.Errorf("list delivery streams: %w", err)
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // OrderedInactive is how long the server keeps an ordered consumer whose

@@ -48,12 +48,12 @@ type Publisher struct {
 	timeout time.Duration
 
 	// Publishing goroutine only.
-	msg     nats.Msg
-	idVal   []string
-	expVal  []string
-	base    uint64        // the stream's last sequence before the first message
-	expBuf  []byte        // scratch for the expected sequence
-	slots   chan struct{} // one per message awaiting its PubAck
+	msg    nats.Msg
+	idVal  []string
+	expVal []string
+	base   uint64        // the stream's last sequence before the first message
+	expBuf []byte        // scratch for the expected sequence
+	slots  chan struct{} // one per message awaiting its PubAck
 
 	published atomic.Uint64 // sequence of the last published message
 	confirmed atomic.Uint64
@@ -177,7 +177,7 @@ func (p *Publisher) onAck(m *nats.Msg) {
 	}
 	if len(m.Data) == 0 {
 		if m.Header.Get("Status") == "503" {
-			p.fail(fmt.Errorf("publish: no JetStream stream listens on %s (no responders)", m.Subject))
+			p.fail(fmt.Errorf("publish message %d: no responders: no JetStream stream takes its subject, or the stream has no leader (an election)", seq))
 		} else {
 			p.fail(fmt.Errorf("publish: empty PubAck (status %q)", m.Header.Get("Status")))
 		}

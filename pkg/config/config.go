@@ -48,6 +48,9 @@ type NATS struct {
 	Partitions int `yaml:"partitions"`
 	// ChangesStream names the stream of this source's changes (default PGS2_CHANGES).
 	ChangesStream string `yaml:"changes_stream"`
+	// DeliveryStream names the stream of this source's routed changes,
+	// between router and delivery (default PGS2_DELIVERY).
+	DeliveryStream string `yaml:"delivery_stream"`
 	// DuplicateWindow of the changes stream (default 10m).
 	DuplicateWindow Duration `yaml:"duplicate_window"`
 	// ChangesMaxAge is how long the changes stream keeps a change (default 0:
@@ -118,6 +121,7 @@ func (d Duration) D() time.Duration { return time.Duration(d) }
 const (
 	DefaultPartitions      = 64
 	DefaultChangesStream   = "PGS2_CHANGES"
+	DefaultDeliveryStream  = "PGS2_DELIVERY"
 	DefaultDuplicateWindow = 10 * time.Minute
 	DefaultSyncInterval    = time.Second
 	MaxPartitions          = 4096
@@ -182,6 +186,9 @@ func (c *Config) applyDefaults() {
 	}
 	if n.ChangesStream == "" {
 		n.ChangesStream = DefaultChangesStream
+	}
+	if n.DeliveryStream == "" {
+		n.DeliveryStream = DefaultDeliveryStream
 	}
 	if n.DuplicateWindow == 0 {
 		n.DuplicateWindow = Duration(DefaultDuplicateWindow)
@@ -321,6 +328,11 @@ func (c *Config) Validate() error {
 	}
 	if !tokenRE.MatchString(n.ChangesStream) {
 		bad("nats.changes_stream", "%q is not a valid stream name: use letters, digits, '_' and '-'", n.ChangesStream)
+	}
+	if !tokenRE.MatchString(n.DeliveryStream) {
+		bad("nats.delivery_stream", "%q is not a valid stream name: use letters, digits, '_' and '-'", n.DeliveryStream)
+	} else if n.DeliveryStream == n.ChangesStream {
+		bad("nats.delivery_stream", "%q is also nats.changes_stream: give the two streams different names", n.DeliveryStream)
 	}
 	if n.ChangesMaxAge < 0 || (n.ChangesMaxAge > 0 && n.ChangesMaxAge < n.DuplicateWindow) {
 		bad("nats.changes_max_age", "%s must be 0 (keep until deleted) or at least nats.duplicate_window", n.ChangesMaxAge.D())

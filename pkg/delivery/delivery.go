@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,10 +31,10 @@ import (
 	"github.com/pgs2/pgs2/pkg/s2sink"
 )
 
-// Config configures delivery.
+// Config configures delivery. It reads every source's delivery stream
+// (the streams with subjects under pgs2.deliver).
 type Config struct {
-	DeliveryStream string
-	Sinks          []config.Sink
+	Sinks []config.Sink
 	// Discover is how often new units (streams chosen by routing) are
 	// looked for (default 1s).
 	Discover time.Duration
@@ -107,9 +108,6 @@ func WithHealth(s *health.State) Option { return func(d *Delivery) { d.state = s
 func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) {
 	if cfg.Discover <= 0 {
 		cfg.Discover = time.Second
-	}
-	if cfg.DeliveryStream == "" {
-		cfg.DeliveryStream = bus.DefaultDeliveryStream
 	}
 	if cfg.LeaseTTL <= 0 {
 		cfg.LeaseTTL = 10 * time.Second
@@ -278,9 +276,12 @@ func (d *Delivery) balance(ctx context.Context) error {
 		h.rev = rev
 		h.w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
 	}
-	units, err := d.units(ctx)
+	units, sources, err := d.units(ctx)
 	if err != nil {
 		return err
+	}
+	for u, h := range d.held {
+		h.w.setSources(sources[u]) // a new source's stream: the worker reads it too
 	}
 	defer func() { d.metrics.Units.Set(float64(len(d.held))) }()
 	fair := (len(units) + live - 1) / live
@@ -309,6 +310,7 @@ func (d *Delivery) balance(ctx context.Context) error {
 			continue
 		}
 		w := newWorker(d, u, s)
+		w.setSources(sources[u])
 		w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
 		wctx, cancel := context.WithCancel(ctx)
 		h := &held{w: w, rev: rev, cancel: cancel, done: make(chan struct{})}
@@ -323,26 +325,53 @@ func (d *Delivery) balance(ctx context.Context) error {
 	return nil
 }
 
+// source is one source's delivery stream, as delivery reads it.
+type source struct {
+	name  string // the stream's
+	key   string // bus.StreamKey: the stream in delivery positions
+	token string // the source's subject token: pgs2.deliver.<token>.>
+}
+
 // units lists every unit that has messages, and every sink's configured
-// stream, in a stable order.
-func (d *Delivery) units(ctx context.Context) ([]Unit, error) {
-	set := map[Unit]bool{}
+// stream, in a stable order, with the delivery streams (sources) that hold
+// messages for each.
+func (d *Delivery) units(ctx context.Context) ([]Unit, map[Unit][]source, error) {
+	set := map[Unit][]source{}
 	for _, s := range d.sinks {
 		if s.cfg.Basin != "" && s.cfg.Stream != "" {
-			set[Unit{s.cfg.Name, s.cfg.Basin, s.cfg.Stream}] = true
+			set[Unit{s.cfg.Name, s.cfg.Basin, s.cfg.Stream}] = nil
 		}
 	}
-	st, err := d.js.Stream(ctx, d.cfg.DeliveryStream)
+	names, err := bus.ListDeliveryStreams(ctx, d.js)
 	if err != nil {
-		return nil, fmt.Errorf("delivery stream %s (is the router running? it creates it): %w", d.cfg.DeliveryStream, err)
+		return nil, nil, err
 	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(bus.DeliveryRoot+".>"))
-	if err != nil {
-		return nil, fmt.Errorf("list delivery subjects: %w", err)
-	}
-	for subj := range info.State.Subjects {
-		if sk, basin, stream, _, err := bus.ParseDeliverySubject(subj); err == nil {
-			set[Unit{sk, basin, stream}] = true
+	for _, name := range names {
+		st, err := d.js.Stream(ctx, name)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			continue // deleted since listed
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("delivery stream %s: %w", name, err)
+		}
+		info, err := st.Info(ctx, jetstream.WithSubjectFilter(bus.DeliveryRoot+".>"))
+		if err != nil {
+			return nil, nil, fmt.Errorf("list the subjects of delivery stream %s: %w", name, err)
+		}
+		src := source{name: name, key: bus.StreamKey(name, info.Created)}
+		if subj := info.Config.Subjects; len(subj) == 1 && strings.HasPrefix(subj[0], bus.DeliveryRoot+".") && strings.HasSuffix(subj[0], ".>") {
+			src.token = strings.TrimSuffix(strings.TrimPrefix(subj[0], bus.DeliveryRoot+"."), ".>")
+		}
+		if src.token == "" || strings.Contains(src.token, ".") {
+			continue // not a source's delivery stream (an earlier pgs2's: the router refuses it)
+		}
+		for subj := range info.State.Subjects {
+			if tok, sk, basin, stream, _, err := bus.ParseDeliverySubject(subj); err == nil && bus.EscapeToken(tok) == src.token {
+				u := Unit{sk, basin, stream}
+				if l := set[u]; len(l) == 0 || l[len(l)-1] != src {
+					set[u] = append(l, src)
+				}
+			}
 		}
 	}
 	units := make([]Unit, 0, len(set))
@@ -350,5 +379,5 @@ func (d *Delivery) units(ctx context.Context) ([]Unit, error) {
 		units = append(units, u)
 	}
 	sort.Slice(units, func(i, j int) bool { return units[i].String() < units[j].String() })
-	return units, nil
+	return units, set, nil
 }

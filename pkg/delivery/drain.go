@@ -27,10 +27,6 @@ func (w *worker) drainWhileIdle(ctx context.Context, msgs <-chan jetstream.Msg) 
 	return nil
 }
 
-// resumeHeaderRoom is what WithResume adds to a batch's last record, at
-// most: two headers of a position and a park reference.
-const resumeHeaderRoom = 160
-
 // drainOne retries the head of the next parked group whose retry is due:
 // as many of its parked messages, in order, as one append takes, then
 // removes them from the park. A head that still cannot go waits for its
@@ -61,7 +57,7 @@ func (w *worker) drainOne(ctx context.Context) (did bool, err error) {
 	var through uint64   // the last park message the batch accounts for
 	var stuck *parkedMsg // the first message that cannot go now
 	var stuckErr *s2sink.Error
-	bytes := resumeHeaderRoom
+	bytes := w.resumeRoom
 	for _, m := range msgs {
 		rec, keep, why := w.parkedRecord(m)
 		if why != nil {
@@ -178,7 +174,7 @@ func (w *worker) parkedRecord(m *parkedMsg) (rec s2.AppendRecord, keep bool, why
 		return rec, false, errStuck
 	}
 	rec = s2sink.Record(e, body, m.pos)
-	if size := s2sink.MeteredSize(rec.Headers, rec.Body) + resumeHeaderRoom; size > s2sink.MaxBatchBytes {
+	if size := s2sink.MeteredSize(rec.Headers, rec.Body) + w.resumeRoom; size > s2sink.MaxBatchBytes {
 		return rec, false, errStuck // too large: stays until acknowledged
 	}
 	return rec, true, nil

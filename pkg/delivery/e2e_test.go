@@ -118,7 +118,7 @@ func (p *pipeline) startPipelineWithoutDelivery(t *testing.T) {
 		done <- nil
 	} else {
 		r, err := router.New(router.Config{Source: "app", ChangesStream: "PGS2_CHANGES",
-			Delivery: bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: 1, DuplicateWindow: time.Minute},
+			Delivery: bus.DeliveryStreamConfig{Name: "PGS2_DELIVERY", Source: "app", Replicas: 1, DuplicateWindow: time.Minute},
 			Sinks:    p.sinks}, p.js, router.WithLogger(quiet()))
 		if err != nil {
 			t.Fatal(err)

@@ -38,7 +38,17 @@ type harness struct {
 	js     jetstream.JetStream
 	client *s2sink.Client
 	fails  jetstream.KeyValue
+	src    source   // the test source's delivery stream
+	srcs   []source // it and a second source's
 }
+
+// The test source and its delivery stream, and a second one.
+const (
+	testSource  = "app"
+	testStream  = "PGS2_DELIVERY"
+	otherSource = "crm"
+	otherStream = "CRM_DELIVERY"
+)
 
 const testBasin = "test-basin"
 
@@ -47,13 +57,18 @@ func newHarness(t testing.TB) *harness {
 	h := &harness{t: t, ns: natstest.New(t)}
 	h.nc, h.js = h.ns.Connect(t)
 	ctx := context.Background()
-	if _, err := bus.EnsureDeliveryStream(ctx, h.js, bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: 1, DuplicateWindow: time.Minute}); err != nil {
-		t.Fatal(err)
+	for _, s := range []struct{ source, stream string }{{testSource, testStream}, {otherSource, otherStream}} {
+		ds, err := bus.EnsureDeliveryStream(ctx, h.js, bus.DeliveryStreamConfig{Name: s.stream, Source: s.source, Replicas: 1, DuplicateWindow: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.srcs = append(h.srcs, source{name: s.stream, key: bus.StreamKey(s.stream, ds.CachedInfo().Created), token: s.source})
 	}
+	h.src = h.srcs[0]
+	var err error
 	if err := EnsureParkedStream(ctx, h.js, 1); err != nil {
 		t.Fatal(err)
 	}
-	var err error
 	if h.fails, err = EnsureFailures(ctx, h.js, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +98,7 @@ func testLogger() *slog.Logger {
 // delivery is a delivery process as a worker sees it, with fencing token
 // token, talking to JetStream through js.
 func (h *harness) delivery(token string, js jetstream.JetStream) *Delivery {
-	return &Delivery{cfg: Config{DeliveryStream: bus.DefaultDeliveryStream}, js: js, log: testLogger(), state: health.NewState(),
+	return &Delivery{cfg: Config{}, js: js, log: testLogger(), state: health.NewState(),
 		sinks: map[string]*sink{}, held: map[Unit]*held{}, failures: h.fails, leases: &leases{id: token},
 		tracer: otel.Tracer("test"), metrics: metrics.NewDelivery(prometheus.NewRegistry())}
 }
@@ -104,6 +119,7 @@ func (h *harness) sink(u Unit, a appender, retry config.Retry) *sink {
 // by itself: the returned channel closes).
 func (h *harness) start(d *Delivery, u Unit, s *sink) (w *worker, stop func(), done <-chan struct{}) {
 	w = newWorker(d, u, s)
+	w.setSources(h.srcs)
 	w.extend(time.Now().Add(time.Hour))
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan struct{})
@@ -112,14 +128,22 @@ func (h *harness) start(d *Delivery, u Unit, s *sink) (w *worker, stop func(), d
 	return w, func() { once.Do(func() { cancel(); <-ch }) }, ch
 }
 
-// publish stores one delivery message of u holding entries.
+// publish stores one delivery message of u holding entries, from the
+// test source.
 func (h *harness) publish(u Unit, partition int, entries ...bus.Entry) {
+	h.t.Helper()
+	h.publishFrom(testSource, u, partition, entries...)
+}
+
+// publishFrom stores one delivery message of u holding entries, from
+// source (testSource or otherSource).
+func (h *harness) publishFrom(source string, u Unit, partition int, entries ...bus.Entry) {
 	h.t.Helper()
 	var b bus.BatchBuilder
 	for i := range entries {
 		b.Add(&entries[i])
 	}
-	subj := bus.DeliverySubject(u.Sink, u.Basin, u.Stream, fmt.Sprint(partition))
+	subj := bus.DeliverySubject(source, u.Sink, u.Basin, u.Stream, fmt.Sprint(partition))
 	if _, err := h.js.Publish(context.Background(), subj, b.Bytes()); err != nil {
 		h.t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package delivery
 import (
 	"context"
 
-	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/service"
 	"github.com/pgs2/pgs2/pkg/telemetry"
@@ -34,7 +33,7 @@ func Main(ctx context.Context, env service.Env) error {
 	if env.Mux != nil {
 		admin.Register(env.Mux)
 	}
-	d, err := New(Config{DeliveryStream: bus.DefaultDeliveryStream, Sinks: env.Config.Sinks, Replicas: env.Config.NATS.Replicas},
+	d, err := New(Config{Sinks: env.Config.Sinks, Replicas: env.Config.NATS.Replicas},
 		js, WithLogger(env.Log), WithHealth(env.Health), WithMetrics(env.Metrics))
 	if err != nil {
 		return err

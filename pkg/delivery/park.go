@@ -30,8 +30,14 @@ const ownerToken = "owner"
 
 // Headers of a parked message, besides the delivery message's own.
 const (
+	// HeaderDeliverySeq is a parked message's delivery position
+	// (bus.DeliveryPos).
 	HeaderDeliverySeq = "Pgs2-Delivery-Seq"
-	HeaderParkReason  = "Pgs2-Park-Reason"
+	// HeaderThrough, on every park message and owner marker, is the
+	// unit's progress (bus.Progress) when it was published: every change
+	// up to it is in S2 or in a park.
+	HeaderThrough    = "Pgs2-Through"
+	HeaderParkReason = "Pgs2-Park-Reason"
 	// HeaderParkKind says why the message is parked: "failed" (it could
 	// not be appended as it is) or "behind" (an earlier change of its
 	// group is parked).
@@ -60,11 +66,14 @@ func DeadSubject(u Unit) string {
 	return "pgs2.dead." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
 }
 
-// groupID names a group of a table in park subjects: 128 bits of SHA-256
-// of the table and the group key, so that two groups share a park only
-// with odds of about n²/2¹²⁹ for n parked groups (nil for a billion).
-func groupID(table, group []byte) string {
+// groupID names a group of a table of a source (its delivery stream) in
+// park subjects: 128 bits of SHA-256 of the stream, the table and the group
+// key, so that two groups share a park only with odds of about n²/2¹²⁹ for
+// n parked groups (nil for a billion).
+func groupID(stream string, table, group []byte) string {
 	h := sha256.New()
+	h.Write([]byte(stream))
+	h.Write([]byte{0})
 	h.Write(table)
 	h.Write([]byte{0})
 	h.Write(group)
@@ -134,9 +143,9 @@ type unitParks struct {
 	token string
 
 	lastSeq uint64 // the last sequence of the unit's park subjects, as this owner left it
-	// through is the last delivery position parked: every change up to
-	// it is in S2 or in a park.
-	through bus.DeliveryPos
+	// through is the unit's progress when the last park message or
+	// marker was published: every change up to it is in S2 or in a park.
+	through bus.Progress
 	groups  map[string]*parkedGroup
 	order   []string // parked groups, for taking turns at draining
 	next    int
@@ -149,7 +158,7 @@ type parkedGroup struct {
 }
 
 func newUnitParks(js jetstream.JetStream, u Unit, token string) *unitParks {
-	return &unitParks{js: js, u: u, token: token, groups: map[string]*parkedGroup{}}
+	return &unitParks{js: js, u: u, token: token, groups: map[string]*parkedGroup{}, through: bus.Progress{}}
 }
 
 func (p *unitParks) ownerSubject() string { return ParkSubject(p.u, ownerToken) }
@@ -178,38 +187,36 @@ func (p *unitParks) open(ctx context.Context, drained string) error {
 }
 
 // claim publishes the owner marker, conditional on the unit's parks
-// being as read, and takes the last parked position from what preceded
-// it (a park message, or the previous marker, which carries it on).
+// being as read, and takes the unit's progress from what preceded it (a
+// park message, or the previous marker, which carries it on).
 func (p *unitParks) claim(ctx context.Context) error {
 	filter := ParkFilter(p.u)
 	for attempt := 0; ; attempt++ {
 		var lastSeq uint64
-		var through bus.DeliveryPos
+		through := bus.Progress{}
 		last, err := p.last(ctx, filter)
 		if err != nil {
 			return err
 		}
 		if last != nil {
 			lastSeq = last.Sequence
-			if v := last.Header.Get(HeaderDeliverySeq); v != "" {
-				if through, err = bus.ParseDeliveryPos(v); err != nil {
-					return fmt.Errorf("parked message %d of %s: %w", last.Sequence, p.u, err)
-				}
+			if err := mergeThrough(through, last); err != nil {
+				return fmt.Errorf("parked message %d of %s: %w", last.Sequence, p.u, err)
 			}
 		}
-		// The previous marker carries the last parked position on, in
-		// case the park messages after it were removed since.
+		// The previous marker carries the progress on, in case the park
+		// messages after it were removed since.
 		prev, err := p.last(ctx, p.ownerSubject())
 		if err != nil {
 			return err
 		}
 		if prev != nil {
-			if v, perr := bus.ParseDeliveryPos(prev.Header.Get(HeaderDeliverySeq)); perr == nil && through.Less(v) {
-				through = v
+			if err := mergeThrough(through, prev); err != nil {
+				return fmt.Errorf("owner marker %d of %s: %w", prev.Sequence, p.u, err)
 			}
 		}
 		m := &nats.Msg{Subject: p.ownerSubject(), Data: []byte(p.token), Header: nats.Header{}}
-		m.Header.Set(HeaderDeliverySeq, through.String())
+		m.Header.Set(HeaderThrough, through.String())
 		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(lastSeq, filter))
 		if wrongLast(err) && attempt < 10 {
 			continue // parked meanwhile (an earlier owner still finishing): read again
@@ -224,6 +231,22 @@ func (p *unitParks) claim(ctx context.Context) error {
 	if err := p.st.Purge(ctx, jetstream.WithPurgeSubject(p.ownerSubject()), jetstream.WithPurgeKeep(1)); err != nil {
 		return fmt.Errorf("remove old owner markers of %s: %w", p.u, err)
 	}
+	return nil
+}
+
+// mergeThrough advances through to a park message's or marker's
+// HeaderThrough. A message parked by pgs2 before delivery streams per
+// source has none (its HeaderDeliverySeq has no stream): it adds nothing.
+func mergeThrough(through bus.Progress, m *jetstream.RawStreamMsg) error {
+	v := m.Header.Get(HeaderThrough)
+	if v == "" {
+		return nil
+	}
+	q, err := bus.ParseProgress(v)
+	if err != nil {
+		return err
+	}
+	through.Merge(q)
 	return nil
 }
 
@@ -323,12 +346,11 @@ func (p *unitParks) checkOwner(ctx context.Context) error {
 // without it the next session would read them again. It publishes a new
 // owner marker carrying through, conditional like a park publish, so it
 // also fails with ErrLeaseLost once another process claimed the unit.
-func (p *unitParks) settle(ctx context.Context, through bus.DeliveryPos) error {
-	if through.Less(p.through) {
-		through = p.through
-	}
+func (p *unitParks) settle(ctx context.Context, read bus.Progress) error {
+	through := p.through.Clone()
+	through.Merge(read)
 	h := nats.Header{}
-	h.Set(HeaderDeliverySeq, through.String())
+	h.Set(HeaderThrough, through.String())
 	if err := p.publish(ctx, ownerToken, h, []byte(p.token)); err != nil {
 		return fmt.Errorf("record the progress of %s: %w", p.u, err)
 	}
@@ -366,14 +388,15 @@ func (p *unitParks) has(group string) bool { _, ok := p.groups[group]; return ok
 
 func (p *unitParks) count() int { return len(p.groups) }
 
-// add records that group has a message parked at pos; a newly parked
-// group's head is first retried after first.
-func (p *unitParks) add(group string, pos bus.DeliveryPos, first time.Duration) {
+// add records that group has a message parked, published with the
+// unit's progress through; a newly parked group's head is first retried
+// after first.
+func (p *unitParks) add(group string, through bus.Progress, first time.Duration) {
 	if _, ok := p.groups[group]; !ok {
 		p.groups[group] = &parkedGroup{due: time.Now().Add(first)}
 		p.order = append(p.order, group)
 	}
-	p.through = pos
+	p.through = through
 }
 
 // remove forgets a group whose park is empty.

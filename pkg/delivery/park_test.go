@@ -22,10 +22,12 @@ func TestStaleOwnerCannotPark(t *testing.T) {
 	if err := old.open(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
-	g := groupID([]byte("public.t"), []byte(`["1"]`))
+	g := groupID(testStream, []byte("public.t"), []byte(`["1"]`))
 	park := func(p *unitParks, pos int) error {
 		hd := nats.Header{}
-		hd.Set(HeaderDeliverySeq, fmt.Sprintf("%d.0", pos))
+		at := bus.DeliveryPos{Stream: h.src.key, Seq: uint64(pos)}
+		hd.Set(HeaderDeliverySeq, at.String())
+		hd.Set(HeaderThrough, bus.Progress{at.Stream: at}.String())
 		return p.publish(ctx, g, hd, []byte("{}"))
 	}
 	if err := park(old, 1); err != nil {
@@ -34,7 +36,7 @@ func TestStaleOwnerCannotPark(t *testing.T) {
 	if err := cur.open(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
-	if !cur.has(g) || cur.through != (bus.DeliveryPos{Seq: 1}) {
+	if want := (bus.Progress{h.src.key: {Stream: h.src.key, Seq: 1}}); !cur.has(g) || !cur.through.Equal(want) {
 		t.Fatalf("the new owner sees groups %v through %v, want the park of 1.0", cur.groups, cur.through)
 	}
 	if err := park(old, 2); !errors.Is(err, ErrLeaseLost) {
@@ -59,10 +61,13 @@ func TestGroupIDsDoNotCollide(t *testing.T) {
 		}
 		seen[old] = g
 	}
-	if groupID([]byte("public.t"), []byte(a)) == groupID([]byte("public.t"), []byte(b)) {
+	if groupID("S", []byte("public.t"), []byte(a)) == groupID("S", []byte("public.t"), []byte(b)) {
 		t.Fatalf("groups %s and %s share a park", a, b)
 	}
-	if groupID([]byte("public.a"), []byte(a)) == groupID([]byte("public.b"), []byte(a)) {
+	if groupID("S", []byte("public.a"), []byte(a)) == groupID("S", []byte("public.b"), []byte(a)) {
 		t.Fatalf("group %s of two tables shares a park", a)
+	}
+	if groupID("S", []byte("public.t"), []byte(a)) == groupID("T", []byte("public.t"), []byte(a)) {
+		t.Fatalf("group %s of two sources shares a park", a)
 	}
 }

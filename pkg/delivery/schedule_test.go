@@ -96,8 +96,8 @@ type schedule struct {
 	rng  *rand.Rand
 	mu   sync.Mutex // guards rng and the fault counters (faults come from several goroutines)
 
-	want      map[int][]string // group → keys, in order
-	oversized map[string]bool  // keys an operator acknowledges
+	want      map[string][]string // source/group → keys, in order
+	oversized map[string]bool     // keys an operator acknowledges
 	all       int
 	msgs      int // published
 
@@ -121,7 +121,7 @@ func (sc *schedule) note(format string, args ...any) {
 func runSchedule(h *harness, seed uint64) error {
 	sc := &schedule{h: h, seed: seed, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		u:    Unit{Sink: fmt.Sprintf("s%d", seed), Basin: testBasin, Stream: fmt.Sprintf("u%d", seed)},
-		want: map[int][]string{}, oversized: map[string]bool{}, events: make(chan string, 64)}
+		want: map[string][]string{}, oversized: map[string]bool{}, events: make(chan string, 64)}
 	sc.s2Faults, sc.jsFaults = sc.rng.IntN(10), sc.rng.IntN(4)
 	err := sc.run()
 	if err != nil && len(sc.log) > 0 {
@@ -135,6 +135,12 @@ func (sc *schedule) inputs(msgs int) {
 	groups := 1 + sc.rng.IntN(6)
 	for end := sc.msgs + msgs; sc.msgs < end; sc.msgs++ {
 		m := sc.msgs
+		// Two sources: the same groups of the same table, of two
+		// databases, are distinct groups.
+		src := testSource
+		if sc.rng.IntN(3) == 0 {
+			src = otherSource
+		}
 		var entries []bus.Entry
 		total := 0
 		n := 1 + sc.rng.IntN(15)
@@ -165,11 +171,12 @@ func (sc *schedule) inputs(msgs int) {
 			if size > s2sink.MaxBatchBytes {
 				sc.oversized[key] = true
 			} else {
-				sc.want[g] = append(sc.want[g], key)
+				sg := fmt.Sprintf("%s/%d", src, g)
+				sc.want[sg] = append(sc.want[sg], key)
 				sc.all++
 			}
 		}
-		sc.h.publish(sc.u, sc.rng.IntN(3), entries...)
+		sc.h.publishFrom(src, sc.u, sc.rng.IntN(3), entries...)
 	}
 }
 
@@ -454,10 +461,10 @@ func (sc *schedule) check() error {
 		for _, k := range keys {
 			p, ok := pos[k]
 			if !ok {
-				return fmt.Errorf("group %d: %s missing (S2 holds %d of %d)", g, k, len(recs), sc.all)
+				return fmt.Errorf("group %s: %s missing (S2 holds %d of %d)", g, k, len(recs), sc.all)
 			}
 			if p < last {
-				return fmt.Errorf("group %d: %s at record %d after a later change at %d", g, k, p, last)
+				return fmt.Errorf("group %s: %s at record %d after a later change at %d", g, k, p, last)
 			}
 			last = p
 		}

@@ -49,7 +49,7 @@ func TestSettledChangesStaySettled(t *testing.T) {
 			h := newHarness(t)
 			ctx := context.Background()
 			u := Unit{"settle", testBasin, strings.ReplaceAll(c.name, " ", "-")}
-			group := groupID([]byte("public.t"), []byte(`["1"]`))
+			group := groupID(testStream, []byte("public.t"), []byte(`["1"]`))
 
 			first := entry("public.t", 1, "k1", body)
 			c.first(&first)

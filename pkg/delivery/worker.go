@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -43,19 +45,26 @@ type worker struct {
 	parks *unitParks
 
 	tail uint64 // the S2 stream's next seq_num, as this writer knows it
-	// done is the session's resume point: entries at or before it are in
-	// S2 (or parked) already.
-	done bus.DeliveryPos
-	// read is the last entry read: once the batch is appended, every
-	// entry up to it is in S2 or parked (a drained park's records carry
-	// it as their resume point).
-	read     bus.DeliveryPos
-	batch    *s2sink.Batch
-	seqs     []bus.DeliveryPos // delivery positions of the batch's records
-	entry    bus.Entry
-	pending  uint64   // messages the stream holds for the unit beyond the last one read
-	traces   []string // their traceparents, when tracing is on
-	retryNow chan struct{}
+	// sources are the delivery streams the unit's changes come from, one
+	// per source (setSources; a change restarts the session).
+	mu      sync.Mutex
+	sources []source
+	resync  chan struct{}
+	keys    map[string]string // the session's sources: stream name → key
+	// done is the session's resume point, a position per source: entries
+	// at or before it are in S2 (or parked) already.
+	done bus.Progress
+	// read is the last entry read of each source: once the batch is
+	// appended, every entry up to it is in S2 or parked (every batch's
+	// last record carries it as its resume point).
+	read       bus.Progress
+	resumeRoom int // what the resume headers add to a batch's last record, at most
+	batch      *s2sink.Batch
+	seqs       []bus.DeliveryPos // delivery positions of the batch's records
+	entry      bus.Entry
+	pending    map[string]uint64 // per source: messages its stream holds for the unit beyond the last one read
+	traces     []string          // their traceparents, when tracing is on
+	retryNow   chan struct{}
 	// validUntil is the lease, in Unix nanoseconds, minus a margin.
 	validUntil atomic.Int64
 	token      string // this process's fencing token
@@ -75,10 +84,28 @@ func (w *worker) owned() error {
 func newWorker(d *Delivery, u Unit, s *sink) *worker {
 	w := &worker{d: d, u: u, s: s, s2: s.client, log: d.log.With("unit", u.String()), token: d.leases.id,
 		batch:    s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes),
-		retryNow: make(chan struct{}, 1)}
+		retryNow: make(chan struct{}, 1), resync: make(chan struct{}, 1)}
 	w.parks = newUnitParks(d.js, u, w.token)
 	return w
 }
+
+// setSources sets the delivery streams the unit's changes come from; a
+// running session that lacks one of them restarts to read it too.
+func (w *worker) setSources(l []source) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if slices.Equal(w.sources, l) {
+		return
+	}
+	w.sources = slices.Clone(l)
+	select {
+	case w.resync <- struct{}{}:
+	default:
+	}
+}
+
+// errResync ends a session whose unit has changes from a new source.
+var errResync = errors.New("a new source's delivery stream has changes for this unit")
 
 // sessionRestarts is the back-off between a worker's sessions.
 var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second, ResetAfter: 30 * time.Second}
@@ -90,6 +117,10 @@ func (w *worker) run(ctx context.Context) {
 		if errors.Is(err, ErrLeaseLost) {
 			w.log.Warn("stopping", "error", err)
 			return false
+		}
+		if errors.Is(err, errResync) {
+			w.log.Info("reading another source", "error", err)
+			return true
 		}
 		if s2sink.Classify(err) != nil { // S2 refuses even to tell where we are: visible as blocked
 			if firstFail.IsZero() {
@@ -148,43 +179,36 @@ func (w *worker) session(ctx context.Context) error {
 	}
 	// Every change up to the last one parked is in S2 or in a park too: a
 	// change is parked only once every change read before it is appended.
-	w.tail, w.done = res.Tail, res.Through
-	if w.done.Less(w.parks.through) {
-		w.done = w.parks.through
+	w.tail, w.done = res.Tail, res.Through.Clone()
+	w.done.Merge(w.parks.through)
+	w.read = w.done.Clone()
+	w.mu.Lock()
+	sources := slices.Clone(w.sources)
+	w.mu.Unlock()
+	select { // this session reads them all
+	case <-w.resync:
+	default:
 	}
-	w.read = w.done
-	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(w.u.Sink, w.u.Basin, w.u.Stream)},
-		InactiveThreshold: bus.OrderedInactive}
-	if w.done != (bus.DeliveryPos{}) { // from the message of the last change handled: its later changes may not be
-		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, w.done.Seq
+	w.keys, w.pending = map[string]string{}, map[string]uint64{}
+	keys := make([]string, 0, len(sources)+len(w.done))
+	for _, src := range sources {
+		w.keys[src.name] = src.key
+		keys = append(keys, src.key)
 	}
-	cons, err := w.d.js.OrderedConsumer(ctx, w.d.cfg.DeliveryStream, occ)
-	if err != nil {
-		return fmt.Errorf("read %s: %w", w.u, err)
-	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(2 * w.s.cfg.Batch.MaxRecords))
-	if err != nil {
-		return fmt.Errorf("read %s: %w", w.u, err)
-	}
-	defer bus.DropConsumer(w.d.js, w.d.cfg.DeliveryStream, cons)
-	defer it.Stop()
-	msgs := make(chan jetstream.Msg, w.s.cfg.Batch.MaxRecords)
-	readErr := make(chan error, 1)
-	go func() {
-		defer close(msgs)
-		for {
-			m, err := it.Next()
-			if err != nil {
-				readErr <- err
-				return
-			}
-			select {
-			case msgs <- m:
-			case <-ctx.Done():
-				return
-			}
+	for k := range w.done { // positions of a stream gone still go on
+		if !slices.Contains(keys, k) {
+			keys = append(keys, k)
 		}
-	}()
+	}
+	w.resumeRoom = s2sink.ResumeRoom(keys, parkRefRoom)
+	w.batch.Reserve(s2sink.ResumeRoom(keys, 0))
+	msgs := make(chan jetstream.Msg, w.s.cfg.Batch.MaxRecords)
+	readErr := make(chan error, len(sources))
+	for _, src := range sources {
+		if err := w.read1(ctx, src, msgs, readErr); err != nil {
+			return err
+		}
+	}
 	w.log.Debug("delivering", "after", w.done, "s2_tail", res.Tail, "parked_groups", w.parks.count())
 
 	linger := w.s.cfg.Batch.Linger.D()
@@ -197,10 +221,13 @@ func (w *worker) session(ctx context.Context) error {
 	defer sub.Unsubscribe()
 	for {
 		var m jetstream.Msg
-		var ok bool
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case err := <-readErr:
+			return fmt.Errorf("read %s: %w", w.u, err)
+		case <-w.resync:
+			return errResync
 		case <-drainTick.C:
 			if err := w.drainWhileIdle(ctx, msgs); err != nil {
 				return err
@@ -212,10 +239,7 @@ func (w *worker) session(ctx context.Context) error {
 				return err
 			}
 			continue
-		case m, ok = <-msgs:
-		}
-		if !ok {
-			return fmt.Errorf("read %s: %w", w.u, <-readErr)
+		case m = <-msgs:
 		}
 		timer := time.NewTimer(linger)
 	fill:
@@ -229,14 +253,11 @@ func (w *worker) session(ctx context.Context) error {
 			// The stream holds nothing more for this unit: wait only for
 			// the rest of a burst (a router round), not the whole linger.
 			var idle <-chan time.Time
-			if w.pending == 0 && len(msgs) == 0 {
+			if w.pendingNone() && len(msgs) == 0 {
 				idle = time.After(min(idleGap, linger))
 			}
 			select {
-			case m, ok = <-msgs:
-				if !ok {
-					break fill
-				}
+			case m = <-msgs:
 			case <-timer.C:
 				break fill
 			case <-idle:
@@ -250,9 +271,6 @@ func (w *worker) session(ctx context.Context) error {
 		if err := w.flush(ctx); err != nil {
 			return err
 		}
-		if !ok {
-			return fmt.Errorf("read %s: %w", w.u, <-readErr)
-		}
 		// A draining park takes one batch per batch of the unit's other
 		// changes: they keep at least half of the appends.
 		if _, err := w.drainOne(ctx); err != nil {
@@ -265,6 +283,60 @@ func (w *worker) session(ctx context.Context) error {
 // more and no message arrived for this long.
 const idleGap = time.Millisecond
 
+// parkRefRoom is the longest parkRef: a group id and a sequence.
+const parkRefRoom = 32 + 1 + 20
+
+// read1 starts reading the unit's messages of one source's delivery
+// stream, from the message of the last change handled (its later changes
+// may not be), into msgs. The reader ends with the session.
+func (w *worker) read1(ctx context.Context, src source, msgs chan<- jetstream.Msg, readErr chan<- error) error {
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), w.u.Sink, w.u.Basin, w.u.Stream)},
+		InactiveThreshold: bus.OrderedInactive}
+	if pos, ok := w.done[src.key]; ok {
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, pos.Seq
+	}
+	cons, err := w.d.js.OrderedConsumer(ctx, src.name, occ)
+	if err != nil {
+		return fmt.Errorf("read %s from %s: %w", w.u, src.name, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(2 * w.s.cfg.Batch.MaxRecords))
+	if err != nil {
+		bus.DropConsumer(w.d.js, src.name, cons)
+		return fmt.Errorf("read %s from %s: %w", w.u, src.name, err)
+	}
+	go func() {
+		defer bus.DropConsumer(w.d.js, src.name, cons)
+		defer it.Stop()
+		stop := context.AfterFunc(ctx, it.Stop)
+		defer stop()
+		for {
+			m, err := it.Next()
+			if err != nil {
+				if ctx.Err() == nil {
+					readErr <- fmt.Errorf("%s: %w", src.name, err)
+				}
+				return
+			}
+			select {
+			case msgs <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// pendingNone reports whether no source's stream holds more for the unit.
+func (w *worker) pendingNone() bool {
+	for _, n := range w.pending {
+		if n > 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // add puts a delivery message's changes into the batch, or parks them.
 // full reports that the batch must be flushed.
 func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error) {
@@ -273,29 +345,33 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 		return false, err
 	}
 	seq := md.Sequence.Stream
-	w.pending = md.NumPending
+	key, ok := w.keys[md.Stream]
+	if !ok {
+		return false, fmt.Errorf("a message of stream %s, not one of the unit's sources", md.Stream)
+	}
+	w.pending[key] = md.NumPending
 	r := bus.NewBatchReader(m.Data())
 	e := &w.entry
 	for idx := 0; r.Next(e); idx++ {
-		pos := bus.DeliveryPos{Seq: seq, Idx: idx}
-		if !w.done.Less(pos) {
+		pos := bus.DeliveryPos{Stream: key, Seq: seq, Idx: idx}
+		if w.done.Covers(pos) {
 			continue // in S2 already
 		}
 		if err := w.addEntry(ctx, m.Subject(), pos, e); err != nil {
 			return false, err
 		}
-		w.read = pos
+		w.read[key] = pos
 	}
 	if err := r.Err(); err != nil {
 		// Not a batch this build reads: park it whole, visible, rather than
 		// stall the stream or drop it.
 		*e = bus.Entry{CommitMs: -1, Body: m.Data()}
-		pos := bus.DeliveryPos{Seq: seq, Idx: 1 << 30}
-		if w.done.Less(pos) {
-			if err := w.park(ctx, m.Subject(), pos, e, groupID(nil, nil), parkFailed, fmt.Sprintf("delivery message %d: %v", seq, err), nil); err != nil {
+		pos := bus.DeliveryPos{Stream: key, Seq: seq, Idx: bus.WholeMessage}
+		if !w.done.Covers(pos) {
+			if err := w.park(ctx, m.Subject(), pos, e, groupID(md.Stream, nil, nil), parkFailed, fmt.Sprintf("delivery message %d of %s: %v", seq, md.Stream, err), nil); err != nil {
 				return false, err
 			}
-			w.read = pos
+			w.read[key] = pos
 		}
 	}
 	return w.batch.Len() >= w.s.cfg.Batch.MaxRecords, nil
@@ -304,7 +380,7 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 // addEntry puts one change into the batch (flushing it when full), or
 // parks it.
 func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryPos, e *bus.Entry) error {
-	group := groupID(e.Table, e.Group)
+	group := groupID(bus.KeyName(pos.Stream), e.Table, e.Group)
 	if w.parks.has(group) {
 		return w.park(ctx, subject, pos, e, group, parkBehind, "an earlier change of this group is parked", nil)
 	}
@@ -355,6 +431,11 @@ func (w *worker) flush(ctx context.Context) error {
 		defer span.End()
 	}
 	defer func() { w.traces = w.traces[:0] }()
+	// The batch's last record carries the resume point: every change read
+	// so far is in the batch or parked.
+	if err := w.batch.Seal(s2sink.ThroughHeader(w.read)); err != nil {
+		return err
+	}
 	var firstFail time.Time
 	defer func() {
 		if !firstFail.IsZero() {
@@ -502,9 +583,14 @@ func (w *worker) park(ctx context.Context, subject string, pos bus.DeliveryPos, 
 	if err := w.owned(); err != nil {
 		return err
 	}
+	// Every change read before it is appended (the flush above) or
+	// parked: the unit's progress goes with the message.
+	through := w.read.Clone()
+	through.Advance(pos)
 	h := entryHeader(e)
 	h.Set(bus.HeaderMsgID, "park:"+w.u.String()+":"+pos.String())
 	h.Set(HeaderDeliverySeq, pos.String())
+	h.Set(HeaderThrough, through.String())
 	h.Set(HeaderParkKind, string(kind))
 	h.Set(HeaderParkReason, reason)
 	h.Set(HeaderParkedAt, time.Now().UTC().Format(time.RFC3339Nano))
@@ -520,7 +606,7 @@ func (w *worker) park(ctx context.Context, subject string, pos bus.DeliveryPos, 
 	if !w.parks.has(group) {
 		w.log.Warn("group parked", "group", string(e.Group), "table", string(e.Table), "position", pos, "reason", reason)
 	}
-	w.parks.add(group, pos, w.s.cfg.Retry.Initial.D())
+	w.parks.add(group, through, w.s.cfg.Retry.Initial.D())
 	return nil
 }
 

@@ -14,7 +14,7 @@ func FromConfig(c *config.Config) Config {
 	return Config{
 		Source:        c.Source.Name,
 		ChangesStream: c.NATS.ChangesStream,
-		Delivery: bus.DeliveryStreamConfig{Name: bus.DefaultDeliveryStream, Replicas: c.NATS.Replicas,
+		Delivery: bus.DeliveryStreamConfig{Name: c.NATS.DeliveryStream, Source: c.Source.Name, Replicas: c.NATS.Replicas,
 			DuplicateWindow: c.NATS.DuplicateWindow.D(), MaxAge: c.NATS.ChangesMaxAge.D()},
 		Sinks: c.Sinks,
 	}

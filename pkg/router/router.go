@@ -497,7 +497,7 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 		if failure != "" {
 			e.ErrorKind = kind
 		}
-		s.add(bus.DeliverySubject(sk.Name, basin, stream, partition), e)
+		s.add(bus.DeliverySubject(s.cfg.Source, sk.Name, basin, stream, partition), e)
 	}
 }
 

@@ -78,7 +78,7 @@ func (e *env) run(t *testing.T, sinks []config.Sink, opts ...router.Option) (*ro
 	opts = append([]router.Option{router.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))),
 		router.WithHealth(health.NewState())}, opts...)
 	r, err := router.New(router.Config{Source: "app", ChangesStream: "PGS2_CHANGES",
-		Delivery: bus.DeliveryStreamConfig{Name: "PGS2_DELIVERY", Replicas: 1, DuplicateWindow: time.Minute},
+		Delivery: bus.DeliveryStreamConfig{Name: "PGS2_DELIVERY", Source: "app", Replicas: 1, DuplicateWindow: time.Minute},
 		Sinks:    sinks}, e.js, opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -209,16 +209,16 @@ func TestRouting(t *testing.T) {
 		}
 		return found[0]
 	}
-	plain := find("pgs2.deliver.plain.my-basin.users.", "public.users", "insert")
+	plain := find("pgs2.deliver.app.plain.my-basin.users.", "public.users", "insert")
 	if plain.Key != u.Key() {
 		t.Errorf("plain key %q, want %q", plain.Key, u.Key())
 	}
-	find("pgs2.deliver.plain.my-basin.users.", "public.users", "delete")
-	if f := find("pgs2.deliver.filtered.my-basin.all.", "public.users", "insert"); f.Key != u.Key() {
+	find("pgs2.deliver.app.plain.my-basin.users.", "public.users", "delete")
+	if f := find("pgs2.deliver.app.filtered.my-basin.all.", "public.users", "insert"); f.Key != u.Key() {
 		t.Errorf("filtered key %q, want %q", f.Key, u.Key())
 	}
-	find("pgs2.deliver.filtered.my-basin.all.", "public.orders", "insert")
-	routed := find("pgs2.deliver.routed.logs-public.orders.", "public.orders", "insert")
+	find("pgs2.deliver.app.filtered.my-basin.all.", "public.orders", "insert")
+	routed := find("pgs2.deliver.app.routed.logs-public.orders.", "public.orders", "insert")
 	// Plain sinks get the body with metadata.consumer spliced in.
 	md := plain.Body["metadata"].(map[string]any)
 	if c, _ := md["consumer"].(map[string]any); c["name"] != "plain" || md["table_name"] != "users" {
@@ -247,10 +247,10 @@ func TestFunctionFailuresAreMarked(t *testing.T) {
 		return outs[i].Body["record"].(map[string]any)["id"].(float64) < outs[j].Body["record"].(map[string]any)["id"].(float64)
 	})
 	if msg := outs[0].Error; !strings.Contains(msg, "not a valid S2 basin") ||
-		!strings.HasPrefix(outs[0].Subject, "pgs2.deliver.bad.my-basin.users.") {
+		!strings.HasPrefix(outs[0].Subject, "pgs2.deliver.app.bad.my-basin.users.") {
 		t.Errorf("invalid routing result: subject %s error %q", outs[0].Subject, msg)
 	}
-	if !strings.HasPrefix(outs[1].Subject, "pgs2.deliver.bad.good-basin-2.users.") || outs[1].Error != "" {
+	if !strings.HasPrefix(outs[1].Subject, "pgs2.deliver.app.bad.good-basin-2.users.") || outs[1].Error != "" {
 		t.Errorf("valid routing: %s %q", outs[1].Subject, outs[1].Error)
 	}
 	if msg := outs[2].Error; !strings.Contains(msg, "routing function") {
@@ -280,7 +280,7 @@ func TestReload(t *testing.T) {
 	}
 	e.change(t, "public.users", "insert", 2, `{"id":2}`)
 	outs := e.outputs(t, 2)
-	if !strings.HasPrefix(outs[0].Subject, "pgs2.deliver.s.my-basin.a.") || !strings.HasPrefix(outs[1].Subject, "pgs2.deliver.s.my-basin.b.") {
+	if !strings.HasPrefix(outs[0].Subject, "pgs2.deliver.app.s.my-basin.a.") || !strings.HasPrefix(outs[1].Subject, "pgs2.deliver.app.s.my-basin.b.") {
 		t.Fatalf("subjects %s %s: reload should apply from the next change", outs[0].Subject, outs[1].Subject)
 	}
 }
@@ -357,5 +357,6 @@ func TestInterruptedRoundIsCompleted(t *testing.T) {
 }
 
 func parse(subject string) (sink, basin, stream, partition string, err error) {
-	return bus.ParseDeliverySubject(subject)
+	_, sink, basin, stream, partition, err = bus.ParseDeliverySubject(subject)
+	return
 }

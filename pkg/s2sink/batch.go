@@ -35,6 +35,7 @@ var ErrBatchFull = errors.New("batch full")
 // use NewBatch.
 type Batch struct {
 	maxRecords, maxBytes int
+	reserve              int // room kept for Seal's headers
 	records              []s2.AppendRecord
 	bytes                int
 }
@@ -56,14 +57,38 @@ func NewBatch(maxRecords, maxBytes int) *Batch {
 // slices it is given.
 func (b *Batch) Add(r s2.AppendRecord) error {
 	size := MeteredSize(r.Headers, r.Body)
-	if size > MaxBatchBytes {
-		return fmt.Errorf("%w: %d metered bytes", ErrRecordTooLarge, size)
+	if size+b.reserve > MaxBatchBytes {
+		return fmt.Errorf("%w: %d metered bytes, and %d for delivery's progress headers", ErrRecordTooLarge, size, b.reserve)
 	}
-	if len(b.records) >= b.maxRecords || (len(b.records) > 0 && b.bytes+size > b.maxBytes) {
+	if len(b.records) >= b.maxRecords || (len(b.records) > 0 && b.bytes+size+b.reserve > b.maxBytes) {
 		return ErrBatchFull
 	}
 	b.records = append(b.records, r)
 	b.bytes += size
+	return nil
+}
+
+// Reserve keeps n metered bytes free, in the batch and in every record,
+// for the headers Seal adds to the last record.
+func (b *Batch) Reserve(n int) { b.reserve = n }
+
+// Seal adds headers to the batch's last record (a header slice of its
+// own): at most the room Reserve kept.
+func (b *Batch) Seal(headers ...s2.Header) error {
+	if len(b.records) == 0 {
+		return nil
+	}
+	last := &b.records[len(b.records)-1]
+	before := MeteredSize(last.Headers, last.Body)
+	h := make([]s2.Header, len(last.Headers), len(last.Headers)+len(headers))
+	copy(h, last.Headers)
+	h = append(h, headers...)
+	grew := MeteredSize(h, last.Body) - before
+	if grew > b.reserve {
+		return fmt.Errorf("seal a batch: %d bytes of headers, %d reserved", grew, b.reserve)
+	}
+	last.Headers = h
+	b.bytes += grew
 	return nil
 }
 

@@ -114,15 +114,43 @@ func TestNoTokenForCloud(t *testing.T) {
 
 func TestRecord(t *testing.T) {
 	e := &bus.Entry{Key: []byte("MjQwMjMxMjg6MA=="), Action: []byte("update"), Table: []byte("public.users"), CommitMs: 1795341600123}
-	r := Record(e, []byte(`{}`), bus.DeliveryPos{Seq: 42, Idx: 7})
+	r := Record(e, []byte(`{}`), bus.DeliveryPos{Stream: "A@1", Seq: 42, Idx: 7})
 	got := map[string]string{}
 	for _, hd := range r.Headers {
 		got[string(hd.Name)] = string(hd.Value)
 	}
-	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" || got["pgs2-seq"] != "42.7" {
+	if got["idempotency-key"] != "MjQwMjMxMjg6MA==" || got["action"] != "update" || got["table"] != "public.users" || got["pgs2-seq"] != "A@1:42.7" {
 		t.Fatalf("headers %v", got)
 	}
 	if r.Timestamp == nil || *r.Timestamp != 1795341600123 {
 		t.Fatalf("timestamp %v, want the commit time in ms", r.Timestamp)
+	}
+}
+
+// TestSealKeepsItsRoom: a batch that reserved room takes the resume
+// headers on its last record without passing S2's limits, and refuses a
+// record that would leave no room.
+func TestSealKeepsItsRoom(t *testing.T) {
+	through := bus.Progress{"A@1": {Stream: "A@1", Seq: 99999, Idx: 12}, "B@2": {Stream: "B@2", Seq: 7}}
+	room := ResumeRoom([]string{"A@1", "B@2"}, 0)
+	b := NewBatch(0, 0)
+	b.Reserve(room)
+	body := make([]byte, MaxBatchBytes/2)
+	if err := b.Add(s2.AppendRecord{Body: body}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Add(s2.AppendRecord{Body: body}); !errors.Is(err, ErrBatchFull) {
+		t.Fatalf("Add = %v, want ErrBatchFull: no room left for the headers", err)
+	}
+	if err := b.Seal(ThroughHeader(through)); err != nil {
+		t.Fatal(err)
+	}
+	if b.Bytes() > MaxBatchBytes || b.Bytes() != MeteredSize(b.Records()[0].Headers, body) {
+		t.Fatalf("sealed batch meters %d", b.Bytes())
+	}
+	one := NewBatch(0, 0)
+	one.Reserve(room)
+	if err := one.Add(s2.AppendRecord{Body: make([]byte, MaxBatchBytes-8)}); !errors.Is(err, ErrRecordTooLarge) {
+		t.Fatalf("Add = %v, want ErrRecordTooLarge: it would not fit with the headers", err)
 	}
 }

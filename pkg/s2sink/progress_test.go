@@ -20,13 +20,14 @@ func TestProgressEdges(t *testing.T) {
 	_, url := local(t, s2local.Options{})
 	c, _ := New(Config{Endpoint: url})
 	ctx := context.Background()
+	pos := func(seq uint64) bus.DeliveryPos { return bus.DeliveryPos{Stream: "A@1", Seq: seq} }
 	appendPos := func(stream string, body []byte, through *bus.DeliveryPos, seqs ...uint64) {
 		t.Helper()
 		b := NewBatch(0, 0)
 		for i, seq := range seqs {
-			r := Record(&bus.Entry{}, body, bus.DeliveryPos{Seq: seq})
+			r := Record(&bus.Entry{}, body, pos(seq))
 			if through != nil && i == len(seqs)-1 {
-				r = WithResume(r, *through, "")
+				r = WithResume(r, bus.Progress{through.Stream: *through, "B@2": {Stream: "B@2", Seq: 4}}, "")
 			}
 			if err := b.Add(r); err != nil {
 				t.Fatal(err)
@@ -36,19 +37,23 @@ func TestProgressEdges(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	check := func(stream string, want bus.DeliveryPos) {
+	check := func(stream string, want bus.DeliveryPos, others ...bus.DeliveryPos) {
 		t.Helper()
 		r, err := FindResume(ctx, c, basin, stream)
-		if err != nil || !r.Found || r.Through != want {
-			t.Fatalf("%s: Resume = %+v, %v; want through %v", stream, r, err, want)
+		w := bus.Progress{want.Stream: want}
+		for _, o := range others {
+			w[o.Stream] = o
+		}
+		if err != nil || !r.Found || !r.Through.Equal(w) {
+			t.Fatalf("%s: Resume = %+v, %v; want through %v", stream, r, err, w)
 		}
 	}
 
 	_ = c.CreateStream(ctx, basin, "drained")
 	appendPos("drained", []byte("x"), nil, 1, 2, 3, 4, 10)
-	ten := bus.DeliveryPos{Seq: 10}
+	ten := pos(10)
 	appendPos("drained", []byte("x"), &ten, 5) // the park of 5 drained after 10
-	check("drained", ten)
+	check("drained", ten, bus.DeliveryPos{Stream: "B@2", Seq: 4})
 
 	_ = c.CreateStream(ctx, basin, "large")
 	big := []byte(strings.Repeat("x", 2048))
@@ -59,7 +64,7 @@ func TestProgressEdges(t *testing.T) {
 		}
 		appendPos("large", big, nil, seqs...)
 	}
-	check("large", bus.DeliveryPos{Seq: 999})
+	check("large", pos(999))
 
 	_ = c.CreateStream(ctx, basin, "fenced")
 	appendPos("fenced", []byte("x"), nil, 7)
@@ -68,7 +73,7 @@ func TestProgressEdges(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	check("fenced", bus.DeliveryPos{Seq: 7})
+	check("fenced", pos(7))
 
 	_ = c.CreateStream(ctx, basin, "foreign")
 	appendPos("foreign", []byte("x"), nil, 3)
@@ -79,5 +84,5 @@ func TestProgressEdges(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	check("foreign", bus.DeliveryPos{Seq: 3})
+	check("foreign", pos(3))
 }

@@ -3,6 +3,7 @@ package s2sink
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -14,11 +15,13 @@ import (
 // S2 record headers that carry delivery's progress with the data.
 const (
 	// HeaderSeq is on every record delivery appends: the delivery-stream
-	// position ("<seq>.<index>") the record came from.
+	// position ("<stream>:<seq>.<index>", bus.DeliveryPos) the record came
+	// from.
 	HeaderSeq = "pgs2-seq"
-	// HeaderThrough is on the last record of a batch whose resume point is
-	// not that record's own position: a drained park's records carry older
-	// positions, appended after newer ones.
+	// HeaderThrough is on the last record of every batch: the resume point,
+	// a position per delivery stream (bus.Progress), since an S2 stream
+	// takes the changes of every source's delivery stream, and a drained
+	// park's records carry older positions, appended after newer ones.
 	HeaderThrough = "pgs2-through"
 	// HeaderPark is on the last record of a batch drained from a park:
 	// which park messages the batch holds, so that a writer that stopped
@@ -32,14 +35,32 @@ var (
 )
 
 // WithResume adds the resume point (and the drained park prefix, when not
-// "") to a batch's last record. Call it before adding the record to a
-// Batch, which meters its headers.
-func WithResume(r s2.AppendRecord, through bus.DeliveryPos, park string) s2.AppendRecord {
-	r.Headers = append(r.Headers, s2.Header{Name: nameThrough, Value: []byte(through.String())})
+// "") to a batch's last record: a copy of r with a header slice of its own.
+// Call it before adding the record to a Batch, which meters its headers,
+// or use Batch.Seal.
+func WithResume(r s2.AppendRecord, through bus.Progress, park string) s2.AppendRecord {
+	h := make([]s2.Header, len(r.Headers), len(r.Headers)+2)
+	copy(h, r.Headers)
+	h = append(h, s2.Header{Name: nameThrough, Value: []byte(through.String())})
 	if park != "" {
-		r.Headers = append(r.Headers, s2.Header{Name: namePark, Value: []byte(park)})
+		h = append(h, s2.Header{Name: namePark, Value: []byte(park)})
 	}
+	r.Headers = h
 	return r
+}
+
+// ResumeRoom is what WithResume adds to a record's metered size, at most,
+// for a resume point over streams (their StreamKeys) and a park reference
+// of parkRef bytes.
+func ResumeRoom(streams []string, parkRef int) int {
+	n := 2 + len(HeaderThrough)
+	for _, k := range streams {
+		n += len(k) + 1 + 20 + 1 + 10 + 1 // key:seq.idx,
+	}
+	if parkRef > 0 {
+		n += 2 + len(HeaderPark) + parkRef
+	}
+	return n
 }
 
 // Read returns up to count records of a stream from seq_num seq on (fewer
@@ -63,7 +84,7 @@ type Resume struct {
 	Found bool
 	// Through is the resume point: every change at or before it is in
 	// the stream (or in a park).
-	Through bus.DeliveryPos
+	Through bus.Progress
 	// Park is the HeaderPark of the last record ("" when it has none).
 	Park string
 }
@@ -82,7 +103,7 @@ func FindResume(ctx context.Context, rd RecordReader, basin, stream string) (Res
 	if err != nil {
 		return Resume{}, err
 	}
-	res := Resume{Tail: tail}
+	res := Resume{Tail: tail, Through: bus.Progress{}}
 	rec, ok, err := lastOurs(ctx, rd, basin, stream, 0, tail)
 	if err != nil || !ok {
 		return res, err
@@ -101,10 +122,16 @@ func FindResume(ctx context.Context, rd RecordReader, basin, stream string) (Res
 	if through == "" {
 		through = seq
 	}
-	if res.Through, err = bus.ParseDeliveryPos(through); err != nil {
+	res.Found = true
+	if !strings.Contains(through, ":") {
+		// A position of pgs2 before delivery streams per source
+		// ("<seq>.<idx>"), of a stream it now refuses: the new streams
+		// are read from their start.
+		return res, nil
+	}
+	if res.Through, err = bus.ParseProgress(through); err != nil {
 		return Resume{}, fmt.Errorf("record %d of %s/%s: %w", rec.SeqNum, basin, stream, err)
 	}
-	res.Found = true
 	return res, nil
 }
 
@@ -158,4 +185,10 @@ func lastOurs(ctx context.Context, rd RecordReader, basin, stream string, lo, hi
 		end = start
 	}
 	return s2.SequencedRecord{}, false, nil
+}
+
+// ThroughHeader is the pgs2-through header of a resume point (for
+// Batch.Seal).
+func ThroughHeader(through bus.Progress) s2.Header {
+	return s2.Header{Name: nameThrough, Value: []byte(through.String())}
 }
