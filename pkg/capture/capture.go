@@ -58,10 +58,12 @@ type Capture struct {
 	tracer  trace.Tracer
 	metrics *metrics.Capture
 	pub     atomic.Pointer[bus.Publisher] // the current session's
-	// crashAfter (tests) ends the first sessions, in turn, after each published this
-	// many messages, as a crash in the middle of a round would.
-	crashAfter []int
+	// wrapPublish, when set (a test seam), wraps each session's publish.
+	wrapPublish func(publishFunc) publishFunc
 }
+
+// publishFunc publishes one message of a round (bus.Publisher.Publish).
+type publishFunc func(ctx context.Context, subject, id string, body []byte) error
 
 // Option configures optional dependencies.
 type Option func(*Capture)
@@ -210,9 +212,12 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	c.pub.Store(pub)
 	c.metrics.Sessions.Inc()
 	maxBody := int(c.js.Conn().MaxPayload()) - 16<<10
-	s := &session{Capture: c, repl: repl, pub: pub, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
+	s := &session{Capture: c, repl: repl, pub: pub, publish: pub.Publish, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
 		round: bus.NewRound(bus.MaxBatchEntries, min(maxBody, bus.MaxBatchBytes)),
 		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
+	if c.wrapPublish != nil {
+		s.publish = c.wrapPublish(s.publish)
+	}
 	if resume.Partial {
 		interrupted := resume
 		s.completing = &interrupted
@@ -249,6 +254,7 @@ type session struct {
 	*Capture
 	repl     *pgconn.PgConn
 	pub      *bus.Publisher
+	publish  publishFunc // pub.Publish, or a test seam's wrapper
 	dec      *pgrepl.Decoder
 	subjects *bus.ChangeSubjects
 	resume   bus.ChangesResume
@@ -278,7 +284,6 @@ type session struct {
 	clockSkew int64
 
 	published, skipped int64
-	sent               int // messages
 	// maxBody is the largest body the NATS server takes, leaving room for
 	// headers (read once: a session ends when the connection does).
 	maxBody int
@@ -488,14 +493,9 @@ func (s *session) flush(ctx context.Context) error {
 		s.pub.SetHeader(bus.HeaderRoundFirst, s.roundFirst)
 		s.pub.SetHeader(bus.HeaderRoundLast, s.roundLast)
 		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(m.Batch.Len()))
-		if len(s.crashAfter) > 0 && s.sent == s.crashAfter[0] {
-			s.crashAfter = s.crashAfter[1:]
-			return errors.New("simulated crash")
-		}
-		if err := s.pub.Publish(ctx, m.Subject, m.LastKey, m.Batch.Bytes()); err != nil {
+		if err := s.publish(ctx, m.Subject, m.LastKey, m.Batch.Bytes()); err != nil {
 			return err
 		}
-		s.sent++
 	}
 	s.round.Reset()
 	if len(msgs) > 0 {

@@ -1,6 +1,31 @@
 package capture
 
+import (
+	"context"
+	"errors"
+)
+
 // WithCrashAfter ends the capture's first sessions, one after another,
 // after each published n[i] messages, as a crash in the middle of a round
-// would.
-func WithCrashAfter(n ...int) Option { return func(c *Capture) { c.crashAfter = n } }
+// would: the session's (n[i]+1)th publish fails.
+func WithCrashAfter(n ...int) Option {
+	return func(c *Capture) {
+		c.wrapPublish = func(publish publishFunc) publishFunc {
+			if len(n) == 0 {
+				return publish
+			}
+			left := n[0]
+			n = n[1:]
+			return func(ctx context.Context, subject, id string, body []byte) error {
+				if left <= 0 {
+					return errCrash
+				}
+				left--
+				return publish(ctx, subject, id, body)
+			}
+		}
+	}
+}
+
+// errCrash is the simulated crash.
+var errCrash = errors.New("simulated crash")

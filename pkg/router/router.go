@@ -53,9 +53,16 @@ type Router struct {
 	state  *health.State
 	sinks  atomic.Pointer[Sinks]
 	tracer trace.Tracer
-	// crashAfter (tests) ends the first session after it published this
-	// many messages, as a crash in the middle of a round would.
-	crashAfter int
+	// wrap, when set (a test seam), wraps each session's publisher.
+	wrap func(chain) chain
+}
+
+// chain is what a session needs of its publisher (bus.Publisher has it).
+type chain interface {
+	Publish(ctx context.Context, subject, id string, body []byte) error
+	SetHeader(name, value string)
+	Err() error
+	Close(ctx context.Context) error
 }
 
 // Option configures optional dependencies.
@@ -197,9 +204,13 @@ func (r *Router) session(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read %s (is capture running? it creates the stream): %w", r.cfg.ChangesStream, err)
 	}
-	pub, err := bus.NewPublisher(r.nc, last.seq, 0, bus.PublisherOptions{Window: r.cfg.Window})
+	bp, err := bus.NewPublisher(r.nc, last.seq, 0, bus.PublisherOptions{Window: r.cfg.Window})
 	if err != nil {
 		return err
+	}
+	var pub chain = bp
+	if r.wrap != nil {
+		pub = r.wrap(pub)
 	}
 	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.Window))
 	if err != nil {
@@ -252,13 +263,12 @@ const maxRoundInputs = 8192 // and bus.MaxRoundBytes; bus.MaxRoundAge while catc
 
 type session struct {
 	*Router
-	pub        *bus.Publisher
+	pub        chain
 	replay     *replay
 	maxPayload int // of a delivery message's body: one change may reach it
 	lastSeq    uint64
 	pending    uint64 // inputs the stream holds beyond the last one read
 	round      round
-	published  int
 	out        []byte    // reused output body
 	in         bus.Entry // the change being routed
 	entry      bus.Entry // its output
@@ -422,14 +432,9 @@ func (s *session) flush(ctx context.Context) error {
 		s.pub.SetHeader(bus.HeaderInputEnd, end)
 		s.pub.SetHeader(bus.HeaderRound, strconv.Itoa(i+1)+"/"+strconv.Itoa(n))
 		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(m.Batch.Len()))
-		if s.crashAfter > 0 && s.published == s.crashAfter {
-			s.crashAfter = 0
-			return errors.New("simulated crash")
-		}
 		if err := s.pub.Publish(ctx, m.Subject, messageID(rd.end, i+1, m), m.Batch.Bytes()); err != nil {
 			return err
 		}
-		s.published++
 	}
 	rd.Reset()
 	rd.inputs = 0
