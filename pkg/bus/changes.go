@@ -25,7 +25,7 @@ type ChangesStreamConfig struct {
 
 // ErrStreamShared means a changes or delivery stream holds another
 // writer's subjects.
-var ErrStreamShared = errors.New("changes stream is shared")
+var ErrStreamShared = errors.New("stream is shared")
 
 // EnsureChangesStream creates or updates the changes stream. Capture must be
 // its only writer: ordered publishing uses Nats-Expected-Last-Sequence, which
@@ -123,9 +123,14 @@ func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (Chan
 	if info.State.Msgs == 0 {
 		return ChangesResume{LastSeq: last}, nil
 	}
-	m, err := s.GetMsg(ctx, last)
+	// The chain goes on from LastSeq; the headers come from the last
+	// message still stored (an operator may have deleted the very last).
+	m, err := s.GetLastMsgForSubject(ctx, filter)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return ChangesResume{LastSeq: last}, nil
+	}
 	if err != nil {
-		return ChangesResume{}, fmt.Errorf("read the last message (%d) of the changes stream: %w", last, err)
+		return ChangesResume{}, fmt.Errorf("read the last message of %s: %w", filter, err)
 	}
 	r := ChangesResume{LastSeq: last, LastID: m.Header.Get(HeaderID)}
 	i, n, err := ParseRound(m.Header.Get(HeaderRound))

@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -163,5 +164,59 @@ func TestPublisherNoStream(t *testing.T) {
 	err := p.Close(ctx)
 	if err == nil || !strings.Contains(err.Error(), "no responders") {
 		t.Fatalf("Close = %v, want no responders", err)
+	}
+}
+
+// TestResumeAfterTheLastMessageIsDeleted: an operator deleting the
+// stream's last message does not stop capture for good: resume reads the
+// last message still stored, and the chain goes on from LastSeq.
+func TestResumeAfterTheLastMessageIsDeleted(t *testing.T) {
+	_, nc, s := setup(t)
+	ctx := context.Background()
+	p, _ := bus.NewPublisher(nc, 0, 0, bus.PublisherOptions{})
+	for i, pos := range []change.Position{{LSN: 10}, {LSN: 20}} {
+		p.SetHeader(bus.HeaderRound, "1/1")
+		p.SetHeader(bus.HeaderRoundFirst, pos.Key())
+		p.SetHeader(bus.HeaderRoundLast, pos.Key())
+		if err := p.Publish(ctx, "pgs2.changes.app.public.t.0", pos.Key(), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteMsg(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	r, err := bus.ResumeChanges(ctx, s, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.LastSeq != 2 || r.LastID != (change.Position{LSN: 10}).Key() {
+		t.Fatalf("resume at %d after %q, want 2 after the first change", r.LastSeq, r.LastID)
+	}
+	p2, _ := bus.NewPublisher(nc, r.LastSeq, 0, bus.PublisherOptions{})
+	if err := p2.Publish(ctx, "pgs2.changes.app.public.t.0", "k", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.Close(ctx); err != nil {
+		t.Fatalf("the chain does not go on from LastSeq: %v", err)
+	}
+}
+
+func TestPermanentErrors(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{fmt.Errorf("x: %w", bus.ErrStreamShared), true},
+		{&jetstream.APIError{Code: 400, ErrorCode: 10058}, true},
+		{&jetstream.APIError{Code: 500, ErrorCode: 10005}, false}, // no suitable peers: a node is down
+		{&jetstream.APIError{Code: 503, ErrorCode: 10008}, false},
+		{context.DeadlineExceeded, false},
+	} {
+		if got := bus.Permanent(c.err); got != c.want {
+			t.Errorf("Permanent(%v) = %v, want %v", c.err, got, c.want)
+		}
 	}
 }

@@ -125,10 +125,14 @@ func (w *worker) headFailed(ctx context.Context, group string, st *parkedGroup, 
 		if e != nil && e != errStuck {
 			reason = e.Error()
 		}
-		if err := w.parks.settle(ctx, w.read); err != nil {
+		// Dead letter, then progress (see deadLetterBatch).
+		if err := w.parks.checkOwner(ctx); err != nil {
 			return err
 		}
 		if err := w.deadLetter(ctx, head.header, head.body, reason, st.attempts); err != nil {
+			return err
+		}
+		if err := w.parks.settle(ctx, w.read); err != nil {
 			return err
 		}
 		st.attempts, st.due = 0, time.Time{}

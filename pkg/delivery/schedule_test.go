@@ -242,7 +242,8 @@ func (sc *schedule) run() error {
 	s2f := &faultyS2{appender: h.client, plan: sc.s2Plan}
 	retry := config.Retry{Initial: config.Duration(2 * time.Millisecond), Max: config.Duration(20 * time.Millisecond)}
 	gen := 0
-	holdOnce := sc.rng.Float64() < 0.3 // a park publish waits until another process claimed the parks
+	maxRecords := []int{3, 10, 1000}[sc.rng.IntN(3)] // batches flushed full by count, too
+	holdOnce := sc.rng.Float64() < 0.3               // a park publish waits until another process claimed the parks
 	var release chan struct{}
 	var releaseHeld func() // closes release once
 	newProcess := func() *incarnation {
@@ -270,7 +271,9 @@ func (sc *schedule) run() error {
 			}
 		}
 		d := h.delivery(token, jsf)
-		w, stop, done := h.start(d, sc.u, h.sink(sc.u, s2f, retry))
+		sk := h.sink(sc.u, s2f, retry)
+		sk.cfg.Batch.MaxRecords = maxRecords
+		w, stop, done := h.start(d, sc.u, sk)
 		return &incarnation{w: w, stop: stop, done: done}
 	}
 	cur := newProcess()

@@ -185,3 +185,44 @@ func TestRefusedDrainDeadLettersItsHead(t *testing.T) {
 		}
 	}
 }
+
+// TestFullBatchResumesAfterItsLastRecord: a batch flushed because it
+// reached batch.max_records carries a resume point that includes its last
+// record, so a restart does not append that record again. Before, the
+// batch was sealed before the last record was counted as read.
+func TestFullBatchResumesAfterItsLastRecord(t *testing.T) {
+	h := newHarness(t)
+	u := Unit{"full", testBasin, "full"}
+	s := h.sink(u, h.client, config.Retry{Initial: config.Duration(10 * time.Millisecond), Max: config.Duration(50 * time.Millisecond)})
+	s.cfg.Batch.MaxRecords = 3
+	body := []byte(`{}`)
+	h.publish(u, 0, entry("public.t", 1, "k0", body), entry("public.t", 2, "k1", body), entry("public.t", 3, "k2", body))
+	_, stop, _ := h.start(h.delivery("w1", h.js), u, s)
+	waitRecords(t, h, u, 3)
+	stop()
+	h.publish(u, 0, entry("public.t", 1, "k3", body))
+	_, stop, _ = h.start(h.delivery("w2", h.js), u, s)
+	defer stop()
+	waitRecords(t, h, u, 4)
+	time.Sleep(100 * time.Millisecond) // a duplicate would show now
+	var keys []string
+	for _, r := range h.records(u) {
+		keys = append(keys, header(&r, s2sink.HeaderIdempotencyKey))
+	}
+	if strings.Join(keys, ",") != "k0,k1,k2,k3" {
+		t.Fatalf("S2 holds %v, want k0..k3 once each", keys)
+	}
+}
+
+// waitRecords waits until u's S2 stream holds at least n of delivery's
+// records.
+func waitRecords(t *testing.T, h *harness, u Unit, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(h.records(u)) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("S2 holds %d records, want %d", len(h.records(u)), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

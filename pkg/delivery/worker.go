@@ -104,8 +104,9 @@ func (w *worker) setSources(l []source) {
 	}
 }
 
-// errResync ends a session whose unit has changes from a new source.
-var errResync = errors.New("a new source's delivery stream has changes for this unit")
+// errResync ends a session whose unit's sources changed (a new source's
+// delivery stream has changes for it, or a stream is gone).
+var errResync = errors.New("the delivery streams with changes for this unit changed")
 
 // sessionRestarts is the back-off between a worker's sessions.
 var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second, ResetAfter: 30 * time.Second}
@@ -183,12 +184,12 @@ func (w *worker) session(ctx context.Context) error {
 	w.done.Merge(w.parks.through)
 	w.read = w.done.Clone()
 	w.mu.Lock()
-	sources := slices.Clone(w.sources)
-	w.mu.Unlock()
-	select { // this session reads them all
+	select { // this session reads them all (under the lock: a later change signals again)
 	case <-w.resync:
 	default:
 	}
+	sources := slices.Clone(w.sources)
+	w.mu.Unlock()
 	w.keys, w.pending = map[string]string{}, map[string]uint64{}
 	keys := make([]string, 0, len(sources)+len(w.done))
 	for _, src := range sources {
@@ -400,6 +401,7 @@ func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryP
 		return err
 	}
 	w.seqs = append(w.seqs, pos)
+	w.read[pos.Stream] = pos // in the batch: a flush now seals it with this record counted
 	if telemetry.Enabled() {
 		w.traces = append(w.traces, string(e.TraceParent))
 	}
@@ -658,8 +660,12 @@ func (w *worker) RetryNow() {
 // deadLetterBatch moves the failing batch to the dead-letter stream after
 // retry.max_attempts, with its last error, and lets the unit go on.
 func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int) error {
-	// The batch holds every change read up to w.read that is not parked.
-	if err := w.parks.settle(ctx, w.read); err != nil {
+	// Dead letters first (idempotent: Nats-Msg-Id), then the progress:
+	// a session that fails in between publishes them again, rather than
+	// resume past changes that reached neither S2 nor the dead-letter
+	// stream. The owner check keeps a stale owner out (settle is
+	// conditional too).
+	if err := w.parks.checkOwner(ctx); err != nil {
 		return err
 	}
 	for i, r := range w.batch.Records() {
@@ -671,6 +677,10 @@ func (w *worker) deadLetterBatch(ctx context.Context, cause error, attempts int)
 		if err := w.deadLetter(ctx, h, r.Body, cause.Error(), attempts); err != nil {
 			return err
 		}
+	}
+	// The batch holds every change read up to w.read that is not parked.
+	if err := w.parks.settle(ctx, w.read); err != nil {
+		return err
 	}
 	w.log.Error("moved a batch to the dead-letter stream after retry.max_attempts", "records", w.batch.Len(), "error", cause)
 	return nil

@@ -166,9 +166,14 @@ func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err err
 	if info.State.Msgs == 0 {
 		return lr, false, nil
 	}
-	m, err := delivery.GetMsg(ctx, lr.seq)
+	// The chain goes on from LastSeq; the headers come from the last
+	// message still stored (an operator may have deleted the very last).
+	m, err := delivery.GetLastMsgForSubject(ctx, bus.DeliveryFilter(r.cfg.Source))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return lr, false, nil
+	}
 	if err != nil {
-		return lr, false, fmt.Errorf("read the delivery stream's last message (%d): %w", lr.seq, err)
+		return lr, false, fmt.Errorf("read the delivery stream's last message: %w", err)
 	}
 	lr.id = m.Header.Get(bus.HeaderID)
 	lr.start, err = strconv.ParseUint(m.Header.Get(bus.HeaderInputSeq), 10, 64)

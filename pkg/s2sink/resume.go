@@ -132,6 +132,9 @@ func FindResume(ctx context.Context, rd RecordReader, basin, stream string) (Res
 	if res.Through, err = bus.ParseProgress(through); err != nil {
 		return Resume{}, fmt.Errorf("record %d of %s/%s: %w", rec.SeqNum, basin, stream, err)
 	}
+	if pos, err := bus.ParseDeliveryPos(seq); err == nil {
+		res.Through.Advance(pos) // the record itself is in the stream
+	}
 	return res, nil
 }
 
