@@ -45,24 +45,33 @@ func EnsureChangesStream(ctx context.Context, js jetstream.JetStream, c ChangesS
 		AllowDirect: true,
 		MaxMsgSize:  -1,
 	}
-	s, err := js.Stream(ctx, c.Name)
+	return ensureOwnStream(ctx, js, sc, func(have []string) error {
+		return fmt.Errorf("%w: stream %s has subjects %v, not %v; each source needs a stream of its own: "+
+			"set nats.changes_stream to another name", ErrStreamShared, c.Name, have, subjects)
+	})
+}
+
+// ensureOwnStream creates the stream sc describes, or updates it when it
+// exists with exactly sc's subjects. A stream with other subjects is
+// another writer's: shared(its subjects) is the error.
+func ensureOwnStream(ctx context.Context, js jetstream.JetStream, sc jetstream.StreamConfig, shared func(have []string) error) (jetstream.Stream, error) {
+	s, err := js.Stream(ctx, sc.Name)
 	switch {
 	case errors.Is(err, jetstream.ErrStreamNotFound):
 		s, err = js.CreateStream(ctx, sc)
 		if err != nil {
-			return nil, fmt.Errorf("create stream %s: %w", c.Name, err)
+			return nil, fmt.Errorf("create stream %s: %w", sc.Name, err)
 		}
 		return s, nil
 	case err != nil:
-		return nil, fmt.Errorf("look up stream %s: %w", c.Name, err)
+		return nil, fmt.Errorf("look up stream %s: %w", sc.Name, err)
 	}
-	if have := s.CachedInfo().Config.Subjects; !slices.Equal(have, subjects) {
-		return nil, fmt.Errorf("%w: stream %s has subjects %v, not %v; each source needs a stream of its own: "+
-			"set nats.changes_stream to another name", ErrStreamShared, c.Name, have, subjects)
+	if have := s.CachedInfo().Config.Subjects; !slices.Equal(have, sc.Subjects) {
+		return nil, shared(have)
 	}
 	s, err = js.UpdateStream(ctx, sc)
 	if err != nil {
-		return nil, fmt.Errorf("update stream %s: %w", c.Name, err)
+		return nil, fmt.Errorf("update stream %s: %w", sc.Name, err)
 	}
 	return s, nil
 }

@@ -2,7 +2,6 @@ package bus
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -100,30 +99,14 @@ func EnsureDeliveryStream(ctx context.Context, js jetstream.JetStream, c Deliver
 		AllowDirect: true,
 		MaxMsgSize:  -1,
 	}
-	s, err := js.Stream(ctx, c.Name)
-	switch {
-	case errors.Is(err, jetstream.ErrStreamNotFound):
-		s, err = js.CreateStream(ctx, sc)
-		if err != nil {
-			return nil, fmt.Errorf("create stream %s: %w", c.Name, err)
-		}
-		return s, nil
-	case err != nil:
-		return nil, fmt.Errorf("look up stream %s: %w", c.Name, err)
-	}
-	if have := s.CachedInfo().Config.Subjects; !slices.Equal(have, subjects) {
+	return ensureOwnStream(ctx, js, sc, func(have []string) error {
 		hint := "set nats.delivery_stream to another name"
 		if slices.Equal(have, []string{DeliveryRoot + ".>"}) {
 			hint += " (this stream was made by an earlier pgs2 for every source: once delivery has sent what it holds, delete it)"
 		}
-		return nil, fmt.Errorf("%w: stream %s has subjects %v, not %v; each source needs a delivery stream of its own: %s",
+		return fmt.Errorf("%w: stream %s has subjects %v, not %v; each source needs a delivery stream of its own: %s",
 			ErrStreamShared, c.Name, have, subjects, hint)
-	}
-	s, err = js.UpdateStream(ctx, sc)
-	if err != nil {
-		return nil, fmt.Errorf("update stream %s: %w", c.Name, err)
-	}
-	return s, nil
+	})
 }
 
 // ListDeliveryStreams names the delivery streams of every source (streams

@@ -147,17 +147,7 @@ func (c *Cluster) Name(i int) string { return c.nodes[i].name }
 // Closed at cleanup.
 func (c *Cluster) Connect(t testing.TB) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	nc, err := nats.Connect(c.URLs(), nats.ReconnectBufSize(-1), nats.MaxReconnects(-1),
-		nats.ReconnectWait(50*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return nc, js
+	return connect(t, c.URLs(), nats.ReconnectWait(50*time.Millisecond))
 }
 
 func (c *Cluster) launch(t testing.TB, i int) {

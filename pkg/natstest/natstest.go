@@ -64,7 +64,14 @@ func (s *Server) Restart(t testing.TB) {
 // cleanup.
 func (s *Server) Connect(t testing.TB) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	nc, err := nats.Connect(s.URL(), nats.ReconnectBufSize(-1), nats.MaxReconnects(-1))
+	return connect(t, s.URL())
+}
+
+// connect connects to urls without a reconnect buffer, reconnecting for
+// ever, closed at cleanup.
+func connect(t testing.TB, urls string, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(urls, append([]nats.Option{nats.ReconnectBufSize(-1), nats.MaxReconnects(-1)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
