@@ -72,6 +72,10 @@ func ParseChangeSubject(subject string) (source, schema, table, partition string
 	return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), t[5], nil
 }
 
+// MaxDeliveryConsumers is a delivery stream's limit on consumers: one per
+// unit reading it, and some to spare while sessions restart.
+const MaxDeliveryConsumers = 1 << 20
+
 // DeliveryStreamConfig describes a source's delivery stream.
 type DeliveryStreamConfig struct {
 	Name            string
@@ -98,6 +102,11 @@ func EnsureDeliveryStream(ctx context.Context, js jetstream.JetStream, c Deliver
 		MaxAge:      c.MaxAge,
 		AllowDirect: true,
 		MaxMsgSize:  -1,
+		// Delivery reads each unit (S2 stream) with a consumer of its own:
+		// nats-server allows 1,000 consumers per stream unless the stream
+		// says otherwise (-1 does not), and the 1,001st unit would wait
+		// for ever.
+		MaxConsumers: MaxDeliveryConsumers,
 	}
 	return ensureOwnStream(ctx, js, sc, func(have []string) error {
 		hint := "set nats.delivery_stream to another name"
