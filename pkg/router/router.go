@@ -55,6 +55,12 @@ type Router struct {
 	tracer trace.Tracer
 	// wrap, when set (a test seam), wraps each session's publisher.
 	wrap func(chain) chain
+	// units registers the S2 streams routed to, for delivery to find.
+	units *bus.Units
+	// registered are the delivery subjects whose unit is registered.
+	registered map[string]bool
+	// lease makes this router its source's only one.
+	lease *lease
 }
 
 // chain is what a session needs of its publisher (bus.Publisher has it).
@@ -120,7 +126,17 @@ func (r *Router) Reload(cfg []config.Sink) error {
 // AckAll the earlier ones would then be acknowledged unrouted.
 func (r *Router) Run(ctx context.Context) error {
 	err := restart.Until(ctx, sessionRestarts, func(ctx context.Context) error {
-		_, err := bus.EnsureDeliveryStream(ctx, r.js, r.cfg.Delivery)
+		if _, err := bus.EnsureDeliveryStream(ctx, r.js, r.cfg.Delivery); err != nil {
+			return err
+		}
+		kv, err := bus.EnsureUnits(ctx, r.js, r.cfg.Delivery.Replicas)
+		if err != nil {
+			return err
+		}
+		if r.units, err = bus.NewUnits(ctx, kv); err != nil {
+			return err
+		}
+		r.lease, err = openLease(ctx, r.js, r.cfg.Source, r.cfg.Delivery.Replicas)
 		return err
 	}, bus.Permanent, func(err error, wait time.Duration) {
 		r.state.SetNotReady(err.Error())
@@ -132,11 +148,26 @@ func (r *Router) Run(ctx context.Context) error {
 		}
 		return err
 	}
-	restart.Loop(ctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
-		r.state.SetNotReady(err.Error())
-		r.log.Warn("router session ended; restarting", "error", err, "retry_in", wait)
-		return true
-	})
+	for ctx.Err() == nil {
+		if err := r.lease.acquire(ctx, r); err != nil {
+			return nil // ctx ended
+		}
+		lctx, cancel := context.WithCancel(ctx)
+		go r.lease.keep(lctx, func(err error) {
+			r.state.SetNotReady(err.Error())
+			r.log.Warn("router lease lost; stopping the session", "error", err)
+			cancel()
+		})
+		restart.Loop(lctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
+			r.state.SetNotReady(err.Error())
+			r.log.Warn("router session ended; restarting", "error", err, "retry_in", wait)
+			return true
+		})
+		cancel()
+	}
+	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r.lease.release(rctx)
 	return nil
 }
 
@@ -309,8 +340,11 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 			return err
 		}
 		if item.err != nil {
-			if ctx.Err() != nil || errors.Is(item.err, jetstream.ErrMsgIteratorClosed) {
+			if ctx.Err() != nil {
 				return ctx.Err()
+			}
+			if errors.Is(item.err, jetstream.ErrMsgIteratorClosed) {
+				return fmt.Errorf("reading %s ended (connection closed?): %w", s.cfg.ChangesStream, item.err)
 			}
 			return fmt.Errorf("next change: %w", item.err)
 		}
@@ -433,6 +467,9 @@ func (s *session) flush(ctx context.Context) error {
 		if i < skip {
 			continue
 		}
+		if err := s.register(ctx, m.Subject); err != nil {
+			return err
+		}
 		s.pub.SetHeader(bus.HeaderInputSeq, start)
 		s.pub.SetHeader(bus.HeaderInputEnd, end)
 		s.pub.SetHeader(bus.HeaderRound, strconv.Itoa(i+1)+"/"+strconv.Itoa(n))
@@ -443,6 +480,26 @@ func (s *session) flush(ctx context.Context) error {
 	}
 	rd.Reset()
 	rd.inputs = 0
+	return nil
+}
+
+// register adds a delivery subject's unit to the units bucket before the
+// first message to it, so delivery finds it.
+func (s *session) register(ctx context.Context, subject string) error {
+	if s.registered[subject] {
+		return nil
+	}
+	src, sink, basin, stream, _, err := bus.ParseDeliverySubject(subject)
+	if err != nil {
+		return err
+	}
+	if err := s.units.Register(ctx, bus.UnitRef{Source: src, Sink: sink, Basin: basin, Stream: stream, DeliveryStream: s.cfg.Delivery.Name}); err != nil {
+		return err
+	}
+	if s.registered == nil {
+		s.registered = map[string]bool{}
+	}
+	s.registered[subject] = true
 	return nil
 }
 

@@ -1,0 +1,115 @@
+package router_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/router"
+)
+
+// runOwn runs a router on a connection of its own (closing it is the
+// router's SIGKILL, as the server sees it).
+func (e *env) runOwn(t *testing.T, sinks []config.Sink) (nc *nats.Conn, state *health.State, stop func()) {
+	t.Helper()
+	nc, err := nats.Connect(e.ns.URL(), nats.ReconnectBufSize(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, _ := jetstream.New(nc)
+	state = health.NewState()
+	r, err := router.New(router.Config{Source: "app", ChangesStream: "PGS2_CHANGES",
+		Delivery: bus.DeliveryStreamConfig{Name: "PGS2_DELIVERY", Source: "app", Replicas: 1, DuplicateWindow: time.Minute},
+		Sinks:    sinks}, js, router.WithLogger(quietLog()), router.WithHealth(state))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return nc, state, stop
+}
+
+func waitReady(t *testing.T, s *health.State, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		if ok, _ := s.Ready(); ok {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			_, why := s.Ready()
+			t.Fatalf("router not ready after %s: %s", within, why)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestOneRouterPerSource: a second router of the same source (a rolling
+// deploy, a copy started by mistake) waits, not ready, while the first
+// runs; it takes over at once when the first stops, or when its
+// connection dies (a SIGKILL: it no longer answers pings), well within
+// the lease TTL. Every change is routed once, in order. Before, both
+// published into the one chain.
+func TestOneRouterPerSource(t *testing.T) {
+	e := newEnv(t)
+	sinks := []config.Sink{{Name: "a", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "a"}}
+	_, sa, stopA := e.runOwn(t, sinks)
+	waitReady(t, sa, 10*time.Second)
+	ncB, sb, _ := e.runOwn(t, sinks)
+	n := 0
+	write := func(k int) {
+		for i := 0; i < k; i++ {
+			n++
+			e.change(t, "public.users", "update", n%7, fmt.Sprintf(`{"id":%d,"v":%d}`, n%7, n))
+		}
+	}
+	write(100)
+	e.outputs(t, n)
+	if ok, why := sb.Ready(); ok || !strings.Contains(why, "another router") {
+		t.Fatalf("second router: ready=%v (%q), want waiting for the first", ok, why)
+	}
+	stopA()
+	if d := waitReady(t, sb, 5*time.Second); d > 3*time.Second {
+		t.Errorf("took over %s after the first router stopped", d)
+	}
+	write(100)
+	e.outputs(t, n)
+	_, sc, _ := e.runOwn(t, sinks)
+	time.Sleep(500 * time.Millisecond)
+	if ok, _ := sc.Ready(); ok {
+		t.Fatal("third router ready while the second runs")
+	}
+	ncB.Close() // B dies
+	if d := waitReady(t, sc, 8*time.Second); d > 5*time.Second {
+		t.Errorf("took over %s after the second router's connection closed", d)
+	}
+	write(100)
+	outs := e.outputs(t, n)
+	last := map[float64]float64{}
+	for i, o := range outs {
+		rec := o.Body["record"].(map[string]any)
+		id, v := rec["id"].(float64), rec["v"].(float64)
+		if v <= last[id] {
+			t.Fatalf("output %d: group %v has v=%v after %v", i, id, v, last[id])
+		}
+		last[id] = v
+	}
+}
+
+func quietLog() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+}
