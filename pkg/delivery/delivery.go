@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -63,7 +64,14 @@ type Delivery struct {
 	wg    sync.WaitGroup
 
 	failures jetstream.KeyValue
+	failed   keySet // failures' keys, from a watch (clearFailure deletes only those)
+	parked   jetstream.Stream
 	leases   *leases
+	reg      registry
+	starts   chan struct{} // sessions starting (startSlot)
+	unitsKV  jetstream.KeyValue
+	scanned  map[string]bool // delivery streams (bus.StreamKey) whose subjects were listed
+	unitList *unitList
 	tracer   trace.Tracer
 	metrics  *metrics.Delivery
 }
@@ -113,6 +121,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 		cfg.LeaseTTL = 10 * time.Second
 	}
 	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, held: map[Unit]*held{},
+		reg: registry{refs: map[string]bus.UnitRef{}}, scanned: map[string]bool{}, starts: make(chan struct{}, sessionStarts),
 		tracer: otel.Tracer("pgs2/delivery")}
 	for _, o := range opts {
 		o(d)
@@ -184,10 +193,13 @@ func (d *Delivery) Reload(sinks []config.Sink) (restart []string, err error) {
 // runs a worker for each, and releases them on the way out.
 func (d *Delivery) Run(ctx context.Context) error {
 	err := SetUp(ctx, d.log, d.state, func(ctx context.Context) (err error) {
-		if err := EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
+		if d.parked, err = EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
 			return err
 		}
 		if d.failures, err = EnsureFailures(ctx, d.js, d.cfg.Replicas); err != nil {
+			return err
+		}
+		if d.unitsKV, err = bus.EnsureUnits(ctx, d.js, d.cfg.Replicas); err != nil {
 			return err
 		}
 		d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas)
@@ -199,6 +211,22 @@ func (d *Delivery) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	if err := SetUp(ctx, d.log, d.state, d.leases.heartbeat); err != nil {
+		return nil // ctx ended
+	}
+	wctx, stopWatches := context.WithCancel(ctx)
+	defer stopWatches()
+	d.leases.watch(wctx)
+	go d.leases.beat(wctx, func(err error) {
+		d.state.SetNotReady(err.Error())
+		d.log.Warn("heartbeat failed; units stop at the lease's end unless it succeeds", "error", err)
+	})
+	go watchKV(wctx, d.failures, d.failed.sync, d.failed.put)
+	go watchKV(wctx, d.unitsKV, func() {
+		d.reg.mu.Lock()
+		d.reg.synced = true
+		d.reg.mu.Unlock()
+	}, d.reg.put)
 	defer d.stopAll()
 	t := time.NewTicker(d.cfg.Discover)
 	defer t.Stop()
@@ -250,32 +278,31 @@ func (d *Delivery) stop(ctx context.Context, u Unit, release bool) {
 	delete(d.held, u)
 }
 
-// balance renews the leases held, gives up those over a fair share (new
-// processes joined), and claims free units up to it.
+// balance keeps the heartbeat going, stops the workers of units another
+// process took, gives up units over a fair share (new processes joined),
+// and claims free units up to it. Its per-second work does not grow with
+// the number of units: ownership and units come from watches.
 func (d *Delivery) balance(ctx context.Context) error {
-	live, err := d.leases.heartbeat(ctx)
-	if err != nil {
-		return fmt.Errorf("heartbeat: %w", err)
-	}
 	for u, h := range d.held {
 		select {
-		case <-h.done: // the worker gave up (lost its fence)
+		case <-h.done: // the worker gave up (lost its fence, or its lease lapsed)
 			d.stop(ctx, u, true)
 			continue
 		default:
 		}
-		rev, err := d.leases.renew(ctx, u, h.rev)
-		if errors.Is(err, ErrLeaseLost) {
+		if d.leases.lost(u, h.rev) {
 			d.log.Warn("lease lost; stopping", "unit", u.String())
 			d.stop(ctx, u, false)
-			continue
 		}
-		if err != nil {
-			return fmt.Errorf("renew %s: %w", u, err)
-		}
-		h.rev = rev
-		h.w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
 	}
+	if err := d.leases.valid(); err != nil {
+		return err // no heartbeat of late: claim nothing
+	}
+	if !d.leases.ready() || !d.reg.ready() {
+		return nil // not yet what the buckets hold
+	}
+	d.leases.probe(ctx)
+	live := d.leases.live()
 	units, sources, err := d.units(ctx)
 	if err != nil {
 		return err
@@ -291,29 +318,41 @@ func (d *Delivery) balance(ctx context.Context) error {
 			d.stop(ctx, units[i], true)
 		}
 	}
-	// Start at a place of our own in the list, so processes claim different units.
+	// Start at a place of our own in the list, so processes claim different
+	// units; claim them in parallel (a takeover of thousands of units).
 	off := int(bus.Partition([]byte(d.leases.id), max(len(units), 1)))
-	for k := 0; k < len(units) && len(d.held) < fair; k++ {
+	var want []Unit
+	for k := 0; k < len(units) && len(d.held)+len(want) < fair; k++ {
 		u := units[(off+k)%len(units)]
-		if _, ok := d.held[u]; ok {
+		if _, ok := d.held[u]; ok || d.sinks[u.Sink] == nil || !d.leases.claimable(u) {
+			continue // held, a sink removed from the config (its messages wait), or another's
+		}
+		want = append(want, u)
+	}
+	revs, errs := make([]uint64, len(want)), make([]error, len(want))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, claimParallel)
+	for i, u := range want {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			rev, ok, err := d.leases.claim(ctx, u)
+			if ok {
+				revs[i] = rev
+			}
+			errs[i] = err
+		}()
+	}
+	wg.Wait()
+	for i, u := range want {
+		if revs[i] == 0 {
 			continue
 		}
-		s := d.sinks[u.Sink]
-		if s == nil {
-			continue // a sink removed from the config: its messages wait
-		}
-		rev, ok, err := d.leases.claim(ctx, u)
-		if err != nil {
-			return fmt.Errorf("claim %s: %w", u, err)
-		}
-		if !ok {
-			continue
-		}
-		w := newWorker(d, u, s)
+		w := newWorker(d, u, d.sinks[u.Sink])
 		w.setSources(sources[u])
-		w.extend(time.Now().Add(d.cfg.LeaseTTL - d.cfg.LeaseTTL/5))
 		wctx, cancel := context.WithCancel(ctx)
-		h := &held{w: w, rev: rev, cancel: cancel, done: make(chan struct{})}
+		h := &held{w: w, rev: revs[i], cancel: cancel, done: make(chan struct{})}
 		d.held[u] = h
 		d.wg.Add(1)
 		go func() {
@@ -322,8 +361,31 @@ func (d *Delivery) balance(ctx context.Context) error {
 			w.run(wctx)
 		}()
 	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("claim units: %w", err)
+	}
 	return nil
 }
+
+// sessionStarts is how many worker sessions of a process start at once.
+const sessionStarts = 32
+
+// startSlot waits for a turn to start a session; release ends it (once).
+func (d *Delivery) startSlot(ctx context.Context) (release func(), err error) {
+	if d.starts == nil {
+		return func() {}, nil
+	}
+	select {
+	case d.starts <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	var once sync.Once
+	return func() { once.Do(func() { <-d.starts }) }, nil
+}
+
+// claimParallel is how many claims are in flight at once.
+const claimParallel = 32
 
 // source is one source's delivery stream, as delivery reads it.
 type source struct {
@@ -332,20 +394,62 @@ type source struct {
 	token string // the source's subject token: pgs2.deliver.<token>.>
 }
 
-// units lists every unit that has messages, and every sink's configured
-// stream, in a stable order, with the delivery streams (sources) that hold
-// messages for each.
-func (d *Delivery) units(ctx context.Context) ([]Unit, map[Unit][]source, error) {
-	set := map[Unit][]source{}
-	for _, s := range d.sinks {
-		if s.cfg.Basin != "" && s.cfg.Stream != "" {
-			set[Unit{s.cfg.Name, s.cfg.Basin, s.cfg.Stream}] = nil
-		}
+// registry is what the units bucket holds (bus.UnitsBucket), from a watch.
+type registry struct {
+	mu      sync.Mutex
+	refs    map[string]bus.UnitRef // by bus.UnitKey
+	version uint64                 // of refs: one more at every change
+	synced  bool
+}
+
+func (r *registry) put(e jetstream.KeyValueEntry) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e.Operation() != jetstream.KeyValuePut {
+		delete(r.refs, e.Key())
+	} else if ref, err := bus.ParseUnitEntry(e.Key(), e.Value()); err == nil {
+		r.refs[e.Key()] = ref
 	}
+	r.version++
+}
+
+func (r *registry) add(ref bus.UnitRef) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	key := bus.UnitKey(ref.Source, ref.Sink, ref.Basin, ref.Stream)
+	if _, ok := r.refs[key]; !ok {
+		r.refs[key] = ref
+		r.version++
+	}
+}
+
+func (r *registry) ready() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.synced
+}
+
+// unitList is units() computed once for a registry version and a set of
+// delivery streams.
+type unitList struct {
+	version uint64
+	streams string
+	units   []Unit
+	sources map[Unit][]source
+}
+
+// units lists every registered unit and every sink's configured stream,
+// in a stable order, with the delivery streams (sources) that hold
+// messages for each. Each delivery stream's subjects are listed once, the
+// first time this process sees it (units an earlier router published to
+// without registering them).
+func (d *Delivery) units(ctx context.Context) ([]Unit, map[Unit][]source, error) {
 	names, err := bus.ListDeliveryStreams(ctx, d.js)
 	if err != nil {
 		return nil, nil, err
 	}
+	byName := map[string]source{}
+	var keys []string
 	for _, name := range names {
 		st, err := d.js.Stream(ctx, name)
 		if errors.Is(err, jetstream.ErrStreamNotFound) {
@@ -354,10 +458,7 @@ func (d *Delivery) units(ctx context.Context) ([]Unit, map[Unit][]source, error)
 		if err != nil {
 			return nil, nil, fmt.Errorf("delivery stream %s: %w", name, err)
 		}
-		info, err := st.Info(ctx, jetstream.WithSubjectFilter(bus.DeliveryRoot+".>"))
-		if err != nil {
-			return nil, nil, fmt.Errorf("list the subjects of delivery stream %s: %w", name, err)
-		}
+		info := st.CachedInfo()
 		src := source{name: name, key: bus.StreamKey(name, info.Created)}
 		if subj := info.Config.Subjects; len(subj) == 1 && strings.HasPrefix(subj[0], bus.DeliveryRoot+".") && strings.HasSuffix(subj[0], ".>") {
 			src.token = strings.TrimSuffix(strings.TrimPrefix(subj[0], bus.DeliveryRoot+"."), ".>")
@@ -365,19 +466,57 @@ func (d *Delivery) units(ctx context.Context) ([]Unit, map[Unit][]source, error)
 		if src.token == "" || strings.Contains(src.token, ".") {
 			continue // not a source's delivery stream (an earlier pgs2's: the router refuses it)
 		}
-		for subj := range info.State.Subjects {
-			if tok, sk, basin, stream, _, err := bus.ParseDeliverySubject(subj); err == nil && bus.EscapeToken(tok) == src.token {
-				u := Unit{sk, basin, stream}
-				if l := set[u]; len(l) == 0 || l[len(l)-1] != src {
-					set[u] = append(l, src)
-				}
+		if !d.scanned[src.key] {
+			if err := d.scan(ctx, st, src); err != nil {
+				return nil, nil, err
 			}
+			d.scanned[src.key] = true
+		}
+		byName[name] = src
+		keys = append(keys, src.key)
+	}
+	d.reg.mu.Lock()
+	defer d.reg.mu.Unlock()
+	streams := strings.Join(keys, " ")
+	if l := d.unitList; l != nil && l.version == d.reg.version && l.streams == streams {
+		return l.units, l.sources, nil
+	}
+	set := map[Unit][]source{}
+	for _, s := range d.sinks {
+		if s.cfg.Basin != "" && s.cfg.Stream != "" {
+			set[Unit{s.cfg.Name, s.cfg.Basin, s.cfg.Stream}] = nil
+		}
+	}
+	for _, ref := range d.reg.refs {
+		src, ok := byName[ref.DeliveryStream]
+		if !ok || bus.EscapeToken(ref.Source) != src.token {
+			continue // its delivery stream is gone, or is another source's now
+		}
+		u := Unit{ref.Sink, ref.Basin, ref.Stream}
+		if l := set[u]; !slices.Contains(l, src) {
+			set[u] = append(l, src)
 		}
 	}
 	units := make([]Unit, 0, len(set))
-	for u := range set {
+	for u, l := range set {
 		units = append(units, u)
+		slices.SortFunc(l, func(a, b source) int { return strings.Compare(a.name, b.name) })
 	}
 	sort.Slice(units, func(i, j int) bool { return units[i].String() < units[j].String() })
+	d.unitList = &unitList{version: d.reg.version, streams: streams, units: units, sources: set}
 	return units, set, nil
+}
+
+// scan lists the subjects of a delivery stream into the registry.
+func (d *Delivery) scan(ctx context.Context, st jetstream.Stream, src source) error {
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(bus.DeliveryRoot+".>"))
+	if err != nil {
+		return fmt.Errorf("list the subjects of delivery stream %s: %w", src.name, err)
+	}
+	for subj := range info.State.Subjects {
+		if tok, sk, basin, stream, _, err := bus.ParseDeliverySubject(subj); err == nil && bus.EscapeToken(tok) == src.token {
+			d.reg.add(bus.UnitRef{Source: tok, Sink: sk, Basin: basin, Stream: stream, DeliveryStream: src.name})
+		}
+	}
+	return nil
 }

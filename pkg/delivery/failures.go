@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -56,12 +57,16 @@ func (w *worker) recordFailure(ctx context.Context, b Blocked, err error) {
 		b.Status, b.Code, b.Message = e.Status, e.Code, e.Message
 	}
 	v, _ := json.Marshal(b)
+	w.d.failed.add(unitKey(w.u)) // before the put: a clear must not miss it
 	if _, perr := w.d.failures.Put(ctx, unitKey(w.u), v); perr != nil {
 		w.log.Warn("record the failure", "error", perr)
 	}
 }
 
 func (w *worker) clearFailure(ctx context.Context) {
+	if !w.d.failed.mayHold(unitKey(w.u)) {
+		return // nothing to clear: no request, no delete marker for every session
+	}
 	if err := w.d.failures.Delete(ctx, unitKey(w.u)); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 		w.log.Warn("clear the failure", "error", err)
 	}
@@ -85,4 +90,48 @@ func ListBlocked(ctx context.Context, kv jetstream.KeyValue) ([]Blocked, error) 
 		}
 	}
 	return out, nil
+}
+
+// keySet is the keys a KV bucket holds, from a watch.
+type keySet struct {
+	mu     sync.Mutex
+	keys   map[string]bool
+	synced bool
+}
+
+func (k *keySet) put(e jetstream.KeyValueEntry) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.keys == nil {
+		k.keys = map[string]bool{}
+	}
+	if e.Operation() == jetstream.KeyValuePut {
+		k.keys[e.Key()] = true
+	} else {
+		delete(k.keys, e.Key())
+	}
+}
+
+// add records a key this process put (before the watch shows it).
+func (k *keySet) add(key string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.keys == nil {
+		k.keys = map[string]bool{}
+	}
+	k.keys[key] = true
+}
+
+func (k *keySet) sync() {
+	k.mu.Lock()
+	k.synced = true
+	k.mu.Unlock()
+}
+
+// mayHold reports whether the bucket may hold key (true until the watch
+// delivered what it holds).
+func (k *keySet) mayHold(key string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return !k.synced || k.keys[key]
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/http/httptest"
 	"os"
 	"sync"
@@ -66,7 +67,7 @@ func newHarness(t testing.TB) *harness {
 	}
 	h.src = h.srcs[0]
 	var err error
-	if err := EnsureParkedStream(ctx, h.js, 1); err != nil {
+	if _, err := EnsureParkedStream(ctx, h.js, 1); err != nil {
 		t.Fatal(err)
 	}
 	if h.fails, err = EnsureFailures(ctx, h.js, 1); err != nil {
@@ -98,8 +99,10 @@ func testLogger() *slog.Logger {
 // delivery is a delivery process as a worker sees it, with fencing token
 // token, talking to JetStream through js.
 func (h *harness) delivery(token string, js jetstream.JetStream) *Delivery {
+	l := &leases{id: token}
+	l.until.Store(math.MaxInt64) // the process's lease holds; a test lapses a worker's
 	return &Delivery{cfg: Config{}, js: js, log: testLogger(), state: health.NewState(),
-		sinks: map[string]*sink{}, held: map[Unit]*held{}, failures: h.fails, leases: &leases{id: token},
+		sinks: map[string]*sink{}, held: map[Unit]*held{}, failures: h.fails, leases: l,
 		tracer: otel.Tracer("test"), metrics: metrics.NewDelivery(prometheus.NewRegistry())}
 }
 

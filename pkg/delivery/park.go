@@ -100,8 +100,8 @@ func ParkFilter(u Unit) string { return ParkSubject(u, "*") }
 
 // EnsureParkedStream creates or updates the park stream. Parked messages
 // stay until they are delivered or acknowledged by an operator.
-func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas int) error {
-	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas int) (jetstream.Stream, error) {
+	st, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        ParkedStream,
 		Description: "pgs2 parked messages: failed and held back in group order",
 		Subjects:    []string{ParkRoot + ".>"},
@@ -109,18 +109,19 @@ func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas in
 		Replicas:    replicas,
 		Duplicates:  time.Hour,
 		AllowDirect: true,
+		AllowRollup: true, // an owner marker replaces the earlier ones
 	})
 	if err != nil {
-		return fmt.Errorf("create or update stream %s: %w", ParkedStream, err)
+		return nil, fmt.Errorf("create or update stream %s: %w", ParkedStream, err)
 	}
 	_, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name: DeadStream, Description: "pgs2 messages given up after retry.max_attempts",
 		Subjects: []string{"pgs2.dead.>"}, Storage: jetstream.FileStorage, Replicas: replicas, Duplicates: time.Hour,
 	})
 	if err != nil {
-		return fmt.Errorf("create or update stream %s: %w", DeadStream, err)
+		return nil, fmt.Errorf("create or update stream %s: %w", DeadStream, err)
 	}
-	return nil
+	return st, nil
 }
 
 // RetrySubject is where the admin API asks a unit's worker to retry its
@@ -157,8 +158,9 @@ type parkedGroup struct {
 	due      time.Time
 }
 
-func newUnitParks(js jetstream.JetStream, u Unit, token string) *unitParks {
-	return &unitParks{js: js, u: u, token: token, groups: map[string]*parkedGroup{}, through: bus.Progress{}}
+// newUnitParks: st is the park stream (nil: looked up by each session).
+func newUnitParks(js jetstream.JetStream, st jetstream.Stream, u Unit, token string) *unitParks {
+	return &unitParks{js: js, st: st, u: u, token: token, groups: map[string]*parkedGroup{}, through: bus.Progress{}}
 }
 
 func (p *unitParks) ownerSubject() string { return ParkSubject(p.u, ownerToken) }
@@ -168,8 +170,10 @@ func (p *unitParks) ownerSubject() string { return ParkSubject(p.u, ownerToken) 
 // stores this owner's marker, and loads which groups are parked.
 func (p *unitParks) open(ctx context.Context, drained string) error {
 	var err error
-	if p.st, err = p.js.Stream(ctx, ParkedStream); err != nil {
-		return fmt.Errorf("park stream %s: %w", ParkedStream, err)
+	if p.st == nil {
+		if p.st, err = p.js.Stream(ctx, ParkedStream); err != nil {
+			return fmt.Errorf("park stream %s: %w", ParkedStream, err)
+		}
 	}
 	if drained != "" {
 		group, seq, err := parseParkRef(drained)
@@ -217,6 +221,7 @@ func (p *unitParks) claim(ctx context.Context) error {
 		}
 		m := &nats.Msg{Subject: p.ownerSubject(), Data: []byte(p.token), Header: nats.Header{}}
 		m.Header.Set(HeaderThrough, through.String())
+		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject) // earlier markers are of no use
 		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(lastSeq, filter))
 		if wrongLast(err) && attempt < 10 {
 			continue // parked meanwhile (an earlier owner still finishing): read again
@@ -225,13 +230,8 @@ func (p *unitParks) claim(ctx context.Context) error {
 			return fmt.Errorf("claim the parks of %s: %w", p.u, err)
 		}
 		p.lastSeq, p.through = ack.Sequence, through
-		break
+		return nil
 	}
-	// Earlier markers are of no use.
-	if err := p.st.Purge(ctx, jetstream.WithPurgeSubject(p.ownerSubject()), jetstream.WithPurgeKeep(1)); err != nil {
-		return fmt.Errorf("remove old owner markers of %s: %w", p.u, err)
-	}
-	return nil
 }
 
 // mergeThrough advances through to a park message's or marker's

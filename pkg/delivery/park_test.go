@@ -18,7 +18,7 @@ func TestStaleOwnerCannotPark(t *testing.T) {
 	h := newHarness(t)
 	ctx := context.Background()
 	u := Unit{"s", testBasin, "stale"}
-	old, cur := newUnitParks(h.js, u, "old"), newUnitParks(h.js, u, "new")
+	old, cur := newUnitParks(h.js, nil, u, "old"), newUnitParks(h.js, nil, u, "new")
 	if err := old.open(ctx, ""); err != nil {
 		t.Fatal(err)
 	}

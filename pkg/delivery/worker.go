@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -65,7 +66,8 @@ type worker struct {
 	pending    map[string]uint64 // per source: messages its stream holds for the unit beyond the last one read
 	traces     []string          // their traceparents, when tracing is on
 	retryNow   chan struct{}
-	// validUntil is the lease, in Unix nanoseconds, minus a margin.
+	// validUntil ends the worker's lease (Unix nanoseconds) before the
+	// process's (a test seam: none by default).
 	validUntil atomic.Int64
 	token      string // this process's fencing token
 }
@@ -78,14 +80,15 @@ func (w *worker) owned() error {
 	if time.Now().UnixNano() > w.validUntil.Load() {
 		return fmt.Errorf("%w: %s not renewed in time", ErrLeaseLost, w.u)
 	}
-	return nil
+	return w.d.leases.valid()
 }
 
 func newWorker(d *Delivery, u Unit, s *sink) *worker {
 	w := &worker{d: d, u: u, s: s, s2: s.client, log: d.log.With("unit", u.String()), token: d.leases.id,
 		batch:    s2sink.NewBatch(s.cfg.Batch.MaxRecords, s.cfg.Batch.MaxBytes),
 		retryNow: make(chan struct{}, 1), resync: make(chan struct{}, 1)}
-	w.parks = newUnitParks(d.js, u, w.token)
+	w.validUntil.Store(math.MaxInt64)
+	w.parks = newUnitParks(d.js, d.parked, u, w.token)
 	return w
 }
 
@@ -148,21 +151,31 @@ func (w *worker) session(ctx context.Context) error {
 	w.batch.Reset()
 	w.seqs, w.traces = w.seqs[:0], w.traces[:0]
 	c := w.s2
-	if w.s.cfg.CreateStream {
-		if err := c.CreateStream(ctx, w.u.Basin, w.u.Stream); err != nil {
-			return err
-		}
+	// Sessions start a few at a time: thousands of units starting at once
+	// (a takeover) would queue more JetStream API requests than the server
+	// answers within their timeout, and every one would start again.
+	release, err := w.d.startSlot(ctx)
+	if err != nil {
+		return err
 	}
+	defer release()
 	// Fence the stream with this process's token: a previous owner that
 	// still holds messages can no longer append them.
 	if err := w.owned(); err != nil {
 		return err
 	}
+	_, err = c.Fence(ctx, w.u.Basin, w.u.Stream, w.token)
+	if notFound(err) && w.s.cfg.CreateStream { // created when first missing, not at every session
+		if err := c.CreateStream(ctx, w.u.Basin, w.u.Stream); err != nil {
+			return err
+		}
+		_, err = c.Fence(ctx, w.u.Basin, w.u.Stream, w.token)
+	}
 	// A missing stream cannot be fenced: go on unfenced, so its appends
 	// fail visibly (and reach the dead-letter stream after
 	// retry.max_attempts); once it exists the first append meets the fence
 	// mismatch and the next session fences it.
-	if _, err := c.Fence(ctx, w.u.Basin, w.u.Stream, w.token); err != nil && !notFound(err) {
+	if err != nil && !notFound(err) {
 		return err
 	}
 	res, err := s2sink.FindResume(ctx, c, w.u.Basin, w.u.Stream)
@@ -210,6 +223,7 @@ func (w *worker) session(ctx context.Context) error {
 			return err
 		}
 	}
+	release()
 	w.log.Debug("delivering", "after", w.done, "s2_tail", res.Tail, "parked_groups", w.parks.count())
 
 	linger := w.s.cfg.Batch.Linger.D()
@@ -222,6 +236,10 @@ func (w *worker) session(ctx context.Context) error {
 	defer sub.Unsubscribe()
 	for {
 		var m jetstream.Msg
+		var drain <-chan time.Time // idle units wake for nothing (a blocked-on ticker only)
+		if w.parks.count() > 0 {
+			drain = drainTick.C
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -229,7 +247,7 @@ func (w *worker) session(ctx context.Context) error {
 			return fmt.Errorf("read %s: %w", w.u, err)
 		case <-w.resync:
 			return errResync
-		case <-drainTick.C:
+		case <-drain:
 			if err := w.drainWhileIdle(ctx, msgs); err != nil {
 				return err
 			}
