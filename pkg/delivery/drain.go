@@ -200,7 +200,8 @@ func (p *unitParks) head(ctx context.Context, group string, max, maxBytes int) (
 		}
 		pos, err := bus.ParseDeliveryPos(m.Header.Get(HeaderDeliverySeq))
 		if err != nil {
-			return nil, fmt.Errorf("parked message %d: %w", m.Sequence, err)
+			return nil, fmt.Errorf("parked message %d of %s was parked by an earlier pgs2 (%w): empty the parks with that build before upgrading, or acknowledge it (pgs2ctl messages ack)",
+				m.Sequence, p.u, err)
 		}
 		out = append(out, &parkedMsg{seq: m.Sequence, pos: pos, header: m.Header, body: m.Data})
 		bytes += len(m.Data)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -69,5 +70,29 @@ func TestGroupIDsDoNotCollide(t *testing.T) {
 	}
 	if groupID("S", []byte("public.t"), []byte(a)) == groupID("T", []byte("public.t"), []byte(a)) {
 		t.Fatalf("group %s of two sources shares a park", a)
+	}
+}
+
+// TestEarlierParksAreNamed: a message parked by a pgs2 before delivery
+// streams per source (its position has no stream) stops the unit's drain
+// with an error that says where it comes from and what to do, not a bare
+// parse error.
+func TestEarlierParksAreNamed(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	u := Unit{"s", testBasin, "legacy"}
+	g := "12345678"
+	m := &nats.Msg{Subject: ParkSubject(u, g), Header: nats.Header{}, Data: []byte("{}")}
+	m.Header.Set(HeaderDeliverySeq, "41.0") // the earlier format: <seq>.<index>
+	if _, err := h.js.PublishMsg(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	p := newUnitParks(h.js, nil, u, "w")
+	if err := p.open(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	_, err := p.head(ctx, g, 10, 1<<20)
+	if err == nil || !strings.Contains(err.Error(), "earlier pgs2") || !strings.Contains(err.Error(), "pgs2ctl messages ack") {
+		t.Fatalf("head of an earlier park: %v, want an error naming the earlier pgs2 and the fix", err)
 	}
 }
