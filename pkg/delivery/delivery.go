@@ -228,6 +228,11 @@ func (d *Delivery) Run(ctx context.Context) error {
 		d.reg.mu.Unlock()
 	}, d.reg.put)
 	defer d.stopAll()
+	// The first round claims at once: the watches deliver what the buckets
+	// hold within milliseconds (a round before would wait a whole tick).
+	for wait := time.Now().Add(5 * time.Second); !(d.leases.ready() && d.reg.ready()) && time.Now().Before(wait) && ctx.Err() == nil; {
+		time.Sleep(2 * time.Millisecond)
+	}
 	t := time.NewTicker(d.cfg.Discover)
 	defer t.Stop()
 	for {
