@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
@@ -192,18 +193,13 @@ func (d *Delivery) Reload(sinks []config.Sink) (restart []string, err error) {
 // Run delivers until ctx ends: it keeps a fair share of the units leased,
 // runs a worker for each, and releases them on the way out.
 func (d *Delivery) Run(ctx context.Context) error {
-	err := SetUp(ctx, d.log, d.state, func(ctx context.Context) (err error) {
-		if d.parked, err = EnsureParkedStream(ctx, d.js, d.cfg.Replicas); err != nil {
-			return err
-		}
-		if d.failures, err = EnsureFailures(ctx, d.js, d.cfg.Replicas); err != nil {
-			return err
-		}
-		if d.unitsKV, err = bus.EnsureUnits(ctx, d.js, d.cfg.Replicas); err != nil {
-			return err
-		}
-		d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas)
-		return err
+	err := SetUp(ctx, d.log, d.state, func(ctx context.Context) error {
+		g, ctx := errgroup.WithContext(ctx) // independent: at once, for a quick start
+		g.Go(func() (err error) { d.parked, err = EnsureParkedStream(ctx, d.js, d.cfg.Replicas); return err })
+		g.Go(func() (err error) { d.failures, err = EnsureFailures(ctx, d.js, d.cfg.Replicas); return err })
+		g.Go(func() (err error) { d.unitsKV, err = bus.EnsureUnits(ctx, d.js, d.cfg.Replicas); return err })
+		g.Go(func() (err error) { d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas); return err })
+		return g.Wait()
 	})
 	if err != nil {
 		if ctx.Err() != nil {
