@@ -4,7 +4,7 @@ BIN     := bin
 SERVICES := capture router delivery s2local pgs2ctl
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build test bench lint proto run run-clean clean
+.PHONY: all build test soak scale bench lint proto run run-clean clean
 
 all: build
 
@@ -15,6 +15,17 @@ build:
 # Every test: unit, integration (real PostgreSQL + JetStream) and fault tests.
 test:
 	$(GO) test -count=1 -timeout 30m ./...
+
+# The soak test for 5 minutes (make test runs it for 60s): two sources,
+# every service SIGKILLed and restarted, NATS restarts, S2 storms, parks;
+# PGS2_SOAK_SEED replays a seed.
+soak:
+	PGS2_SOAK=5m $(GO) test -count=1 -timeout 60m -run 'TestSoak' -v ./soak/
+
+# 10,000 S2 streams, 3 delivery processes: idle cost and takeover (make
+# test runs 300; see docs/benchmarks.md).
+scale:
+	PGS2_SCALE_STREAMS=10000 $(GO) test -count=1 -timeout 40m -run 'TestScaleStreams' -v ./pkg/delivery/
 
 # Benchmarks (see docs/benchmarks.md).
 bench: build

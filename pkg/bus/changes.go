@@ -122,19 +122,23 @@ func (r *ChangesResume) Skip(pos change.Position, key []byte) bool {
 // last message and, when that ends an interrupted round, the keys the
 // round's stored messages carry. Capture is the stream's only writer, so a
 // round's messages are the stream's last ones.
-func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (ChangesResume, error) {
+//
+// Every read goes to the stream's leader (its state, and LeaderMsg): the
+// last message must be the one at the LastSeq the chain goes on from.
+func ResumeChanges(ctx context.Context, js jetstream.JetStream, stream, source string) (ChangesResume, error) {
 	filter := ChangesFilter(source)
-	info, err := s.Info(ctx)
+	s, err := js.Stream(ctx, stream)
 	if err != nil {
 		return ChangesResume{}, fmt.Errorf("read the state of the changes stream: %w", err)
 	}
+	info := s.CachedInfo()
 	last := info.State.LastSeq
 	if info.State.Msgs == 0 {
 		return ChangesResume{LastSeq: last}, nil
 	}
 	// The chain goes on from LastSeq; the headers come from the last
 	// message still stored (an operator may have deleted the very last).
-	m, err := s.GetLastMsgForSubject(ctx, filter)
+	m, err := LeaderMsg(ctx, js, stream, 0, filter)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return ChangesResume{LastSeq: last}, nil
 	}
@@ -165,7 +169,7 @@ func ResumeChanges(ctx context.Context, s jetstream.Stream, source string) (Chan
 	r.Partial, r.Stored = true, map[string]bool{}
 	first := m.Header.Get(HeaderRoundFirst)
 	for seq := m.Sequence; seq > 0; seq-- {
-		sm, err := s.GetMsg(ctx, seq)
+		sm, err := LeaderMsg(ctx, js, stream, seq, "")
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			break
 		}

@@ -188,7 +188,8 @@ func TestResumeAfterTheLastMessageIsDeleted(t *testing.T) {
 	if err := s.DeleteMsg(ctx, 2); err != nil {
 		t.Fatal(err)
 	}
-	r, err := bus.ResumeChanges(ctx, s, "app")
+	js, _ := jetstream.New(nc)
+	r, err := bus.ResumeChanges(ctx, js, "PGS2_CHANGES", "app")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -163,7 +163,7 @@ var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.
 // session streams from the slot's confirmed position, skipping the changes
 // the stream already holds, until an error or ctx ends.
 func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db string) (err error) {
-	resume, err := bus.ResumeChanges(ctx, stream, c.cfg.Source)
+	resume, err := bus.ResumeChanges(ctx, c.js, c.cfg.Stream.Name, c.cfg.Source)
 	if err != nil {
 		return err
 	}

@@ -69,14 +69,10 @@ func TestLargeTransaction(t *testing.T) {
 	e.pg.MustExec(t, "app", fmt.Sprintf(`INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, %d) g`, n))
 
 	ctx := context.Background()
-	stream, err := e.js.Stream(ctx, "PGS2_CHANGES")
-	if err != nil {
-		t.Fatal(err)
-	}
 	// Progress: the rows up to the end of the last complete round (one
 	// transaction, so a change's index counts the rows before it).
 	count := func() uint64 {
-		r, err := bus.ResumeChanges(ctx, stream, "app")
+		r, err := bus.ResumeChanges(ctx, e.js, "PGS2_CHANGES", "app")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -199,7 +199,9 @@ func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err err
 	}
 	// The chain goes on from LastSeq; the headers come from the last
 	// message still stored (an operator may have deleted the very last).
-	m, err := delivery.GetLastMsgForSubject(ctx, bus.DeliveryFilter(r.cfg.Source))
+	// From the leader (bus.LeaderMsg): a lagging replica's last message is
+	// older than LastSeq, and the rounds in between would go out twice.
+	m, err := bus.LeaderMsg(ctx, r.js, r.cfg.Delivery.Name, 0, bus.DeliveryFilter(r.cfg.Source))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return lr, false, nil
 	}
