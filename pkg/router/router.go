@@ -68,6 +68,9 @@ type chain interface {
 	Publish(ctx context.Context, subject, id string, body []byte) error
 	SetHeader(name, value string)
 	Err() error
+	// Failed is closed once the publisher broke (a lost connection, no
+	// PubAck in time): the session ends then, not at its next input.
+	Failed() <-chan struct{}
 	Close(ctx context.Context) error
 }
 
@@ -250,7 +253,9 @@ func (r *Router) session(ctx context.Context) error {
 	if r.wrap != nil {
 		pub = r.wrap(pub)
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.Window))
+	// Heartbeats every second: a lost leader is noticed in about two (the
+	// default, 5 s, took 10 s and more).
+	it, err := cons.Messages(jetstream.PullMaxMessages(2*r.cfg.Window), jetstream.PullHeartbeat(time.Second), jetstream.PullExpiry(5*time.Second))
 	if err != nil {
 		_ = pub.Close(ctx)
 		return fmt.Errorf("read %s: %w", r.cfg.ChangesStream, err)
@@ -416,6 +421,9 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 				case <-ctx.Done():
 					linger.Stop()
 					return input{}, ctx.Err()
+				case <-s.pub.Failed():
+					linger.Stop()
+					return input{}, s.pub.Err()
 				case <-linger.C:
 				}
 			}
@@ -428,6 +436,8 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 			return item, nil
 		case <-ctx.Done():
 			return input{}, ctx.Err()
+		case <-s.pub.Failed():
+			return input{}, s.pub.Err()
 		}
 	}
 }
