@@ -30,6 +30,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
 // clockTicks is USER_HZ, the unit of utime/stime in /proc/<pid>/stat (100 on Linux).
@@ -246,14 +247,14 @@ func runRecvLogical(ctx context.Context, t *testing.T, w *workload, bin, slot st
 	cmd.Stderr = &stderr
 	waitQuiet(t)
 	ws := sampleWalsender(ctx, t, w.pg, slot)
-	sys0, self0, pt0 := readSysCPU(), procCPU(os.Getpid()), readProcTable()
+	sys0, self0, pt0 := readSysCPU(), proctest.CPU(os.Getpid()), readProcTable()
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start pg_recvlogical: %v", err)
 	}
 	err := cmd.Wait()
 	dur := time.Since(start)
-	sys1, self1, pt1 := readSysCPU(), procCPU(os.Getpid()), readProcTable()
+	sys1, self1, pt1 := readSysCPU(), proctest.CPU(os.Getpid()), readProcTable()
 	wsCPU, wsPid := ws()
 	if err != nil {
 		t.Fatalf("pg_recvlogical: %v\n%s", err, stderr.String())
@@ -462,9 +463,9 @@ nats:
 	}
 
 	waitQuiet(t)
-	natsCPU0 := procCPU(ns.pid())
+	natsCPU0 := proctest.CPU(ns.pid())
 	ws := sampleWalsender(ctx, t, pg, slot)
-	sys0, self0, pt0 := readSysCPU(), procCPU(os.Getpid()), readProcTable()
+	sys0, self0, pt0 := readSysCPU(), proctest.CPU(os.Getpid()), readProcTable()
 	capLog := filepath.Join(dir, "capture.log")
 	start := time.Now()
 	cp := startProcess(t, captureBin, capLog, "--config", cfgPath, "--http-addr", fmt.Sprintf("127.0.0.1:%d", httpPort))
@@ -514,10 +515,10 @@ nats:
 	}
 	r.changesPer = float64(n) / r.dur.Seconds()
 	r.rssHWM = procHWM(cp.pid())
-	r.cpuAtN = procCPU(cp.pid())
-	r.natsCPU = procCPU(ns.pid()) - natsCPU0
+	r.cpuAtN = proctest.CPU(cp.pid())
+	r.natsCPU = proctest.CPU(ns.pid()) - natsCPU0
 	r.machine = readSysCPU().sub(sys0)
-	self, pt1 := procCPU(os.Getpid())-self0, readProcTable()
+	self, pt1 := proctest.CPU(os.Getpid())-self0, readProcTable()
 	var wsPid int
 	r.walsender, wsPid = ws()
 	r.others = r.machine.busy - r.cpuAtN - r.natsCPU - r.walsender - self
@@ -894,7 +895,7 @@ func sampleWalsender(ctx context.Context, t *testing.T, pg *pgtest.Instance, slo
 				}
 				continue
 			}
-			if c := procCPU(pid); c > 0 {
+			if c := proctest.CPU(pid); c > 0 {
 				mu.Lock()
 				last = c
 				mu.Unlock()
@@ -963,7 +964,7 @@ func readProcTable() procTable {
 		if i < 0 || j < i {
 			continue
 		}
-		pt[pid] = procEntry{comm: s[i+1 : j], cpu: procCPU(pid)}
+		pt[pid] = procEntry{comm: s[i+1 : j], cpu: proctest.CPU(pid)}
 	}
 	return pt
 }
@@ -1023,26 +1024,6 @@ func waitQuiet(t *testing.T) {
 			return
 		}
 	}
-}
-
-// procCPU returns a process's user+system CPU from /proc (0 if it is gone).
-func procCPU(pid int) time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14
-	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15
-	return time.Duration(ut+st) * time.Second / clockTicks
 }
 
 // procHWM returns a process's peak resident set size (VmHWM) in bytes.

@@ -25,6 +25,7 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/pgtest"
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
 const e2eBasin = "bench-basin"
@@ -412,7 +413,7 @@ func (c *s2Counter) check(ctx context.Context, t *testing.T, want map[string]int
 func procsCPU(ps ...*process) []time.Duration {
 	var out []time.Duration
 	for _, p := range ps {
-		out = append(out, procCPU(p.pid()))
+		out = append(out, proctest.CPU(p.pid()))
 	}
 	return out
 }

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/s2-streamstore/s2-sdk-go/s2"
+
+	"github.com/pgs2/pgs2/pkg/proctest"
 )
 
 // s2BenchTarget is the records/s target for appends through the SDK.
@@ -125,7 +127,7 @@ func s2BenchRun(t *testing.T, basin *s2.BasinClient, stream string, session bool
 	var appended [s2BenchWriters]int
 	errs := make(chan error, s2BenchWriters)
 	var wg sync.WaitGroup
-	serverCPU0, clientCPU0 := s2BenchProcCPU(serverPID), s2BenchSelfCPU()
+	serverCPU0, clientCPU0 := proctest.CPU(serverPID), s2BenchSelfCPU()
 	start := time.Now()
 	for w := range s2BenchWriters {
 		wg.Add(1)
@@ -198,7 +200,7 @@ func s2BenchRun(t *testing.T, basin *s2.BasinClient, stream string, session bool
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
-	serverCPU, clientCPU := s2BenchProcCPU(serverPID)-serverCPU0, s2BenchSelfCPU()-clientCPU0
+	serverCPU, clientCPU := proctest.CPU(serverPID)-serverCPU0, s2BenchSelfCPU()-clientCPU0
 	close(errs)
 	for err := range errs {
 		t.Fatalf("%s: %v", stream, err)
@@ -324,19 +326,6 @@ func s2BenchBuild(t *testing.T, out string) {
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build s2local: %v\n%s", err, b)
 	}
-}
-
-// s2BenchProcCPU is a process's utime+stime from /proc/<pid>/stat.
-func s2BenchProcCPU(pid int) time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
 }
 
 func s2BenchSelfCPU() time.Duration {

@@ -164,9 +164,9 @@ sinks:
 
 	time.Sleep(3 * time.Second) // let start-up work settle
 	const window = 10 * time.Second
-	api0, cpu0 := jsAPITotal(p.ns), cpuTimes(t, procs)
+	api0, cpu0 := jsAPITotal(p.ns), cpuTimes(procs)
 	time.Sleep(window)
-	api1, cpu1 := jsAPITotal(p.ns), cpuTimes(t, procs)
+	api1, cpu1 := jsAPITotal(p.ns), cpuTimes(procs)
 	owned := 0
 	for i := range procs {
 		units := metricText(t, procs[i], "pgs2_delivery_units_owned")
@@ -247,19 +247,10 @@ func metricText(t *testing.T, pr *proctest.Proc, name string) string {
 }
 
 // cpuTimes is each process's user+system CPU time so far.
-func cpuTimes(t *testing.T, procs []*proctest.Proc) []time.Duration {
-	t.Helper()
+func cpuTimes(procs []*proctest.Proc) []time.Duration {
 	out := make([]time.Duration, len(procs))
 	for i, pr := range procs {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pr.Cmd.Process.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:]) // fields from 3 on
-		ut, _ := strconv.ParseInt(f[11], 10, 64)
-		st, _ := strconv.ParseInt(f[12], 10, 64)
-		out[i] = time.Duration(ut+st) * time.Second / 100 // USER_HZ
+		out[i] = proctest.CPU(pr.Cmd.Process.Pid)
 	}
 	return out
 }

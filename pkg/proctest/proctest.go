@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -151,4 +152,28 @@ func (p *Proc) PeakRSS(t testing.TB) uint64 {
 	}
 	t.Fatal("no VmHWM")
 	return 0
+}
+
+// clockTicks is USER_HZ, the unit of utime/stime in /proc/<pid>/stat (100 on Linux).
+const clockTicks = 100
+
+// CPU is a process's user+system CPU time so far, from /proc (0 when it is
+// gone).
+func CPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')') // the command name may hold spaces
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14
+	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15
+	return time.Duration(ut+st) * time.Second / clockTicks
 }
