@@ -10,6 +10,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
 )
 
 // RoutersBucket holds one key per source whose router runs (value: the
@@ -19,7 +21,7 @@ import (
 const RoutersBucket = "PGS2_ROUTERS"
 
 // leaseTTL is how long a router that stopped renewing keeps its source
-// (a SIGKILLed one is replaced at once: it no longer answers pings).
+// (a SIGKILLed one is replaced at once: nobody answers its pings).
 const leaseTTL = 10 * time.Second
 
 // pingSubject is where a running router answers, so that a successor can
@@ -50,8 +52,7 @@ func openLease(ctx context.Context, js jetstream.JetStream, source string, repli
 		return nil, fmt.Errorf("KV bucket %s: %w", RoutersBucket, err)
 	}
 	l := &lease{nc: js.Conn(), kv: kv, key: source, id: newLeaseID(), ttl: leaseTTL}
-	// Answer for as long as the connection lives: while this router runs.
-	if _, err := l.nc.Subscribe(pingSubject(l.id), func(m *nats.Msg) { _ = m.Respond(nil) }); err != nil {
+	if err := bus.AnswerPings(l.nc, pingSubject(l.id)); err != nil {
 		return nil, fmt.Errorf("subscribe to %s: %w", pingSubject(l.id), err)
 	}
 	return l, nil
@@ -81,7 +82,8 @@ func (l *lease) acquire(ctx context.Context, r *Router) error {
 	}
 }
 
-// takeOver replaces a holder that does not answer (rev 0: it answers).
+// takeOver replaces a holder that is gone: no one answers its ping (rev
+// 0: it answers, or is hung and keeps the source until its key expires).
 func (l *lease) takeOver(ctx context.Context, r *Router) (uint64, error) {
 	e, err := l.kv.Get(ctx, l.key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -93,10 +95,9 @@ func (l *lease) takeOver(ctx context.Context, r *Router) (uint64, error) {
 	holder := string(e.Value())
 	if holder != l.id {
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		_, perr := l.nc.RequestWithContext(pctx, pingSubject(holder), nil)
+		gone := bus.Unanswered(pctx, l.nc, pingSubject(holder))
 		cancel()
-		gone := errors.Is(perr, nats.ErrNoResponders) || errors.Is(perr, context.DeadlineExceeded) || errors.Is(perr, nats.ErrTimeout)
-		if !gone || ctx.Err() != nil {
+		if !gone || ctx.Err() != nil { // a hung holder keeps the source until its key expires
 			if !l.waited {
 				l.waited = true
 				r.log.Warn("another router of this source is running; waiting until it stops (run one router per source)",
@@ -107,17 +108,12 @@ func (l *lease) takeOver(ctx context.Context, r *Router) (uint64, error) {
 		}
 	}
 	rev, err := l.kv.Update(ctx, l.key, []byte(l.id), e.Revision())
-	if wrongRevision(err) {
+	if bus.LostRace(err) {
 		return 0, nil // someone else was quicker
 	}
 	return rev, err
 }
 
-func wrongRevision(err error) bool {
-	var apiErr *jetstream.APIError
-	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyNotFound) ||
-		(errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence)
-}
 
 // keep renews the lease every quarter TTL until ctx ends, and calls lost
 // when another router took it or the lease ran out unrenewed.
@@ -137,7 +133,7 @@ func (l *lease) keep(ctx context.Context, lost func(error)) {
 		switch {
 		case err == nil:
 			l.rev, l.until = rev, sent.Add(l.ttl-l.ttl/5)
-		case wrongRevision(err):
+		case bus.LostRace(err):
 			lost(fmt.Errorf("another router took source %s over: %w", l.key, err))
 			return
 		case time.Now().After(l.until):

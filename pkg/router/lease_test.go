@@ -113,3 +113,34 @@ func TestOneRouterPerSource(t *testing.T) {
 func quietLog() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 }
+
+// TestHungRouterKeepsItsLeaseUntilTheTTL: a holder that is connected but
+// does not answer its ping (hung, not dead) keeps the source until its key
+// expires, as documented; a successor that took over after a ping timeout
+// would publish next to a router that may wake up with messages in flight.
+func TestHungRouterKeepsItsLeaseUntilTheTTL(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	kv, err := e.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: router.RoutersBucket, TTL: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Create(ctx, "app", []byte("r-hung")); err != nil {
+		t.Fatal(err)
+	}
+	held := time.Now()
+	sub, err := e.nc.Subscribe("pgs2.router.ping.r-hung", func(*nats.Msg) {}) // never answers
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	_, s, _ := e.runOwn(t, []config.Sink{{Name: "a", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "a"}})
+	time.Sleep(5 * time.Second)
+	if ok, why := s.Ready(); ok || !strings.Contains(why, "another router") {
+		t.Fatalf("a router took the source from a hung holder after 5 s (ready=%v, %q); want it to wait for the TTL", ok, why)
+	}
+	waitReady(t, s, 20*time.Second)
+	if d := time.Since(held); d < 10*time.Second {
+		t.Errorf("took over %s after the hung holder's last renewal, before its TTL (10 s)", d)
+	}
+}
