@@ -12,6 +12,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
 )
 
 // KV buckets that spread units over delivery processes.
@@ -77,8 +79,7 @@ func openLeases(ctx context.Context, js jetstream.JetStream, ttl time.Duration, 
 		return nil, fmt.Errorf("KV bucket %s: %w", WorkersBucket, err)
 	}
 	l := &leases{id: newID(), ttl: ttl, kv: kv, workers: workers, nc: js.Conn(), owners: map[string]owner{}, seen: map[string]time.Time{}}
-	// Answer pings for as long as the connection lives: while this process runs.
-	if _, err := l.nc.Subscribe(pingSubject(l.id), func(m *nats.Msg) { _ = m.Respond(nil) }); err != nil {
+	if err := bus.AnswerPings(l.nc, pingSubject(l.id)); err != nil {
 		return nil, fmt.Errorf("subscribe to %s: %w", pingSubject(l.id), err)
 	}
 	return l, nil
@@ -105,9 +106,9 @@ func (l *leases) probe(ctx context.Context) {
 	l.mu.Unlock()
 	for id, t := range late {
 		pctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := l.nc.RequestWithContext(pctx, pingSubject(id), nil)
+		gone := bus.Unanswered(pctx, l.nc, pingSubject(id))
 		cancel()
-		if errors.Is(err, nats.ErrNoResponders) {
+		if gone {
 			l.mu.Lock()
 			if l.seen[id].Equal(t) { // no heartbeat meanwhile
 				delete(l.seen, id)
@@ -257,8 +258,7 @@ func (l *leases) claim(ctx context.Context, u Unit) (rev uint64, ok bool, err er
 	} else {
 		rev, err = l.kv.Create(ctx, key, []byte(l.id))
 	}
-	var apiErr *jetstream.APIError
-	if errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence) {
+	if bus.LostRace(err) {
 		return 0, false, nil // taken meanwhile: the watch will say by whom
 	}
 	if err != nil {
