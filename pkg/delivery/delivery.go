@@ -218,11 +218,7 @@ func (d *Delivery) Run(ctx context.Context) error {
 		d.log.Warn("heartbeat failed; units stop at the lease's end unless it succeeds", "error", err)
 	})
 	go watchKV(wctx, d.failures, d.failed.sync, d.failed.put)
-	go watchKV(wctx, d.unitsKV, func() {
-		d.reg.mu.Lock()
-		d.reg.synced = true
-		d.reg.mu.Unlock()
-	}, d.reg.put)
+	go watchKV(wctx, d.unitsKV, d.reg.sync, d.reg.put)
 	defer d.stopAll()
 	// The first round claims at once: the watches deliver what the buckets
 	// hold within milliseconds (a round before would wait a whole tick).
@@ -422,6 +418,12 @@ func (r *registry) add(ref bus.UnitRef) {
 		r.refs[key] = ref
 		r.version++
 	}
+}
+
+func (r *registry) sync() {
+	r.mu.Lock()
+	r.synced = true
+	r.mu.Unlock()
 }
 
 func (r *registry) ready() bool {
