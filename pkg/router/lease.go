@@ -114,7 +114,6 @@ func (l *lease) takeOver(ctx context.Context, r *Router) (uint64, error) {
 	return rev, err
 }
 
-
 // keep renews the lease every quarter TTL until ctx ends, and calls lost
 // when another router took it or the lease ran out unrenewed.
 func (l *lease) keep(ctx context.Context, lost func(error)) {
