@@ -192,7 +192,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	}
 	defer repl.Close(context.Background())
 	err = pglogrepl.StartReplication(ctx, repl, c.cfg.Repl.Slot, 0, pglogrepl.StartReplicationOptions{
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + c.cfg.Repl.Publication + "'"},
+		PluginArgs: pgrepl.PluginArgs(c.cfg.Repl.Publication),
 	})
 	if err != nil {
 		return fmt.Errorf("start replication on slot %s: %w", c.cfg.Repl.Slot, err)
@@ -467,6 +467,8 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			s.span, s.traceparent = nil, ""
 			s.tp = s.tp[:0]
 		}
+	case pgrepl.EventMessage:
+		s.metrics.Messages.Inc()
 	case pgrepl.EventTruncate:
 		s.metrics.Truncates.Inc()
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)

@@ -16,6 +16,7 @@ type Capture struct {
 	Skipped      prometheus.Counter
 	Transactions prometheus.Counter
 	Truncates    prometheus.Counter
+	Messages     prometheus.Counter
 	Sessions     prometheus.Counter
 	ConfirmedLSN prometheus.Gauge
 	ServerLSN    prometheus.Gauge
@@ -40,6 +41,7 @@ func NewCapture(r prometheus.Registerer, inFlight func() float64) *Capture {
 		Skipped:      f("changes_skipped_total", "Changes re-read from the slot that JetStream already held."),
 		Transactions: f("transactions_total", "Transactions read from the slot."),
 		Truncates:    f("truncates_ignored_total", "TRUNCATE messages of captured tables, not emitted as changes."),
+		Messages:     f("logical_messages_total", "Logical decoding messages read from the slot (pg_logical_emit_message): pgs2's own markers and other applications'."),
 		Sessions:     f("sessions_total", "Replication sessions started (restarts after failures included)."),
 		ConfirmedLSN: g("confirmed_lsn", "LSN confirmed to Postgres (flush position of the slot)."),
 		ServerLSN:    g("server_wal_end_lsn", "Server WAL end from the last keepalive; minus confirmed_lsn is the slot's lag in bytes."),

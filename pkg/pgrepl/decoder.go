@@ -24,6 +24,7 @@ const (
 	EventRow                       // Row is set
 	EventCommit                    // a transaction ended; LSN = its end LSN (the one to confirm)
 	EventTruncate                  // TRUNCATE of captured tables: not emitted as changes
+	EventMessage                   // a logical decoding message (pg_logical_emit_message): Message is set
 )
 
 // Event is one decoded pgoutput message.
@@ -36,6 +37,27 @@ type Event struct {
 	Row      Row
 	// Tables names the truncated tables for EventTruncate.
 	Tables []string
+	// Message is the logical decoding message of an EventMessage (LSN is
+	// its own WAL position).
+	Message Message
+}
+
+// Message is a logical decoding message, written with
+// pg_logical_emit_message (pgoutput sends them with messages 'true').
+// A non-transactional one arrives at its place in the WAL, between the
+// transactions that committed before and after it.
+type Message struct {
+	Transactional bool
+	Prefix        string
+	// Content is valid until the next Decode.
+	Content []byte
+}
+
+// PluginArgs are the pgoutput options capture starts replication with:
+// protocol version 1, the publication, and logical decoding messages
+// (PostgreSQL 14 and later), which carry pgs2's own markers in the WAL.
+func PluginArgs(publication string) []string {
+	return []string{"proto_version '1'", "publication_names '" + publication + "'", "messages 'true'"}
 }
 
 // Row is one captured change, its JSON body ready to publish.
@@ -149,7 +171,14 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 			}
 		}
 		return ev, nil
-	default: // 'Y' type, 'O' origin, 'M' message: nothing to emit
+	case 'M':
+		m, err := pglogrepl.Parse(data)
+		if err != nil {
+			return Event{}, fmt.Errorf("parse logical decoding message: %w", err)
+		}
+		lm := m.(*pglogrepl.LogicalDecodingMessage)
+		return Event{Kind: EventMessage, LSN: uint64(lm.LSN), Message: Message{Transactional: lm.Transactional, Prefix: lm.Prefix, Content: lm.Content}}, nil
+	default: // 'Y' type, 'O' origin: nothing to emit
 		return Event{}, nil
 	}
 }
