@@ -17,11 +17,13 @@ import (
 //	commit_ms                  varint (-1 = unknown)
 //	traceparent, error         uvarint length + bytes each
 //	error kind                 one byte (version 2 on; ErrorKind)
+//	sink, backfill             uvarint length + bytes each (version 3 on)
 //	body                       uvarint length + bytes
 //
-// The message's HeaderEntries header holds the entry count. Version 1
-// (before error kinds) is still read: its errors are of ErrorUnknown.
-const batchVersion = 2
+// The message's HeaderEntries header holds the entry count. Versions 1
+// (before error kinds: its errors are of ErrorUnknown) and 2 (before sink
+// and backfill) are still read.
+const batchVersion = 3
 
 // ErrorKind says why a change cannot go on as it is, so that delivery can
 // branch on it without reading the error's text.
@@ -82,13 +84,19 @@ type Entry struct {
 	// capture could not carry): delivery parks it with its group.
 	Error     []byte
 	ErrorKind ErrorKind // why, when Error is set
-	Body      []byte
+	// Sink, when set, is the only sink the change is for (a backfill's
+	// read of one sink); empty: every sink of its table.
+	Sink []byte
+	// Backfill names the backfill a read belongs to (empty for changes
+	// from the WAL).
+	Backfill []byte
+	Body     []byte
 }
 
 // Size is the entry's encoded size.
 func (e *Entry) Size() int {
 	n := binary.MaxVarintLen64 + 1
-	for _, f := range [...][]byte{e.Key, e.Group, e.Action, e.Table, e.TraceParent, e.Error, e.Body} {
+	for _, f := range [...][]byte{e.Key, e.Group, e.Action, e.Table, e.TraceParent, e.Error, e.Sink, e.Backfill, e.Body} {
 		n += uvarintLen(uint64(len(f))) + len(f)
 	}
 	return n
@@ -122,6 +130,8 @@ func (b *BatchBuilder) Add(e *Entry) {
 	b.buf = appendField(b.buf, e.TraceParent)
 	b.buf = appendField(b.buf, e.Error)
 	b.buf = append(b.buf, byte(e.ErrorKind))
+	b.buf = appendField(b.buf, e.Sink)
+	b.buf = appendField(b.buf, e.Backfill)
 	b.buf = appendField(b.buf, e.Body)
 	b.n++
 }
@@ -159,7 +169,7 @@ func NewBatchReader(data []byte) *BatchReader {
 	switch {
 	case len(data) == 0:
 		r.err = fmt.Errorf("%w: empty body", ErrBadBatch)
-	case data[0] != batchVersion && data[0] != 1:
+	case data[0] < 1 || data[0] > batchVersion:
 		r.err = fmt.Errorf("%w: version %d, this build reads 1 to %d (run router and delivery of the same release)", ErrBadBatch, data[0], batchVersion)
 	default:
 		r.data, r.version = data[1:], data[0]
@@ -207,6 +217,10 @@ func (r *BatchReader) Next(e *Entry) bool {
 		}
 	case len(e.Error) > 0:
 		e.ErrorKind = ErrorUnknown
+	}
+	e.Sink, e.Backfill = nil, nil
+	if r.version >= 3 {
+		e.Sink, e.Backfill = field(), field()
 	}
 	e.Body = field()
 	if r.err != nil {

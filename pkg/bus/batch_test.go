@@ -18,6 +18,9 @@ func TestBatchRoundTrip(t *testing.T) {
 		if i%3 == 0 {
 			e.Error, e.ErrorKind, e.TraceParent = []byte("boom"), ErrorFunction, []byte("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
 		}
+		if i%4 == 1 {
+			e.Action, e.Sink, e.Backfill = []byte("read"), []byte("users-to-s2"), fmt.Appendf(nil, "bf-%d", i)
+		}
 		want = append(want, e)
 		before := b.Size()
 		b.Add(&e)
@@ -34,7 +37,8 @@ func TestBatchRoundTrip(t *testing.T) {
 	for r.Next(&e) {
 		w := want[i]
 		if !bytes.Equal(e.Key, w.Key) || !bytes.Equal(e.Group, w.Group) || !bytes.Equal(e.Action, w.Action) || !bytes.Equal(e.Table, w.Table) ||
-			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || e.ErrorKind != w.ErrorKind || !bytes.Equal(e.Body, w.Body) {
+			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || e.ErrorKind != w.ErrorKind || !bytes.Equal(e.Body, w.Body) ||
+			!bytes.Equal(e.Sink, w.Sink) || !bytes.Equal(e.Backfill, w.Backfill) {
 			t.Fatalf("entry %d = %+v, want %+v", i, e, w)
 		}
 		i++
@@ -76,11 +80,33 @@ func TestBatchVersion1(t *testing.T) {
 	}
 }
 
+// TestBatchVersion2: batches written before the sink and backfill fields
+// are still read; their changes are for every sink and not of a backfill.
+func TestBatchVersion2(t *testing.T) {
+	v2 := []byte{2}
+	for _, f := range []string{"k", `["1"]`, "insert", "public.t"} {
+		v2 = appendField(v2, []byte(f))
+	}
+	v2 = append(v2, 2) // commit_ms 1 (zigzag)
+	v2 = appendField(v2, nil)
+	v2 = appendField(v2, []byte("boom"))
+	v2 = append(v2, byte(ErrorFunction))
+	v2 = appendField(v2, []byte("{}"))
+	r := NewBatchReader(v2)
+	e := Entry{Sink: []byte("stale"), Backfill: []byte("stale")}
+	if !r.Next(&e) || string(e.Key) != "k" || e.ErrorKind != ErrorFunction || string(e.Body) != "{}" || e.Sink != nil || e.Backfill != nil {
+		t.Fatalf("v2 entry %+v, err %v", e, r.Err())
+	}
+	if r.Next(&e) || r.Err() != nil {
+		t.Fatalf("a second entry, or err %v", r.Err())
+	}
+}
+
 func TestBatchReaderRejects(t *testing.T) {
 	var b BatchBuilder
 	b.Add(&Entry{Key: []byte("k"), Body: []byte("hello")})
 	full := b.Bytes()
-	for _, data := range [][]byte{nil, {9}, full[:len(full)-1], append([]byte{1}, 0xff, 0xff)} {
+	for _, data := range [][]byte{nil, {0}, {9}, full[:len(full)-1], append([]byte{1}, 0xff, 0xff)} {
 		r := NewBatchReader(data)
 		var e Entry
 		for r.Next(&e) {

@@ -557,6 +557,9 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	upstream := string(in.Error) // capture could not carry the change itself
 	for _, i := range idxs {
 		sk := sinks.list[i]
+		if len(in.Sink) > 0 && string(in.Sink) != sk.Name {
+			continue // a backfill's read, for another sink
+		}
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
 		kind := bus.ErrorFunction
 		if upstream != "" {

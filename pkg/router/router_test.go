@@ -58,6 +58,12 @@ func newEnv(t *testing.T) *env {
 // change publishes one change as capture would, in its own transaction.
 func (e *env) change(t *testing.T, table, action string, id int, record string) change.Position {
 	t.Helper()
+	return e.changeFor(t, table, action, id, record, "", "")
+}
+
+// changeFor publishes a change for one sink only (a backfill's read).
+func (e *env) changeFor(t *testing.T, table, action string, id int, record, sink, backfill string) change.Position {
+	t.Helper()
 	e.lsn += 10
 	pos := change.Position{LSN: e.lsn, Idx: 0}
 	schema, tbl := config.SplitTable(table)
@@ -65,7 +71,8 @@ func (e *env) change(t *testing.T, table, action string, id int, record string) 
 		record, action, schema, tbl, pos.LSN, pos.Key(), id)
 	group := []byte(fmt.Sprintf(`["%d"]`, id))
 	var b bus.BatchBuilder
-	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte(action), Table: []byte(table), CommitMs: 1795341600123, Body: []byte(body)})
+	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte(action), Table: []byte(table), CommitMs: 1795341600123,
+		Sink: []byte(sink), Backfill: []byte(backfill), Body: []byte(body)})
 	if err := e.pub.Publish(context.Background(), e.sub.Subject(schema, tbl, group), pos.Key(), b.Bytes()); err != nil {
 		t.Errorf("publish a change: %v", err) // not Fatal: producers run in goroutines
 	}
@@ -107,6 +114,7 @@ type out struct {
 	Subject                          string
 	Header                           nats.Header // the delivery message's
 	Key, Group, Action, Table, Error string
+	Sink, Backfill                   string
 	CommitMs                         int64
 	Body                             map[string]any
 	Raw                              string
@@ -141,7 +149,8 @@ func (e *env) readOutputs(t *testing.T) []out {
 		k := 0
 		for r.Next(&en) {
 			o := out{Subject: m.Subject, Header: m.Header, Key: string(en.Key), Group: string(en.Group), Action: string(en.Action),
-				Table: string(en.Table), Error: string(en.Error), CommitMs: en.CommitMs, Raw: string(en.Body)}
+				Table: string(en.Table), Error: string(en.Error), Sink: string(en.Sink), Backfill: string(en.Backfill),
+				CommitMs: en.CommitMs, Raw: string(en.Body)}
 			_ = json.Unmarshal(en.Body, &o.Body)
 			res = append(res, o)
 			k++
@@ -230,6 +239,34 @@ func TestRouting(t *testing.T) {
 	}
 	if o := routed; o.CommitMs != 1795341600123 || o.Group != `["1"]` || o.Key == "" {
 		t.Errorf("entry %+v", o)
+	}
+}
+
+// TestReadsReachTheirSinkOnly: a backfill's read for one sink goes to that
+// sink alone, through its functions, and keeps its backfill id; a change
+// from the WAL goes to every sink of its table.
+func TestReadsReachTheirSinkOnly(t *testing.T) {
+	e := newEnv(t)
+	e.run(t, []config.Sink{
+		{Name: "a", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "a"},
+		{Name: "b", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "b", Transform: `{"id": record.id, "action": action}`},
+	})
+	e.changeFor(t, "public.users", "read", 1, `{"id":1}`, "b", "bf-1")
+	e.changeFor(t, "public.users", "read", 2, `{"id":2}`, "a", "bf-2")
+	e.changeFor(t, "public.users", "read", 3, `{"id":3}`, "gone", "bf-3") // a sink no longer configured
+	e.change(t, "public.users", "insert", 4, `{"id":4}`)
+	outs := e.outputs(t, 4)
+	got := map[string]bool{}
+	for _, o := range outs {
+		got[fmt.Sprintf("%s %s %s %s", strings.Split(o.Subject, ".")[3], o.Action, o.Group, o.Backfill)] = true
+		if o.Action == "read" && o.Sink == "b" && o.Raw != `{"action":"read","id":1}` {
+			t.Errorf("sink b's transform did not apply to its read: %s", o.Raw)
+		}
+	}
+	for _, w := range []string{`b read ["1"] bf-1`, `a read ["2"] bf-2`, `a insert ["4"] `, `b insert ["4"] `} {
+		if !got[w] {
+			t.Errorf("no output %q; got %v", w, got)
+		}
 	}
 }
 

@@ -125,6 +125,14 @@ func TestRecord(t *testing.T) {
 	if r.Timestamp == nil || *r.Timestamp != 1795341600123 {
 		t.Fatalf("timestamp %v, want the commit time in ms", r.Timestamp)
 	}
+	if _, ok := got["pgs2-backfill"]; ok {
+		t.Fatal("a change from the WAL has a pgs2-backfill header")
+	}
+	e.Action, e.Backfill = []byte("read"), []byte("bf-7")
+	r = Record(e, []byte(`{}`), bus.DeliveryPos{Stream: "A@1", Seq: 43})
+	if h := r.Headers[len(r.Headers)-1]; string(h.Name) != "pgs2-backfill" || string(h.Value) != "bf-7" {
+		t.Fatalf("a read's last header is %s=%s, want pgs2-backfill=bf-7", h.Name, h.Value)
+	}
 }
 
 // TestSealKeepsItsRoom: a batch that reserved room takes the resume

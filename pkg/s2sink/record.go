@@ -11,6 +11,8 @@ const (
 	HeaderIdempotencyKey = "idempotency-key"
 	HeaderAction         = "action"
 	HeaderTable          = "table"
+	// HeaderBackfill names the backfill a `read` record belongs to.
+	HeaderBackfill = "pgs2-backfill"
 )
 
 var (
@@ -18,10 +20,12 @@ var (
 	nameAction = []byte(HeaderAction)
 	nameTable  = []byte(HeaderTable)
 	nameSeq    = []byte(HeaderSeq)
+	nameBF     = []byte(HeaderBackfill)
 )
 
 // Record builds the S2 record of a routed change: body, headers
-// idempotency-key, action and table (so readers can drop duplicates and
+// idempotency-key, action and table, and pgs2-backfill on a backfill's
+// reads (so readers can drop duplicates and
 // route without parsing), and the commit time in ms as the timestamp. The
 // record points into e's fields and body; they must outlive the append.
 //
@@ -36,6 +40,9 @@ func Record(e *bus.Entry, body []byte, pos bus.DeliveryPos) s2.AppendRecord {
 			{Name: nameTable, Value: e.Table},
 			{Name: nameSeq, Value: []byte(pos.String())},
 		},
+	}
+	if len(e.Backfill) > 0 {
+		r.Headers = append(r.Headers, s2.Header{Name: nameBF, Value: e.Backfill})
 	}
 	if e.CommitMs >= 0 {
 		ms := uint64(e.CommitMs)
