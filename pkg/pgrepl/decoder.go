@@ -188,26 +188,48 @@ var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 func pgTime(us int64) time.Time { return pgEpoch.Add(time.Duration(us) * time.Microsecond) }
 
 func (d *Decoder) relation(ctx context.Context, m *pglogrepl.RelationMessage) error {
-	r := &relation{schema: m.Namespace, table: m.RelationName}
 	name := m.Namespace + "." + m.RelationName
-	d.rels[m.RelationID] = r
 	if !d.tables[name] {
-		r.ignored = true
+		d.rels[m.RelationID] = &relation{schema: m.Namespace, table: m.RelationName, ignored: true}
 		return nil
 	}
-	idx := map[string]int{}
+	cols := make([]columnDesc, len(m.Columns))
 	for i, c := range m.Columns {
-		t, err := d.cat.typeOf(ctx, c.DataType)
-		if err != nil {
-			return err
-		}
-		n := appendStringS(nil, c.Name)
-		r.cols = append(r.cols, column{name: append(n, ':'), typ: t, key: c.Flags&1 != 0, rawKey: c.Name})
-		idx[c.Name] = i
+		cols[i] = columnDesc{name: c.Name, oid: c.DataType, key: c.Flags&1 != 0}
 	}
-	pk, err := d.cat.primaryKey(ctx, m.RelationID)
+	r, err := newRelation(ctx, d.cat, m.RelationID, m.Namespace, m.RelationName, cols, d.groupCols[name])
 	if err != nil {
 		return err
+	}
+	d.rels[m.RelationID] = r
+	return nil
+}
+
+// columnDesc is a column as a relation message (or the catalog) names it.
+type columnDesc struct {
+	name string
+	oid  uint32
+	key  bool // part of the replica identity
+}
+
+// newRelation describes a table's columns, primary key and group for
+// encoding its rows (from the WAL, or read by a backfill).
+func newRelation(ctx context.Context, cat *catalog, relid uint32, schema, table string, descs []columnDesc, groupCols []string) (*relation, error) {
+	r := &relation{schema: schema, table: table}
+	name := schema + "." + table
+	idx := map[string]int{}
+	for i, c := range descs {
+		t, err := cat.typeOf(ctx, c.oid)
+		if err != nil {
+			return nil, err
+		}
+		n := appendStringS(nil, c.name)
+		r.cols = append(r.cols, column{name: append(n, ':'), typ: t, key: c.key, rawKey: c.name})
+		idx[c.name] = i
+	}
+	pk, err := cat.primaryKey(ctx, relid)
+	if err != nil {
+		return nil, err
 	}
 	for _, c := range pk {
 		if i, ok := idx[c]; ok {
@@ -222,23 +244,23 @@ func (d *Decoder) relation(ctx context.Context, m *pglogrepl.RelationMessage) er
 		}
 	}
 	r.group = r.pk
-	if cols := d.groupCols[name]; len(cols) > 0 {
+	if len(groupCols) > 0 {
 		r.group = nil
-		for _, c := range cols {
+		for _, c := range groupCols {
 			i, ok := idx[c]
 			if !ok {
-				return &SetupError{Problem: fmt.Sprintf("group column %q does not exist in table %s", c, name), Fix: "fix group_columns in the sink config"}
+				return nil, &SetupError{Problem: fmt.Sprintf("group column %q does not exist in table %s", c, name), Fix: "fix group_columns in the sink config"}
 			}
 			r.group = append(r.group, i)
 		}
 	}
 	meta := []byte(`,"metadata":{"table_schema":`)
-	meta = appendStringS(meta, m.Namespace)
+	meta = appendStringS(meta, schema)
 	meta = append(meta, `,"table_name":`...)
-	meta = appendStringS(meta, m.RelationName)
+	meta = appendStringS(meta, table)
 	meta = append(meta, `,"commit_timestamp":"`...)
 	r.meta = meta
-	return nil
+	return r, nil
 }
 
 func (t *tuple) decode(src []byte) (int, error) {
@@ -343,28 +365,34 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 		}
 		b = append(b, `,"changes":null`...)
 	}
-	b = append(b, `,"action":"`...)
-	b = append(b, row.Action...)
-	b = append(b, '"')
-	b = append(b, r.meta...)
-	b = append(b, d.commitTS...)
-	b = append(b, `","commit_lsn":`...)
-	b = strconv.AppendUint(b, d.commitLSN, 10)
-	b = append(b, `,"commit_idx":`...)
-	b = strconv.AppendInt(b, int64(row.Pos.Idx), 10)
-	b = append(b, `,"database_name":`...)
-	b = appendStringS(b, d.db)
-	b = append(b, `,"idempotency_key":"`...)
-	keyStart := len(b)
-	b = row.Pos.AppendKey(b)
-	d.key = append(d.key[:0], b[keyStart:]...)
-	b = append(b, `","record_pks":`...)
-	b = appendKeyValues(b, r.pk, rec, old)
-	b = append(b, `,"transaction_annotations":null}}`...)
-	d.body = b
+	d.body, d.key = appendTail(b, d.key, r, row.Action, d.commitTS, row.Pos, d.db, rec, old)
 	d.group = appendKeyValues(d.group[:0], r.group, rec, old)
 	row.Body, row.Group, row.Key = d.body, d.group, d.key
 	return Event{Kind: EventRow, Row: row}, nil
+}
+
+// appendTail ends a message body after its changes: action and metadata.
+// The idempotency key is also written into key.
+func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byte, pos change.Position, db string, rec, old *tuple) (body, keyOut []byte) {
+	b = append(b, `,"action":"`...)
+	b = append(b, action...)
+	b = append(b, '"')
+	b = append(b, r.meta...)
+	b = append(b, commitTS...)
+	b = append(b, `","commit_lsn":`...)
+	b = strconv.AppendUint(b, pos.LSN, 10)
+	b = append(b, `,"commit_idx":`...)
+	b = strconv.AppendInt(b, int64(pos.Idx), 10)
+	b = append(b, `,"database_name":`...)
+	b = appendStringS(b, db)
+	b = append(b, `,"idempotency_key":"`...)
+	keyStart := len(b)
+	b = pos.AppendKey(b)
+	key = append(key[:0], b[keyStart:]...)
+	b = append(b, `","record_pks":`...)
+	b = appendKeyValues(b, r.pk, rec, old)
+	b = append(b, `,"transaction_annotations":null}}`...)
+	return b, key
 }
 
 // appendRecord writes a tuple as a JSON object. Unchanged TOASTed values are

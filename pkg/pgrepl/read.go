@@ -1,0 +1,117 @@
+package pgrepl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgs2/pgs2/pkg/change"
+)
+
+// ReadEncoder encodes a table's rows, read with a query in text format on
+// a connection from Connect, as `read` messages: the same JSON as the
+// decoder writes for a change from the WAL (same session settings, same
+// value rendering), with changes null. It is not safe for concurrent use.
+type ReadEncoder struct {
+	db    string
+	rel   *relation
+	t     tuple
+	list  string   // the select list: quoted columns in pgoutput's order
+	pk    []string // primary key columns
+	body  []byte
+	group []byte
+	key   []byte
+}
+
+// ErrNoPrimaryKey means a table has no primary key to read it by.
+var ErrNoPrimaryKey = errors.New("table has no primary key")
+
+// NewReadEncoder describes schema.table: its columns as pgoutput sends
+// them (attnum order, no generated columns), primary key and group.
+func NewReadEncoder(ctx context.Context, conn *pgx.Conn, db, schema, table string, groupCols []string) (*ReadEncoder, error) {
+	qualified := pgx.Identifier{schema, table}.Sanitize()
+	var relid uint32
+	if err := conn.QueryRow(ctx, `SELECT $1::regclass::oid`, qualified).Scan(&relid); err != nil {
+		return nil, fmt.Errorf("look up table %s: %w", qualified, err)
+	}
+	rows, err := conn.Query(ctx, `SELECT attname::text, atttypid FROM pg_attribute
+		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum`, relid)
+	if err != nil {
+		return nil, fmt.Errorf("columns of %s: %w", qualified, err)
+	}
+	var descs []columnDesc
+	var names []string
+	for rows.Next() {
+		var c columnDesc
+		if err := rows.Scan(&c.name, &c.oid); err != nil {
+			return nil, fmt.Errorf("columns of %s: %w", qualified, err)
+		}
+		descs = append(descs, c)
+		names = append(names, pgx.Identifier{c.name}.Sanitize())
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("columns of %s: %w", qualified, err)
+	}
+	cat := newCatalog(conn)
+	pk, err := cat.primaryKey(ctx, relid)
+	if err != nil {
+		return nil, err
+	}
+	if len(pk) == 0 {
+		return nil, &SetupError{Problem: fmt.Sprintf("table %s.%s has no primary key, so a backfill cannot read it in order (%v)", schema, table, ErrNoPrimaryKey),
+			Fix: fmt.Sprintf("`ALTER TABLE %s ADD PRIMARY KEY (...);`", qualified)}
+	}
+	for i := range descs {
+		for _, k := range pk {
+			if descs[i].name == k {
+				descs[i].key = true
+			}
+		}
+	}
+	rel, err := newRelation(ctx, cat, relid, schema, table, descs, groupCols)
+	if err != nil {
+		return nil, err
+	}
+	return &ReadEncoder{db: db, rel: rel, list: strings.Join(names, ", "), pk: pk}, nil
+}
+
+// SelectList is the columns to select, quoted, in the order Encode takes.
+func (e *ReadEncoder) SelectList() string { return e.list }
+
+// PrimaryKey names the primary key columns in key order.
+func (e *ReadEncoder) PrimaryKey() []string { return e.pk }
+
+// Encode encodes one row (text values in SelectList's order; nil is NULL)
+// read at pos, at commitTS (formatted as the decoder formats commit times).
+// The Row's slices are valid until the next Encode.
+func (e *ReadEncoder) Encode(vals [][]byte, pos change.Position, commitTS []byte) (Row, error) {
+	if len(vals) != len(e.rel.cols) {
+		return Row{}, fmt.Errorf("%s.%s: a row of %d values, the table has %d columns (did its schema change?)", e.rel.schema, e.rel.table, len(vals), len(e.rel.cols))
+	}
+	t := &e.t
+	t.kinds, t.vals = t.kinds[:0], t.vals[:0]
+	for _, v := range vals {
+		k := byte('t')
+		if v == nil {
+			k = 'n'
+		}
+		t.kinds, t.vals = append(t.kinds, k), append(t.vals, v)
+	}
+	b := append(e.body[:0], `{"record":`...)
+	b = (&Decoder{}).appendRecord(b, e.rel, t, nil, false)
+	b = append(b, `,"changes":null`...)
+	e.body, e.key = appendTail(b, e.key, e.rel, change.Read, commitTS, pos, e.db, t, nil)
+	e.group = appendKeyValues(e.group[:0], e.rel.group, t, nil)
+	return Row{Pos: pos, Schema: e.rel.schema, Table: e.rel.table, Action: change.Read, Body: e.body, Group: e.group, Key: e.key}, nil
+}
+
+// FormatCommitTime formats a time in µs since the Unix epoch as the
+// decoder formats commit times.
+func FormatCommitTime(dst []byte, unixMicros int64) []byte {
+	return pgTime(unixMicros-pgEpochUnixMicros).AppendFormat(dst, "2006-01-02T15:04:05.000000Z07:00")
+}
+
+var pgEpochUnixMicros = pgEpoch.UnixMicro()
