@@ -82,6 +82,9 @@ func TestReadMatchesTheWAL(t *testing.T) {
 	if lm := got.Msg.Metadata; len(md.RecordPKs) != 2 || md.RecordPKs[1] != lm.RecordPKs[1] || md.RecordPKs[1] != "9007199254740993" {
 		t.Errorf("record_pks %v, live %v", md.RecordPKs, lm.RecordPKs)
 	}
+	if string(row.PK) != `["3","9007199254740993"]` {
+		t.Errorf("read PK %s", row.PK)
+	}
 	if !bytes.Equal(row.Group, got.Entry.Group) {
 		t.Errorf("group %s, live %s", row.Group, got.Entry.Group)
 	}

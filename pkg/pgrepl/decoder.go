@@ -74,6 +74,10 @@ type Row struct {
 	Body []byte
 	// Key is the idempotency key (Pos.Key()). Valid until the next Decode.
 	Key []byte
+	// PK is the row's record_pks (a JSON array of strings, as Group), and
+	// OldPK the old row's when an update sent it (the key may have
+	// changed). Valid until the next Decode.
+	PK, OldPK []byte
 }
 
 // Decoder turns pgoutput (protocol version 1) messages into events. It is
@@ -90,8 +94,8 @@ type Decoder struct {
 	commitTS  []byte
 	idx       int
 
-	newT, oldT       tuple
-	body, group, key []byte // reused: a Row is valid until the next Decode
+	newT, oldT              tuple
+	body, group, key, oldPK []byte // reused: a Row is valid until the next Decode
 }
 
 // NewDecoder returns a decoder for database db. conn (a normal connection)
@@ -365,15 +369,21 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 		}
 		b = append(b, `,"changes":null`...)
 	}
-	d.body, d.key = appendTail(b, d.key, r, row.Action, d.commitTS, row.Pos, d.db, rec, old)
+	var pk [2]int
+	d.body, d.key, pk = appendTail(b, d.key, r, row.Action, d.commitTS, row.Pos, d.db, rec, old)
 	d.group = appendKeyValues(d.group[:0], r.group, rec, old)
-	row.Body, row.Group, row.Key = d.body, d.group, d.key
+	row.Body, row.Group, row.Key, row.PK = d.body, d.group, d.key, d.body[pk[0]:pk[1]]
+	if data[0] == 'U' && old != nil {
+		d.oldPK = appendKeyValues(d.oldPK[:0], r.pk, old, nil)
+		row.OldPK = d.oldPK
+	}
 	return Event{Kind: EventRow, Row: row}, nil
 }
 
 // appendTail ends a message body after its changes: action and metadata.
-// The idempotency key is also written into key.
-func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byte, pos change.Position, db string, rec, old *tuple) (body, keyOut []byte) {
+// The idempotency key is also written into key; pk is where record_pks
+// is in the body.
+func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byte, pos change.Position, db string, rec, old *tuple) (body, keyOut []byte, pk [2]int) {
 	b = append(b, `,"action":"`...)
 	b = append(b, action...)
 	b = append(b, '"')
@@ -390,9 +400,11 @@ func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byt
 	b = pos.AppendKey(b)
 	key = append(key[:0], b[keyStart:]...)
 	b = append(b, `","record_pks":`...)
+	pk[0] = len(b)
 	b = appendKeyValues(b, r.pk, rec, old)
+	pk[1] = len(b)
 	b = append(b, `,"transaction_annotations":null}}`...)
-	return b, key
+	return b, key, pk
 }
 
 // appendRecord writes a tuple as a JSON object. Unchanged TOASTed values are

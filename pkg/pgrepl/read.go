@@ -103,9 +103,11 @@ func (e *ReadEncoder) Encode(vals [][]byte, pos change.Position, commitTS []byte
 	b := append(e.body[:0], `{"record":`...)
 	b = (&Decoder{}).appendRecord(b, e.rel, t, nil, false)
 	b = append(b, `,"changes":null`...)
-	e.body, e.key = appendTail(b, e.key, e.rel, change.Read, commitTS, pos, e.db, t, nil)
+	var pk [2]int
+	e.body, e.key, pk = appendTail(b, e.key, e.rel, change.Read, commitTS, pos, e.db, t, nil)
 	e.group = appendKeyValues(e.group[:0], e.rel.group, t, nil)
-	return Row{Pos: pos, Schema: e.rel.schema, Table: e.rel.table, Action: change.Read, Body: e.body, Group: e.group, Key: e.key}, nil
+	return Row{Pos: pos, Schema: e.rel.schema, Table: e.rel.table, Action: change.Read, Body: e.body, Group: e.group, Key: e.key,
+		PK: e.body[pk[0]:pk[1]]}, nil
 }
 
 // FormatCommitTime formats a time in µs since the Unix epoch as the
