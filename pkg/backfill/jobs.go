@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgs2/pgs2/pkg/bus"
 )
 
 // Bucket is the KV bucket of backfill jobs and their progress: the state
@@ -153,11 +155,8 @@ func (s *Store) SetState(ctx context.Context, id, state string) (Job, error) {
 		if err == nil {
 			return j, nil
 		}
-		if !errors.Is(err, jetstream.ErrKeyExists) {
-			var apiErr *jetstream.APIError
-			if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
-				return Job{}, fmt.Errorf("update backfill %s: %w", id, err)
-			}
+		if !bus.LostRace(err) {
+			return Job{}, fmt.Errorf("update backfill %s: %w", id, err)
 		}
 	}
 }

@@ -146,7 +146,7 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 		d.commitLSN = binary.BigEndian.Uint64(data[1:])
 		us := int64(binary.BigEndian.Uint64(data[9:]))
 		ts := pgTime(us)
-		d.commitTS = ts.AppendFormat(d.commitTS[:0], "2006-01-02T15:04:05.000000Z07:00")
+		d.commitTS = ts.AppendFormat(d.commitTS[:0], commitTimeLayout)
 		d.idx = 0
 		return Event{Kind: EventBegin, LSN: d.commitLSN, CommitMs: ts.UnixMilli()}, nil
 	case 'C':
@@ -188,6 +188,9 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 }
 
 var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// commitTimeLayout is metadata.commit_timestamp's: RFC 3339 in UTC with µs.
+const commitTimeLayout = "2006-01-02T15:04:05.000000Z07:00"
 
 func pgTime(us int64) time.Time { return pgEpoch.Add(time.Duration(us) * time.Microsecond) }
 
@@ -347,7 +350,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	switch data[0] {
 	case 'I':
 		row.Action = change.Insert
-		b = d.appendRecord(b, r, nu, nil, false)
+		b = appendRecord(b, r, nu, nil, false)
 		b = append(b, `,"changes":null`...)
 	case 'U':
 		row.Action = change.Update
@@ -356,7 +359,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 		if full {
 			fill = old
 		}
-		b = d.appendRecord(b, r, nu, fill, false)
+		b = appendRecord(b, r, nu, fill, false)
 		b = append(b, `,"changes":`...)
 		b = d.appendChanges(b, r, nu, old, oldKind)
 	case 'D':
@@ -365,7 +368,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 		if old == nil {
 			b = append(b, "{}"...)
 		} else {
-			b = d.appendRecord(b, r, old, nil, oldKind == 'K')
+			b = appendRecord(b, r, old, nil, oldKind == 'K')
 		}
 		b = append(b, `,"changes":null`...)
 	}
@@ -410,7 +413,7 @@ func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byt
 // appendRecord writes a tuple as a JSON object. Unchanged TOASTed values are
 // taken from fill (the old row) when it has them, else written as Sequin's
 // marker. keyOnly writes only replica identity columns.
-func (d *Decoder) appendRecord(b []byte, r *relation, t, fill *tuple, keyOnly bool) []byte {
+func appendRecord(b []byte, r *relation, t, fill *tuple, keyOnly bool) []byte {
 	b = append(b, '{')
 	first := true
 	for i, c := range r.cols {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -55,25 +56,19 @@ func NewReadEncoder(ctx context.Context, conn *pgx.Conn, db, schema, table strin
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("columns of %s: %w", qualified, err)
 	}
-	cat := newCatalog(conn)
-	pk, err := cat.primaryKey(ctx, relid)
+	// No column is marked as replica identity: without a primary key the
+	// relation has no key at all.
+	rel, err := newRelation(ctx, newCatalog(conn), relid, schema, table, descs, groupCols)
 	if err != nil {
 		return nil, err
 	}
-	if len(pk) == 0 {
+	if len(rel.pk) == 0 {
 		return nil, &SetupError{Problem: fmt.Sprintf("table %s.%s has no primary key, so a backfill cannot read it in order (%v)", schema, table, ErrNoPrimaryKey),
 			Fix: fmt.Sprintf("`ALTER TABLE %s ADD PRIMARY KEY (...);`", qualified)}
 	}
-	for i := range descs {
-		for _, k := range pk {
-			if descs[i].name == k {
-				descs[i].key = true
-			}
-		}
-	}
-	rel, err := newRelation(ctx, cat, relid, schema, table, descs, groupCols)
-	if err != nil {
-		return nil, err
+	pk := make([]string, len(rel.pk))
+	for j, i := range rel.pk {
+		pk[j] = rel.cols[i].rawKey
 	}
 	return &ReadEncoder{db: db, rel: rel, list: strings.Join(names, ", "), pk: pk}, nil
 }
@@ -101,7 +96,7 @@ func (e *ReadEncoder) Encode(vals [][]byte, pos change.Position, commitTS []byte
 		t.kinds, t.vals = append(t.kinds, k), append(t.vals, v)
 	}
 	b := append(e.body[:0], `{"record":`...)
-	b = (&Decoder{}).appendRecord(b, e.rel, t, nil, false)
+	b = appendRecord(b, e.rel, t, nil, false)
 	b = append(b, `,"changes":null`...)
 	var pk [2]int
 	e.body, e.key, pk = appendTail(b, e.key, e.rel, change.Read, commitTS, pos, e.db, t, nil)
@@ -113,7 +108,5 @@ func (e *ReadEncoder) Encode(vals [][]byte, pos change.Position, commitTS []byte
 // FormatCommitTime formats a time in µs since the Unix epoch as the
 // decoder formats commit times.
 func FormatCommitTime(dst []byte, unixMicros int64) []byte {
-	return pgTime(unixMicros-pgEpochUnixMicros).AppendFormat(dst, "2006-01-02T15:04:05.000000Z07:00")
+	return time.UnixMicro(unixMicros).UTC().AppendFormat(dst, commitTimeLayout)
 }
-
-var pgEpochUnixMicros = pgEpoch.UnixMicro()

@@ -24,9 +24,9 @@ var (
 )
 
 // Record builds the S2 record of a routed change: body, headers
-// idempotency-key, action and table, and pgs2-backfill on a backfill's
-// reads (so readers can drop duplicates and
-// route without parsing), and the commit time in ms as the timestamp. The
+// idempotency-key, action and table (so readers can drop duplicates and
+// route without parsing) and, on a backfill's reads, pgs2-backfill, and
+// the commit time in ms as the timestamp. The
 // record points into e's fields and body; they must outlive the append.
 //
 // pos, the change's delivery-stream position, goes in the pgs2-seq header:
