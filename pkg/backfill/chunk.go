@@ -19,6 +19,10 @@ import (
 // Prefix is the logical decoding message prefix of pgs2's watermarks.
 const Prefix = "pgs2"
 
+// FlushPrefix is the prefix of the transactional message that flushes a
+// watermark (ignored by readers).
+const FlushPrefix = "pgs2.flush"
+
 // Watermark kinds.
 const (
 	Low   = "low"   // the chunk's window opens: track the keys changed in its table
@@ -55,8 +59,16 @@ func Emit(ctx context.Context, conn *pgx.Conn, m Marker) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
+	// A non-transactional message is not flushed by itself, and walsenders
+	// send only flushed WAL: it would wait for the WAL writer
+	// (wal_writer_delay, 200ms by default). The same statement commits a
+	// transactional message, which flushes the WAL past it (locally: no
+	// wait for a synchronous standby). PostgreSQL 17's flush argument
+	// would do the same.
 	var lsn string
-	if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(false, $1, $2)::text`, Prefix, string(b)).Scan(&lsn); err != nil {
+	if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(false, $1, $2)::text
+		FROM (SELECT set_config('synchronous_commit', 'local', true), pg_logical_emit_message(true, $3, '')) AS flush`,
+		Prefix, string(b), FlushPrefix).Scan(&lsn); err != nil {
 		return 0, fmt.Errorf("write the %s watermark of %s chunk %d: %w", m.W, m.Table, m.Chunk, err)
 	}
 	l, err := pglogrepl.ParseLSN(lsn)
@@ -67,18 +79,30 @@ func Emit(ctx context.Context, conn *pgx.Conn, m Marker) (uint64, error) {
 }
 
 // ChunkQuery is the keyset query of one chunk: the columns of list from
-// table (quoted), with primary key pk, after the cursor ($1..$n, one per
-// key column; none for the first chunk), filtered by where, in key order.
-func ChunkQuery(table, list string, pk []string, where string, first bool, limit int) string {
+// table (quoted), with primary key pk, after the cursor (when after: $1..$n,
+// one per key column) and up to the bound (when until: the next n
+// parameters), filtered by where, in key order.
+func ChunkQuery(table, list string, pk []string, where string, after, until bool, limit int) string {
 	cols := make([]string, len(pk))
-	params := make([]string, len(pk))
 	for i, c := range pk {
 		cols[i] = pgx.Identifier{c}.Sanitize()
-		params[i] = "$" + strconv.Itoa(i+1)
+	}
+	key := "(" + strings.Join(cols, ", ") + ")"
+	n := 0
+	params := func() string {
+		p := make([]string, len(pk))
+		for i := range p {
+			n++
+			p[i] = "$" + strconv.Itoa(n)
+		}
+		return "(" + strings.Join(p, ", ") + ")"
 	}
 	var conds []string
-	if !first {
-		conds = append(conds, "("+strings.Join(cols, ", ")+") > ("+strings.Join(params, ", ")+")")
+	if after {
+		conds = append(conds, key+" > "+params())
+	}
+	if until {
+		conds = append(conds, key+" <= "+params())
 	}
 	if strings.TrimSpace(where) != "" {
 		conds = append(conds, "("+where+")")
@@ -88,6 +112,23 @@ func ChunkQuery(table, list string, pk []string, where string, first bool, limit
 		q += " WHERE " + strings.Join(conds, " AND ")
 	}
 	return q + " ORDER BY " + strings.Join(cols, ", ") + " LIMIT " + strconv.Itoa(limit)
+}
+
+// LastKeyQuery reads the largest primary key of table's rows matching
+// where: a job reads up to it, no further (rows inserted later reach the
+// stream as inserts).
+func LastKeyQuery(table string, pk []string, where string) string {
+	cols := make([]string, len(pk))
+	desc := make([]string, len(pk))
+	for i, c := range pk {
+		cols[i] = pgx.Identifier{c}.Sanitize()
+		desc[i] = cols[i] + " DESC"
+	}
+	q := "SELECT " + strings.Join(cols, ", ") + " FROM " + table
+	if strings.TrimSpace(where) != "" {
+		q += " WHERE (" + where + ")"
+	}
+	return q + " ORDER BY " + strings.Join(desc, ", ") + " LIMIT 1"
 }
 
 // Chunk is one chunk's rows, read in one short transaction.

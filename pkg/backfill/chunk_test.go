@@ -56,10 +56,16 @@ func TestChunksCoverTheTable(t *testing.T) {
 	for range 5 {
 		size := 1 + rnd.IntN(60)
 		var got []string
-		var cursor [][]byte
+		var cursor, until [][]byte
+		expect := want
+		if rnd.IntN(2) == 0 { // up to a bound: a job's largest key when it started
+			b := rnd.IntN(len(want))
+			org, id, _ := strings.Cut(want[b], "/")
+			until, expect = [][]byte{[]byte(org), []byte(id)}, want[:b+1]
+		}
 		for n := 0; ; n++ {
-			q := ChunkQuery(`"Odd"."T"`, `"Org", id, v`, []string{"Org", "id"}, "v <> 1", cursor == nil, size)
-			c, err := ReadChunk(ctx, conn, q, cursor, 5*time.Second)
+			q := ChunkQuery(`"Odd"."T"`, `"Org", id, v`, []string{"Org", "id"}, "v <> 1", cursor != nil, until != nil, size)
+			c, err := ReadChunk(ctx, conn, q, append(slices.Clone(cursor), until...), 5*time.Second)
 			if err != nil {
 				t.Fatalf("seed %d size %d: %v", seed, size, err)
 			}
@@ -78,9 +84,14 @@ func TestChunksCoverTheTable(t *testing.T) {
 				t.Fatalf("seed %d size %d: no end", seed, size)
 			}
 		}
-		if !slices.Equal(got, want) {
-			t.Fatalf("seed %d size %d: read %d rows %v, want %d", seed, size, len(got), got, len(want))
+		if !slices.Equal(got, expect) {
+			t.Fatalf("seed %d size %d until %q: read %d rows %v, want %d", seed, size, until, len(got), got, len(expect))
 		}
+	}
+	// The largest key, as a job's bound.
+	var org, id string
+	if err := conn.QueryRow(ctx, LastKeyQuery(`"Odd"."T"`, []string{"Org", "id"}, "v <> 1")).Scan(&org, &id); err != nil || org+"/"+id != want[len(want)-1] {
+		t.Fatalf("last key %s/%s %v, want %s", org, id, err, want[len(want)-1])
 	}
 }
 

@@ -56,7 +56,10 @@ type Progress struct {
 	Source string `json:"source"`
 	Table  string `json:"table"`
 	// Cursor is the last primary key read (text values); nil: none yet.
-	Cursor       []string  `json:"cursor"`
+	Cursor []string `json:"cursor"`
+	// Until is the largest primary key when the table's backfill started:
+	// it reads up to it (nil: the table was empty).
+	Until        []string  `json:"until"`
 	Rows         int64     `json:"rows"`
 	Estimate     int64     `json:"estimate"`
 	ChunkStarted int64     `json:"chunk_started"`
@@ -196,4 +199,75 @@ func (s *Store) PutProgress(ctx context.Context, p Progress, rev uint64) (uint64
 		return 0, fmt.Errorf("write the progress of backfill %s in %s: %w", p.Job, p.Table, err)
 	}
 	return rev, nil
+}
+
+// WatchJobs calls fn with every job, then with every change of one, until
+// ctx ends or the watch fails.
+func (s *Store) WatchJobs(ctx context.Context, fn func(Job)) error {
+	w, err := s.kv.Watch(ctx, "job.*")
+	if err != nil {
+		return fmt.Errorf("watch backfills: %w", err)
+	}
+	defer w.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-w.Updates():
+			if !ok {
+				return fmt.Errorf("watch backfills: the watch ended")
+			}
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			var j Job
+			if err := json.Unmarshal(e.Value(), &j); err != nil {
+				continue // not a job this build reads
+			}
+			fn(j)
+		}
+	}
+}
+
+// Jobs lists every job.
+func (s *Store) Jobs(ctx context.Context) ([]Job, error) {
+	keys, err := s.kv.ListKeysFiltered(ctx, "job.*")
+	if err != nil {
+		return nil, fmt.Errorf("list backfills: %w", err)
+	}
+	var out []Job
+	for k := range keys.Keys() {
+		j, _, err := s.Job(ctx, k[len("job."):])
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, j)
+	}
+	return out, nil
+}
+
+// Progresses lists the progress of job in every source and table.
+func (s *Store) Progresses(ctx context.Context, job string) ([]Progress, error) {
+	keys, err := s.kv.ListKeysFiltered(ctx, "prog."+job+".>")
+	if err != nil {
+		return nil, fmt.Errorf("list the progress of backfill %s: %w", job, err)
+	}
+	var out []Progress
+	for k := range keys.Keys() {
+		e, err := s.kv.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read the progress of backfill %s: %w", job, err)
+		}
+		var p Progress
+		if err := json.Unmarshal(e.Value(), &p); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }

@@ -1,5 +1,10 @@
 package backfill
 
+import (
+	"strconv"
+	"strings"
+)
+
 // Windows is the reader's side of the watermarks: for each open chunk, the
 // primary keys changed in its table between its low and high watermark,
 // whose rows the chunk must drop (their newer version is in the stream
@@ -7,29 +12,40 @@ package backfill
 // low watermark of a chunk whose rows are not yet durable, so that a
 // restart replays the whole window. Windows is not safe for concurrent use.
 type Windows struct {
-	byJob   map[string]*window
+	open    map[ChunkID]*window
 	byTable map[string][]*window
 }
 
+// ChunkID names one chunk of a job.
+type ChunkID struct {
+	Job   string
+	Table string
+	Chunk int64
+}
+
+// ID is m's chunk.
+func (m Marker) ID() ChunkID { return ChunkID{Job: m.Job, Table: m.Table, Chunk: m.Chunk} }
+
 type window struct {
-	m       Marker
-	low     uint64
-	changed map[string]bool // primary keys (JSON arrays of strings)
-	closed  bool            // its high watermark passed; held until Release
+	id      ChunkID
+	hold    uint64 // how far the slot may be confirmed while it is held
+	changed map[string]bool
+	closed  bool // its high watermark passed; held until Release
 }
 
 // NewWindows returns an empty set.
 func NewWindows() *Windows {
-	return &Windows{byJob: map[string]*window{}, byTable: map[string][]*window{}}
+	return &Windows{open: map[ChunkID]*window{}, byTable: map[string][]*window{}}
 }
 
-// Open starts chunk m's window at its low watermark's LSN, replacing any
-// earlier window of the same job (a chunk started before a restart that
-// never reached its high watermark).
-func (ws *Windows) Open(m Marker, lsn uint64) {
-	ws.remove(m.Job)
-	w := &window{m: m, low: lsn, changed: map[string]bool{}}
-	ws.byJob[m.Job] = w
+// Open starts chunk m's window at its low watermark; hold is how far the
+// slot may be confirmed until the window is released (at most the last
+// position confirmable before the watermark).
+func (ws *Windows) Open(m Marker, hold uint64) {
+	id := m.ID()
+	ws.remove(id)
+	w := &window{id: id, hold: hold, changed: map[string]bool{}}
+	ws.open[id] = w
 	ws.byTable[m.Table] = append(ws.byTable[m.Table], w)
 }
 
@@ -54,11 +70,11 @@ func (ws *Windows) Observe(table, pk, oldPK []byte) {
 }
 
 // Close ends chunk m's window at its high watermark and returns the keys
-// changed in it; ok is false when the window is not open (a high watermark
-// of another chunk, or one already closed).
+// changed in it; ok is false when the window is not open (a high
+// watermark without its low one, or seen twice).
 func (ws *Windows) Close(m Marker) (changed map[string]bool, ok bool) {
-	w := ws.byJob[m.Job]
-	if w == nil || w.m.Chunk != m.Chunk || w.closed {
+	w := ws.open[m.ID()]
+	if w == nil || w.closed {
 		return nil, false
 	}
 	w.closed = true
@@ -66,38 +82,42 @@ func (ws *Windows) Close(m Marker) (changed map[string]bool, ok bool) {
 	return changed, true
 }
 
-// Abort drops chunk m's window (its rows were never read).
+// Abort drops chunk m's window or, when m.Chunk is 0, every window of
+// m.Job whose high watermark has not passed (a restarted job's abandoned
+// chunks).
 func (ws *Windows) Abort(m Marker) {
-	if w := ws.byJob[m.Job]; w != nil && w.m.Chunk <= m.Chunk {
-		ws.remove(m.Job)
+	if m.Chunk != 0 {
+		ws.remove(m.ID())
+		return
+	}
+	for id, w := range ws.open {
+		if id.Job == m.Job && !w.closed {
+			ws.remove(id)
+		}
 	}
 }
 
-// Release drops chunk (job, chunk)'s window once its rows are durable.
-func (ws *Windows) Release(job string, chunk int64) {
-	if w := ws.byJob[job]; w != nil && w.m.Chunk == chunk {
-		ws.remove(job)
-	}
-}
+// Release drops chunk id's window once its rows are durable.
+func (ws *Windows) Release(id ChunkID) { ws.remove(id) }
 
-// Hold is the lowest low-watermark LSN of the windows held: the slot may
-// be confirmed up to it and no further. ok is false when none is held.
+// Hold is how far the slot may be confirmed: the lowest hold of the
+// windows. ok is false when none is held.
 func (ws *Windows) Hold() (lsn uint64, ok bool) {
-	for _, w := range ws.byJob {
-		if !ok || w.low < lsn {
-			lsn, ok = w.low, true
+	for _, w := range ws.open {
+		if !ok || w.hold < lsn {
+			lsn, ok = w.hold, true
 		}
 	}
 	return lsn, ok
 }
 
-func (ws *Windows) remove(job string) {
-	w := ws.byJob[job]
+func (ws *Windows) remove(id ChunkID) {
+	w := ws.open[id]
 	if w == nil {
 		return
 	}
-	delete(ws.byJob, job)
-	list := ws.byTable[w.m.Table]
+	delete(ws.open, id)
+	list := ws.byTable[id.Table]
 	for i, x := range list {
 		if x == w {
 			list = append(list[:i], list[i+1:]...)
@@ -105,8 +125,86 @@ func (ws *Windows) remove(job string) {
 		}
 	}
 	if len(list) == 0 {
-		delete(ws.byTable, w.m.Table)
+		delete(ws.byTable, id.Table)
 	} else {
-		ws.byTable[w.m.Table] = list
+		ws.byTable[id.Table] = list
 	}
+}
+
+// Ring keeps the xids of the last transactions decoded, for the staleness
+// check of a chunk: a transaction whose commit record precedes the chunk's
+// low watermark but which its snapshot still saw running (it was in its
+// commit, typically waiting for a synchronous standby) changed rows the
+// chunk read in their older version. Every transaction committed after
+// it and before the watermark is in flight at the same time, so their
+// number is bounded by the server's connections: a ring of RingSize
+// (or max_connections, if larger) covers them. Not safe for concurrent use.
+type Ring struct {
+	xids []uint32
+	next int
+	full bool
+}
+
+// RingSize is the default ring length.
+const RingSize = 8192
+
+// NewRing returns a ring of n xids (RingSize when n ≤ 0).
+func NewRing(n int) *Ring {
+	if n <= 0 {
+		n = RingSize
+	}
+	return &Ring{xids: make([]uint32, n)}
+}
+
+// Add records a decoded transaction.
+func (r *Ring) Add(xid uint32) {
+	r.xids[r.next] = xid
+	r.next++
+	if r.next == len(r.xids) {
+		r.next, r.full = 0, true
+	}
+}
+
+// Copy returns the xids held (in no particular order).
+func (r *Ring) Copy() []uint32 {
+	if r.full {
+		return append([]uint32(nil), r.xids...)
+	}
+	return append([]uint32(nil), r.xids[:r.next]...)
+}
+
+// Xip parses the in-progress list of a pg_snapshot (xmin:xmax:xip, 64-bit
+// ids) into pgoutput's 32-bit xids.
+func Xip(snapshot string) []uint32 {
+	parts := strings.SplitN(snapshot, ":", 3)
+	if len(parts) != 3 || parts[2] == "" {
+		return nil
+	}
+	var xip []uint32
+	for _, x := range strings.Split(parts[2], ",") {
+		if v, err := strconv.ParseUint(x, 10, 64); err == nil {
+			xip = append(xip, uint32(v))
+		}
+	}
+	return xip
+}
+
+// Missed returns the xids of xip found in decoded: transactions the
+// snapshot saw running although their commit was already decoded.
+func Missed(xip, decoded []uint32) []uint32 {
+	if len(xip) == 0 {
+		return nil
+	}
+	in := make(map[uint32]bool, len(xip))
+	for _, x := range xip {
+		in[x] = true
+	}
+	var out []uint32
+	for _, x := range decoded {
+		if in[x] {
+			out = append(out, x)
+			delete(in, x)
+		}
+	}
+	return out
 }

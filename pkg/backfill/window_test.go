@@ -1,6 +1,7 @@
 package backfill
 
 import (
+	"slices"
 	"testing"
 )
 
@@ -38,24 +39,51 @@ func TestWindows(t *testing.T) {
 		t.Fatalf("b1 changed %v %v", got, ok)
 	}
 	// Closed windows still hold the slot until their rows are durable.
-	ws.Release("b", 1)
+	ws.Release(b1.ID())
 	if lsn, ok := ws.Hold(); !ok || lsn != 100 {
 		t.Fatalf("hold %d %v, want 100", lsn, ok)
 	}
-	ws.Release("a", 7) // another chunk: nothing
-	ws.Release("a", 1)
+	ws.Release(ChunkID{Job: "a", Table: "public.t", Chunk: 7}) // another chunk: nothing
+	ws.Release(a1.ID())
 	if _, ok := ws.Hold(); ok || ws.Tracking([]byte("public.t")) {
 		t.Fatal("released windows still held or tracked")
 	}
-	// A restart: the low watermark of a chunk that never got its high one
-	// is replaced by the next chunk's, or dropped by an abort.
-	ws.Open(Marker{Job: "a", Table: "public.t", Chunk: 3}, 200)
-	ws.Open(Marker{Job: "a", Table: "public.t", Chunk: 4}, 300)
-	if lsn, _ := ws.Hold(); lsn != 300 || len(ws.byTable["public.t"]) != 1 {
-		t.Fatalf("hold %d, %d windows on the table", lsn, len(ws.byTable["public.t"]))
+	// A chunk's abort drops its window; a job's abort (chunk 0, a restart)
+	// drops every window of the job still open, not the closed ones.
+	a3, a4, a5 := Marker{Job: "a", Table: "public.t", Chunk: 3}, Marker{Job: "a", Table: "public.u", Chunk: 4}, Marker{Job: "a", Table: "public.t", Chunk: 5}
+	ws.Open(a3, 200)
+	ws.Close(a3)
+	ws.Open(a4, 300)
+	ws.Open(a5, 400)
+	ws.Abort(a5)
+	if ws.open[a5.ID()] != nil {
+		t.Fatal("an aborted chunk is still open")
 	}
-	ws.Abort(Marker{Job: "a", Table: "public.t", Chunk: 4})
-	if _, ok := ws.Hold(); ok || ws.Tracking([]byte("public.t")) {
-		t.Fatal("an aborted window is still held")
+	ws.Abort(Marker{Job: "a"})
+	if lsn, ok := ws.Hold(); !ok || lsn != 200 || ws.Tracking([]byte("public.u")) {
+		t.Fatalf("hold %d %v after the job's abort, want 200 (the closed chunk)", lsn, ok)
+	}
+}
+
+func TestRing(t *testing.T) {
+	r := NewRing(4)
+	for x := uint32(1); x <= 6; x++ {
+		r.Add(x)
+	}
+	got := r.Copy()
+	slices.Sort(got)
+	if !slices.Equal(got, []uint32{3, 4, 5, 6}) {
+		t.Fatalf("ring %v", got)
+	}
+	// 64-bit ids of pg_snapshot: the low 32 bits are pgoutput's xid.
+	xip := Xip("4294967300:4294967310:4294967301,4294967305")
+	if !slices.Equal(xip, []uint32{5, 9}) {
+		t.Fatalf("xip %v", xip)
+	}
+	if m := Missed(xip, got); !slices.Equal(m, []uint32{5}) {
+		t.Fatalf("missed %v", m)
+	}
+	if Xip("10:10:") != nil || Missed(nil, got) != nil {
+		t.Fatal("an empty snapshot has no xids in progress")
 	}
 }

@@ -90,12 +90,14 @@ type Entry struct {
 	// Backfill names the backfill a read belongs to (empty for changes
 	// from the WAL).
 	Backfill []byte
-	Body     []byte
+	// BackfillLast marks a backfill's last read of its table.
+	BackfillLast bool
+	Body         []byte
 }
 
 // Size is the entry's encoded size.
 func (e *Entry) Size() int {
-	n := binary.MaxVarintLen64 + 1
+	n := binary.MaxVarintLen64 + 2
 	for _, f := range [...][]byte{e.Key, e.Group, e.Action, e.Table, e.TraceParent, e.Error, e.Sink, e.Backfill, e.Body} {
 		n += uvarintLen(uint64(len(f))) + len(f)
 	}
@@ -132,6 +134,11 @@ func (b *BatchBuilder) Add(e *Entry) {
 	b.buf = append(b.buf, byte(e.ErrorKind))
 	b.buf = appendField(b.buf, e.Sink)
 	b.buf = appendField(b.buf, e.Backfill)
+	last := byte(0)
+	if e.BackfillLast {
+		last = 1
+	}
+	b.buf = append(b.buf, last)
 	b.buf = appendField(b.buf, e.Body)
 	b.n++
 }
@@ -218,9 +225,14 @@ func (r *BatchReader) Next(e *Entry) bool {
 	case len(e.Error) > 0:
 		e.ErrorKind = ErrorUnknown
 	}
-	e.Sink, e.Backfill = nil, nil
+	e.Sink, e.Backfill, e.BackfillLast = nil, nil, false
 	if r.version >= 3 {
 		e.Sink, e.Backfill = field(), field()
+		if r.err == nil && len(d) == 0 {
+			r.err = fmt.Errorf("%w: truncated entry", ErrBadBatch)
+		} else if r.err == nil {
+			e.BackfillLast, d = d[0] == 1, d[1:]
+		}
 	}
 	e.Body = field()
 	if r.err != nil {

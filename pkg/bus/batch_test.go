@@ -20,6 +20,7 @@ func TestBatchRoundTrip(t *testing.T) {
 		}
 		if i%4 == 1 {
 			e.Action, e.Sink, e.Backfill = []byte("read"), []byte("users-to-s2"), fmt.Appendf(nil, "bf-%d", i)
+			e.BackfillLast = i%8 == 1
 		}
 		want = append(want, e)
 		before := b.Size()
@@ -38,7 +39,7 @@ func TestBatchRoundTrip(t *testing.T) {
 		w := want[i]
 		if !bytes.Equal(e.Key, w.Key) || !bytes.Equal(e.Group, w.Group) || !bytes.Equal(e.Action, w.Action) || !bytes.Equal(e.Table, w.Table) ||
 			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || e.ErrorKind != w.ErrorKind || !bytes.Equal(e.Body, w.Body) ||
-			!bytes.Equal(e.Sink, w.Sink) || !bytes.Equal(e.Backfill, w.Backfill) {
+			!bytes.Equal(e.Sink, w.Sink) || !bytes.Equal(e.Backfill, w.Backfill) || e.BackfillLast != w.BackfillLast {
 			t.Fatalf("entry %d = %+v, want %+v", i, e, w)
 		}
 		i++
@@ -93,8 +94,8 @@ func TestBatchVersion2(t *testing.T) {
 	v2 = append(v2, byte(ErrorFunction))
 	v2 = appendField(v2, []byte("{}"))
 	r := NewBatchReader(v2)
-	e := Entry{Sink: []byte("stale"), Backfill: []byte("stale")}
-	if !r.Next(&e) || string(e.Key) != "k" || e.ErrorKind != ErrorFunction || string(e.Body) != "{}" || e.Sink != nil || e.Backfill != nil {
+	e := Entry{Sink: []byte("stale"), Backfill: []byte("stale"), BackfillLast: true}
+	if !r.Next(&e) || string(e.Key) != "k" || e.ErrorKind != ErrorFunction || string(e.Body) != "{}" || e.Sink != nil || e.Backfill != nil || e.BackfillLast {
 		t.Fatalf("v2 entry %+v, err %v", e, r.Err())
 	}
 	if r.Next(&e) || r.Err() != nil {

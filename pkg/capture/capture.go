@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
@@ -47,6 +49,8 @@ type Config struct {
 	// Linger is how long a round of changes may collect before it is
 	// published (default 1ms): larger rounds make larger messages.
 	Linger time.Duration
+	// Backfill are the backfill defaults.
+	Backfill BackfillConfig
 }
 
 // Capture runs the replication sessions.
@@ -57,7 +61,9 @@ type Capture struct {
 	state   *health.State
 	tracer  trace.Tracer
 	metrics *metrics.Capture
-	pub     atomic.Pointer[bus.Publisher] // the current session's
+	pub     atomic.Pointer[bus.Publisher]  // the current session's
+	hub     *hub                           // between backfill runners and the reader
+	stage   atomic.Pointer[backfill.Stage] // staged backfill chunks, once set up
 	// wrapPublish, when set (a test seam), wraps each session's publish.
 	wrapPublish func(publishFunc) publishFunc
 }
@@ -107,7 +113,16 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 	if cfg.Linger <= 0 {
 		cfg.Linger = time.Millisecond
 	}
-	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture")}
+	if cfg.Backfill.ChunkSize <= 0 {
+		cfg.Backfill.ChunkSize = 1000
+	}
+	if cfg.Backfill.StatementTimeout <= 0 {
+		cfg.Backfill.StatementTimeout = 30 * time.Second
+	}
+	if cfg.Backfill.Replicas <= 0 {
+		cfg.Backfill.Replicas = max(cfg.Stream.Replicas, 1)
+	}
+	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture"), hub: newHub()}
 	for _, o := range opts {
 		o(c)
 	}
@@ -142,6 +157,10 @@ func (c *Capture) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	bctx, stopBackfills := context.WithCancel(ctx)
+	backfillsDone := make(chan struct{})
+	go func() { defer close(backfillsDone); c.runBackfills(bctx, src.Database) }()
+	defer func() { stopBackfills(); <-backfillsDone }()
 	var setupErr error
 	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
 		return c.session(ctx, stream, src.Database)
@@ -213,6 +232,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	c.metrics.Sessions.Inc()
 	maxBody := int(c.js.Conn().MaxPayload()) - 16<<10
 	s := &session{Capture: c, repl: repl, pub: pub, publish: pub.Publish, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
+		catConn: catConn, db: db, windows: backfill.NewWindows(), ring: backfill.NewRing(0), encoders: map[string]*pgrepl.ReadEncoder{},
 		round: bus.NewRound(bus.MaxBatchEntries, min(maxBody, bus.MaxBatchBytes)),
 		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	if c.wrapPublish != nil {
@@ -293,10 +313,28 @@ type session struct {
 	span        trace.Span
 	traceparent string
 	txChanges   int
+	xid         uint32 // of the current transaction
+
+	// Backfills: the windows of the chunks between their watermarks, the
+	// transactions decoded lately, and the tables' read encoders (on the
+	// catalog connection).
+	catConn  *pgx.Conn
+	db       string
+	windows  *backfill.Windows
+	ring     *backfill.Ring
+	encoders map[string]*pgrepl.ReadEncoder
+	readTS   []byte
 }
 
 func (s *session) sendStatus(ctx context.Context) error {
-	lsn := pglogrepl.LSN(s.pub.Acked())
+	for _, id := range s.hub.released() {
+		s.windows.Release(id)
+	}
+	acked := s.pub.Acked()
+	if hold, ok := s.windows.Hold(); ok && hold < acked {
+		acked = hold // a backfill chunk's rows are not yet recorded: replay its window after a restart
+	}
+	lsn := pglogrepl.LSN(acked)
 	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: lsn, WALFlushPosition: lsn, WALApplyPosition: lsn,
 	})
@@ -406,6 +444,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
 		s.tp = append(s.tp[:0], s.traceparent...)
 		s.commitMs = ev.CommitMs
+		s.xid = ev.Xid
 		// Committed long ago (by the server's clock): reading a backlog.
 		// (XLogData's WAL end cannot tell: a logical walsender sends the
 		// record's own LSN.)
@@ -413,40 +452,21 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.txChanges = 0
 	case pgrepl.EventRow:
 		r := &ev.Row
+		s.table = append(append(append(s.table[:0], r.Schema...), '.'), r.Table...)
+		if s.windows.Tracking(s.table) { // a backfill chunk's window is open: its rows of this key are older
+			s.windows.Observe(s.table, r.PK, r.OldPK)
+		}
 		if s.resume.Skip(r.Pos, r.Key) { // already in the stream
 			s.skipped++
 			s.metrics.Skipped.Inc()
 			return nil
 		}
-		s.table = append(append(append(s.table[:0], r.Schema...), '.'), r.Table...)
 		e := &s.entry
 		*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, CommitMs: s.commitMs, TraceParent: s.tp, Body: r.Body}
-		if e.Size() > s.maxBody {
-			// Too large for this NATS server: publish a stub in its place,
-			// marked, so delivery parks it visibly (its group waits) instead
-			// of the whole capture stalling on it.
-			reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(r.Body), s.maxBody+16<<10)
-			e.Body, e.Error, e.ErrorKind = oversizedStub(r, reason), []byte(reason), bus.ErrorTooLarge
-			s.log.Error("change too large for NATS; published a stub that delivery parks", "table", string(s.table), "key", string(r.Key), "bytes", len(r.Body))
-		}
-		if s.round.Entries() == 0 {
-			s.roundStarted, s.roundFirst = time.Now(), string(r.Key)
-			s.walAt = s.roundStarted
-			if s.completing != nil { // completes an interrupted round: named as it, so a cut here is read back with it
-				s.roundFirst = s.completing.First.Key()
-			}
-		}
-		s.roundLast = string(r.Key)
-		if s.completing != nil && r.Pos.Less(s.completing.Last) {
-			s.roundLast = s.completing.Last.Key()
-		}
-		s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
-		s.published++
 		s.txChanges++
-		if s.round.Entries() >= maxRoundEntries || s.round.Bytes() >= bus.MaxRoundBytes {
-			return s.flush(ctx)
-		}
+		return s.add(ctx, r, e)
 	case pgrepl.EventCommit:
+		s.ring.Add(s.xid)
 		if s.round.Entries() == 0 {
 			s.pub.Mark(ev.LSN) // its changes (if any) are published
 		} else {
@@ -469,9 +489,42 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		}
 	case pgrepl.EventMessage:
 		s.metrics.Messages.Inc()
+		if ev.Message.Prefix == backfill.Prefix && !ev.Message.Transactional {
+			return s.onMarker(ctx, ev.Message.Content, ev.LSN)
+		}
 	case pgrepl.EventTruncate:
 		s.metrics.Truncates.Inc()
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
+	}
+	return nil
+}
+
+// add puts change r (as entry e) into the round, publishing the round when
+// it is full.
+func (s *session) add(ctx context.Context, r *pgrepl.Row, e *bus.Entry) error {
+	if e.Size() > s.maxBody {
+		// Too large for this NATS server: publish a stub in its place,
+		// marked, so delivery parks it visibly (its group waits) instead
+		// of the whole capture stalling on it.
+		reason := fmt.Sprintf("the change is %d bytes, more than the NATS server's max_payload allows (%d); raise max_payload", len(r.Body), s.maxBody+16<<10)
+		e.Body, e.Error, e.ErrorKind = oversizedStub(r, reason), []byte(reason), bus.ErrorTooLarge
+		s.log.Error("change too large for NATS; published a stub that delivery parks", "table", string(e.Table), "key", string(r.Key), "bytes", len(r.Body))
+	}
+	if s.round.Entries() == 0 {
+		s.roundStarted, s.roundFirst = time.Now(), string(r.Key)
+		s.walAt = s.roundStarted
+		if s.completing != nil { // completes an interrupted round: named as it, so a cut here is read back with it
+			s.roundFirst = s.completing.First.Key()
+		}
+	}
+	s.roundLast = string(r.Key)
+	if s.completing != nil && r.Pos.Less(s.completing.Last) {
+		s.roundLast = s.completing.Last.Key()
+	}
+	s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
+	s.published++
+	if s.round.Entries() >= maxRoundEntries || s.round.Bytes() >= bus.MaxRoundBytes {
+		return s.flush(ctx)
 	}
 	return nil
 }

@@ -17,6 +17,8 @@ type Capture struct {
 	Transactions prometheus.Counter
 	Truncates    prometheus.Counter
 	Messages     prometheus.Counter
+	BackfillRows prometheus.Counter
+	Rereads      prometheus.Counter
 	Sessions     prometheus.Counter
 	ConfirmedLSN prometheus.Gauge
 	ServerLSN    prometheus.Gauge
@@ -42,6 +44,8 @@ func NewCapture(r prometheus.Registerer, inFlight func() float64) *Capture {
 		Transactions: f("transactions_total", "Transactions read from the slot."),
 		Truncates:    f("truncates_ignored_total", "TRUNCATE messages of captured tables, not emitted as changes."),
 		Messages:     f("logical_messages_total", "Logical decoding messages read from the slot (pg_logical_emit_message): pgs2's own markers and other applications'."),
+		BackfillRows: f("backfill_rows_total", "Rows of backfills placed in the stream as read changes (those changed during their chunk's window are not)."),
+		Rereads:      f("backfill_chunks_reread_total", "Backfill chunks read again: their snapshot missed a commit, or the table's columns changed."),
 		Sessions:     f("sessions_total", "Replication sessions started (restarts after failures included)."),
 		ConfirmedLSN: g("confirmed_lsn", "LSN confirmed to Postgres (flush position of the slot)."),
 		ServerLSN:    g("server_wal_end_lsn", "Server WAL end from the last keepalive; minus confirmed_lsn is the slot's lag in bytes."),

@@ -34,7 +34,9 @@ type Event struct {
 	// CommitMs is the transaction's commit time in ms since the Unix epoch
 	// (EventBegin).
 	CommitMs int64
-	Row      Row
+	// Xid is the transaction's id (EventBegin).
+	Xid uint32
+	Row Row
 	// Tables names the truncated tables for EventTruncate.
 	Tables []string
 	// Message is the logical decoding message of an EventMessage (LSN is
@@ -148,7 +150,7 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 		ts := pgTime(us)
 		d.commitTS = ts.AppendFormat(d.commitTS[:0], commitTimeLayout)
 		d.idx = 0
-		return Event{Kind: EventBegin, LSN: d.commitLSN, CommitMs: ts.UnixMilli()}, nil
+		return Event{Kind: EventBegin, LSN: d.commitLSN, CommitMs: ts.UnixMilli(), Xid: binary.BigEndian.Uint32(data[17:])}, nil
 	case 'C':
 		if len(data) < 26 {
 			return Event{}, fmt.Errorf("short commit message")

@@ -79,6 +79,16 @@ func (e *ReadEncoder) SelectList() string { return e.list }
 // PrimaryKey names the primary key columns in key order.
 func (e *ReadEncoder) PrimaryKey() []string { return e.pk }
 
+// Schema is the table's schema.
+func (e *ReadEncoder) Schema() string { return e.rel.schema }
+
+// Name is the table's name.
+func (e *ReadEncoder) Name() string { return e.rel.table }
+
+// PrimaryKeyIndexes are the primary key columns' places in SelectList, in
+// key order.
+func (e *ReadEncoder) PrimaryKeyIndexes() []int { return e.rel.pk }
+
 // Encode encodes one row (text values in SelectList's order; nil is NULL)
 // read at pos, at commitTS (formatted as the decoder formats commit times).
 // The Row's slices are valid until the next Encode.

@@ -133,6 +133,11 @@ func TestRecord(t *testing.T) {
 	if h := r.Headers[len(r.Headers)-1]; string(h.Name) != "pgs2-backfill" || string(h.Value) != "bf-7" {
 		t.Fatalf("a read's last header is %s=%s, want pgs2-backfill=bf-7", h.Name, h.Value)
 	}
+	e.BackfillLast = true
+	r = Record(e, []byte(`{}`), bus.DeliveryPos{Stream: "A@1", Seq: 44})
+	if h := r.Headers[len(r.Headers)-1]; string(h.Name) != "pgs2-backfill-last" || string(h.Value) != "true" {
+		t.Fatalf("a table's last read ends with header %s=%s, want pgs2-backfill-last=true", h.Name, h.Value)
+	}
 }
 
 // TestSealKeepsItsRoom: a batch that reserved room takes the resume

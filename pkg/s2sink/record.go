@@ -13,6 +13,9 @@ const (
 	HeaderTable          = "table"
 	// HeaderBackfill names the backfill a `read` record belongs to.
 	HeaderBackfill = "pgs2-backfill"
+	// HeaderBackfillLast ("true") marks the last read of a table's backfill:
+	// a consumer building a copy of the table from the stream has it all.
+	HeaderBackfillLast = "pgs2-backfill-last"
 )
 
 var (
@@ -21,11 +24,14 @@ var (
 	nameTable  = []byte(HeaderTable)
 	nameSeq    = []byte(HeaderSeq)
 	nameBF     = []byte(HeaderBackfill)
+	nameBFLast = []byte(HeaderBackfillLast)
+	valueTrue  = []byte("true")
 )
 
 // Record builds the S2 record of a routed change: body, headers
 // idempotency-key, action and table (so readers can drop duplicates and
-// route without parsing) and, on a backfill's reads, pgs2-backfill, and
+// route without parsing) and, on a backfill's reads, pgs2-backfill (and
+// pgs2-backfill-last on the table's last one), and
 // the commit time in ms as the timestamp. The
 // record points into e's fields and body; they must outlive the append.
 //
@@ -43,6 +49,9 @@ func Record(e *bus.Entry, body []byte, pos bus.DeliveryPos) s2.AppendRecord {
 	}
 	if len(e.Backfill) > 0 {
 		r.Headers = append(r.Headers, s2.Header{Name: nameBF, Value: e.Backfill})
+		if e.BackfillLast {
+			r.Headers = append(r.Headers, s2.Header{Name: nameBFLast, Value: valueTrue})
+		}
 	}
 	if e.CommitMs >= 0 {
 		ms := uint64(e.CommitMs)
