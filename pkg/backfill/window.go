@@ -83,15 +83,12 @@ func (ws *Windows) Close(m Marker) (changed map[string]bool, ok bool) {
 }
 
 // Abort drops chunk m's window or, when m.Chunk is 0, every window of
-// m.Job whose high watermark has not passed (a restarted job's abandoned
-// chunks).
+// m.Job, if its high watermark has not passed (abandoned chunks). A
+// window past its high watermark has its rows in the stream: it holds the
+// slot until Release, whatever the runner that read it did next.
 func (ws *Windows) Abort(m Marker) {
-	if m.Chunk != 0 {
-		ws.remove(m.ID())
-		return
-	}
 	for id, w := range ws.open {
-		if id.Job == m.Job && !w.closed {
+		if id.Job == m.Job && (m.Chunk == 0 || id == m.ID()) && !w.closed {
 			ws.remove(id)
 		}
 	}
@@ -99,6 +96,9 @@ func (ws *Windows) Abort(m Marker) {
 
 // Release drops chunk id's window once its rows are durable.
 func (ws *Windows) Release(id ChunkID) { ws.remove(id) }
+
+// Held reports whether chunk id's window is open or held.
+func (ws *Windows) Held(id ChunkID) bool { return ws.open[id] != nil }
 
 // Hold is how far the slot may be confirmed: the lowest hold of the
 // windows. ok is false when none is held.

@@ -59,6 +59,12 @@ func TestWindows(t *testing.T) {
 	if ws.open[a5.ID()] != nil {
 		t.Fatal("an aborted chunk is still open")
 	}
+	// A runner stopped after the high watermark aborts its chunk: the
+	// rows are placed, the hold stays until the chunk is recorded.
+	ws.Abort(a3)
+	if !ws.Held(a3.ID()) {
+		t.Fatal("an abort after the high watermark released the chunk's hold")
+	}
 	ws.Abort(Marker{Job: "a"})
 	if lsn, ok := ws.Hold(); !ok || lsn != 200 || ws.Tracking([]byte("public.u")) {
 		t.Fatalf("hold %d %v after the job's abort, want 200 (the closed chunk)", lsn, ok)

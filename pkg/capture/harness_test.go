@@ -66,7 +66,7 @@ func (e *env) run(t *testing.T) func() error {
 	ctx, cancel := context.WithCancel(context.Background())
 	state := health.NewState()
 	opts := append([]capture.Option{capture.WithHealth(state),
-		capture.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))}, e.opts...)
+		capture.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slogLevel()})))}, e.opts...)
 	c := capture.New(e.cfg, e.js, opts...)
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
@@ -213,4 +213,11 @@ func readChanges(t *testing.T, js jetstream.JetStream, name string) []got {
 		return pi.Less(pj)
 	})
 	return out
+}
+
+func slogLevel() slog.Level {
+	if os.Getenv("PGS2_TEST_LOG") != "" {
+		return slog.LevelInfo
+	}
+	return slog.LevelWarn
 }
