@@ -257,18 +257,7 @@ func TestBackfillIsConsistentWithTheStream(t *testing.T) {
 	p := waitProgress(t, store, "bf", "public.items", backfill.Done)
 	close(stop)
 	writes := wait()
-	e.pg.MustExec(t, "app", `INSERT INTO done VALUES (1)`)
-	var changes []got
-	for deadline := time.Now().Add(time.Minute); ; {
-		changes = e.readAll(t)
-		if n := len(changes); n > 0 && changes[n-1].Msg.Metadata.TableName == "done" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the sentinel change did not reach the stream within a minute")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	changes := e.allWritten(t)
 	state, reads, lasts := replayItems(t, changes, "bf")
 	compareItems(t, s, state, tableItems(t, e.pg.DSN("app")))
 	t.Logf("%d reads of %d rows read, %d writes during the backfill, %d changes in all", reads, p.Rows, writes, len(changes))
@@ -286,6 +275,23 @@ func text(v any) string {
 		return strconv.FormatFloat(f, 'f', -1, 64)
 	}
 	return fmt.Sprint(v)
+}
+
+// allWritten writes a sentinel row and returns the stream's changes once
+// it is there: every change written before it is too.
+func (e *env) allWritten(t *testing.T) []got {
+	t.Helper()
+	e.pg.MustExec(t, "app", `INSERT INTO done VALUES (1)`)
+	for deadline := time.Now().Add(time.Minute); ; {
+		changes := e.readAll(t)
+		if n := len(changes); n > 0 && changes[n-1].Msg.Metadata.TableName == "done" {
+			return changes
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the sentinel change did not reach the stream within a minute")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func lastRead(changes []got) int {
@@ -356,18 +362,7 @@ func TestBackfillRidesThroughCrashes(t *testing.T) {
 	p := waitProgress(t, store, "bf", "public.items", backfill.Done)
 	close(stop)
 	wait()
-	e.pg.MustExec(t, "app", `INSERT INTO done VALUES (1)`)
-	var changes []got
-	for deadline := time.Now().Add(time.Minute); ; {
-		changes = e.readAll(t)
-		if n := len(changes); n > 0 && changes[n-1].Msg.Metadata.TableName == "done" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the sentinel change did not reach the stream within a minute")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	changes := e.allWritten(t)
 	state, reads, lasts := replayItems(t, changes, "bf")
 	compareItems(t, s, state, tableItems(t, e.pg.DSN("app")))
 	t.Logf("%d reads of %d rows read, %d changes in all", reads, p.Rows, len(changes))
