@@ -95,8 +95,8 @@ type ChangesResume struct {
 	// complete round).
 	Through change.Position
 	// Partial is set when the last round was cut short (a crash while
-	// publishing it): of its changes, First to Last, those in Stored (keys)
-	// are in the stream, the others are not.
+	// publishing it), or completes one that was: of its changes, First to
+	// Last, those in Stored (keys) are in the stream, the others are not.
 	Partial     bool
 	First, Last change.Position
 	Stored      map[string]bool
@@ -157,17 +157,31 @@ func ResumeChanges(ctx context.Context, js jetstream.JetStream, stream, source s
 		return ChangesResume{}, fmt.Errorf("message %d on %s lacks a valid %s, %s, %s or %s (written by another version of capture?): %v",
 			m.Sequence, filter, HeaderID, HeaderRound, HeaderRoundFirst, HeaderRoundLast, err)
 	}
-	if i == n {
-		r.Through = r.Last
-		return r, nil
-	}
-	// The round's stored messages are the stream's last ones. A round
-	// published after an interrupted one, to complete it, carries the same
-	// Round-First (and a Round-Last at least as late), so when it was cut
-	// short too, the stored messages of both (of every such round in a
-	// row) are read: the messages back from the last with that Round-First.
-	r.Partial, r.Stored = true, map[string]bool{}
 	first := m.Header.Get(HeaderRoundFirst)
+	if i == n {
+		// A complete round, unless it is one of the rounds that complete
+		// an interrupted one: they carry its Round-First (and a Round-Last
+		// at least as late) until one gets past its last change, so the
+		// message before this round's first tells.
+		prev := m.Sequence - uint64(n)
+		if prev == 0 {
+			r.Through = r.Last
+			return r, nil
+		}
+		pm, err := LeaderMsg(ctx, js, stream, prev, "")
+		if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && pm.Header.Get(HeaderRoundFirst) != first {
+			r.Through = r.Last
+			return r, nil
+		}
+		if err != nil {
+			return ChangesResume{}, fmt.Errorf("read message %d, before the last round: %w", prev, err)
+		}
+	}
+	// The interrupted round's stored messages are the stream's last ones,
+	// with the rounds published to complete it: every message back from
+	// the last with its Round-First. The stored changes between First and
+	// the latest Round-Last of them are their keys.
+	r.Partial, r.Stored = true, map[string]bool{}
 	for seq := m.Sequence; seq > 0; seq-- {
 		sm, err := LeaderMsg(ctx, js, stream, seq, "")
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -181,6 +195,9 @@ func ResumeChanges(ctx context.Context, js jetstream.JetStream, stream, source s
 				return ChangesResume{}, fmt.Errorf("message %d is not of the interrupted round ending at %d: does another writer publish to %s?", seq, m.Sequence, filter)
 			}
 			break
+		}
+		if last, err := change.ParseKey(sm.Header.Get(HeaderRoundLast)); err == nil && r.Last.Less(last) {
+			r.Last = last
 		}
 		br := NewBatchReader(sm.Data)
 		var e Entry

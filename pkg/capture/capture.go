@@ -66,6 +66,9 @@ type Capture struct {
 	stage   atomic.Pointer[backfill.Stage] // staged backfill chunks, once set up
 	// wrapPublish, when set (a test seam), wraps each session's publish.
 	wrapPublish func(publishFunc) publishFunc
+	// roundCommits, when set (a test seam), gives each session the number
+	// of commits its rounds end at (0: by age).
+	roundCommits func() int
 }
 
 // publishFunc publishes one message of a round (bus.Publisher.Publish).
@@ -238,6 +241,9 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	if c.wrapPublish != nil {
 		s.publish = c.wrapPublish(s.publish)
 	}
+	if c.roundCommits != nil {
+		s.perRound = c.roundCommits()
+	}
 	if resume.Partial {
 		interrupted := resume
 		s.completing = &interrupted
@@ -279,7 +285,8 @@ type session struct {
 	subjects *bus.ChangeSubjects
 	resume   bus.ChangesResume
 	// completing is the interrupted round this session started after, until
-	// a round is wholly published: the first round names itself as it.
+	// a round past its last change is published: the rounds until then name
+	// themselves as it (its Round-First, and a Round-Last at least its).
 	completing *bus.ChangesResume
 
 	// The round being collected: its changes are published together, one
@@ -300,6 +307,9 @@ type session struct {
 	// behind: the transaction being read committed a while ago (a
 	// backlog), so rounds grow larger.
 	behind bool
+	// perRound, when set, ends rounds at their perRound-th commit (a test
+	// seam); commits counts the round's.
+	perRound, commits int
 	// clockSkew is the server's clock minus ours, in ms.
 	clockSkew int64
 
@@ -471,9 +481,11 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			s.pub.Mark(ev.LSN) // its changes (if any) are published
 		} else {
 			s.pendingCommit = ev.LSN
+			s.commits++
 			// Publish at a commit once the round is Linger old; while
 			// far behind the server's WAL, let it grow (larger messages).
-			if age := time.Since(s.roundStarted); age >= s.cfg.Linger && (!s.behind || age >= bus.MaxRoundAge) {
+			if age := time.Since(s.roundStarted); s.perRound > 0 && s.commits >= s.perRound ||
+				s.perRound == 0 && age >= s.cfg.Linger && (!s.behind || age >= bus.MaxRoundAge) {
 				if err := s.flush(ctx); err != nil {
 					return err
 				}
@@ -513,6 +525,9 @@ func (s *session) add(ctx context.Context, r *pgrepl.Row, e *bus.Entry) error {
 	if s.round.Entries() == 0 {
 		s.roundStarted, s.roundFirst = time.Now(), string(r.Key)
 		s.walAt = s.roundStarted
+		if s.completing != nil && !s.resume.Partial {
+			s.completing = nil // this round starts past the interrupted one
+		}
 		if s.completing != nil { // completes an interrupted round: named as it, so a cut here is read back with it
 			s.roundFirst = s.completing.First.Key()
 		}
@@ -553,8 +568,12 @@ func (s *session) flush(ctx context.Context) error {
 		}
 	}
 	s.round.Reset()
-	if len(msgs) > 0 {
-		s.completing = nil // the interrupted round is complete now
+	s.commits = 0
+	if len(msgs) > 0 && !s.resume.Partial {
+		// Past the interrupted round: its changes are all stored now.
+		// (Until then every round is named as it, so that a cut in any of
+		// them is read back with all of them.)
+		s.completing = nil
 	}
 	if s.pendingCommit != 0 {
 		s.pub.Mark(s.pendingCommit)

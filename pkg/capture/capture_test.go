@@ -2,14 +2,17 @@ package capture_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/seed"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
@@ -140,5 +143,59 @@ func TestInterruptedRoundsInARow(t *testing.T) {
 			t.Fatalf("change %d stored twice", m.Msg.Metadata.CommitIdx)
 		}
 		seen[m.Msg.Metadata.CommitIdx] = true
+	}
+}
+
+// TestInterruptedRoundsAcrossTransactions: rounds of several transactions
+// are cut short, one session after another, and the sessions after a cut
+// end their rounds at other commits than the cut one did: every change is
+// stored once and in order. The first run is the case that lost and
+// duplicated changes (the round completing a cut one ended before the cut
+// one's last change, and the next was named as itself); the others are
+// seeded.
+func TestInterruptedRoundsAcrossTransactions(t *testing.T) {
+	e := newEnv(t, "")
+	e.cfg.Linger = 100 * time.Millisecond // rounds end at the commits the test chooses
+	rng, _ := seed.Rand(t)
+	type plan struct {
+		txs, rows      int   // transactions, and rows of each (at most)
+		perRound, cuts []int // per session
+	}
+	plans := []plan{{txs: 20, rows: 4, perRound: []int{20, 1}, cuts: []int{3, 2}}}
+	for range 7 {
+		p := plan{txs: 5 + rng.IntN(30), rows: 1 + rng.IntN(5)}
+		for range 1 + rng.IntN(3) {
+			p.perRound = append(p.perRound, 1+rng.IntN(p.txs))
+			p.cuts = append(p.cuts, rng.IntN(10))
+		}
+		plans = append(plans, p)
+	}
+	for i, p := range plans {
+		table := fmt.Sprintf("t%d", i)
+		e.pg.MustExec(t, "app", fmt.Sprintf(`CREATE TABLE %s (id int PRIMARY KEY)`, table))
+		e.cfg.Source, e.cfg.Stream.Source = fmt.Sprintf("s%d", i), fmt.Sprintf("s%d", i)
+		e.cfg.Stream.Name = fmt.Sprintf("CHANGES_%d", i)
+		e.cfg.Repl.Slot, e.cfg.Repl.Publication, e.cfg.Repl.Tables = fmt.Sprintf("pgs2_%d", i), fmt.Sprintf("pgs2_%d", i), []string{"public." + table}
+		e.opts = []capture.Option{capture.WithRoundCommits(p.perRound...), capture.WithCrashAfter(p.cuts...)}
+		t.Logf("run %d: %+v", i, p)
+		stop := e.run(t)
+		var sql strings.Builder
+		id := 0
+		for range p.txs {
+			sql.WriteString("BEGIN;")
+			for range 1 + rng.IntN(p.rows) {
+				id++
+				fmt.Fprintf(&sql, "INSERT INTO %s VALUES (%d);", table, id)
+			}
+			sql.WriteString("COMMIT;")
+		}
+		e.pg.MustExec(t, "app", sql.String())
+		e.waitMessages(t, id) // fails on a change stored twice or out of order, or missing
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+		if t.Failed() {
+			t.Fatalf("run %d (%+v): changes stored twice or out of order", i, p)
+		}
 	}
 }

@@ -27,5 +27,22 @@ func WithCrashAfter(n ...int) Option {
 	}
 }
 
+// WithRoundCommits makes the capture's first sessions, one after another,
+// end each round at its n[i]th commit (0: by age, as configured) instead of
+// by its age, so a test chooses how rounds cut a backlog. With it, a round
+// ends without WAL only after Linger.
+func WithRoundCommits(n ...int) Option {
+	return func(c *Capture) {
+		c.roundCommits = func() int {
+			if len(n) == 0 {
+				return 0
+			}
+			k := n[0]
+			n = n[1:]
+			return k
+		}
+	}
+}
+
 // errCrash is the simulated crash.
 var errCrash = errors.New("simulated crash")
