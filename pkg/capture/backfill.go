@@ -149,6 +149,9 @@ type BackfillConfig struct {
 	SinkTables map[string][]string
 	// Replicas of the KV bucket and object store.
 	Replicas int
+	// Initial are the sinks' initial backfills: created when missing, so
+	// each runs once, when its sink first starts.
+	Initial []backfill.Job
 }
 
 // backfills watches the jobs and runs this source's share of each.
@@ -191,6 +194,24 @@ func (c *Capture) runBackfills(ctx context.Context, db string) {
 		return
 	}
 	c.stage.Store(b.stage)
+	for _, j := range c.cfg.Backfill.Initial {
+		err := restart.Until(ctx, sessionRestarts, func(ctx context.Context) error {
+			j.Created = time.Now().UTC()
+			err := b.store.Create(ctx, j)
+			if errors.Is(err, backfill.ErrExists) {
+				return nil
+			}
+			if err == nil {
+				c.log.Info("initial backfill of a sink started", "backfill", j.ID, "sink", j.Sink)
+			}
+			return err
+		}, func(err error) bool { return errors.Is(err, backfill.ErrBadID) }, func(err error, wait time.Duration) {
+			c.log.Warn("cannot create a sink's initial backfill yet; retrying", "backfill", j.ID, "error", err, "retry_in", wait)
+		})
+		if err != nil && ctx.Err() == nil {
+			c.log.Error("cannot create a sink's initial backfill", "backfill", j.ID, "error", err)
+		}
+	}
 	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
 		return b.store.WatchJobs(ctx, func(j backfill.Job) { b.update(ctx, j) })
 	}, func(err error, wait time.Duration) bool {

@@ -3,6 +3,7 @@ package capture
 import (
 	"context"
 
+	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
@@ -27,8 +28,34 @@ func FromConfig(c *config.Config) (Config, error) {
 			DuplicateWindow: c.NATS.DuplicateWindow.D(), MaxAge: c.NATS.ChangesMaxAge.D(),
 		},
 		Partitions: c.NATS.Partitions,
+		Backfill:   backfillConfig(c),
 	}, nil
 }
+
+// backfillConfig derives the backfill defaults, each sink's tables and the
+// sinks' initial backfills.
+func backfillConfig(c *config.Config) BackfillConfig {
+	b := BackfillConfig{
+		ChunkSize: c.Source.Backfill.ChunkSize, StatementTimeout: c.Source.Backfill.StatementTimeout.D(),
+		MaxRowsPerSecond: c.Source.Backfill.MaxRowsPerSecond, SinkTables: map[string][]string{},
+	}
+	for _, sk := range c.Sinks {
+		b.SinkTables[sk.Name] = sk.Tables
+		ib := sk.InitialBackfill
+		if ib == nil || !ib.All && len(ib.Tables) == 0 {
+			continue
+		}
+		j := backfill.Job{ID: InitialBackfillID(sk.Name), Sink: sk.Name, By: "config: initial_backfill"}
+		for _, t := range ib.Tables {
+			j.Tables = append(j.Tables, backfill.TableSpec{Table: t.Table, Where: t.Where})
+		}
+		b.Initial = append(b.Initial, j)
+	}
+	return b
+}
+
+// InitialBackfillID names the job of a sink's initial_backfill.
+func InitialBackfillID(sink string) string { return "initial-" + sink }
 
 // Main is the capture service: connect to JetStream (or host it embedded)
 // and run until ctx ends.

@@ -34,8 +34,84 @@ type Source struct {
 	Slot        string   `yaml:"slot"`
 	Publication string   `yaml:"publication"`
 	Tables      []string `yaml:"tables"`
+	// Backfill are the defaults of this source's backfills.
+	Backfill SourceBackfill `yaml:"backfill"`
 	// Password is filled from PGS2_SOURCE_PASSWORD by Load; never serialised.
 	Password string `yaml:"-"`
+}
+
+// SourceBackfill bounds what a backfill asks of the database.
+type SourceBackfill struct {
+	// ChunkSize is the rows one chunk's query reads (default 1000).
+	ChunkSize int `yaml:"chunk_size"`
+	// StatementTimeout bounds one chunk's query (default 30s).
+	StatementTimeout Duration `yaml:"statement_timeout"`
+	// MaxRowsPerSecond limits each backfill's reads (default 0: no limit).
+	MaxRowsPerSecond int `yaml:"max_rows_per_second"`
+}
+
+// Backfill defaults and limits.
+const (
+	DefaultBackfillChunkSize        = 1000
+	DefaultBackfillStatementTimeout = 30 * time.Second
+	MaxBackfillChunkSize            = 100_000
+)
+
+// InitialBackfill is a sink's backfill when it first starts: every table
+// of the sink (`initial_backfill: true`), or a list of tables, each a name
+// or a `{table, where}` with a SQL condition on its rows.
+type InitialBackfill struct {
+	All    bool
+	Tables []BackfillTable
+}
+
+// BackfillTable is one table of a backfill, with an optional SQL filter.
+type BackfillTable struct {
+	Table string `yaml:"table"`
+	Where string `yaml:"where"`
+}
+
+// UnmarshalYAML reads true/false, or a list of table names and
+// {table, where} mappings.
+func (b *InitialBackfill) UnmarshalYAML(n *yaml.Node) error {
+	bad := func(format string, a ...any) error {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: initial_backfill: ", n.Line) + fmt.Sprintf(format, a...)}}
+	}
+	switch n.Kind {
+	case yaml.ScalarNode:
+		if err := n.Decode(&b.All); err != nil {
+			return bad("%q is neither true, false nor a list of tables", n.Value)
+		}
+		return nil
+	case yaml.SequenceNode:
+		for _, item := range n.Content {
+			switch item.Kind {
+			case yaml.ScalarNode:
+				b.Tables = append(b.Tables, BackfillTable{Table: item.Value})
+			case yaml.MappingNode:
+				var t BackfillTable
+				for i := 0; i+1 < len(item.Content); i += 2 {
+					k, v := item.Content[i], item.Content[i+1]
+					if v.Kind != yaml.ScalarNode {
+						return bad("line %d: %s must be a string", v.Line, k.Value)
+					}
+					switch k.Value {
+					case "table":
+						t.Table = v.Value
+					case "where":
+						t.Where = v.Value
+					default:
+						return bad("line %d: unknown key %q (a table takes table and where)", k.Line, k.Value)
+					}
+				}
+				b.Tables = append(b.Tables, t)
+			default:
+				return bad("line %d: a table is a name or {table: schema.name, where: SQL}", item.Line)
+			}
+		}
+		return nil
+	}
+	return bad("want true, or a list of tables (names or {table, where})")
 }
 
 // NATS is the JetStream connection and stream settings.
@@ -74,8 +150,11 @@ type Sink struct {
 	Transform      string              `yaml:"transform"`
 	Routing        string              `yaml:"routing"`
 	CreateStream   bool                `yaml:"create_stream"`
-	Batch          Batch               `yaml:"batch"`
-	Retry          Retry               `yaml:"retry"`
+	// InitialBackfill, when set, backfills the sink's tables (or the ones
+	// listed) once, when the sink first starts.
+	InitialBackfill *InitialBackfill `yaml:"initial_backfill"`
+	Batch           Batch            `yaml:"batch"`
+	Retry           Retry            `yaml:"retry"`
 }
 
 // Batch limits one S2 append.
@@ -177,6 +256,12 @@ func (c *Config) applyDefaults() {
 	for i, t := range c.Source.Tables {
 		c.Source.Tables[i] = QualifyTable(t)
 	}
+	if c.Source.Backfill.ChunkSize == 0 {
+		c.Source.Backfill.ChunkSize = DefaultBackfillChunkSize
+	}
+	if c.Source.Backfill.StatementTimeout == 0 {
+		c.Source.Backfill.StatementTimeout = Duration(DefaultBackfillStatementTimeout)
+	}
 	n := &c.NATS
 	if n.Replicas == 0 {
 		n.Replicas = 1
@@ -208,6 +293,11 @@ func (c *Config) applyDefaults() {
 			}
 			s.GroupColumns = gc
 		}
+		if ib := s.InitialBackfill; ib != nil {
+			for j := range ib.Tables {
+				ib.Tables[j].Table = QualifyTable(ib.Tables[j].Table)
+			}
+		}
 		if s.AccessTokenEnv == "" {
 			s.AccessTokenEnv = "S2_ACCESS_TOKEN"
 		}
@@ -232,6 +322,7 @@ func (c *Config) applyDefaults() {
 // sections names the Go types of the file's sections as a reader knows them.
 var sections = strings.NewReplacer(
 	"in type config.Config", "at the top level (source, nats, sinks, telemetry)",
+	"in type config.SourceBackfill", "under source.backfill", // before its prefix
 	"in type config.Source", "under source",
 	"in type config.NATS", "under nats",
 	"in type config.Sink", "under a sink",
@@ -311,6 +402,15 @@ func (c *Config) Validate() error {
 		}
 		seen[t] = true
 	}
+	if b := s.Backfill; b.ChunkSize < 1 || b.ChunkSize > MaxBackfillChunkSize {
+		bad("source.backfill.chunk_size", "%d is out of range: use 1..%d (default %d)", b.ChunkSize, MaxBackfillChunkSize, DefaultBackfillChunkSize)
+	}
+	if b := s.Backfill; b.StatementTimeout.D() < 100*time.Millisecond {
+		bad("source.backfill.statement_timeout", "%s is too short: use at least 100ms (default %s)", b.StatementTimeout.D(), DefaultBackfillStatementTimeout)
+	}
+	if s.Backfill.MaxRowsPerSecond < 0 {
+		bad("source.backfill.max_rows_per_second", "must be 0 (no limit) or positive")
+	}
 
 	n := c.NATS
 	if n.Embedded {
@@ -374,6 +474,24 @@ func (c *Config) Validate() error {
 		sinkTables := map[string]bool{}
 		for _, t := range sk.Tables {
 			sinkTables[t] = true
+		}
+		if ib := sk.InitialBackfill; ib != nil {
+			listed := map[string]bool{}
+			for j, bt := range ib.Tables {
+				k := fmt.Sprintf("%s.initial_backfill[%d]", key, j)
+				switch {
+				case bt.Table == "":
+					bad(k, "names no table; write a name, or {table: schema.name, where: SQL}")
+				case !sinkTables[bt.Table]:
+					bad(k, "%q is not in this sink's tables; add it there", bt.Table)
+				case listed[bt.Table]:
+					bad(k, "%q is listed twice; give one entry (combine the where conditions)", bt.Table)
+				}
+				listed[bt.Table] = true
+				if strings.Contains(bt.Where, ";") {
+					bad(k+".where", "%q holds ';': write one SQL condition, e.g. created_at > '2026-01-01'", bt.Where)
+				}
+			}
 		}
 		for t, cols := range sk.GroupColumns {
 			if !sinkTables[t] {

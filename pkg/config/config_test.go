@@ -129,6 +129,39 @@ func TestParseDefaults(t *testing.T) {
 	if c.Source.Password != "" {
 		t.Errorf("password %q without PGS2_SOURCE_PASSWORD", c.Source.Password)
 	}
+	if b := c.Source.Backfill; b.ChunkSize != 1000 || b.StatementTimeout.D() != 30*time.Second || b.MaxRowsPerSecond != 0 {
+		t.Errorf("default source.backfill = %+v", b)
+	}
+	if s.InitialBackfill != nil {
+		t.Errorf("initial_backfill = %+v without the key", s.InitialBackfill)
+	}
+}
+
+func TestParseBackfill(t *testing.T) {
+	t.Parallel()
+	base := strings.Replace(minimal, "tables: [users, sales.orders]", "tables: [users, sales.orders]\n  backfill: {chunk_size: 500, statement_timeout: 5s, max_rows_per_second: 2000}", 1)
+	for _, tc := range []struct {
+		initial string
+		want    *config.InitialBackfill
+	}{
+		{"true", &config.InitialBackfill{All: true}},
+		{"false", &config.InitialBackfill{}},
+		{"[users]", &config.InitialBackfill{Tables: []config.BackfillTable{{Table: "public.users"}}}},
+		{"\n      - sales.orders\n      - {table: users, where: \"id > 10\"}", &config.InitialBackfill{Tables: []config.BackfillTable{
+			{Table: "sales.orders"}, {Table: "public.users", Where: "id > 10"}}}},
+	} {
+		y := strings.Replace(base, "tables: [users]\n", "tables: [users, sales.orders]\n    initial_backfill: "+tc.initial+"\n", 1)
+		c, err := config.Parse([]byte(y))
+		if err != nil {
+			t.Fatalf("initial_backfill: %s: %v", tc.initial, err)
+		}
+		if got := c.Sinks[0].InitialBackfill; !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("initial_backfill: %s = %+v, want %+v", tc.initial, got, tc.want)
+		}
+		if b := c.Source.Backfill; b.ChunkSize != 500 || b.StatementTimeout.D() != 5*time.Second || b.MaxRowsPerSecond != 2000 {
+			t.Errorf("source.backfill = %+v", b)
+		}
+	}
 }
 
 func TestParseExplicitValuesKept(t *testing.T) {
@@ -185,6 +218,42 @@ func TestParseErrors(t *testing.T) {
 		// want are substrings the error must contain (the key, the problem).
 		want []string
 	}{
+		{
+			name: "backfill chunk size",
+			yaml: func(t *testing.T) string {
+				return edit(t, "tables: [users, sales.orders]", "tables: [users, sales.orders]\n  backfill: {chunk_size: -1, statement_timeout: 1ms, max_rows_per_second: -5}")
+			},
+			want: []string{"source.backfill.chunk_size: -1 is out of range", "source.backfill.statement_timeout: 1ms is too short", "source.backfill.max_rows_per_second: must be"},
+		},
+		{
+			name: "backfill unknown key",
+			yaml: func(t *testing.T) string {
+				return edit(t, "tables: [users, sales.orders]", "tables: [users, sales.orders]\n  backfill: {chunks: 5}")
+			},
+			want: []string{"chunks", "under source.backfill"},
+		},
+		{
+			name: "initial backfill of a table the sink lacks",
+			yaml: func(t *testing.T) string {
+				return edit(t, "    tables: [users]\n", "    tables: [users]\n    initial_backfill: [sales.orders, {table: users, where: \"a; DROP TABLE users\"}, {table: users}]\n")
+			},
+			want: []string{`sinks[0].initial_backfill[0]: "sales.orders" is not in this sink's tables`, `sinks[0].initial_backfill[1].where: "a; DROP TABLE users" holds ';'`,
+				`sinks[0].initial_backfill[2]: "public.users" is listed twice`},
+		},
+		{
+			name: "initial backfill not a list",
+			yaml: func(t *testing.T) string {
+				return edit(t, "    tables: [users]\n", "    tables: [users]\n    initial_backfill: yes please\n")
+			},
+			want: []string{"initial_backfill", "neither true, false nor a list"},
+		},
+		{
+			name: "initial backfill unknown key",
+			yaml: func(t *testing.T) string {
+				return edit(t, "    tables: [users]\n", "    tables: [users]\n    initial_backfill: [{table: users, filter: x}]\n")
+			},
+			want: []string{"initial_backfill", `unknown key "filter"`},
+		},
 		{
 			name: "malformed YAML",
 			yaml: func(*testing.T) string { return "source:\n  name: app\n   dsn: [unclosed\n" },

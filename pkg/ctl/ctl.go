@@ -17,9 +17,13 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 )
 
 const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
+       pgs2ctl [--admin HOST:PORT] backfill <command>
        pgs2ctl tail BASIN/STREAM [--json] [--from-tail | --seq N] [--count N] [--no-follow] [--endpoint URL]
 
   messages list [--sink S] [--stream S] [--table T] [--json]
@@ -27,6 +31,8 @@ const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
   messages retry ID [--sink S]
   messages ack ID --reason TEXT [--operator NAME] [--sink S]
   tail BASIN/STREAM    print an S2 stream's records and follow it live (pgs2ctl tail -h)
+  backfill start --sink S [--table T]... [--where SQL]    read a sink's existing rows into it
+  backfill status [ID] [--json] [--watch] | pause ID | resume ID | cancel ID
 
 --admin is a delivery process's --http-addr (default $PGS2_ADMIN_ADDR or 127.0.0.1:9103).
 `
@@ -57,11 +63,25 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
+	c := &client{base: "http://" + strings.TrimPrefix(*admin, "http://"), out: stdout, hc: &http.Client{Timeout: 30 * time.Second}}
+	if len(rest) > 0 && rest[0] == "backfill" {
+		err := c.backfill(ctx, rest[1:], stderr)
+		switch {
+		case errors.Is(err, errHelp):
+			return 0
+		case errors.Is(err, errUsage):
+			fmt.Fprintf(stderr, "pgs2ctl backfill: %v\n\n%s", strings.TrimPrefix(err.Error(), "usage: "), backfillUsage)
+			return 2
+		case err != nil:
+			fmt.Fprintln(stderr, "pgs2ctl backfill:", err)
+			return 1
+		}
+		return 0
+	}
 	if len(rest) < 2 || rest[0] != "messages" {
 		fs.Usage()
 		return 2
 	}
-	c := &client{base: "http://" + strings.TrimPrefix(*admin, "http://"), out: stdout, hc: &http.Client{Timeout: 30 * time.Second}}
 	var err error
 	switch rest[1] {
 	case "list":
@@ -87,7 +107,10 @@ type client struct {
 
 func (c *client) call(ctx context.Context, method, path string, body any, v any) error {
 	var rd io.Reader
-	if body != nil {
+	if m, ok := body.(proto.Message); ok {
+		b, _ := protojson.Marshal(m)
+		rd = bytes.NewReader(b)
+	} else if body != nil {
 		b, _ := json.Marshal(body)
 		rd = bytes.NewReader(b)
 	}
@@ -110,6 +133,9 @@ func (c *client) call(ctx context.Context, method, path string, body any, v any)
 			return fmt.Errorf("%s", e.Error)
 		}
 		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(b))
+	}
+	if m, ok := v.(proto.Message); ok {
+		return protojson.UnmarshalOptions{DiscardUnknown: true}.Unmarshal(b, m)
 	}
 	if v != nil {
 		return json.Unmarshal(b, v)

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
@@ -30,8 +32,12 @@ const AuditStream = "PGS2_AUDIT"
 // acknowledged. Any delivery process can answer: the state lives in
 // JetStream.
 type Admin struct {
-	js       jetstream.JetStream
-	failures jetstream.KeyValue
+	js        jetstream.JetStream
+	failures  jetstream.KeyValue
+	backfills *backfill.Store
+
+	mu         sync.Mutex
+	sinkTables map[string][]string // nil: not told (SetSinks)
 }
 
 // NewAdmin returns the admin API, creating the audit stream if needed.
@@ -47,7 +53,11 @@ func NewAdmin(ctx context.Context, js jetstream.JetStream, replicas int) (*Admin
 	if err != nil {
 		return nil, err
 	}
-	return &Admin{js: js, failures: kv}, nil
+	store, err := backfill.Ensure(ctx, js, replicas)
+	if err != nil {
+		return nil, err
+	}
+	return &Admin{js: js, failures: kv, backfills: store}, nil
 }
 
 // Register adds the API's routes to mux.
@@ -59,6 +69,12 @@ func (a *Admin) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/sinks/{sink}/messages/retry", a.retryAll)
 	mux.HandleFunc("GET /v1/sinks/{sink}/audit", a.audit)
 	mux.HandleFunc("GET /v1/status", a.status)
+	mux.HandleFunc("POST /v1/backfills", a.startBackfill)
+	mux.HandleFunc("GET /v1/backfills", a.listBackfills)
+	mux.HandleFunc("GET /v1/backfills/{id}", a.getBackfill)
+	mux.HandleFunc("POST /v1/backfills/{id}/pause", a.setBackfillState(backfill.Paused))
+	mux.HandleFunc("POST /v1/backfills/{id}/resume", a.setBackfillState(backfill.Running))
+	mux.HandleFunc("POST /v1/backfills/{id}/cancel", a.setBackfillState(backfill.Cancelled))
 }
 
 // parkedSubjects returns the parks of a sink ("-" = every sink) with their

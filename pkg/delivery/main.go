@@ -30,6 +30,7 @@ func Main(ctx context.Context, env service.Env) error {
 		}
 		return err
 	}
+	admin.SetSinks(env.Config.Sinks)
 	if env.Mux != nil {
 		admin.Register(env.Mux)
 	}
@@ -39,6 +40,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	service.OnReload(ctx, env, func(c *config.Config) error {
+		admin.SetSinks(c.Sinks)
 		restart, err := d.Reload(c.Sinks)
 		if len(restart) > 0 {
 			env.Log.Warn("sink settings other than functions apply after a restart of delivery", "sinks", restart)

@@ -39,6 +39,567 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type StartBackfillRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Sink whose messages the rows become.
+	Sink string `protobuf:"bytes,1,opt,name=sink,proto3" json:"sink,omitempty"`
+	// Tables to read; empty = every table of the sink.
+	Tables []*BackfillTable `protobuf:"bytes,2,rep,name=tables,proto3" json:"tables,omitempty"`
+	// Optional id ([A-Za-z0-9_-], at most 64); default: generated. Starting a
+	// backfill with an id in use fails with 409.
+	Id string `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	// Rows per chunk and a rate limit; 0 = the source's source.backfill values.
+	ChunkSize        uint32 `protobuf:"varint,4,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
+	MaxRowsPerSecond uint32 `protobuf:"varint,5,opt,name=max_rows_per_second,json=maxRowsPerSecond,proto3" json:"max_rows_per_second,omitempty"`
+	// Who starts it (recorded with the backfill).
+	Operator      string `protobuf:"bytes,6,opt,name=operator,proto3" json:"operator,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartBackfillRequest) Reset() {
+	*x = StartBackfillRequest{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartBackfillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartBackfillRequest) ProtoMessage() {}
+
+func (x *StartBackfillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartBackfillRequest.ProtoReflect.Descriptor instead.
+func (*StartBackfillRequest) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *StartBackfillRequest) GetSink() string {
+	if x != nil {
+		return x.Sink
+	}
+	return ""
+}
+
+func (x *StartBackfillRequest) GetTables() []*BackfillTable {
+	if x != nil {
+		return x.Tables
+	}
+	return nil
+}
+
+func (x *StartBackfillRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *StartBackfillRequest) GetChunkSize() uint32 {
+	if x != nil {
+		return x.ChunkSize
+	}
+	return 0
+}
+
+func (x *StartBackfillRequest) GetMaxRowsPerSecond() uint32 {
+	if x != nil {
+		return x.MaxRowsPerSecond
+	}
+	return 0
+}
+
+func (x *StartBackfillRequest) GetOperator() string {
+	if x != nil {
+		return x.Operator
+	}
+	return ""
+}
+
+type BackfillTable struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "schema.table" ("public." is added to a bare name).
+	Table string `protobuf:"bytes,1,opt,name=table,proto3" json:"table,omitempty"`
+	// Optional SQL condition on the table's rows, e.g. "created_at > '2026-01-01'".
+	Where         string `protobuf:"bytes,2,opt,name=where,proto3" json:"where,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackfillTable) Reset() {
+	*x = BackfillTable{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackfillTable) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackfillTable) ProtoMessage() {}
+
+func (x *BackfillTable) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackfillTable.ProtoReflect.Descriptor instead.
+func (*BackfillTable) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *BackfillTable) GetTable() string {
+	if x != nil {
+		return x.Table
+	}
+	return ""
+}
+
+func (x *BackfillTable) GetWhere() string {
+	if x != nil {
+		return x.Where
+	}
+	return ""
+}
+
+type Backfill struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Sink  string                 `protobuf:"bytes,2,opt,name=sink,proto3" json:"sink,omitempty"`
+	// The tables asked for; empty = every table of the sink.
+	Tables []*BackfillTable `protobuf:"bytes,3,rep,name=tables,proto3" json:"tables,omitempty"`
+	// running, paused, cancelled, done or failed (a table failed: see its error).
+	State            string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	CreateTime       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	CreatedBy        string                 `protobuf:"bytes,6,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	ChunkSize        uint32                 `protobuf:"varint,7,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
+	MaxRowsPerSecond uint32                 `protobuf:"varint,8,opt,name=max_rows_per_second,json=maxRowsPerSecond,proto3" json:"max_rows_per_second,omitempty"`
+	// Per source and table, once capture has started it.
+	Progress      []*BackfillProgress `protobuf:"bytes,9,rep,name=progress,proto3" json:"progress,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Backfill) Reset() {
+	*x = Backfill{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Backfill) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Backfill) ProtoMessage() {}
+
+func (x *Backfill) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Backfill.ProtoReflect.Descriptor instead.
+func (*Backfill) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Backfill) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Backfill) GetSink() string {
+	if x != nil {
+		return x.Sink
+	}
+	return ""
+}
+
+func (x *Backfill) GetTables() []*BackfillTable {
+	if x != nil {
+		return x.Tables
+	}
+	return nil
+}
+
+func (x *Backfill) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Backfill) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Backfill) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *Backfill) GetChunkSize() uint32 {
+	if x != nil {
+		return x.ChunkSize
+	}
+	return 0
+}
+
+func (x *Backfill) GetMaxRowsPerSecond() uint32 {
+	if x != nil {
+		return x.MaxRowsPerSecond
+	}
+	return 0
+}
+
+func (x *Backfill) GetProgress() []*BackfillProgress {
+	if x != nil {
+		return x.Progress
+	}
+	return nil
+}
+
+type BackfillProgress struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Source string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Table  string                 `protobuf:"bytes,2,opt,name=table,proto3" json:"table,omitempty"`
+	// running, paused, cancelled, done or failed.
+	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	// Rows read so far, and the planner's estimate of the table's rows.
+	Rows          int64 `protobuf:"varint,4,opt,name=rows,proto3" json:"rows,omitempty"`
+	EstimatedRows int64 `protobuf:"varint,5,opt,name=estimated_rows,json=estimatedRows,proto3" json:"estimated_rows,omitempty"`
+	// Rows read per second since it started, and the seconds left at that
+	// rate (0 when done or unknown).
+	RowsPerSecond float64 `protobuf:"fixed64,6,opt,name=rows_per_second,json=rowsPerSecond,proto3" json:"rows_per_second,omitempty"`
+	EtaSeconds    float64 `protobuf:"fixed64,7,opt,name=eta_seconds,json=etaSeconds,proto3" json:"eta_seconds,omitempty"`
+	// Why it failed, naming the fix.
+	Error         string                 `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	StartTime     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackfillProgress) Reset() {
+	*x = BackfillProgress{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackfillProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackfillProgress) ProtoMessage() {}
+
+func (x *BackfillProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackfillProgress.ProtoReflect.Descriptor instead.
+func (*BackfillProgress) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *BackfillProgress) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *BackfillProgress) GetTable() string {
+	if x != nil {
+		return x.Table
+	}
+	return ""
+}
+
+func (x *BackfillProgress) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *BackfillProgress) GetRows() int64 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *BackfillProgress) GetEstimatedRows() int64 {
+	if x != nil {
+		return x.EstimatedRows
+	}
+	return 0
+}
+
+func (x *BackfillProgress) GetRowsPerSecond() float64 {
+	if x != nil {
+		return x.RowsPerSecond
+	}
+	return 0
+}
+
+func (x *BackfillProgress) GetEtaSeconds() float64 {
+	if x != nil {
+		return x.EtaSeconds
+	}
+	return 0
+}
+
+func (x *BackfillProgress) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *BackfillProgress) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *BackfillProgress) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+type ListBackfillsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this sink's; empty = every sink's.
+	Sink          string `protobuf:"bytes,1,opt,name=sink,proto3" json:"sink,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBackfillsRequest) Reset() {
+	*x = ListBackfillsRequest{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBackfillsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBackfillsRequest) ProtoMessage() {}
+
+func (x *ListBackfillsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBackfillsRequest.ProtoReflect.Descriptor instead.
+func (*ListBackfillsRequest) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ListBackfillsRequest) GetSink() string {
+	if x != nil {
+		return x.Sink
+	}
+	return ""
+}
+
+type ListBackfillsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Backfills     []*Backfill            `protobuf:"bytes,1,rep,name=backfills,proto3" json:"backfills,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBackfillsResponse) Reset() {
+	*x = ListBackfillsResponse{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBackfillsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBackfillsResponse) ProtoMessage() {}
+
+func (x *ListBackfillsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBackfillsResponse.ProtoReflect.Descriptor instead.
+func (*ListBackfillsResponse) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ListBackfillsResponse) GetBackfills() []*Backfill {
+	if x != nil {
+		return x.Backfills
+	}
+	return nil
+}
+
+type GetBackfillRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBackfillRequest) Reset() {
+	*x = GetBackfillRequest{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBackfillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBackfillRequest) ProtoMessage() {}
+
+func (x *GetBackfillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBackfillRequest.ProtoReflect.Descriptor instead.
+func (*GetBackfillRequest) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GetBackfillRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type BackfillActionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Operator      string                 `protobuf:"bytes,2,opt,name=operator,proto3" json:"operator,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackfillActionRequest) Reset() {
+	*x = BackfillActionRequest{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackfillActionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackfillActionRequest) ProtoMessage() {}
+
+func (x *BackfillActionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackfillActionRequest.ProtoReflect.Descriptor instead.
+func (*BackfillActionRequest) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *BackfillActionRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *BackfillActionRequest) GetOperator() string {
+	if x != nil {
+		return x.Operator
+	}
+	return ""
+}
+
 type GetStatusRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only this sink; empty = every sink.
@@ -49,7 +610,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[0]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -61,7 +622,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[0]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -74,7 +635,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{0}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetStatusRequest) GetSink() string {
@@ -93,7 +654,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[1]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +666,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[1]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +679,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{1}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetStatusResponse) GetSinks() []*SinkStatus {
@@ -148,7 +709,7 @@ type SinkStatus struct {
 
 func (x *SinkStatus) Reset() {
 	*x = SinkStatus{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -160,7 +721,7 @@ func (x *SinkStatus) String() string {
 func (*SinkStatus) ProtoMessage() {}
 
 func (x *SinkStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -173,7 +734,7 @@ func (x *SinkStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SinkStatus.ProtoReflect.Descriptor instead.
 func (*SinkStatus) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SinkStatus) GetSink() string {
@@ -264,7 +825,7 @@ type FailedMessage struct {
 
 func (x *FailedMessage) Reset() {
 	*x = FailedMessage{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -276,7 +837,7 @@ func (x *FailedMessage) String() string {
 func (*FailedMessage) ProtoMessage() {}
 
 func (x *FailedMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -289,7 +850,7 @@ func (x *FailedMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailedMessage.ProtoReflect.Descriptor instead.
 func (*FailedMessage) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *FailedMessage) GetId() string {
@@ -428,7 +989,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -440,7 +1001,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -453,7 +1014,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Header) GetName() string {
@@ -487,7 +1048,7 @@ type DeliveryError struct {
 
 func (x *DeliveryError) Reset() {
 	*x = DeliveryError{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -499,7 +1060,7 @@ func (x *DeliveryError) String() string {
 func (*DeliveryError) ProtoMessage() {}
 
 func (x *DeliveryError) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -512,7 +1073,7 @@ func (x *DeliveryError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliveryError.ProtoReflect.Descriptor instead.
 func (*DeliveryError) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeliveryError) GetHttpStatus() int32 {
@@ -562,7 +1123,7 @@ type ListFailedMessagesRequest struct {
 
 func (x *ListFailedMessagesRequest) Reset() {
 	*x = ListFailedMessagesRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -574,7 +1135,7 @@ func (x *ListFailedMessagesRequest) String() string {
 func (*ListFailedMessagesRequest) ProtoMessage() {}
 
 func (x *ListFailedMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -587,7 +1148,7 @@ func (x *ListFailedMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFailedMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListFailedMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListFailedMessagesRequest) GetSink() string {
@@ -665,7 +1226,7 @@ type ListFailedMessagesResponse struct {
 
 func (x *ListFailedMessagesResponse) Reset() {
 	*x = ListFailedMessagesResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +1238,7 @@ func (x *ListFailedMessagesResponse) String() string {
 func (*ListFailedMessagesResponse) ProtoMessage() {}
 
 func (x *ListFailedMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +1251,7 @@ func (x *ListFailedMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFailedMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListFailedMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListFailedMessagesResponse) GetMessages() []*FailedMessage {
@@ -717,7 +1278,7 @@ type GetFailedMessageRequest struct {
 
 func (x *GetFailedMessageRequest) Reset() {
 	*x = GetFailedMessageRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +1290,7 @@ func (x *GetFailedMessageRequest) String() string {
 func (*GetFailedMessageRequest) ProtoMessage() {}
 
 func (x *GetFailedMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +1303,7 @@ func (x *GetFailedMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFailedMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetFailedMessageRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetFailedMessageRequest) GetSink() string {
@@ -774,7 +1335,7 @@ type RetryFailedMessageRequest struct {
 
 func (x *RetryFailedMessageRequest) Reset() {
 	*x = RetryFailedMessageRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -786,7 +1347,7 @@ func (x *RetryFailedMessageRequest) String() string {
 func (*RetryFailedMessageRequest) ProtoMessage() {}
 
 func (x *RetryFailedMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -799,7 +1360,7 @@ func (x *RetryFailedMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryFailedMessageRequest.ProtoReflect.Descriptor instead.
 func (*RetryFailedMessageRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RetryFailedMessageRequest) GetSink() string {
@@ -829,7 +1390,7 @@ type RetryFailedMessagesRequest struct {
 
 func (x *RetryFailedMessagesRequest) Reset() {
 	*x = RetryFailedMessagesRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -841,7 +1402,7 @@ func (x *RetryFailedMessagesRequest) String() string {
 func (*RetryFailedMessagesRequest) ProtoMessage() {}
 
 func (x *RetryFailedMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -854,7 +1415,7 @@ func (x *RetryFailedMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryFailedMessagesRequest.ProtoReflect.Descriptor instead.
 func (*RetryFailedMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RetryFailedMessagesRequest) GetSink() string {
@@ -890,7 +1451,7 @@ type RetryResponse struct {
 
 func (x *RetryResponse) Reset() {
 	*x = RetryResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -902,7 +1463,7 @@ func (x *RetryResponse) String() string {
 func (*RetryResponse) ProtoMessage() {}
 
 func (x *RetryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -915,7 +1476,7 @@ func (x *RetryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryResponse.ProtoReflect.Descriptor instead.
 func (*RetryResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RetryResponse) GetGroups() uint64 {
@@ -950,7 +1511,7 @@ type AcknowledgeFailedMessageRequest struct {
 
 func (x *AcknowledgeFailedMessageRequest) Reset() {
 	*x = AcknowledgeFailedMessageRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -962,7 +1523,7 @@ func (x *AcknowledgeFailedMessageRequest) String() string {
 func (*AcknowledgeFailedMessageRequest) ProtoMessage() {}
 
 func (x *AcknowledgeFailedMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -975,7 +1536,7 @@ func (x *AcknowledgeFailedMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcknowledgeFailedMessageRequest.ProtoReflect.Descriptor instead.
 func (*AcknowledgeFailedMessageRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AcknowledgeFailedMessageRequest) GetSink() string {
@@ -1022,7 +1583,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1034,7 +1595,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1047,7 +1608,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AuditRecord) GetId() string {
@@ -1099,7 +1660,7 @@ type ListAuditRecordsRequest struct {
 
 func (x *ListAuditRecordsRequest) Reset() {
 	*x = ListAuditRecordsRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1111,7 +1672,7 @@ func (x *ListAuditRecordsRequest) String() string {
 func (*ListAuditRecordsRequest) ProtoMessage() {}
 
 func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1124,7 +1685,7 @@ func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRecordsRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRecordsRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListAuditRecordsRequest) GetSink() string {
@@ -1159,7 +1720,7 @@ type ListAuditRecordsResponse struct {
 
 func (x *ListAuditRecordsResponse) Reset() {
 	*x = ListAuditRecordsResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1171,7 +1732,7 @@ func (x *ListAuditRecordsResponse) String() string {
 func (*ListAuditRecordsResponse) ProtoMessage() {}
 
 func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1184,7 +1745,7 @@ func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRecordsResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditRecordsResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListAuditRecordsResponse) GetRecords() []*AuditRecord {
@@ -1205,7 +1766,55 @@ var File_pgs2_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x19pgs2/admin/v1/admin.proto\x12\rpgs2.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n" +
+	"\x19pgs2/admin/v1/admin.proto\x12\rpgs2.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x01\n" +
+	"\x14StartBackfillRequest\x12\x12\n" +
+	"\x04sink\x18\x01 \x01(\tR\x04sink\x124\n" +
+	"\x06tables\x18\x02 \x03(\v2\x1c.pgs2.admin.v1.BackfillTableR\x06tables\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x12\x1d\n" +
+	"\n" +
+	"chunk_size\x18\x04 \x01(\rR\tchunkSize\x12-\n" +
+	"\x13max_rows_per_second\x18\x05 \x01(\rR\x10maxRowsPerSecond\x12\x1a\n" +
+	"\boperator\x18\x06 \x01(\tR\boperator\";\n" +
+	"\rBackfillTable\x12\x14\n" +
+	"\x05table\x18\x01 \x01(\tR\x05table\x12\x14\n" +
+	"\x05where\x18\x02 \x01(\tR\x05where\"\xe1\x02\n" +
+	"\bBackfill\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04sink\x18\x02 \x01(\tR\x04sink\x124\n" +
+	"\x06tables\x18\x03 \x03(\v2\x1c.pgs2.admin.v1.BackfillTableR\x06tables\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12;\n" +
+	"\vcreate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\x06 \x01(\tR\tcreatedBy\x12\x1d\n" +
+	"\n" +
+	"chunk_size\x18\a \x01(\rR\tchunkSize\x12-\n" +
+	"\x13max_rows_per_second\x18\b \x01(\rR\x10maxRowsPerSecond\x12;\n" +
+	"\bprogress\x18\t \x03(\v2\x1f.pgs2.admin.v1.BackfillProgressR\bprogress\"\xe8\x02\n" +
+	"\x10BackfillProgress\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x14\n" +
+	"\x05table\x18\x02 \x01(\tR\x05table\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x12\n" +
+	"\x04rows\x18\x04 \x01(\x03R\x04rows\x12%\n" +
+	"\x0eestimated_rows\x18\x05 \x01(\x03R\restimatedRows\x12&\n" +
+	"\x0frows_per_second\x18\x06 \x01(\x01R\rrowsPerSecond\x12\x1f\n" +
+	"\veta_seconds\x18\a \x01(\x01R\n" +
+	"etaSeconds\x12\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\x129\n" +
+	"\n" +
+	"start_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12;\n" +
+	"\vupdate_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\"*\n" +
+	"\x14ListBackfillsRequest\x12\x12\n" +
+	"\x04sink\x18\x01 \x01(\tR\x04sink\"N\n" +
+	"\x15ListBackfillsResponse\x125\n" +
+	"\tbackfills\x18\x01 \x03(\v2\x17.pgs2.admin.v1.BackfillR\tbackfills\"$\n" +
+	"\x12GetBackfillRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"C\n" +
+	"\x15BackfillActionRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
+	"\boperator\x18\x02 \x01(\tR\boperator\"&\n" +
 	"\x10GetStatusRequest\x12\x12\n" +
 	"\x04sink\x18\x01 \x01(\tR\x04sink\"D\n" +
 	"\x11GetStatusResponse\x12/\n" +
@@ -1295,7 +1904,7 @@ const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"x\n" +
 	"\x18ListAuditRecordsResponse\x124\n" +
 	"\arecords\x18\x01 \x03(\v2\x1a.pgs2.admin.v1.AuditRecordR\arecords\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\xa7\x05\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\x8f\t\n" +
 	"\x05Admin\x12N\n" +
 	"\tGetStatus\x12\x1f.pgs2.admin.v1.GetStatusRequest\x1a .pgs2.admin.v1.GetStatusResponse\x12i\n" +
 	"\x12ListFailedMessages\x12(.pgs2.admin.v1.ListFailedMessagesRequest\x1a).pgs2.admin.v1.ListFailedMessagesResponse\x12X\n" +
@@ -1303,7 +1912,13 @@ const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"\x12RetryFailedMessage\x12(.pgs2.admin.v1.RetryFailedMessageRequest\x1a\x1c.pgs2.admin.v1.RetryResponse\x12^\n" +
 	"\x13RetryFailedMessages\x12).pgs2.admin.v1.RetryFailedMessagesRequest\x1a\x1c.pgs2.admin.v1.RetryResponse\x12f\n" +
 	"\x18AcknowledgeFailedMessage\x12..pgs2.admin.v1.AcknowledgeFailedMessageRequest\x1a\x1a.pgs2.admin.v1.AuditRecord\x12c\n" +
-	"\x10ListAuditRecords\x12&.pgs2.admin.v1.ListAuditRecordsRequest\x1a'.pgs2.admin.v1.ListAuditRecordsResponseB2Z0github.com/pgs2/pgs2/proto/pgs2/admin/v1;adminv1b\x06proto3"
+	"\x10ListAuditRecords\x12&.pgs2.admin.v1.ListAuditRecordsRequest\x1a'.pgs2.admin.v1.ListAuditRecordsResponse\x12M\n" +
+	"\rStartBackfill\x12#.pgs2.admin.v1.StartBackfillRequest\x1a\x17.pgs2.admin.v1.Backfill\x12Z\n" +
+	"\rListBackfills\x12#.pgs2.admin.v1.ListBackfillsRequest\x1a$.pgs2.admin.v1.ListBackfillsResponse\x12I\n" +
+	"\vGetBackfill\x12!.pgs2.admin.v1.GetBackfillRequest\x1a\x17.pgs2.admin.v1.Backfill\x12N\n" +
+	"\rPauseBackfill\x12$.pgs2.admin.v1.BackfillActionRequest\x1a\x17.pgs2.admin.v1.Backfill\x12O\n" +
+	"\x0eResumeBackfill\x12$.pgs2.admin.v1.BackfillActionRequest\x1a\x17.pgs2.admin.v1.Backfill\x12O\n" +
+	"\x0eCancelBackfill\x12$.pgs2.admin.v1.BackfillActionRequest\x1a\x17.pgs2.admin.v1.BackfillB2Z0github.com/pgs2/pgs2/proto/pgs2/admin/v1;adminv1b\x06proto3"
 
 var (
 	file_pgs2_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -1317,58 +1932,85 @@ func file_pgs2_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_pgs2_admin_v1_admin_proto_rawDescData
 }
 
-var file_pgs2_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_pgs2_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_pgs2_admin_v1_admin_proto_goTypes = []any{
-	(*GetStatusRequest)(nil),                // 0: pgs2.admin.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),               // 1: pgs2.admin.v1.GetStatusResponse
-	(*SinkStatus)(nil),                      // 2: pgs2.admin.v1.SinkStatus
-	(*FailedMessage)(nil),                   // 3: pgs2.admin.v1.FailedMessage
-	(*Header)(nil),                          // 4: pgs2.admin.v1.Header
-	(*DeliveryError)(nil),                   // 5: pgs2.admin.v1.DeliveryError
-	(*ListFailedMessagesRequest)(nil),       // 6: pgs2.admin.v1.ListFailedMessagesRequest
-	(*ListFailedMessagesResponse)(nil),      // 7: pgs2.admin.v1.ListFailedMessagesResponse
-	(*GetFailedMessageRequest)(nil),         // 8: pgs2.admin.v1.GetFailedMessageRequest
-	(*RetryFailedMessageRequest)(nil),       // 9: pgs2.admin.v1.RetryFailedMessageRequest
-	(*RetryFailedMessagesRequest)(nil),      // 10: pgs2.admin.v1.RetryFailedMessagesRequest
-	(*RetryResponse)(nil),                   // 11: pgs2.admin.v1.RetryResponse
-	(*AcknowledgeFailedMessageRequest)(nil), // 12: pgs2.admin.v1.AcknowledgeFailedMessageRequest
-	(*AuditRecord)(nil),                     // 13: pgs2.admin.v1.AuditRecord
-	(*ListAuditRecordsRequest)(nil),         // 14: pgs2.admin.v1.ListAuditRecordsRequest
-	(*ListAuditRecordsResponse)(nil),        // 15: pgs2.admin.v1.ListAuditRecordsResponse
-	(*timestamppb.Timestamp)(nil),           // 16: google.protobuf.Timestamp
+	(*StartBackfillRequest)(nil),            // 0: pgs2.admin.v1.StartBackfillRequest
+	(*BackfillTable)(nil),                   // 1: pgs2.admin.v1.BackfillTable
+	(*Backfill)(nil),                        // 2: pgs2.admin.v1.Backfill
+	(*BackfillProgress)(nil),                // 3: pgs2.admin.v1.BackfillProgress
+	(*ListBackfillsRequest)(nil),            // 4: pgs2.admin.v1.ListBackfillsRequest
+	(*ListBackfillsResponse)(nil),           // 5: pgs2.admin.v1.ListBackfillsResponse
+	(*GetBackfillRequest)(nil),              // 6: pgs2.admin.v1.GetBackfillRequest
+	(*BackfillActionRequest)(nil),           // 7: pgs2.admin.v1.BackfillActionRequest
+	(*GetStatusRequest)(nil),                // 8: pgs2.admin.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),               // 9: pgs2.admin.v1.GetStatusResponse
+	(*SinkStatus)(nil),                      // 10: pgs2.admin.v1.SinkStatus
+	(*FailedMessage)(nil),                   // 11: pgs2.admin.v1.FailedMessage
+	(*Header)(nil),                          // 12: pgs2.admin.v1.Header
+	(*DeliveryError)(nil),                   // 13: pgs2.admin.v1.DeliveryError
+	(*ListFailedMessagesRequest)(nil),       // 14: pgs2.admin.v1.ListFailedMessagesRequest
+	(*ListFailedMessagesResponse)(nil),      // 15: pgs2.admin.v1.ListFailedMessagesResponse
+	(*GetFailedMessageRequest)(nil),         // 16: pgs2.admin.v1.GetFailedMessageRequest
+	(*RetryFailedMessageRequest)(nil),       // 17: pgs2.admin.v1.RetryFailedMessageRequest
+	(*RetryFailedMessagesRequest)(nil),      // 18: pgs2.admin.v1.RetryFailedMessagesRequest
+	(*RetryResponse)(nil),                   // 19: pgs2.admin.v1.RetryResponse
+	(*AcknowledgeFailedMessageRequest)(nil), // 20: pgs2.admin.v1.AcknowledgeFailedMessageRequest
+	(*AuditRecord)(nil),                     // 21: pgs2.admin.v1.AuditRecord
+	(*ListAuditRecordsRequest)(nil),         // 22: pgs2.admin.v1.ListAuditRecordsRequest
+	(*ListAuditRecordsResponse)(nil),        // 23: pgs2.admin.v1.ListAuditRecordsResponse
+	(*timestamppb.Timestamp)(nil),           // 24: google.protobuf.Timestamp
 }
 var file_pgs2_admin_v1_admin_proto_depIdxs = []int32{
-	2,  // 0: pgs2.admin.v1.GetStatusResponse.sinks:type_name -> pgs2.admin.v1.SinkStatus
-	16, // 1: pgs2.admin.v1.SinkStatus.oldest_pending_time:type_name -> google.protobuf.Timestamp
-	16, // 2: pgs2.admin.v1.SinkStatus.oldest_failure_time:type_name -> google.protobuf.Timestamp
-	4,  // 3: pgs2.admin.v1.FailedMessage.headers:type_name -> pgs2.admin.v1.Header
-	5,  // 4: pgs2.admin.v1.FailedMessage.last_error:type_name -> pgs2.admin.v1.DeliveryError
-	16, // 5: pgs2.admin.v1.FailedMessage.first_failure_time:type_name -> google.protobuf.Timestamp
-	16, // 6: pgs2.admin.v1.FailedMessage.last_failure_time:type_name -> google.protobuf.Timestamp
-	16, // 7: pgs2.admin.v1.FailedMessage.next_attempt_time:type_name -> google.protobuf.Timestamp
-	3,  // 8: pgs2.admin.v1.ListFailedMessagesResponse.messages:type_name -> pgs2.admin.v1.FailedMessage
-	16, // 9: pgs2.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	3,  // 10: pgs2.admin.v1.AuditRecord.message:type_name -> pgs2.admin.v1.FailedMessage
-	13, // 11: pgs2.admin.v1.ListAuditRecordsResponse.records:type_name -> pgs2.admin.v1.AuditRecord
-	0,  // 12: pgs2.admin.v1.Admin.GetStatus:input_type -> pgs2.admin.v1.GetStatusRequest
-	6,  // 13: pgs2.admin.v1.Admin.ListFailedMessages:input_type -> pgs2.admin.v1.ListFailedMessagesRequest
-	8,  // 14: pgs2.admin.v1.Admin.GetFailedMessage:input_type -> pgs2.admin.v1.GetFailedMessageRequest
-	9,  // 15: pgs2.admin.v1.Admin.RetryFailedMessage:input_type -> pgs2.admin.v1.RetryFailedMessageRequest
-	10, // 16: pgs2.admin.v1.Admin.RetryFailedMessages:input_type -> pgs2.admin.v1.RetryFailedMessagesRequest
-	12, // 17: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:input_type -> pgs2.admin.v1.AcknowledgeFailedMessageRequest
-	14, // 18: pgs2.admin.v1.Admin.ListAuditRecords:input_type -> pgs2.admin.v1.ListAuditRecordsRequest
-	1,  // 19: pgs2.admin.v1.Admin.GetStatus:output_type -> pgs2.admin.v1.GetStatusResponse
-	7,  // 20: pgs2.admin.v1.Admin.ListFailedMessages:output_type -> pgs2.admin.v1.ListFailedMessagesResponse
-	3,  // 21: pgs2.admin.v1.Admin.GetFailedMessage:output_type -> pgs2.admin.v1.FailedMessage
-	11, // 22: pgs2.admin.v1.Admin.RetryFailedMessage:output_type -> pgs2.admin.v1.RetryResponse
-	11, // 23: pgs2.admin.v1.Admin.RetryFailedMessages:output_type -> pgs2.admin.v1.RetryResponse
-	13, // 24: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:output_type -> pgs2.admin.v1.AuditRecord
-	15, // 25: pgs2.admin.v1.Admin.ListAuditRecords:output_type -> pgs2.admin.v1.ListAuditRecordsResponse
-	19, // [19:26] is the sub-list for method output_type
-	12, // [12:19] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	1,  // 0: pgs2.admin.v1.StartBackfillRequest.tables:type_name -> pgs2.admin.v1.BackfillTable
+	1,  // 1: pgs2.admin.v1.Backfill.tables:type_name -> pgs2.admin.v1.BackfillTable
+	24, // 2: pgs2.admin.v1.Backfill.create_time:type_name -> google.protobuf.Timestamp
+	3,  // 3: pgs2.admin.v1.Backfill.progress:type_name -> pgs2.admin.v1.BackfillProgress
+	24, // 4: pgs2.admin.v1.BackfillProgress.start_time:type_name -> google.protobuf.Timestamp
+	24, // 5: pgs2.admin.v1.BackfillProgress.update_time:type_name -> google.protobuf.Timestamp
+	2,  // 6: pgs2.admin.v1.ListBackfillsResponse.backfills:type_name -> pgs2.admin.v1.Backfill
+	10, // 7: pgs2.admin.v1.GetStatusResponse.sinks:type_name -> pgs2.admin.v1.SinkStatus
+	24, // 8: pgs2.admin.v1.SinkStatus.oldest_pending_time:type_name -> google.protobuf.Timestamp
+	24, // 9: pgs2.admin.v1.SinkStatus.oldest_failure_time:type_name -> google.protobuf.Timestamp
+	12, // 10: pgs2.admin.v1.FailedMessage.headers:type_name -> pgs2.admin.v1.Header
+	13, // 11: pgs2.admin.v1.FailedMessage.last_error:type_name -> pgs2.admin.v1.DeliveryError
+	24, // 12: pgs2.admin.v1.FailedMessage.first_failure_time:type_name -> google.protobuf.Timestamp
+	24, // 13: pgs2.admin.v1.FailedMessage.last_failure_time:type_name -> google.protobuf.Timestamp
+	24, // 14: pgs2.admin.v1.FailedMessage.next_attempt_time:type_name -> google.protobuf.Timestamp
+	11, // 15: pgs2.admin.v1.ListFailedMessagesResponse.messages:type_name -> pgs2.admin.v1.FailedMessage
+	24, // 16: pgs2.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	11, // 17: pgs2.admin.v1.AuditRecord.message:type_name -> pgs2.admin.v1.FailedMessage
+	21, // 18: pgs2.admin.v1.ListAuditRecordsResponse.records:type_name -> pgs2.admin.v1.AuditRecord
+	8,  // 19: pgs2.admin.v1.Admin.GetStatus:input_type -> pgs2.admin.v1.GetStatusRequest
+	14, // 20: pgs2.admin.v1.Admin.ListFailedMessages:input_type -> pgs2.admin.v1.ListFailedMessagesRequest
+	16, // 21: pgs2.admin.v1.Admin.GetFailedMessage:input_type -> pgs2.admin.v1.GetFailedMessageRequest
+	17, // 22: pgs2.admin.v1.Admin.RetryFailedMessage:input_type -> pgs2.admin.v1.RetryFailedMessageRequest
+	18, // 23: pgs2.admin.v1.Admin.RetryFailedMessages:input_type -> pgs2.admin.v1.RetryFailedMessagesRequest
+	20, // 24: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:input_type -> pgs2.admin.v1.AcknowledgeFailedMessageRequest
+	22, // 25: pgs2.admin.v1.Admin.ListAuditRecords:input_type -> pgs2.admin.v1.ListAuditRecordsRequest
+	0,  // 26: pgs2.admin.v1.Admin.StartBackfill:input_type -> pgs2.admin.v1.StartBackfillRequest
+	4,  // 27: pgs2.admin.v1.Admin.ListBackfills:input_type -> pgs2.admin.v1.ListBackfillsRequest
+	6,  // 28: pgs2.admin.v1.Admin.GetBackfill:input_type -> pgs2.admin.v1.GetBackfillRequest
+	7,  // 29: pgs2.admin.v1.Admin.PauseBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
+	7,  // 30: pgs2.admin.v1.Admin.ResumeBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
+	7,  // 31: pgs2.admin.v1.Admin.CancelBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
+	9,  // 32: pgs2.admin.v1.Admin.GetStatus:output_type -> pgs2.admin.v1.GetStatusResponse
+	15, // 33: pgs2.admin.v1.Admin.ListFailedMessages:output_type -> pgs2.admin.v1.ListFailedMessagesResponse
+	11, // 34: pgs2.admin.v1.Admin.GetFailedMessage:output_type -> pgs2.admin.v1.FailedMessage
+	19, // 35: pgs2.admin.v1.Admin.RetryFailedMessage:output_type -> pgs2.admin.v1.RetryResponse
+	19, // 36: pgs2.admin.v1.Admin.RetryFailedMessages:output_type -> pgs2.admin.v1.RetryResponse
+	21, // 37: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:output_type -> pgs2.admin.v1.AuditRecord
+	23, // 38: pgs2.admin.v1.Admin.ListAuditRecords:output_type -> pgs2.admin.v1.ListAuditRecordsResponse
+	2,  // 39: pgs2.admin.v1.Admin.StartBackfill:output_type -> pgs2.admin.v1.Backfill
+	5,  // 40: pgs2.admin.v1.Admin.ListBackfills:output_type -> pgs2.admin.v1.ListBackfillsResponse
+	2,  // 41: pgs2.admin.v1.Admin.GetBackfill:output_type -> pgs2.admin.v1.Backfill
+	2,  // 42: pgs2.admin.v1.Admin.PauseBackfill:output_type -> pgs2.admin.v1.Backfill
+	2,  // 43: pgs2.admin.v1.Admin.ResumeBackfill:output_type -> pgs2.admin.v1.Backfill
+	2,  // 44: pgs2.admin.v1.Admin.CancelBackfill:output_type -> pgs2.admin.v1.Backfill
+	32, // [32:45] is the sub-list for method output_type
+	19, // [19:32] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_pgs2_admin_v1_admin_proto_init() }
@@ -1382,7 +2024,7 @@ func file_pgs2_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_pgs2_admin_v1_admin_proto_rawDesc), len(file_pgs2_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,242 @@
+package capture_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pgs2/pgs2/pkg/backfill"
+	"github.com/pgs2/pgs2/pkg/capture"
+	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/ctl"
+	"github.com/pgs2/pgs2/pkg/delivery"
+	"github.com/pgs2/pgs2/pkg/seed"
+)
+
+// pgs2ctl runs the command line against the admin API at addr and returns
+// its exit code and output.
+func pgs2ctl(t *testing.T, addr string, args ...string) (int, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := ctl.Run(context.Background(), append([]string{"--admin", addr}, args...), &out, &errOut)
+	return code, out.String() + errOut.String()
+}
+
+// readsOf keeps the changes that are not reads, and the reads of job.
+func readsOf(changes []got, job string) []got {
+	var out []got
+	for _, g := range changes {
+		if g.Msg.Action != change.Read || string(g.Entry.Backfill) == job {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// TestBackfillControl: backfills started from the config (once) and with
+// pgs2ctl through the admin API, paused, resumed and cancelled while a
+// workload writes the table; the resumed one still replays to the table's
+// content, the cancelled one reads no more, the initial one reads only the
+// rows its where selects and is not run again by the next capture.
+func TestBackfillControl(t *testing.T) {
+	const rows = 20_000
+	rnd, s := seed.Rand(t)
+	e := newEnv(t, fmt.Sprintf(itemsSQL, rows), "public.items", "public.done")
+	sinks := []config.Sink{{Name: "s", Tables: []string{"public.items"}}, {Name: "t", Tables: []string{"public.items"}},
+		{Name: "u", Tables: []string{"public.items", "public.done"}}}
+	e.cfg.Backfill = capture.BackfillConfig{ChunkSize: 200, MaxRowsPerSecond: 10_000,
+		SinkTables: map[string][]string{"s": {"public.items"}, "t": {"public.items"}, "u": {"public.items", "public.done"}},
+		Initial:    []backfill.Job{{ID: capture.InitialBackfillID("u"), Sink: "u", Tables: []backfill.TableSpec{{Table: "items", Where: "id % 2 = 0"}}}}}
+	stopCapture := e.run(t)
+	ctx := context.Background()
+	admin, err := delivery.NewAdmin(ctx, e.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin.SetSinks(sinks)
+	mux := http.NewServeMux()
+	admin.Register(mux)
+	api := httptest.NewServer(mux)
+	defer api.Close()
+	addr := strings.TrimPrefix(api.URL, "http://")
+	store, err := backfill.Ensure(ctx, e.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	wait := itemsWorkload(t, e.pg.DSN("app"), rows, rand.New(rand.NewPCG(s, 9)), stop)
+
+	// Mistakes are refused with what to do.
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"backfill", "start", "--sink", "nope"}, 1, `sink "nope" is not in the config; sinks: s, t, u`},
+		{[]string{"backfill", "start", "--sink", "s", "--table", "public.done"}, 1, "public.done is not a table of sink s"},
+		{[]string{"backfill", "start", "--sink", "s", "--where", "id > 1"}, 2, "--where needs exactly one --table"},
+		{[]string{"backfill", "start"}, 2, "needs --sink"},
+		{[]string{"backfill", "pause", "missing"}, 1, "no backfill missing"},
+		{[]string{"backfill", "frobnicate"}, 2, "unknown backfill command"},
+	} {
+		if code, out := pgs2ctl(t, addr, c.args...); code != c.code || !strings.Contains(out, c.want) {
+			t.Errorf("pgs2ctl %v: exit %d, %q; want exit %d and %q", c.args, code, out, c.code, c.want)
+		}
+	}
+
+	if code, out := pgs2ctl(t, addr, "backfill", "start", "--sink", "s", "--id", "bf", "--max-rows-per-second", "4000"); code != 0 || !strings.Contains(out, "started backfill bf") {
+		t.Fatalf("start: exit %d: %s", code, out)
+	}
+	if code, out := pgs2ctl(t, addr, "backfill", "start", "--sink", "t", "--table", "items", "--id", "bf2", "--max-rows-per-second", "2000"); code != 0 {
+		t.Fatalf("start: exit %d: %s", code, out)
+	}
+	// Pause bf once a seeded share is read: it stops reading.
+	at := int64(1000 + rnd.IntN(rows/2))
+	for {
+		p, _, err := store.Progress(ctx, "bf", "app", "public.items")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Rows >= at {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if code, out := pgs2ctl(t, addr, "backfill", "pause", "bf"); code != 0 || !strings.Contains(out, "paused") {
+		t.Fatalf("pause: exit %d: %s", code, out)
+	}
+	paused := waitProgress(t, store, "bf", "public.items", backfill.Paused)
+	time.Sleep(300 * time.Millisecond) // a window to read in, had it not paused
+	if p, _, _ := store.Progress(ctx, "bf", "app", "public.items"); p.Rows != paused.Rows || p.State != backfill.Paused {
+		t.Fatalf("paused at %d rows, %d rows (%s) later", paused.Rows, p.Rows, p.State)
+	}
+	code, out := pgs2ctl(t, addr, "backfill", "status")
+	if code != 0 || !strings.Contains(out, "bf") || !strings.Contains(out, "public.items") || !strings.Contains(out, "paused") || !strings.Contains(out, "[#") {
+		t.Fatalf("status: exit %d:\n%s", code, out)
+	}
+	t.Logf("status while paused:\n%s", out)
+	code, out = pgs2ctl(t, addr, "backfill", "status", "bf", "--json")
+	var st struct {
+		Backfills []struct {
+			ID       string `json:"id"`
+			State    string `json:"state"`
+			Progress []struct {
+				Table string `json:"table"`
+				Rows  string `json:"rows"`
+			} `json:"progress"`
+		} `json:"backfills"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || len(st.Backfills) != 1 || st.Backfills[0].State != "paused" ||
+		len(st.Backfills[0].Progress) != 1 || st.Backfills[0].Progress[0].Rows != fmt.Sprint(paused.Rows) {
+		t.Fatalf("status --json: exit %d, %v:\n%s", code, err, out)
+	}
+
+	// Cancel bf2: it stops for good.
+	if code, out := pgs2ctl(t, addr, "backfill", "cancel", "bf2"); code != 0 || !strings.Contains(out, "cancelled") {
+		t.Fatalf("cancel: exit %d: %s", code, out)
+	}
+	cancelled := waitProgress(t, store, "bf2", "public.items", backfill.Cancelled)
+	if code, out := pgs2ctl(t, addr, "backfill", "resume", "bf2"); code != 1 || !strings.Contains(out, "cancelled already") {
+		t.Fatalf("resume of a cancelled backfill: exit %d: %s", code, out)
+	}
+
+	if code, out := pgs2ctl(t, addr, "backfill", "resume", "bf"); code != 0 || !strings.Contains(out, "resumed") {
+		t.Fatalf("resume: exit %d: %s", code, out)
+	}
+	done := waitProgress(t, store, "bf", "public.items", backfill.Done)
+	initial := waitProgress(t, store, "initial-u", "public.items", backfill.Done)
+	code, out = pgs2ctl(t, addr, "backfill", "status", "--sink", "s", "--watch")
+	if code != 0 || !strings.Contains(out, "done") || !strings.Contains(out, "100%") || strings.Contains(out, "bf2") {
+		t.Fatalf("status --watch of finished backfills: exit %d:\n%s", code, out)
+	}
+	close(stop)
+	wait()
+
+	changes := e.allWritten(t)
+	state, reads, _ := replayItems(t, readsOf(changes, "bf"), "bf")
+	compareItems(t, s, state, tableItems(t, e.pg.DSN("app")))
+	counts := map[string]int{}
+	for _, g := range changes {
+		if g.Msg.Action != change.Read {
+			continue
+		}
+		job := string(g.Entry.Backfill)
+		counts[job]++
+		if want := map[string]string{"bf": "s", "bf2": "t", "initial-u": "u"}[job]; string(g.Entry.Sink) != want {
+			t.Fatalf("a read of %s for sink %q, want %q", job, g.Entry.Sink, want)
+		}
+		if job == "initial-u" && int(g.Msg.Record["id"].(float64))%2 != 0 {
+			t.Fatalf("initial-u read row %v: its where selects even ids", g.Msg.Record["id"])
+		}
+	}
+	t.Logf("reads: %v; bf paused at %d and read %d rows, bf2 cancelled at %d, initial-u read %d", counts, paused.Rows, done.Rows, cancelled.Rows, initial.Rows)
+	if counts["bf"] != reads || int64(counts["bf2"]) > cancelled.Rows || cancelled.Rows >= rows || counts["initial-u"] < rows/4 {
+		t.Fatalf("reads %v: bf2 cancelled at %d rows", counts, cancelled.Rows)
+	}
+
+	// The next capture does not run the initial backfill again.
+	if err := stopCapture(); err != nil {
+		t.Fatal(err)
+	}
+	e.run(t)
+	e.pg.MustExec(t, "app", `DELETE FROM done`)
+	after := e.allWritten(t)
+	n := 0
+	for _, g := range after {
+		if g.Msg.Action == change.Read && string(g.Entry.Backfill) == "initial-u" {
+			n++
+		}
+	}
+	if n != counts["initial-u"] {
+		t.Fatalf("initial-u: %d reads after a restart of capture, %d before", n, counts["initial-u"])
+	}
+}
+
+// TestBackfillFromConfig: source.backfill and the sinks' initial_backfill
+// reach capture's backfill settings.
+func TestBackfillFromConfig(t *testing.T) {
+	c, err := config.Parse([]byte(`
+source:
+  name: app
+  dsn: postgres://replicator@localhost:5432/app
+  tables: [users, sales.orders]
+  backfill: {chunk_size: 250, statement_timeout: 2s, max_rows_per_second: 900}
+nats: {url: "nats://127.0.0.1:4222"}
+sinks:
+  - {name: all, tables: [users, sales.orders], basin: my-basin, stream: s, initial_backfill: true}
+  - {name: some, tables: [users, sales.orders], basin: my-basin, stream: s, initial_backfill: [{table: sales.orders, where: "id > 5"}]}
+  - {name: none, tables: [users], basin: my-basin, stream: s, initial_backfill: false}
+  - {name: unset, tables: [users], basin: my-basin, stream: s}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := capture.FromConfig(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := cfg.Backfill
+	if b.ChunkSize != 250 || b.StatementTimeout != 2*time.Second || b.MaxRowsPerSecond != 900 {
+		t.Errorf("backfill settings %+v", b)
+	}
+	if got := fmt.Sprint(b.SinkTables); got != "map[all:[public.users sales.orders] none:[public.users] some:[public.users sales.orders] unset:[public.users]]" {
+		t.Errorf("sink tables %s", got)
+	}
+	if len(b.Initial) != 2 {
+		t.Fatalf("initial backfills %+v, want all's and some's", b.Initial)
+	}
+	if j := b.Initial[0]; j.ID != "initial-all" || j.Sink != "all" || len(j.Tables) != 0 || j.By == "" {
+		t.Errorf("initial backfill of all: %+v", j)
+	}
+	if j := b.Initial[1]; j.ID != "initial-some" || j.Sink != "some" || fmt.Sprint(j.Tables) != "[{sales.orders id > 5}]" {
+		t.Errorf("initial backfill of some: %+v", j)
+	}
+}
