@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/pgs2/pgs2/pkg/backfill"
+	"github.com/pgs2/pgs2/pkg/backfill/backfilltest"
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/config"
@@ -49,7 +50,7 @@ func readsOf(changes []got, job string) []got {
 func TestBackfillControl(t *testing.T) {
 	const rows = 20_000
 	rnd, s := seed.Rand(t)
-	e := newEnv(t, fmt.Sprintf(itemsSQL, rows), "public.items", "public.done")
+	e := newEnv(t, fmt.Sprintf(backfilltest.ItemsSQL, rows), "public.items", "public.done")
 	sinks := []config.Sink{{Name: "s", Tables: []string{"public.items"}}, {Name: "t", Tables: []string{"public.items"}},
 		{Name: "u", Tables: []string{"public.items", "public.done"}}}
 	e.cfg.Backfill = capture.BackfillConfig{ChunkSize: 200, MaxRowsPerSecond: 10_000,
@@ -72,7 +73,7 @@ func TestBackfillControl(t *testing.T) {
 		t.Fatal(err)
 	}
 	stop := make(chan struct{})
-	wait := itemsWorkload(t, e.pg.DSN("app"), rows, rand.New(rand.NewPCG(s, 9)), stop)
+	wait := backfilltest.Workload(t, e.pg.DSN("app"), rows, rand.New(rand.NewPCG(s, 9)), stop)
 
 	// Mistakes are refused with what to do.
 	for _, c := range []struct {
@@ -162,7 +163,7 @@ func TestBackfillControl(t *testing.T) {
 
 	changes := e.allWritten(t)
 	state, reads, _ := replayItems(t, readsOf(changes, "bf"), "bf")
-	compareItems(t, s, state, tableItems(t, e.pg.DSN("app")))
+	backfilltest.Compare(t, s, state, backfilltest.TableItems(t, e.pg.DSN("app")))
 	counts := map[string]int{}
 	for _, g := range changes {
 		if g.Msg.Action != change.Read {
