@@ -461,20 +461,10 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.behind = time.Now().UnixMilli()+s.clockSkew-ev.CommitMs > backlogAge.Milliseconds()
 		s.txChanges = 0
 	case pgrepl.EventRow:
-		r := &ev.Row
-		s.table = append(append(append(s.table[:0], r.Schema...), '.'), r.Table...)
-		if s.windows.Tracking(s.table) { // a backfill chunk's window is open: its rows of this key are older
-			s.windows.Observe(s.table, r.PK, r.OldPK)
+		if err := s.row(ctx, &ev.Row); err != nil || ev.Moved == nil {
+			return err
 		}
-		if s.resume.Skip(r.Pos, r.Key) { // already in the stream
-			s.skipped++
-			s.metrics.Skipped.Inc()
-			return nil
-		}
-		e := &s.entry
-		*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, CommitMs: s.commitMs, TraceParent: s.tp, Body: r.Body}
-		s.txChanges++
-		return s.add(ctx, r, e)
+		return s.row(ctx, ev.Moved) // the insert half of a row moving to another group
 	case pgrepl.EventCommit:
 		s.ring.Add(s.xid)
 		if s.round.Entries() == 0 {
@@ -509,6 +499,23 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.log.Warn("TRUNCATE is not captured as changes; sinks keep the rows they already received", "tables", ev.Tables)
 	}
 	return nil
+}
+
+// row adds a decoded change to the round, unless the stream has it.
+func (s *session) row(ctx context.Context, r *pgrepl.Row) error {
+	s.table = append(append(append(s.table[:0], r.Schema...), '.'), r.Table...)
+	if s.windows.Tracking(s.table) { // a backfill chunk's window is open: its rows of this key are older
+		s.windows.Observe(s.table, r.PK, r.OldPK)
+	}
+	if s.resume.Skip(r.Pos, r.Key) { // already in the stream
+		s.skipped++
+		s.metrics.Skipped.Inc()
+		return nil
+	}
+	e := &s.entry
+	*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, CommitMs: s.commitMs, TraceParent: s.tp, Body: r.Body}
+	s.txChanges++
+	return s.add(ctx, r, e)
 }
 
 // add puts change r (as entry e) into the round, publishing the round when

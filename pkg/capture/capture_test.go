@@ -1,12 +1,16 @@
 package capture_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
@@ -198,4 +202,108 @@ func TestInterruptedRoundsAcrossTransactions(t *testing.T) {
 			t.Fatalf("run %d (%+v): changes stored twice or out of order", i, p)
 		}
 	}
+}
+
+// TestGroupChanges: an update that moves a row to another group (a new
+// primary key; new group columns, when the old row shows them) is a delete
+// of the old row in its old group, then an insert of the new row in its new
+// group, at consecutive commit_idx: each group's changes stay in order. An
+// update that keeps the group is one update, with the old key in changes.
+// (Group columns must be in the replica identity, so the old group shows.)
+func TestGroupChanges(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY, name text);
+		CREATE TABLE full_users (id int PRIMARY KEY, name text); ALTER TABLE full_users REPLICA IDENTITY FULL;
+		CREATE TABLE members (id int PRIMARY KEY, org int, name text); ALTER TABLE members REPLICA IDENTITY FULL;
+		INSERT INTO users VALUES (1, 'ada'); INSERT INTO full_users VALUES (1, 'ada');
+		INSERT INTO members VALUES (1, 10, 'ada');`,
+		"public.users", "public.full_users", "public.members")
+	e.cfg.Repl.GroupColumns = map[string][]string{"public.members": {"org"}}
+	e.run(t)
+	e.pg.MustExec(t, "app", `BEGIN; UPDATE users SET id = 2 WHERE id = 1; UPDATE users SET name = 'bo' WHERE id = 2; COMMIT`)
+	e.pg.MustExec(t, "app", `UPDATE full_users SET id = 2, name = 'bo' WHERE id = 1`)
+	e.pg.MustExec(t, "app", `UPDATE members SET org = 20 WHERE id = 1`)            // moves: org is the group
+	e.pg.MustExec(t, "app", `UPDATE members SET id = 2, name = 'bo' WHERE id = 1`) // stays in org 20
+	msgs := e.waitMessages(t, 8)
+	type want struct {
+		table, action, group, record, changes string
+		idx                                   int
+	}
+	wants := []want{
+		{"users", "delete", `["1"]`, `{"id":1}`, `null`, 0},
+		{"users", "insert", `["2"]`, `{"id":2,"name":"ada"}`, `null`, 1},
+		{"users", "update", `["2"]`, `{"id":2,"name":"bo"}`, `{}`, 2},
+		{"full_users", "delete", `["1"]`, `{"id":1,"name":"ada"}`, `null`, 0},
+		{"full_users", "insert", `["2"]`, `{"id":2,"name":"bo"}`, `null`, 1},
+		{"members", "delete", `["10"]`, `{"id":1,"name":"ada","org":10}`, `null`, 0},
+		{"members", "insert", `["20"]`, `{"id":1,"name":"ada","org":20}`, `null`, 1},
+		{"members", "update", `["20"]`, `{"id":2,"name":"bo","org":20}`, `{"id":1,"name":"ada"}`, 0},
+	}
+	for i, w := range wants {
+		m := msgs[i]
+		got := want{m.Msg.Metadata.TableName, string(m.Msg.Action), string(m.Entry.Group), string(mustJSON(t, m.Msg.Record)), "", m.Msg.Metadata.CommitIdx}
+		if m.Msg.Changes == nil {
+			got.changes = "null"
+		} else {
+			got.changes = string(mustJSON(t, m.Msg.Changes))
+		}
+		if got != w {
+			t.Errorf("change %d: %+v\n want %+v", i, got, w)
+		}
+	}
+	if msgs[0].Msg.Metadata.CommitLSN != msgs[1].Msg.Metadata.CommitLSN {
+		t.Errorf("a move's two halves in two transactions: lsn %d and %d", msgs[0].Msg.Metadata.CommitLSN, msgs[1].Msg.Metadata.CommitLSN)
+	}
+}
+
+// TestTruncate: a TRUNCATE is not a change: capture warns, naming the
+// table, counts it, and the changes before and after it flow as usual.
+func TestTruncate(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE other (id int PRIMARY KEY)`, "public.users", "public.other")
+	logs := &syncBuffer{}
+	reg := prometheus.NewRegistry()
+	e.opts = append(e.opts, capture.WithLogger(slog.New(slog.NewTextHandler(logs, nil))), capture.WithMetrics(reg))
+	e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (1), (2)`)
+	e.pg.MustExec(t, "app", `TRUNCATE users`)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (1); INSERT INTO other VALUES (5)`)
+	msgs := e.waitMessages(t, 4)
+	for i, want := range []string{"users insert", "users insert", "users insert", "other insert"} {
+		if got := msgs[i].Msg.Metadata.TableName + " " + string(msgs[i].Msg.Action); got != want {
+			t.Errorf("change %d: %s, want %s", i, got, want)
+		}
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := -1.0
+	for _, mf := range mfs {
+		if mf.GetName() == "pgs2_capture_truncates_ignored_total" {
+			n = mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if n != 1 {
+		t.Errorf("pgs2_capture_truncates_ignored_total = %v, want 1", n)
+	}
+	if out := logs.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "TRUNCATE") || !strings.Contains(out, "public.users") {
+		t.Errorf("no warning naming the table:\n%s", out)
+	}
+}
+
+// syncBuffer is a buffer capture may log into from several goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -37,6 +37,12 @@ type Event struct {
 	// Xid is the transaction's id (EventBegin).
 	Xid uint32
 	Row Row
+	// Moved is set when an update changed the row's group (its primary
+	// key, or its group columns): Row is then the delete of the old row
+	// in its old group and Moved the insert of the new row in its new
+	// group (the next commit_idx), so each group's changes stay in order.
+	// Valid until the next Decode.
+	Moved *Row
 	// Tables names the truncated tables for EventTruncate.
 	Tables []string
 	// Message is the logical decoding message of an EventMessage (LSN is
@@ -98,6 +104,8 @@ type Decoder struct {
 
 	newT, oldT              tuple
 	body, group, key, oldPK []byte // reused: a Row is valid until the next Decode
+	moved                   Row    // the insert half of a move
+	body2, group2, key2     []byte // its buffers
 }
 
 // NewDecoder returns a decoder for database db. conn (a normal connection)
@@ -378,11 +386,55 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	d.body, d.key, pk = appendTail(b, d.key, r, row.Action, d.commitTS, row.Pos, d.db, rec, old)
 	d.group = appendKeyValues(d.group[:0], r.group, rec, old)
 	row.Body, row.Group, row.Key, row.PK = d.body, d.group, d.key, d.body[pk[0]:pk[1]]
-	if data[0] == 'U' && old != nil {
-		d.oldPK = appendKeyValues(d.oldPK[:0], r.pk, old, nil)
-		row.OldPK = d.oldPK
+	if data[0] != 'U' || old == nil {
+		return Event{Kind: EventRow, Row: row}, nil
 	}
-	return Event{Kind: EventRow, Row: row}, nil
+	d.oldPK = appendKeyValues(d.oldPK[:0], r.pk, old, nil)
+	row.OldPK = d.oldPK
+	if !groupKnown(r, oldKind) {
+		return Event{Kind: EventRow, Row: row}, nil
+	}
+	d.group2 = appendKeyValues(d.group2[:0], r.group, old, nil)
+	if string(d.group2) == string(d.group) {
+		return Event{Kind: EventRow, Row: row}, nil
+	}
+	// The row moves to another group: the delete of the old row in the
+	// old group, then the insert of the new one in the new group.
+	d.idx++
+	full := oldKind == 'O'
+	del := Row{Pos: row.Pos, Schema: r.schema, Table: r.table, Action: change.Delete}
+	b = append(d.body2[:0], `{"record":`...)
+	b = appendRecord(b, r, old, nil, !full)
+	b = append(b, `,"changes":null`...)
+	d.body2, d.key2, pk = appendTail(b, d.key2, r, change.Delete, d.commitTS, del.Pos, d.db, old, old)
+	del.Body, del.Group, del.Key, del.PK = d.body2, d.group2, d.key2, d.body2[pk[0]:pk[1]]
+	var fill *tuple
+	if full {
+		fill = old
+	}
+	ins := &d.moved
+	*ins = Row{Pos: change.Position{LSN: d.commitLSN, Idx: row.Pos.Idx + 1}, Schema: r.schema, Table: r.table, Action: change.Insert}
+	b = append(d.body[:0], `{"record":`...)
+	b = appendRecord(b, r, nu, fill, false)
+	b = append(b, `,"changes":null`...)
+	d.body, d.key, pk = appendTail(b, d.key, r, change.Insert, d.commitTS, ins.Pos, d.db, nu, old)
+	ins.Body, ins.Group, ins.Key, ins.PK = d.body, d.group, d.key, d.body[pk[0]:pk[1]]
+	return Event{Kind: EventRow, Row: del, Moved: ins}, nil
+}
+
+// groupKnown reports whether an update's old tuple (of kind 'K': the
+// replica identity's columns, or 'O': the whole row) holds every group
+// column, so that a change of group shows.
+func groupKnown(r *relation, oldKind byte) bool {
+	if oldKind == 'O' {
+		return true
+	}
+	for _, i := range r.group {
+		if !r.cols[i].key {
+			return false
+		}
+	}
+	return true
 }
 
 // appendTail ends a message body after its changes: action and metadata.

@@ -223,24 +223,32 @@ func TableItems(t testing.TB, dsn string) map[string]string {
 // Compare fails the test when the replayed rows differ from the table's.
 func Compare(t testing.TB, seed uint64, got, want map[string]string) {
 	t.Helper()
-	bad := 0
+	diff := Diff(got, want)
+	for i, d := range diff {
+		if i == 5 {
+			break
+		}
+		t.Errorf("seed %d: %s", seed, d)
+	}
+	if len(diff) > 0 {
+		t.Fatalf("seed %d: %d rows differ between the stream and the table (%d rows)", seed, len(diff), len(want))
+	}
+}
+
+// Diff describes the rows that differ between the replay and the table.
+func Diff(got, want map[string]string) []string {
+	var out []string
 	for k, v := range want {
 		if got[k] != v {
-			if bad++; bad <= 5 {
-				t.Errorf("seed %d: row %s is %q in the stream, %q in the table", seed, k, got[k], v)
-			}
+			out = append(out, fmt.Sprintf("row %s is %q in the stream, %q in the table", k, got[k], v))
 		}
 	}
 	for k, v := range got {
 		if _, ok := want[k]; !ok {
-			if bad++; bad <= 5 {
-				t.Errorf("seed %d: row %s (%q) is in the stream, not in the table", seed, k, v)
-			}
+			out = append(out, fmt.Sprintf("row %s (%q) is in the stream, not in the table", k, v))
 		}
 	}
-	if bad > 0 {
-		t.Fatalf("seed %d: %d rows differ between the stream and the table (%d rows)", seed, bad, len(want))
-	}
+	return out
 }
 
 // Text renders a JSON value as Postgres's text output would.
