@@ -1,6 +1,7 @@
 package soak_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/backfill/backfilltest"
 	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/ctl"
 	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/proctest"
@@ -42,42 +45,18 @@ func TestBackfillEndToEnd(t *testing.T) {
 	const rows = 20_000
 	seed := seedFromEnv(t, "")
 	rng := newRand(seed, 1)
-	pg := pgtest.New(t)
-	pg.MustExec(t, "postgres", "CREATE DATABASE app")
-	pg.MustExec(t, "app", fmt.Sprintf(backfilltest.ItemsSQL, rows))
-	ns := natstest.New(t)
-	s2, err := s2local.New(s2local.Options{DataDir: filepath.Join(t.TempDir(), "s2"), Basins: []string{soakBasin}, Logger: quietLog()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewServer(s2)
-	t.Cleanup(func() { hs.Close(); s2.Close() })
-
-	cfg := filepath.Join(t.TempDir(), "pgs2.yaml")
-	sink := func(name string, extra string) string {
-		return fmt.Sprintf("  - {name: %s, tables: [public.items, public.done], basin: %s, stream: %s, endpoint: %q, create_stream: true, "+
-			"batch: {linger: 5ms}, retry: {initial: 50ms, max: 1s}%s}\n", name, soakBasin, name, hs.URL, extra)
-	}
-	writeFile(t, cfg, fmt.Sprintf(`source: {name: app, dsn: %q, slot: pgs2, publication: pgs2, tables: [public.items, public.done],
+	p := newPipeline(t, fmt.Sprintf(backfilltest.ItemsSQL, rows), func(dsn, natsURL, s2URL string) string {
+		sink := func(name string, extra string) string {
+			return fmt.Sprintf("  - {name: %s, tables: [public.items, public.done], basin: %s, stream: %s, endpoint: %q, create_stream: true, "+
+				"batch: {linger: 5ms}, retry: {initial: 50ms, max: 1s}%s}\n", name, soakBasin, name, s2URL, extra)
+		}
+		return fmt.Sprintf(`source: {name: app, dsn: %q, slot: pgs2, publication: pgs2, tables: [public.items, public.done],
   backfill: {chunk_size: 200, max_rows_per_second: 2000}}
 nats: {url: %q, replicas: 1, partitions: 8}
 sinks:
-`, pg.DSN("app"), ns.URL())+sink("bf", ", initial_backfill: true")+sink("live", ""))
-	svcs := map[string]*svc{}
-	for _, name := range []string{"capture", "router", "delivery"} {
-		svcs[name] = &svc{name: name, bin: proctest.Build(t, servicePath(name)), cfg: cfg}
-	}
-	all := []*svc{svcs["capture"], svcs["router"], svcs["delivery"]}
-	for _, s := range all {
-		s.start(t)
-	}
-
-	nc, err := nats.Connect(ns.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+`, dsn, natsURL) + sink("bf", ", initial_backfill: true") + sink("live", "")
+	})
+	pg, js, svcs, all := p.pg, p.js, p.svcs, p.all
 	ctx := context.Background()
 	store, err := backfill.Ensure(ctx, js, 1)
 	if err != nil {
@@ -96,21 +75,21 @@ sinks:
 	slices.Sort(at)
 	t.Logf("faults %v at %v rows read", faults, at)
 	deadline := time.Now().Add(5 * time.Minute)
-	var p backfill.Progress
-	for i := 0; p.State != backfill.Done; {
+	var prog backfill.Progress
+	for i := 0; prog.State != backfill.Done; {
 		if time.Now().After(deadline) {
-			t.Fatalf("backfill not done after 5 minutes: %+v", p)
+			t.Fatalf("backfill not done after 5 minutes: %+v", prog)
 		}
 		checkAlive(t, all)
-		p, _, err = store.Progress(ctx, "initial-bf", "app", "public.items")
+		prog, _, err = store.Progress(ctx, "initial-bf", "app", "public.items")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if p.State == backfill.Failed {
-			t.Fatalf("backfill failed: %s", p.Error)
+		if prog.State == backfill.Failed {
+			t.Fatalf("backfill failed: %s", prog.Error)
 		}
-		if i < len(faults) && p.Rows >= at[i] {
-			t.Logf("%s at %d rows read", faults[i], p.Rows)
+		if i < len(faults) && prog.Rows >= at[i] {
+			t.Logf("%s at %d rows read", faults[i], prog.Rows)
 			if s := svcs[faults[i]]; s != nil {
 				s.kill()
 				s.start(t)
@@ -131,7 +110,7 @@ sinks:
 	// they do not heal.)
 	pg.MustExec(t, "app", `INSERT INTO done VALUES (1)`)
 	want := backfilltest.TableItems(t, pg.DSN("app"))
-	sdk := s2Client(hs.URL)
+	sdk := s2Client(p.s2URL)
 	var reads, lasts int
 	var liveKeys []string
 	for end := time.Now().Add(time.Minute); ; {
@@ -166,16 +145,61 @@ sinks:
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Logf("%d reads (%d rows read), %d writes, %d live changes; service logs: capture %s | router %s | delivery %s",
-		reads, p.Rows, writes, len(liveKeys), svcs["capture"].logSummary(), svcs["router"].logSummary(), svcs["delivery"].logSummary())
+		reads, prog.Rows, writes, len(liveKeys), svcs["capture"].logSummary(), svcs["router"].logSummary(), svcs["delivery"].logSummary())
 	if lasts != 1 || reads < rows/2 {
 		t.Fatalf("%d reads, %d marked last", reads, lasts)
 	}
 }
 
+// pipeline is one source database (app), a JetStream, s2local over HTTP
+// (basin soakBasin) and capture, router and delivery as processes.
+type pipeline struct {
+	pg    *pgtest.Instance
+	js    jetstream.JetStream
+	s2URL string
+	svcs  map[string]*svc
+	all   []*svc
+}
+
+// newPipeline creates database app with setupSQL, writes the config that
+// config returns and starts the services.
+func newPipeline(t *testing.T, setupSQL string, config func(dsn, natsURL, s2URL string) string) *pipeline {
+	t.Helper()
+	p := &pipeline{pg: pgtest.New(t), svcs: map[string]*svc{}}
+	p.pg.MustExec(t, "postgres", "CREATE DATABASE app")
+	p.pg.MustExec(t, "app", setupSQL)
+	ns := natstest.New(t)
+	s2, err := s2local.New(s2local.Options{DataDir: filepath.Join(t.TempDir(), "s2"), Basins: []string{soakBasin}, Logger: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(s2)
+	t.Cleanup(func() { hs.Close(); s2.Close() })
+	p.s2URL = hs.URL
+	cfg := filepath.Join(t.TempDir(), "pgs2.yaml")
+	writeFile(t, cfg, config(p.pg.DSN("app"), ns.URL(), hs.URL))
+	for _, name := range []string{"capture", "router", "delivery"} {
+		p.svcs[name] = &svc{name: name, bin: proctest.Build(t, servicePath(name)), cfg: cfg}
+		p.all = append(p.all, p.svcs[name])
+	}
+	for _, s := range p.all {
+		s.start(t)
+	}
+	nc, err := nats.Connect(ns.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	p.js, _ = jetstream.New(nc)
+	return p
+}
+
 // s2Change is one record of a sink's S2 stream.
 type s2Change struct {
 	backfilltest.Change
-	key string // idempotency key
+	key      string // idempotency key
+	table    string // the table header
+	metadata change.Metadata
 }
 
 func s2Client(endpoint string) *s2.Client {
@@ -215,9 +239,11 @@ func readChanges(t *testing.T, sdk *s2.Client, stream string) []s2Change {
 				t.Fatalf("%s record %d is not a change: %v", stream, r.SeqNum, err)
 			}
 			c := s2Change{Change: backfilltest.Change{Action: m.Action, Table: m.Metadata.TableName, Record: m.Record, Changes: m.Changes},
-				key: m.Metadata.IdempotencyKey}
+				key: m.Metadata.IdempotencyKey, metadata: m.Metadata}
 			for _, h := range r.Headers {
 				switch string(h.Name) {
+				case s2sink.HeaderTable:
+					c.table = string(h.Value)
 				case s2sink.HeaderBackfill:
 					c.Backfill = string(h.Value)
 				case s2sink.HeaderBackfillLast:
@@ -241,4 +267,108 @@ func holds(cs []s2Change, table string) bool {
 		}
 	}
 	return false
+}
+
+// TestQuotedNamesEndToEnd: a table whose schema, name and columns need
+// quotes, named in the config as Postgres writes it (source, sink tables,
+// group_columns, initial_backfill) and in pgs2ctl backfill --table, through
+// the three services into S2: backfilled, inserted, updated (moving to
+// another group), deleted.
+func TestQuotedNamesEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("process test: PostgreSQL, JetStream, s2local and three service processes")
+	}
+	const table = `'"Mixed Case"."Weird.Table"'`
+	p := newPipeline(t, `CREATE SCHEMA "Mixed Case";
+		CREATE TABLE "Mixed Case"."Weird.Table" ("Item Id" int PRIMARY KEY, "Col Name" text, org int);
+		ALTER TABLE "Mixed Case"."Weird.Table" REPLICA IDENTITY FULL;
+		INSERT INTO "Mixed Case"."Weird.Table" VALUES (1, 'one', 10), (2, 'two', 20), (3, 'three', 10)`,
+		func(dsn, natsURL, s2URL string) string {
+			return fmt.Sprintf(`source: {name: app, dsn: %q, tables: [%s]}
+nats: {url: %q, partitions: 8}
+sinks:
+  - name: odd
+    tables: [%s]
+    basin: %s
+    stream: odd
+    endpoint: %q
+    create_stream: true
+    group_columns: {%s: ['"Col Name"']}
+    initial_backfill: [%s]
+    batch: {linger: 5ms}
+`, dsn, table, natsURL, table, soakBasin, s2URL, table, table)
+		})
+	sdk := s2Client(p.s2URL)
+	wait := func(n int) []s2Change {
+		t.Helper()
+		for end := time.Now().Add(time.Minute); ; {
+			cs := readChanges(t, sdk, "odd")
+			if len(cs) >= n {
+				if len(cs) > n {
+					t.Fatalf("%d records in S2, want %d: %+v", len(cs), n, cs)
+				}
+				return cs
+			}
+			if time.Now().After(end) {
+				t.Fatalf("%d records in S2 after a minute, want %d: %+v", len(cs), n, cs)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	wait(3) // the initial backfill
+	p.pg.MustExec(t, "app", `INSERT INTO "Mixed Case"."Weird.Table" VALUES (4, 'four', 30)`)
+	p.pg.MustExec(t, "app", `UPDATE "Mixed Case"."Weird.Table" SET "Col Name" = 'uno' WHERE "Item Id" = 1`)
+	p.pg.MustExec(t, "app", `DELETE FROM "Mixed Case"."Weird.Table" WHERE "Item Id" = 2`)
+	wait(7)
+	code, out := pgs2ctl(t, p.svcs["delivery"].proc.Addr, "backfill", "start", "--sink", "odd", "--table", `"Mixed Case"."Weird.Table"`,
+		"--where", `"Item Id" > 2`, "--id", "again")
+	if code != 0 {
+		t.Fatalf("pgs2ctl backfill start: exit %d: %s", code, out)
+	}
+	cs := wait(9)
+	type rec struct{ action, backfill, name string }
+	var got []rec
+	for _, c := range cs {
+		if c.metadata.TableSchema != "Mixed Case" || c.metadata.TableName != "Weird.Table" || c.table != "Mixed Case.Weird.Table" {
+			t.Fatalf("record %+v: metadata %+v, table header %q", c.Change, c.metadata, c.table)
+		}
+		if _, ok := c.Record["Item Id"]; !ok {
+			t.Fatalf("record without its \"Item Id\": %v", c.Record)
+		}
+		got = append(got, rec{string(c.Action), c.Backfill, fmt.Sprint(c.Record["Item Id"], "/", c.Record["Col Name"])})
+	}
+	// Groups (by "Col Name") interleave freely in S2: compare as sets, then
+	// the order of the group "one" (the moved row's old group).
+	want := []rec{{"read", "initial-odd", "1/one"}, {"read", "initial-odd", "2/two"}, {"read", "initial-odd", "3/three"},
+		{"insert", "", "4/four"}, {"delete", "", "1/one"}, {"insert", "", "1/uno"}, {"delete", "", "2/two"},
+		{"read", "again", "3/three"}, {"read", "again", "4/four"}}
+	key := func(r rec) string { return r.action + " " + r.backfill + " " + r.name }
+	sorted := func(rs []rec) []string {
+		var out []string
+		for _, r := range rs {
+			out = append(out, key(r))
+		}
+		slices.Sort(out)
+		return out
+	}
+	if !slices.Equal(sorted(got), sorted(want)) {
+		t.Fatalf("S2 holds\n%v\nwant\n%v", sorted(got), sorted(want))
+	}
+	var one []string
+	for _, r := range got {
+		if strings.HasSuffix(r.name, "/one") {
+			one = append(one, r.action)
+		}
+	}
+	if !slices.Equal(one, []string{"read", "delete"}) {
+		t.Fatalf("group one: %v, want read then delete", one)
+	}
+}
+
+// pgs2ctl runs the command line against the admin API at addr.
+func pgs2ctl(t *testing.T, addr string, args ...string) (int, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := ctl.Run(context.Background(), append([]string{"--admin", addr}, args...), &out, &errOut)
+	return code, out.String() + errOut.String()
 }

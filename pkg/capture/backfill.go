@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -315,7 +316,10 @@ func (b *backfills) tables(j backfill.Job) []backfill.TableSpec {
 func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec backfill.TableSpec) error {
 	c := b.c
 	job := func() backfill.Job { r.mu.Lock(); defer r.mu.Unlock(); return r.job }()
-	table := config.QualifyTable(spec.Table)
+	table := spec.Table // as config.ParseTable names it
+	if !strings.Contains(table, ".") {
+		table = "public." + table
+	}
 	p, rev, err := b.store.Progress(ctx, job.ID, c.cfg.Source, table)
 	if err != nil {
 		return err

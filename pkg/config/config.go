@@ -22,6 +22,8 @@ type Config struct {
 	NATS      NATS      `yaml:"nats"`
 	Sinks     []Sink    `yaml:"sinks"`
 	Telemetry Telemetry `yaml:"telemetry"`
+
+	problems []error // found while applying defaults (table names)
 }
 
 // Source is the PostgreSQL database to capture.
@@ -253,8 +255,16 @@ func (c *Config) applyDefaults() {
 	if c.Source.Publication == "" {
 		c.Source.Publication = "pgs2"
 	}
+	table := func(key string, t string) string {
+		n, err := ParseTable(t)
+		if err != nil {
+			c.problems = append(c.problems, fmt.Errorf("%s: %w", key, err))
+			return t
+		}
+		return n
+	}
 	for i, t := range c.Source.Tables {
-		c.Source.Tables[i] = QualifyTable(t)
+		c.Source.Tables[i] = table(fmt.Sprintf("source.tables[%d]", i), t)
 	}
 	if c.Source.Backfill.ChunkSize == 0 {
 		c.Source.Backfill.ChunkSize = DefaultBackfillChunkSize
@@ -284,18 +294,30 @@ func (c *Config) applyDefaults() {
 	for i := range c.Sinks {
 		s := &c.Sinks[i]
 		for j, t := range s.Tables {
-			s.Tables[j] = QualifyTable(t)
+			s.Tables[j] = table(fmt.Sprintf("sinks[%d].tables[%d]", i, j), t)
 		}
 		if len(s.GroupColumns) > 0 {
 			gc := make(map[string][]string, len(s.GroupColumns))
 			for t, cols := range s.GroupColumns {
-				gc[QualifyTable(t)] = cols
+				key := fmt.Sprintf("sinks[%d].group_columns", i)
+				names := make([]string, len(cols))
+				for k, col := range cols {
+					n, err := ParseIdentifier(col)
+					if err != nil {
+						c.problems = append(c.problems, fmt.Errorf("%s.%s: %w", key, t, err))
+						n = col
+					}
+					names[k] = n
+				}
+				gc[table(key, t)] = names
 			}
 			s.GroupColumns = gc
 		}
 		if ib := s.InitialBackfill; ib != nil {
 			for j := range ib.Tables {
-				ib.Tables[j].Table = QualifyTable(ib.Tables[j].Table)
+				if ib.Tables[j].Table != "" {
+					ib.Tables[j].Table = table(fmt.Sprintf("sinks[%d].initial_backfill[%d]", i, j), ib.Tables[j].Table)
+				}
 			}
 		}
 		if s.AccessTokenEnv == "" {
@@ -339,16 +361,111 @@ func keyNames(errs []string) []string {
 	return out
 }
 
-// QualifyTable returns "schema.table", adding "public." to a bare name.
+// ParseTable reads a table name as Postgres does (psql's \d, pg_dump -t):
+// `users`, `sales.orders`, `"Mixed Case"."Weird.Table"`. Unquoted names
+// fold to lower case, quoted ones are kept as written ("" is a quote), and
+// a bare name is in schema public. It returns the name pgs2 uses for the
+// table everywhere: schema and table as Postgres stores them, joined by a
+// dot (the table's part may hold dots; a schema's may not).
+func ParseTable(s string) (string, error) {
+	parts, err := ParseIdentifiers(s)
+	if err != nil {
+		return "", err
+	}
+	switch len(parts) {
+	case 1:
+		parts = []string{"public", parts[0]}
+	case 2:
+	default:
+		return "", fmt.Errorf("%q has %d dotted parts: write table or schema.table (a name with a dot needs double quotes, e.g. \"my.table\")", s, len(parts))
+	}
+	if strings.Contains(parts[0], ".") {
+		return "", fmt.Errorf("%q: schema %q holds a dot, which pgs2 does not support; rename the schema", s, parts[0])
+	}
+	return parts[0] + "." + parts[1], nil
+}
+
+// ParseIdentifier reads one identifier (a column) as Postgres does:
+// unquoted folds to lower case, "Quoted" is kept.
+func ParseIdentifier(s string) (string, error) {
+	parts, err := ParseIdentifiers(s)
+	if err != nil {
+		return "", err
+	}
+	if len(parts) != 1 {
+		return "", fmt.Errorf("%q is not one name (a name with a dot needs double quotes)", s)
+	}
+	return parts[0], nil
+}
+
+// ParseIdentifiers splits a dotted name into its identifiers.
+func ParseIdentifiers(s string) ([]string, error) {
+	var parts []string
+	rest := strings.TrimSpace(s)
+	if rest == "" {
+		return nil, errors.New("empty name")
+	}
+	for {
+		var part string
+		if strings.HasPrefix(rest, `"`) {
+			var b strings.Builder
+			i := 1
+			for ; ; i++ {
+				if i >= len(rest) {
+					return nil, fmt.Errorf("%q: a double quote is not closed", s)
+				}
+				if rest[i] == '"' {
+					if i+1 < len(rest) && rest[i+1] == '"' {
+						b.WriteByte('"')
+						i++
+						continue
+					}
+					break
+				}
+				b.WriteByte(rest[i])
+			}
+			part, rest = b.String(), rest[i+1:]
+			if part == "" {
+				return nil, fmt.Errorf("%q: an empty quoted name", s)
+			}
+		} else {
+			end := strings.IndexByte(rest, '.')
+			if end < 0 {
+				end = len(rest)
+			}
+			raw := strings.TrimSpace(rest[:end])
+			if raw == "" {
+				return nil, fmt.Errorf("%q: an empty name between dots", s)
+			}
+			if !unquotedRE.MatchString(raw) {
+				return nil, fmt.Errorf("%q: %q is not a plain name (letters, digits, _ and $, not first a digit); put a name with other characters in double quotes", s, raw)
+			}
+			part, rest = strings.ToLower(raw), rest[end:]
+		}
+		parts = append(parts, part)
+		rest = strings.TrimSpace(rest)
+		if rest == "" {
+			return parts, nil
+		}
+		if rest[0] != '.' {
+			return nil, fmt.Errorf("%q: unexpected %q after %q", s, rest, part)
+		}
+		rest = strings.TrimSpace(rest[1:])
+	}
+}
+
+var unquotedRE = regexp.MustCompile(`^[A-Za-z_\x{80}-\x{10FFFF}][A-Za-z0-9_$\x{80}-\x{10FFFF}]*$`)
+
+// QualifyTable returns ParseTable's name for t, or t itself when it is
+// not a valid name (Parse reports those).
 func QualifyTable(t string) string {
-	t = strings.TrimSpace(t)
-	if t != "" && !strings.Contains(t, ".") {
-		return "public." + t
+	if n, err := ParseTable(t); err == nil {
+		return n
 	}
 	return t
 }
 
-// SplitTable splits "schema.table" at the first dot.
+// SplitTable splits a table's name (ParseTable's) into schema and table.
 func SplitTable(t string) (schema, table string) {
 	schema, table, _ = strings.Cut(t, ".")
 	return schema, table
@@ -391,12 +508,9 @@ func (c *Config) Validate() error {
 	if len(s.Tables) == 0 {
 		bad("source.tables", "empty; list the tables to capture, e.g. [public.users]")
 	}
+	errs = append(errs, c.problems...)
 	seen := map[string]bool{}
 	for i, t := range s.Tables {
-		schema, table := SplitTable(t)
-		if schema == "" || table == "" || strings.Contains(table, ".") {
-			bad(fmt.Sprintf("source.tables[%d]", i), "%q is not schema.table", t)
-		}
 		if seen[t] {
 			bad(fmt.Sprintf("source.tables[%d]", i), "%q is listed twice", t)
 		}

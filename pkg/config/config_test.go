@@ -567,3 +567,59 @@ func TestPasswordFromEnv(t *testing.T) {
 		t.Errorf("DSN changed: %q", c.Source.DSN)
 	}
 }
+
+// TestTableNames: table and column names are read as Postgres reads them.
+func TestTableNames(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{
+		"users":                      "public.users",
+		"Users":                      "public.users",
+		" sales . Orders ":           "sales.orders",
+		`"Mixed Case"."Weird.Table"`: "Mixed Case.Weird.Table",
+		`"Users"`:                    "public.Users",
+		`"say ""hi"""`:               `public.say "hi"`,
+		`app."t.1"`:                  "app.t.1",
+		`café.naïve`:                 "café.naïve",
+		`"a"."b"`:                    "a.b",
+		`s$1._x`:                     "s$1._x",
+	} {
+		got, err := config.ParseTable(in)
+		if err != nil || got != want {
+			t.Errorf("ParseTable(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for in, want := range map[string]string{
+		"":          "empty name",
+		`"unclosed`: "not closed",
+		"a.b.c":     "3 dotted parts",
+		"my table":  `"my table" is not a plain name`,
+		`"a.b".t`:   "holds a dot",
+		`"".t`:      "empty quoted name",
+		`"a"x`:      `unexpected "x"`,
+		"1abc":      "not a plain name",
+		"a.":        "empty name",
+	} {
+		if _, err := config.ParseTable(in); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParseTable(%q): %v; want an error with %q", in, err, want)
+		}
+	}
+	y := strings.NewReplacer("tables: [users, sales.orders]", `tables: [users, '"Mixed Case"."Weird.Table"']`,
+		"    tables: [users]\n", `    tables: ['"Mixed Case"."Weird.Table"']`+"\n"+`    group_columns: {'"Mixed Case"."Weird.Table"': ['"Col Name"', Org]}`+"\n"+
+			`    initial_backfill: ['"Mixed Case"."Weird.Table"']`+"\n").Replace(minimal)
+	c, err := config.Parse([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Source.Tables; !reflect.DeepEqual(got, []string{"public.users", "Mixed Case.Weird.Table"}) {
+		t.Errorf("source.tables = %q", got)
+	}
+	s := c.Sinks[0]
+	if !reflect.DeepEqual(s.Tables, []string{"Mixed Case.Weird.Table"}) || !reflect.DeepEqual(s.GroupColumns, map[string][]string{"Mixed Case.Weird.Table": {"Col Name", "org"}}) ||
+		s.InitialBackfill.Tables[0].Table != "Mixed Case.Weird.Table" {
+		t.Errorf("sink: tables %q, group_columns %q, initial_backfill %+v", s.Tables, s.GroupColumns, s.InitialBackfill)
+	}
+	_, err = config.Parse([]byte(strings.Replace(minimal, "tables: [users, sales.orders]", `tables: [users, 'my table', '"open']`, 1)))
+	if err == nil || !strings.Contains(err.Error(), `source.tables[1]: "my table": "my table" is not a plain name`) || !strings.Contains(err.Error(), "source.tables[2]") {
+		t.Errorf("bad table names: %v", err)
+	}
+}

@@ -76,7 +76,11 @@ func (a *Admin) startBackfill(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	for _, t := range req.Tables {
-		name := config.QualifyTable(t.Table)
+		name, err := config.ParseTable(t.Table)
+		if err != nil {
+			writeErr(w, http.StatusBadRequest, "table "+err.Error())
+			return
+		}
 		if tables != nil && !slices.Contains(tables, name) {
 			writeErr(w, http.StatusBadRequest, fmt.Sprintf("table %s is not a table of sink %s (%s); add it to the sink's tables", name, req.Sink, strings.Join(tables, ", ")))
 			return
