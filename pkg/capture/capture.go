@@ -491,6 +491,9 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		}
 	case pgrepl.EventMessage:
 		s.metrics.Messages.Inc()
+		if ev.Message.Invalid != "" {
+			s.log.Warn("ignored a transaction annotation", "reason", ev.Message.Invalid, "commit_lsn", pglogrepl.LSN(s.dec.CommitLSN()))
+		}
 		if ev.Message.Prefix == backfill.Prefix && !ev.Message.Transactional {
 			return s.onMarker(ctx, ev.Message.Content, ev.LSN)
 		}

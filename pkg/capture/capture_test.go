@@ -307,3 +307,39 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestTransactionAnnotations: a transactional message with pgs2's (or
+// Sequin's) prefix sets metadata.transaction_annotations of the
+// transaction's later changes, until cleared or the transaction ends;
+// content that is not a JSON object is ignored with a warning.
+func TestTransactionAnnotations(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY)`, "public.users")
+	logs := &syncBuffer{}
+	e.opts = append(e.opts, capture.WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	e.run(t)
+	e.pg.MustExec(t, "app", `BEGIN;
+		INSERT INTO users VALUES (1);
+		SELECT pg_logical_emit_message(true, 'pgs2:transaction_annotations.set', '{"user": "ada",
+			"request": 7}');
+		INSERT INTO users VALUES (2);
+		SELECT pg_logical_emit_message(true, 'sequin:transaction_annotations.set', '{"user": "bob"}');
+		INSERT INTO users VALUES (3);
+		SELECT pg_logical_emit_message(true, 'sequin:transaction_annotations.clear', '');
+		INSERT INTO users VALUES (4);
+		SELECT pg_logical_emit_message(true, 'pgs2:transaction_annotations.set', '{"user": "cy"}');
+		INSERT INTO users VALUES (5);
+		COMMIT`)
+	e.pg.MustExec(t, "app", `INSERT INTO users VALUES (6)`) // a new transaction starts without
+	e.pg.MustExec(t, "app", `BEGIN; SELECT pg_logical_emit_message(true, 'pgs2:transaction_annotations.set', 'not json');
+		INSERT INTO users VALUES (7); COMMIT`)
+	msgs := e.waitMessages(t, 7)
+	want := []string{"null", `{"user":"ada","request":7}`, `{"user":"bob"}`, "null", `{"user":"cy"}`, "null", "null"}
+	for i, m := range msgs {
+		if got := string(m.Msg.Metadata.TransactionAnnotations); got != want[i] {
+			t.Errorf("change %d (id %v): transaction_annotations %s, want %s", i, m.Msg.Record["id"], got, want[i])
+		}
+	}
+	if out := logs.String(); !strings.Contains(out, "ignored a transaction annotation") || !strings.Contains(out, "not a JSON object") {
+		t.Errorf("no warning for the invalid annotation:\n%s", out)
+	}
+}

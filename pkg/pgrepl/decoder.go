@@ -1,8 +1,10 @@
 package pgrepl
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strconv"
@@ -59,6 +61,8 @@ type Message struct {
 	Prefix        string
 	// Content is valid until the next Decode.
 	Content []byte
+	// Invalid says why a message meant for pgs2 (annotations) was ignored.
+	Invalid string
 }
 
 // PluginArgs are the pgoutput options capture starts replication with:
@@ -106,7 +110,22 @@ type Decoder struct {
 	body, group, key, oldPK []byte // reused: a Row is valid until the next Decode
 	moved                   Row    // the insert half of a move
 	body2, group2, key2     []byte // its buffers
+	// annotations are the current transaction's, set by a transactional
+	// message (AnnotationsSet): a JSON object, or nil.
+	annotations []byte
 }
+
+// Prefixes of the transactional messages that set and clear a
+// transaction's annotations (metadata.transaction_annotations of its later
+// changes); Sequin's work too.
+const (
+	AnnotationsSet         = "pgs2:transaction_annotations.set"
+	AnnotationsClear       = "pgs2:transaction_annotations.clear"
+	SequinAnnotationsSet   = "sequin:transaction_annotations.set"
+	SequinAnnotationsClear = "sequin:transaction_annotations.clear"
+)
+
+var jsonNull = []byte("null")
 
 // NewDecoder returns a decoder for database db. conn (a normal connection)
 // is used for catalog lookups when relations are announced.
@@ -117,6 +136,9 @@ func NewDecoder(conn *pgx.Conn, db string, c Config) *Decoder {
 	}
 	return &Decoder{db: db, groupCols: c.GroupColumns, tables: tables, cat: newCatalog(conn), rels: map[uint32]*relation{}}
 }
+
+// CommitLSN is the current (or last) transaction's commit LSN.
+func (d *Decoder) CommitLSN() uint64 { return d.commitLSN }
 
 // InTx reports whether a transaction has begun and not yet committed.
 func (d *Decoder) InTx() bool { return d.inTx }
@@ -158,6 +180,7 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 		ts := pgTime(us)
 		d.commitTS = ts.AppendFormat(d.commitTS[:0], commitTimeLayout)
 		d.idx = 0
+		d.annotations = nil
 		return Event{Kind: EventBegin, LSN: d.commitLSN, CommitMs: ts.UnixMilli(), Xid: binary.BigEndian.Uint32(data[17:])}, nil
 	case 'C':
 		if len(data) < 26 {
@@ -191,7 +214,24 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 			return Event{}, fmt.Errorf("parse logical decoding message: %w", err)
 		}
 		lm := m.(*pglogrepl.LogicalDecodingMessage)
-		return Event{Kind: EventMessage, LSN: uint64(lm.LSN), Message: Message{Transactional: lm.Transactional, Prefix: lm.Prefix, Content: lm.Content}}, nil
+		ev := Event{Kind: EventMessage, LSN: uint64(lm.LSN), Message: Message{Transactional: lm.Transactional, Prefix: lm.Prefix, Content: lm.Content}}
+		if lm.Transactional && d.inTx {
+			switch lm.Prefix {
+			case AnnotationsSet, SequinAnnotationsSet:
+				var obj map[string]json.RawMessage
+				if err := json.Unmarshal(lm.Content, &obj); err != nil || obj == nil {
+					d.annotations = nil
+					ev.Message.Invalid = fmt.Sprintf("the content of %s is not a JSON object (%.100q); the transaction's later changes carry no annotations", lm.Prefix, lm.Content)
+				} else {
+					var b bytes.Buffer
+					_ = json.Compact(&b, lm.Content) // valid: it parsed
+					d.annotations = b.Bytes()
+				}
+			case AnnotationsClear, SequinAnnotationsClear:
+				d.annotations = nil
+			}
+		}
+		return ev, nil
 	default: // 'Y' type, 'O' origin: nothing to emit
 		return Event{}, nil
 	}
@@ -383,7 +423,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 		b = append(b, `,"changes":null`...)
 	}
 	var pk [2]int
-	d.body, d.key, pk = appendTail(b, d.key, r, row.Action, d.commitTS, row.Pos, d.db, rec, old)
+	d.body, d.key, pk = appendTail(b, d.key, r, row.Action, d.commitTS, row.Pos, d.db, rec, old, d.annotations)
 	d.group = appendKeyValues(d.group[:0], r.group, rec, old)
 	row.Body, row.Group, row.Key, row.PK = d.body, d.group, d.key, d.body[pk[0]:pk[1]]
 	if data[0] != 'U' || old == nil {
@@ -406,7 +446,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	b = append(d.body2[:0], `{"record":`...)
 	b = appendRecord(b, r, old, nil, !full)
 	b = append(b, `,"changes":null`...)
-	d.body2, d.key2, pk = appendTail(b, d.key2, r, change.Delete, d.commitTS, del.Pos, d.db, old, old)
+	d.body2, d.key2, pk = appendTail(b, d.key2, r, change.Delete, d.commitTS, del.Pos, d.db, old, old, d.annotations)
 	del.Body, del.Group, del.Key, del.PK = d.body2, d.group2, d.key2, d.body2[pk[0]:pk[1]]
 	var fill *tuple
 	if full {
@@ -417,7 +457,7 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	b = append(d.body[:0], `{"record":`...)
 	b = appendRecord(b, r, nu, fill, false)
 	b = append(b, `,"changes":null`...)
-	d.body, d.key, pk = appendTail(b, d.key, r, change.Insert, d.commitTS, ins.Pos, d.db, nu, old)
+	d.body, d.key, pk = appendTail(b, d.key, r, change.Insert, d.commitTS, ins.Pos, d.db, nu, old, d.annotations)
 	ins.Body, ins.Group, ins.Key, ins.PK = d.body, d.group, d.key, d.body[pk[0]:pk[1]]
 	return Event{Kind: EventRow, Row: del, Moved: ins}, nil
 }
@@ -440,7 +480,7 @@ func groupKnown(r *relation, oldKind byte) bool {
 // appendTail ends a message body after its changes: action and metadata.
 // The idempotency key is also written into key; pk is where record_pks
 // is in the body.
-func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byte, pos change.Position, db string, rec, old *tuple) (body, keyOut []byte, pk [2]int) {
+func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byte, pos change.Position, db string, rec, old *tuple, ann []byte) (body, keyOut []byte, pk [2]int) {
 	b = append(b, `,"action":"`...)
 	b = append(b, action...)
 	b = append(b, '"')
@@ -460,7 +500,12 @@ func appendTail(b, key []byte, r *relation, action change.Action, commitTS []byt
 	pk[0] = len(b)
 	b = appendKeyValues(b, r.pk, rec, old)
 	pk[1] = len(b)
-	b = append(b, `,"transaction_annotations":null}}`...)
+	b = append(b, `,"transaction_annotations":`...)
+	if ann == nil {
+		ann = jsonNull
+	}
+	b = append(b, ann...)
+	b = append(b, "}}"...)
 	return b, key, pk
 }
 

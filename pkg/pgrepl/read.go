@@ -109,7 +109,7 @@ func (e *ReadEncoder) Encode(vals [][]byte, pos change.Position, commitTS []byte
 	b = appendRecord(b, e.rel, t, nil, false)
 	b = append(b, `,"changes":null`...)
 	var pk [2]int
-	e.body, e.key, pk = appendTail(b, e.key, e.rel, change.Read, commitTS, pos, e.db, t, nil)
+	e.body, e.key, pk = appendTail(b, e.key, e.rel, change.Read, commitTS, pos, e.db, t, nil, nil)
 	e.group = appendKeyValues(e.group[:0], e.rel.group, t, nil)
 	return Row{Pos: pos, Schema: e.rel.schema, Table: e.rel.table, Action: change.Read, Body: e.body, Group: e.group, Key: e.key,
 		PK: e.body[pk[0]:pk[1]]}, nil
