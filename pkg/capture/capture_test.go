@@ -2,6 +2,7 @@ package capture_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -14,6 +15,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
+	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/seed"
@@ -341,5 +343,47 @@ func TestTransactionAnnotations(t *testing.T) {
 	}
 	if out := logs.String(); !strings.Contains(out, "ignored a transaction annotation") || !strings.Contains(out, "not a JSON object") {
 		t.Errorf("no warning for the invalid annotation:\n%s", out)
+	}
+}
+
+// TestPartitionedTable: changes to any partition of a partitioned table,
+// one added later too, are the table's own; a backfill reads the table
+// (the publication, made before, is set to publish via the root).
+func TestPartitionedTable(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE events (id int, at date, v text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+		CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+		CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+		INSERT INTO events VALUES (1, '2025-05-01', 'old'), (2, '2026-05-01', 'new');
+		CREATE TABLE done (id int PRIMARY KEY);
+		CREATE PUBLICATION pgs2 FOR TABLE events -- without publish_via_partition_root: capture sets it`, "public.events", "public.done")
+	e.cfg.Backfill = capture.BackfillConfig{SinkTables: map[string][]string{"s": {"public.events"}}}
+	e.run(t)
+	e.pg.MustExec(t, "app", `INSERT INTO events VALUES (3, '2025-06-01', 'a'), (4, '2026-06-01', 'b')`)
+	e.pg.MustExec(t, "app", `UPDATE events SET v = 'b2' WHERE id = 4`)
+	e.pg.MustExec(t, "app", `DELETE FROM events WHERE id = 3`)
+	e.pg.MustExec(t, "app", `CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+		INSERT INTO events VALUES (5, '2027-01-02', 'later')`)
+	ctx := context.Background()
+	store, err := backfill.Ensure(ctx, e.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	waitProgress(t, store, "bf", "public.events", backfill.Done)
+	changes := e.allWritten(t)
+	var got []string
+	for _, g := range changes {
+		m := g.Msg
+		if m.Metadata.TableName == "done" {
+			continue
+		}
+		got = append(got, fmt.Sprintf("%s %s %v", m.Metadata.TableName, m.Action, m.Record["id"]))
+	}
+	want := []string{"events insert 3", "events insert 4", "events update 4", "events delete 3", "events insert 5",
+		"events read 1", "events read 2", "events read 4", "events read 5"}
+	if strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("changes:\n%s\nwant\n%s", strings.Join(got, "; "), strings.Join(want, "; "))
 	}
 }

@@ -229,15 +229,22 @@ func ensurePublication(ctx context.Context, conn *pgx.Conn, c Config) error {
 	for i, t := range c.Tables {
 		quoted[i] = quoteTable(t)
 	}
+	// A partitioned table's changes are published as the table's own
+	// (not its partitions'), so a partition added later needs nothing.
 	if !exists {
-		if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pub+" FOR TABLE "+strings.Join(quoted, ", ")); err != nil {
+		if _, err := conn.Exec(ctx, "CREATE PUBLICATION "+pub+" FOR TABLE "+strings.Join(quoted, ", ")+" WITH (publish_via_partition_root = true)"); err != nil {
 			return fmt.Errorf("create publication %s: %w", c.Publication, err)
 		}
 		return nil
 	}
-	var all bool
-	if err := conn.QueryRow(ctx, `SELECT puballtables FROM pg_publication WHERE pubname = $1`, c.Publication).Scan(&all); err != nil {
+	var all, viaRoot bool
+	if err := conn.QueryRow(ctx, `SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1`, c.Publication).Scan(&all, &viaRoot); err != nil {
 		return fmt.Errorf("look up publication: %w", err)
+	}
+	if !viaRoot {
+		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" SET (publish_via_partition_root = true)"); err != nil {
+			return fmt.Errorf("set publish_via_partition_root on publication %s: %w", c.Publication, err)
+		}
 	}
 	if all {
 		return nil
