@@ -20,9 +20,9 @@ type Staged struct {
 	Schema, Name string
 	// Sink is the only sink the rows are for.
 	Sink string
-	// List is the select list the rows were read with (the reader's
-	// encoder must have the same columns).
-	List string
+	// Shape is the columns and types the rows were read with
+	// (pgrepl.ReadEncoder.Shape): the reader's encoder must have the same.
+	Shape string
 	// Cursor is the primary key of the chunk's last row (the one before
 	// when the chunk is empty): where the next chunk starts.
 	Cursor [][]byte
@@ -31,7 +31,7 @@ type Staged struct {
 	// ReadAt is when the rows were read (µs since the Unix epoch, the
 	// server's clock).
 	ReadAt int64
-	// Rows are text values in List's order (nil = NULL).
+	// Rows are text values in the shape's column order (nil = NULL).
 	Rows [][][]byte
 }
 
@@ -39,7 +39,7 @@ const stagedVersion = 1
 
 // MarshalBinary encodes s.
 func (s *Staged) MarshalBinary() ([]byte, error) {
-	n := 64 + len(s.Schema) + len(s.Name) + len(s.Sink) + len(s.List)
+	n := 64 + len(s.Schema) + len(s.Name) + len(s.Sink) + len(s.Shape)
 	for _, r := range s.Rows {
 		for _, v := range r {
 			n += len(v) + 2
@@ -50,7 +50,7 @@ func (s *Staged) MarshalBinary() ([]byte, error) {
 	b = appendBytes(b, []byte(s.Schema))
 	b = appendBytes(b, []byte(s.Name))
 	b = appendBytes(b, []byte(s.Sink))
-	b = appendBytes(b, []byte(s.List))
+	b = appendBytes(b, []byte(s.Shape))
 	b = appendValues(b, s.Cursor)
 	last := byte(0)
 	if s.Last {
@@ -92,7 +92,7 @@ func (s *Staged) UnmarshalBinary(b []byte) error {
 	s.Schema = string(d.bytes())
 	s.Name = string(d.bytes())
 	s.Sink = string(d.bytes())
-	s.List = string(d.bytes())
+	s.Shape = string(d.bytes())
 	s.Cursor = d.values()
 	s.Last = d.byte() == 1
 	s.ReadAt = d.varint()

@@ -41,7 +41,7 @@ func TestStage(t *testing.T) {
 		return []byte(fmt.Sprint(rnd.Int64()))
 	}
 	for i := range 4 {
-		s := &Staged{Schema: "Odd", Name: "T.x", Sink: "users", List: `"id", "Col Name"`, Cursor: [][]byte{val(), val()}, Last: i%2 == 1, ReadAt: rnd.Int64()}
+		s := &Staged{Schema: "Odd", Name: "T.x", Sink: "users", Shape: "\"id\", \"Col Name\"\x0023,25", Cursor: [][]byte{val(), val()}, Last: i%2 == 1, ReadAt: rnd.Int64()}
 		for range rnd.IntN(50) {
 			s.Rows = append(s.Rows, [][]byte{val(), val()})
 		}

@@ -473,6 +473,13 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 		} else {
 			c.metrics.Rereads.Inc()
 			c.log.Warn("backfill chunk read again", "backfill", job.ID, "table", table, "chunk", id.Chunk, "reason", o.reason)
+			// The table's columns may have changed: read with its columns of now.
+			if enc, err = pgrepl.NewReadEncoder(ctx, conn, b.db, schema, name, c.cfg.Repl.GroupColumns[table]); err != nil {
+				if errors.Is(err, pgrepl.ErrSetup) {
+					return fail(err)
+				}
+				return err
+			}
 		}
 		if err := b.stage.Delete(ctx, backfill.StageName(c.cfg.Source, id)); err != nil {
 			return err
@@ -528,7 +535,7 @@ func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadE
 	} else if n > 0 {
 		return b.abandon(ctx, conn, m, fmt.Sprintf("%d transactions of its snapshot were waiting for a synchronous standby", n))
 	}
-	st := &backfill.Staged{List: enc.SelectList(), Schema: enc.Schema(), Name: enc.Name(), Sink: sink, ReadAt: ch.ReadAt,
+	st := &backfill.Staged{Shape: enc.Shape(), Schema: enc.Schema(), Name: enc.Name(), Sink: sink, ReadAt: ch.ReadAt,
 		Last: len(ch.Rows) <= size, Rows: ch.Rows[:min(len(ch.Rows), size)], Cursor: cursor}
 	if n := len(st.Rows); n > 0 {
 		last := st.Rows[n-1]
@@ -746,8 +753,22 @@ func (s *session) placeChunk(ctx context.Context, m backfill.Marker, lsn uint64)
 // readEncoder returns an encoder of st's table with st's columns; nil when
 // the table's columns are no longer those.
 func (s *session) readEncoder(ctx context.Context, st *backfill.Staged) (*pgrepl.ReadEncoder, error) {
+	// The table's columns now, not when the encoder was made: a schema
+	// change before H_k gives the changes after it new columns, and the
+	// reads at H_k must have them too.
+	shape, err := pgrepl.ReadShape(ctx, s.catConn, st.Schema, st.Name)
+	if err != nil {
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) {
+			return nil, nil // the table is gone: the runner finds out
+		}
+		return nil, err
+	}
+	if shape != st.Shape {
+		return nil, nil
+	}
 	key := st.Schema + "." + st.Name
-	if e := s.encoders[key]; e != nil && e.SelectList() == st.List {
+	if e := s.encoders[key]; e != nil && e.Shape() == st.Shape {
 		return e, nil
 	}
 	e, err := pgrepl.NewReadEncoder(ctx, s.catConn, s.db, st.Schema, st.Name, s.cfg.Repl.GroupColumns[key])
@@ -758,7 +779,7 @@ func (s *session) readEncoder(ctx context.Context, st *backfill.Staged) (*pgrepl
 		return nil, err
 	}
 	s.encoders[key] = e
-	if e.SelectList() != st.List {
+	if e.Shape() != st.Shape {
 		return nil, nil
 	}
 	return e, nil

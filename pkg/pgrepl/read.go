@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -21,6 +22,7 @@ type ReadEncoder struct {
 	rel   *relation
 	t     tuple
 	list  string   // the select list: quoted columns in pgoutput's order
+	shape string   // the list and the columns' types
 	pk    []string // primary key columns
 	body  []byte
 	group []byte
@@ -34,28 +36,11 @@ var ErrNoPrimaryKey = errors.New("table has no primary key")
 // them (attnum order, no generated columns), primary key and group.
 func NewReadEncoder(ctx context.Context, conn *pgx.Conn, db, schema, table string, groupCols []string) (*ReadEncoder, error) {
 	qualified := pgx.Identifier{schema, table}.Sanitize()
-	var relid uint32
-	if err := conn.QueryRow(ctx, `SELECT $1::regclass::oid`, qualified).Scan(&relid); err != nil {
-		return nil, fmt.Errorf("look up table %s: %w", qualified, err)
-	}
-	rows, err := conn.Query(ctx, `SELECT attname::text, atttypid FROM pg_attribute
-		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum`, relid)
+	relid, descs, err := readColumns(ctx, conn, qualified)
 	if err != nil {
-		return nil, fmt.Errorf("columns of %s: %w", qualified, err)
+		return nil, err
 	}
-	var descs []columnDesc
-	var names []string
-	for rows.Next() {
-		var c columnDesc
-		if err := rows.Scan(&c.name, &c.oid); err != nil {
-			return nil, fmt.Errorf("columns of %s: %w", qualified, err)
-		}
-		descs = append(descs, c)
-		names = append(names, pgx.Identifier{c.name}.Sanitize())
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("columns of %s: %w", qualified, err)
-	}
+	list, shape := shapeOf(descs)
 	// No column is marked as replica identity: without a primary key the
 	// relation has no key at all.
 	rel, err := newRelation(ctx, newCatalog(conn), relid, schema, table, descs, groupCols)
@@ -70,11 +55,64 @@ func NewReadEncoder(ctx context.Context, conn *pgx.Conn, db, schema, table strin
 	for j, i := range rel.pk {
 		pk[j] = rel.cols[i].rawKey
 	}
-	return &ReadEncoder{db: db, rel: rel, list: strings.Join(names, ", "), pk: pk}, nil
+	return &ReadEncoder{db: db, rel: rel, list: list, shape: shape, pk: pk}, nil
+}
+
+// ReadShape is the Shape a ReadEncoder of schema.table would have now.
+func ReadShape(ctx context.Context, conn *pgx.Conn, schema, table string) (string, error) {
+	_, descs, err := readColumns(ctx, conn, pgx.Identifier{schema, table}.Sanitize())
+	if err != nil {
+		return "", err
+	}
+	_, shape := shapeOf(descs)
+	return shape, nil
+}
+
+// readColumns reads a table's oid and the columns pgoutput sends.
+func readColumns(ctx context.Context, conn *pgx.Conn, qualified string) (uint32, []columnDesc, error) {
+	var relid uint32
+	if err := conn.QueryRow(ctx, `SELECT $1::regclass::oid`, qualified).Scan(&relid); err != nil {
+		return 0, nil, fmt.Errorf("look up table %s: %w", qualified, err)
+	}
+	rows, err := conn.Query(ctx, `SELECT attname::text, atttypid FROM pg_attribute
+		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum`, relid)
+	if err != nil {
+		return 0, nil, fmt.Errorf("columns of %s: %w", qualified, err)
+	}
+	descs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (c columnDesc, err error) {
+		err = r.Scan(&c.name, &c.oid)
+		return c, err
+	})
+	if err != nil {
+		return 0, nil, fmt.Errorf("columns of %s: %w", qualified, err)
+	}
+	return relid, descs, nil
+}
+
+// shapeOf is the select list of columns, and it with their types.
+func shapeOf(descs []columnDesc) (list, shape string) {
+	names := make([]string, len(descs))
+	for i, d := range descs {
+		names[i] = pgx.Identifier{d.name}.Sanitize()
+	}
+	list = strings.Join(names, ", ")
+	b := []byte(list + "\x00")
+	for i, d := range descs {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendUint(b, uint64(d.oid), 10)
+	}
+	return list, string(b)
 }
 
 // SelectList is the columns to select, quoted, in the order Encode takes.
 func (e *ReadEncoder) SelectList() string { return e.list }
+
+// Shape names the columns and their types: rows read with one encoder are
+// encoded right by another only if their shapes are equal (a column was
+// not added, dropped, renamed or retyped in between).
+func (e *ReadEncoder) Shape() string { return e.shape }
 
 // PrimaryKey names the primary key columns in key order.
 func (e *ReadEncoder) PrimaryKey() []string { return e.pk }
