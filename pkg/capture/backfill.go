@@ -195,10 +195,22 @@ func (c *Capture) runBackfills(ctx context.Context, db string) {
 		return
 	}
 	c.stage.Store(b.stage)
-	for _, j := range c.cfg.Backfill.Initial {
+	c.store.Store(b.store)
+	c.createInitial(ctx, b.store, c.live.Load().Backfill.Initial)
+	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
+		return b.store.WatchJobs(ctx, func(j backfill.Job) { b.update(ctx, j) })
+	}, func(err error, wait time.Duration) bool {
+		c.log.Warn("backfill watch ended; restarting", "error", err, "retry_in", wait)
+		return true
+	})
+}
+
+// createInitial creates the sinks' initial backfills that do not exist yet.
+func (c *Capture) createInitial(ctx context.Context, store *backfill.Store, jobs []backfill.Job) {
+	for _, j := range jobs {
 		err := restart.Until(ctx, sessionRestarts, func(ctx context.Context) error {
 			j.Created = time.Now().UTC()
-			err := b.store.Create(ctx, j)
+			err := store.Create(ctx, j)
 			if errors.Is(err, backfill.ErrExists) {
 				return nil
 			}
@@ -213,12 +225,6 @@ func (c *Capture) runBackfills(ctx context.Context, db string) {
 			c.log.Error("cannot create a sink's initial backfill", "backfill", j.ID, "error", err)
 		}
 	}
-	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
-		return b.store.WatchJobs(ctx, func(j backfill.Job) { b.update(ctx, j) })
-	}, func(err error, wait time.Duration) bool {
-		c.log.Warn("backfill watch ended; restarting", "error", err, "retry_in", wait)
-		return true
-	})
 }
 
 func (b *backfills) update(ctx context.Context, j backfill.Job) {
@@ -306,7 +312,7 @@ func (b *backfills) tables(j backfill.Job) []backfill.TableSpec {
 		return j.Tables
 	}
 	var out []backfill.TableSpec
-	for _, t := range b.c.cfg.Backfill.SinkTables[j.Sink] {
+	for _, t := range b.c.live.Load().Backfill.SinkTables[j.Sink] {
 		out = append(out, backfill.TableSpec{Table: t})
 	}
 	return out
@@ -336,7 +342,8 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 		c.log.Error("backfill of a table failed", "backfill", job.ID, "table", table, "error", err)
 		return perr
 	}
-	if !slices.Contains(c.cfg.Repl.Tables, table) {
+	live := c.live.Load()
+	if !slices.Contains(live.Repl.Tables, table) {
 		return fail(fmt.Errorf("table %s is not captured by source %s: add it to source.tables", table, c.cfg.Source))
 	}
 	schema, name := config.SplitTable(table)
@@ -376,11 +383,11 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 	}
 	size := job.ChunkSize
 	if size <= 0 {
-		size = c.cfg.Backfill.ChunkSize
+		size = live.Backfill.ChunkSize
 	}
 	rate := job.MaxRowsPerSecond
 	if rate <= 0 {
-		rate = c.cfg.Backfill.MaxRowsPerSecond
+		rate = live.Backfill.MaxRowsPerSecond
 	}
 	cursor := make([][]byte, len(p.Cursor))
 	for i, v := range p.Cursor {
@@ -515,7 +522,7 @@ func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadE
 	}
 
 	q := backfill.ChunkQuery(qualified, enc.SelectList(), enc.PrimaryKey(), where, len(cursor) > 0, true, size+1)
-	ch, err := backfill.ReadChunk(ctx, conn, q, append(slices.Clone(cursor), until...), c.cfg.Backfill.StatementTimeout)
+	ch, err := backfill.ReadChunk(ctx, conn, q, append(slices.Clone(cursor), until...), c.live.Load().Backfill.StatementTimeout)
 	if err != nil {
 		return outcome{}, err
 	}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -64,6 +65,13 @@ type Capture struct {
 	pub     atomic.Pointer[bus.Publisher]  // the current session's
 	hub     *hub                           // between backfill runners and the reader
 	stage   atomic.Pointer[backfill.Stage] // staged backfill chunks, once set up
+	store   atomic.Pointer[backfill.Store] // backfill jobs, once set up
+	// live is the config as last reloaded: its tables and backfill
+	// settings apply (cfg keeps the rest as the process started).
+	live atomic.Pointer[Config]
+	// endSession ends the current session (to restart it with reloaded
+	// tables).
+	endSession atomic.Pointer[context.CancelCauseFunc]
 	// wrapPublish, when set (a test seam), wraps each session's publish.
 	wrapPublish func(publishFunc) publishFunc
 	// roundCommits, when set (a test seam), gives each session the number
@@ -126,6 +134,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 		cfg.Backfill.Replicas = max(cfg.Stream.Replicas, 1)
 	}
 	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture"), hub: newHub()}
+	c.live.Store(&cfg)
 	for _, o := range opts {
 		o(c)
 	}
@@ -166,17 +175,79 @@ func (c *Capture) Run(ctx context.Context) error {
 	defer func() { stopBackfills(); <-backfillsDone }()
 	var setupErr error
 	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
-		return c.session(ctx, stream, src.Database)
+		sctx, end := context.WithCancelCause(ctx)
+		defer end(nil)
+		c.endSession.Store(&end)
+		err := c.session(sctx, stream, src.Database)
+		if cause := context.Cause(sctx); errors.Is(cause, errReloaded) && ctx.Err() == nil {
+			return cause
+		}
+		return err
 	}, func(err error, wait time.Duration) bool {
 		if errors.Is(err, pgrepl.ErrSetup) {
 			setupErr = err
 			return false
+		}
+		if errors.Is(err, errReloaded) {
+			c.log.Info("restarting the session with the reloaded tables", "tables", c.live.Load().Repl.Tables)
+			return true
 		}
 		c.state.SetNotReady(err.Error())
 		c.log.Warn("capture session ended; restarting", "error", err, "retry_in", wait)
 		return true
 	})
 	return setupErr
+}
+
+// errReloaded ends a session to start one with the reloaded tables.
+var errReloaded = errors.New("tables reloaded")
+
+// Reload applies a changed config without a restart of the process: tables
+// added to source.tables are checked and added to the publication, then
+// the session starts again with them (resuming exactly where the stream
+// is); the sinks' tables, their initial backfills and source.backfill
+// apply at once. Other changes apply after a restart of capture. The
+// router must have the new tables first (reload it before capture):
+// changes of a table no sink lists are not routed.
+func (c *Capture) Reload(ctx context.Context, cfg Config) error {
+	old := c.live.Load()
+	if cfg.Source != old.Source || cfg.Repl.DSN != old.Repl.DSN || cfg.Repl.Slot != old.Repl.Slot ||
+		cfg.Repl.Publication != old.Repl.Publication || cfg.Stream != old.Stream || cfg.Partitions != old.Partitions ||
+		fmt.Sprint(cfg.Repl.GroupColumns) != fmt.Sprint(old.Repl.GroupColumns) {
+		c.log.Warn("source and nats settings other than tables and backfill apply after a restart of capture")
+		cfg.Source, cfg.Repl.DSN, cfg.Repl.Password, cfg.Repl.Slot, cfg.Repl.Publication = old.Source, old.Repl.DSN, old.Repl.Password, old.Repl.Slot, old.Repl.Publication
+		cfg.Stream, cfg.Partitions, cfg.Repl.GroupColumns = old.Stream, old.Partitions, old.Repl.GroupColumns
+	}
+	var added []string
+	for _, t := range cfg.Repl.Tables {
+		if !slices.Contains(old.Repl.Tables, t) {
+			added = append(added, t)
+		}
+	}
+	if len(added) > 0 {
+		// Checked and published before the session reads with them.
+		if _, err := pgrepl.Prepare(ctx, cfg.Repl); err != nil {
+			return err
+		}
+	}
+	cfg.Backfill.Replicas = old.Backfill.Replicas
+	if cfg.Backfill.ChunkSize <= 0 {
+		cfg.Backfill.ChunkSize = old.Backfill.ChunkSize
+	}
+	if cfg.Backfill.StatementTimeout <= 0 {
+		cfg.Backfill.StatementTimeout = old.Backfill.StatementTimeout
+	}
+	c.live.Store(&cfg)
+	if store := c.store.Load(); store != nil {
+		c.createInitial(ctx, store, cfg.Backfill.Initial)
+	}
+	if !slices.Equal(cfg.Repl.Tables, old.Repl.Tables) {
+		c.log.Info("tables reloaded", "added", added)
+		if end := c.endSession.Load(); end != nil {
+			(*end)(errReloaded)
+		}
+	}
+	return nil
 }
 
 // sessionRestarts is the back-off between sessions (and start-up attempts).
@@ -237,7 +308,7 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	s := &session{Capture: c, repl: repl, pub: pub, publish: pub.Publish, resume: resume, maxBody: maxBody, clockSkew: clockSkew,
 		catConn: catConn, db: db, windows: backfill.NewWindows(), ring: backfill.NewRing(0), encoders: map[string]*pgrepl.ReadEncoder{},
 		round: bus.NewRound(bus.MaxBatchEntries, min(maxBody, bus.MaxBatchBytes)),
-		dec:   pgrepl.NewDecoder(catConn, db, c.cfg.Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
+		dec:   pgrepl.NewDecoder(catConn, db, c.live.Load().Repl), subjects: bus.NewChangeSubjects(c.cfg.Source, c.cfg.Partitions)}
 	if c.wrapPublish != nil {
 		s.publish = c.wrapPublish(s.publish)
 	}

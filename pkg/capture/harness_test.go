@@ -32,6 +32,8 @@ type env struct {
 	js   jetstream.JetStream
 	cfg  capture.Config
 	opts []capture.Option
+	// capture is the one run started last.
+	capture *capture.Capture
 }
 
 func newEnv(t *testing.T, setupSQL string, tables ...string) *env {
@@ -68,6 +70,7 @@ func (e *env) run(t *testing.T) func() error {
 	opts := append([]capture.Option{capture.WithHealth(state),
 		capture.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slogLevel()})))}, e.opts...)
 	c := capture.New(e.cfg, e.js, opts...)
+	e.capture = c
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
 	for ready := false; !ready; {

@@ -86,5 +86,12 @@ func Main(ctx context.Context, env service.Env) error {
 	}
 	defer nc.Close()
 	c := New(cfg, js, WithLogger(env.Log), WithHealth(env.Health), WithMetrics(env.Metrics))
+	service.OnReload(ctx, env, func(conf *config.Config) error {
+		cfg, err := FromConfig(conf)
+		if err != nil {
+			return err
+		}
+		return c.Reload(ctx, cfg)
+	})
 	return c.Run(ctx)
 }

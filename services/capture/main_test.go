@@ -503,6 +503,33 @@ func TestReadyAndSIGTERM(t *testing.T) {
 		}
 	}
 
+	// SIGHUP with a table added: captured from then on, no restart.
+	pg.MustExec(t, "app", "CREATE TABLE orders (id int PRIMARY KEY)")
+	if err := os.WriteFile(p, []byte(configYAML(pg.DSN("app"), ns.URL(), "users", "orders")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	for !strings.Contains(stderr.String(), "config reloaded") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no reload after SIGHUP; output:\n%s", stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	pg.MustExec(t, "app", "INSERT INTO orders VALUES (1)")
+	for metric := ""; !strings.Contains(metric, "pgs2_capture_changes_published_total 2"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("/metrics does not count the change of the added table:\n%s\noutput:\n%s", metric, stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+		if resp, err := client.Get("http://" + addr + "/metrics"); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			metric = string(b)
+		}
+	}
+
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
