@@ -143,13 +143,9 @@ type workload struct {
 	pgVersion string
 }
 
-// prepareWorkload starts PostgreSQL, creates database app, table
-// public.items, publication pgs2 and the given pgoutput slots, and then
-// writes the workload: n/2 inserts, then n/2 updates of the same rows, 1000
-// rows per transaction.
-func prepareWorkload(ctx context.Context, t *testing.T, n int, slots ...string) *workload {
-	t.Helper()
-	pg := pgtest.New(t, pgtest.WithSettings(map[string]string{
+// benchPostgres starts the benchmarks' PostgreSQL.
+func benchPostgres(t *testing.T) *pgtest.Instance {
+	return pgtest.New(t, pgtest.WithSettings(map[string]string{
 		"max_wal_size":       "4GB",
 		"checkpoint_timeout": "30min",
 		// No background work competing with the readers on a small machine.
@@ -160,6 +156,15 @@ func prepareWorkload(ctx context.Context, t *testing.T, n int, slots ...string) 
 		// would otherwise measure. fsync stays off, so commits stay cheap.
 		"synchronous_commit": "on",
 	}))
+}
+
+// prepareWorkload starts PostgreSQL, creates database app, table
+// public.items, publication pgs2 and the given pgoutput slots, and then
+// writes the workload: n/2 inserts, then n/2 updates of the same rows, 1000
+// rows per transaction.
+func prepareWorkload(ctx context.Context, t *testing.T, n int, slots ...string) *workload {
+	t.Helper()
+	pg := benchPostgres(t)
 	pg.MustExec(t, "postgres", "CREATE DATABASE app")
 	pg.MustExec(t, "app", `CREATE TABLE public.items (
 		id bigint PRIMARY KEY, name text, qty int, price numeric(12,2),

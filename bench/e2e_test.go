@@ -47,19 +47,7 @@ func TestBenchEndToEnd(t *testing.T) {
 		t.Skip("benchmark: set PGS2_BENCH=1 (make bench)")
 	}
 	n := benchChanges(t)
-	root := repoRoot(t)
-	dir := t.TempDir()
-	b := e2eBins{
-		capture: filepath.Join(dir, "capture"), router: filepath.Join(dir, "router"),
-		delivery: filepath.Join(dir, "delivery"), s2local: filepath.Join(dir, "s2local"),
-		nats: filepath.Join(dir, "nats-server"),
-	}
-	goBuild(t, root, b.capture, "./services/capture")
-	goBuild(t, root, b.router, "./services/router")
-	goBuild(t, root, b.delivery, "./services/delivery")
-	goBuild(t, root, b.s2local, "./services/s2local")
-	goBuild(t, root, b.nats, "github.com/nats-io/nats-server/v2")
-	version := gitVersion(root)
+	b, version := buildE2E(t)
 
 	var lines []string
 	add := func(format string, a ...any) { lines = append(lines, fmt.Sprintf(format, a...)) }
@@ -126,6 +114,24 @@ func TestBenchEndToEnd(t *testing.T) {
 	}
 }
 
+// buildE2E builds the services, s2local and nats-server; version is the
+// code's.
+func buildE2E(t *testing.T) (e2eBins, string) {
+	root := repoRoot(t)
+	dir := t.TempDir()
+	b := e2eBins{
+		capture: filepath.Join(dir, "capture"), router: filepath.Join(dir, "router"),
+		delivery: filepath.Join(dir, "delivery"), s2local: filepath.Join(dir, "s2local"),
+		nats: filepath.Join(dir, "nats-server"),
+	}
+	goBuild(t, root, b.capture, "./services/capture")
+	goBuild(t, root, b.router, "./services/router")
+	goBuild(t, root, b.delivery, "./services/delivery")
+	goBuild(t, root, b.s2local, "./services/s2local")
+	goBuild(t, root, b.nats, "github.com/nats-io/nats-server/v2")
+	return b, gitVersion(root)
+}
+
 // e2eEnv is one pipeline's infrastructure: PostgreSQL with the workload
 // table, nats-server and s2local as processes, and a config file.
 type e2eEnv struct {
@@ -165,6 +171,31 @@ func (e *e2eEnv) profileNATS(t *testing.T, name string) {
 
 func e2eStart(t *testing.T, b e2eBins, w *workload, slot, sink string, s2args ...string) *e2eEnv {
 	t.Helper()
+	return e2eStartWith(t, b, w, func(e *e2eEnv) string {
+		return fmt.Sprintf(`source:
+  name: %s
+  dsn: %s
+  slot: %s
+  publication: pgs2
+  tables: [public.items]
+nats:
+  url: %s
+  partitions: 64
+  changes_stream: %s
+sinks:
+  - name: items
+    tables: [public.items]
+    basin: %s
+    endpoint: %s
+    create_stream: true
+%s`, benchSource, w.pg.DSN("app"), slot, e.natsURL, benchStream, e2eBasin, e.s2url, sink)
+	}, s2args...)
+}
+
+// e2eStartWith starts nats-server and s2local (with s2args) and writes the
+// config that config returns.
+func e2eStartWith(t *testing.T, b e2eBins, w *workload, config func(e *e2eEnv) string, s2args ...string) *e2eEnv {
+	t.Helper()
 	e := &e2eEnv{w: w, dir: t.TempDir(), procs: map[string]*process{}}
 	var extra []string
 	if os.Getenv("PGS2_BENCH_PROFILE") != "" {
@@ -192,24 +223,7 @@ func e2eStart(t *testing.T, b e2eBins, w *workload, slot, sink string, s2args ..
 		t.Fatalf("create basin: %v", err)
 	}
 	e.cfg = filepath.Join(e.dir, "pgs2.yaml")
-	cfg := fmt.Sprintf(`source:
-  name: %s
-  dsn: %s
-  slot: %s
-  publication: pgs2
-  tables: [public.items]
-nats:
-  url: %s
-  partitions: 64
-  changes_stream: %s
-sinks:
-  - name: items
-    tables: [public.items]
-    basin: %s
-    endpoint: %s
-    create_stream: true
-%s`, benchSource, w.pg.DSN("app"), slot, e.natsURL, benchStream, e2eBasin, e.s2url, sink)
-	if err := os.WriteFile(e.cfg, []byte(cfg), 0o644); err != nil {
+	if err := os.WriteFile(e.cfg, []byte(config(e)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return e
@@ -521,7 +535,43 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 	c := newS2Counter(e, "items")
 	c.waitAll(ctx, t, 1, time.Now(), time.Minute)
 
-	// The reader long-polls from the tail and notes when each record is seen.
+	l := offerLoad(ctx, t, e, "items", c.next["items"], conn, func(ctx context.Context, conn *pgx.Conn, id int64, n int) error {
+		_, err := conn.Exec(ctx, `INSERT INTO public.items
+			SELECT g, 'item-' || g, (g % 100)::int, ((g % 100000) / 100.0)::numeric(12,2),
+			       ARRAY['tag-' || (g % 10), 'tag-' || (g % 7)],
+			       jsonb_build_object('id', g, 'color', 'red', 'n', g % 7),
+			       now()
+			FROM generate_series($1::bigint, $2::bigint) g`, id, id+int64(n)-1)
+		return err
+	}, 1, perTick, tickEvery, dur)
+	c.check(ctx, t, map[string]int{"items": l.n + 1})
+	e.stopAll(t, "delivery", "router", "capture")
+	stages := stageLatencies(ctx, t, e.natsURL)
+	e.stopInfra(t)
+	r := e2eLatencyResult{offered: rate, achieved: l.achieved, dur: l.dur, n: l.n, p50: l.p50, p99: l.p99, max: l.max, p99Steady: l.p99Steady}
+	t.Logf("latency: %d changes at %.0f/s: p50 %.1f ms, p99 %.1f ms (%.1f ms after the first 2 s), max %.1f ms", r.n, r.achieved, r.p50, r.p99, r.p99Steady, r.max)
+	t.Logf("latency by stage (commit → stored in the stream, per message's first change): %s", stages)
+	r.stages = stages
+	return r
+}
+
+// loadResult is what offerLoad measured: commit → observed in S2.
+type loadResult struct {
+	n             int
+	achieved      float64 // changes/s committed
+	dur           time.Duration
+	p50, p99, max float64 // ms
+	p99Steady     float64 // ms, after the first 2 s of load
+}
+
+// offerLoad commits perTick rows (insert(id, perTick)) as one transaction
+// every tickEvery for dur, on an absolute schedule (a late tick is caught
+// up, not dropped), ids from firstID on, while a reader long-polls the S2
+// stream from seq next and notes when each record is seen against its
+// commit time. It logs the worst latency per second of commit time.
+func offerLoad(ctx context.Context, t *testing.T, e *e2eEnv, stream string, next uint64, conn *pgx.Conn,
+	insert func(ctx context.Context, conn *pgx.Conn, id int64, n int) error, firstID int64, perTick int, tickEvery, dur time.Duration) loadResult {
+	t.Helper()
 	var mu sync.Mutex
 	var lats []float64
 	type obs struct {
@@ -532,8 +582,7 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 	total := int(dur/tickEvery) * perTick
 	readerDone := make(chan error, 1)
 	go func() {
-		sc := e.client.Basin(e2eBasin).Stream("items")
-		next := c.next["items"]
+		sc := e.client.Basin(e2eBasin).Stream(s2.StreamName(stream))
 		seen := 0
 		for seen < total {
 			count, wait := uint64(1000), int32(10)
@@ -573,23 +622,16 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 		readerDone <- nil
 	}()
 
-	// Load: perTick single-statement inserts as one transaction every tickEvery,
-	// on an absolute schedule (a late tick is caught up, not dropped).
 	start := time.Now()
-	id := int64(1)
+	id := firstID
 	for k := 0; k < int(dur/tickEvery); k++ {
 		if d := time.Until(start.Add(time.Duration(k) * tickEvery)); d > 0 {
 			time.Sleep(d)
 		}
-		if _, err := conn.Exec(ctx, `INSERT INTO public.items
-			SELECT g, 'item-' || g, (g % 100)::int, ((g % 100000) / 100.0)::numeric(12,2),
-			       ARRAY['tag-' || (g % 10), 'tag-' || (g % 7)],
-			       jsonb_build_object('id', g, 'color', 'red', 'n', g % 7),
-			       now()
-			FROM generate_series($1::bigint, $2::bigint) g`, id, id+perTick-1); err != nil {
+		if err := insert(ctx, conn, id, perTick); err != nil {
 			t.Fatalf("insert: %v", err)
 		}
-		id += perTick
+		id += int64(perTick)
 	}
 	loadDur := time.Since(start)
 	select {
@@ -598,12 +640,11 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 			t.Fatalf("reader: %v", err)
 		}
 	case <-time.After(2 * time.Minute):
-		t.Fatalf("reader saw %d of %d records", len(lats), total)
+		mu.Lock()
+		n := len(lats)
+		mu.Unlock()
+		t.Fatalf("reader saw %d of %d records", n, total)
 	}
-	c.check(ctx, t, map[string]int{"items": total + 1})
-	e.stopAll(t, "delivery", "router", "capture")
-	stages := stageLatencies(ctx, t, e.natsURL)
-	e.stopInfra(t)
 
 	// Worst latency per second of commit time: shows whether slow records
 	// cluster (a stall) or spread (a queue).
@@ -621,11 +662,10 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 			prof = append(prof, fmt.Sprintf("%.0f", worst[s]))
 		}
 	}
-	t.Logf("latency: worst ms per second of commit time: %s", strings.Join(prof, " "))
+	t.Logf("latency (%s): worst ms per second of commit time: %s", stream, strings.Join(prof, " "))
 	sort.Float64s(lats)
 	pct := func(p float64) float64 { return lats[min(len(lats)-1, int(p*float64(len(lats))))] }
-	r := e2eLatencyResult{offered: rate, achieved: float64(total) / loadDur.Seconds(), dur: loadDur, n: total,
-		p50: pct(0.50), p99: pct(0.99), max: lats[len(lats)-1]}
+	r := loadResult{n: total, achieved: float64(total) / loadDur.Seconds(), dur: loadDur, p50: pct(0.50), p99: pct(0.99), max: lats[len(lats)-1]}
 	// The same without the first 2 s of load (start-up transients: fresh
 	// heaps, first JetStream blocks), for comparison.
 	var steady []float64
@@ -638,9 +678,6 @@ func e2eLatency(t *testing.T, b e2eBins, n int) e2eLatencyResult {
 		sort.Float64s(steady)
 		r.p99Steady = steady[min(len(steady)-1, len(steady)*99/100)]
 	}
-	t.Logf("latency: %d changes at %.0f/s: p50 %.1f ms, p99 %.1f ms (%.1f ms after the first 2 s), max %.1f ms", total, r.achieved, r.p50, r.p99, r.p99Steady, r.max)
-	t.Logf("latency by stage (commit → stored in the stream, per message's first change): %s", stages)
-	r.stages = stages
 	return r
 }
 

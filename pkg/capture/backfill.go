@@ -63,6 +63,7 @@ type outcome struct {
 	dropped int // changed in the window
 	cursor  [][]byte
 	last    bool
+	bytes   int // of the rows read (set by the runner)
 }
 
 func (h *hub) putRows(id backfill.ChunkID, s *backfill.Staged) {
@@ -139,7 +140,8 @@ func (h *hub) released() []backfill.ChunkID {
 
 // BackfillConfig are a source's backfill defaults.
 type BackfillConfig struct {
-	// ChunkSize is the rows per chunk (default 1000).
+	// ChunkSize is the most rows a chunk reads (default 1000); chunks
+	// start smaller and grow while they read little (nextChunkSize).
 	ChunkSize int
 	// StatementTimeout bounds a chunk's query (default 30s).
 	StatementTimeout time.Duration
@@ -381,10 +383,11 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 	for i, v := range p.Until {
 		until[i] = []byte(v)
 	}
-	size := job.ChunkSize
-	if size <= 0 {
-		size = live.Backfill.ChunkSize
+	maxSize := job.ChunkSize
+	if maxSize <= 0 {
+		maxSize = live.Backfill.ChunkSize
 	}
+	size := min(firstChunk, maxSize)
 	rate := job.MaxRowsPerSecond
 	if rate <= 0 {
 		rate = live.Backfill.MaxRowsPerSecond
@@ -472,6 +475,7 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 			_, _ = backfill.Emit(context.WithoutCancel(ctx), conn, m)
 			return err
 		}
+		size = nextChunkSize(size, maxSize, o.bytes)
 		if o.placed {
 			if err := record(id.Chunk, o); err != nil {
 				c.hub.setOutcome(id, o) // for the next run
@@ -567,7 +571,34 @@ func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadE
 	if !ok {
 		return outcome{}, fmt.Errorf("backfill %s chunk %d of %s: no outcome at its high watermark", m.Job, m.Chunk, m.Table)
 	}
+	for _, r := range st.Rows {
+		for _, v := range r {
+			o.bytes += len(v)
+		}
+	}
 	return o, nil
+}
+
+// Chunks grow from firstChunk rows, doubling while they read less than
+// chunkBytesLow, up to the configured size, and halve above chunkBytesHigh:
+// a table of small rows is read in large chunks (cheaper per row all
+// along the pipeline), one of wide rows in small ones (memory stays
+// bounded by bytes, not rows).
+const (
+	firstChunk     = 100
+	chunkBytesLow  = 2 << 20
+	chunkBytesHigh = 8 << 20
+)
+
+// nextChunkSize adapts a table's chunk size to what its last chunk read.
+func nextChunkSize(size, maxSize, bytes int) int {
+	switch {
+	case bytes > chunkBytesHigh && size > 1:
+		return size / 2
+	case bytes < chunkBytesLow && size < maxSize:
+		return min(maxSize, 2*size)
+	}
+	return min(size, maxSize)
 }
 
 // abandon closes chunk m's window without rows.

@@ -26,6 +26,7 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
@@ -125,7 +126,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 		cfg.Linger = time.Millisecond
 	}
 	if cfg.Backfill.ChunkSize <= 0 {
-		cfg.Backfill.ChunkSize = 1000
+		cfg.Backfill.ChunkSize = config.DefaultBackfillChunkSize
 	}
 	if cfg.Backfill.StatementTimeout <= 0 {
 		cfg.Backfill.StatementTimeout = 30 * time.Second

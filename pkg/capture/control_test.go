@@ -283,3 +283,39 @@ func TestTablesAddedOnReload(t *testing.T) {
 		t.Fatalf("changes: %s\nwant: %s (the read of row 2 only if the backfill began after its insert)", strings.Join(got, "; "), want)
 	}
 }
+
+// TestBackfillRefusesTableWithoutKey: a captured table without a primary
+// key cannot be read in key order: its backfill fails with the fix.
+func TestBackfillRefusesTableWithoutKey(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE nokey (a int, b text); ALTER TABLE nokey REPLICA IDENTITY FULL; INSERT INTO nokey VALUES (1, 'x')`, "public.nokey")
+	e.cfg.Repl.GroupColumns = map[string][]string{"public.nokey": {"a"}}
+	e.cfg.Backfill = capture.BackfillConfig{SinkTables: map[string][]string{"s": {"public.nokey"}}}
+	e.run(t)
+	ctx := context.Background()
+	store, err := backfill.Ensure(ctx, e.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
+		p, _, err := store.Progress(ctx, "bf", "app", "public.nokey")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.State == backfill.Failed {
+			if !strings.Contains(p.Error, "no primary key") || !strings.Contains(p.Error, `ALTER TABLE "public"."nokey" ADD PRIMARY KEY`) {
+				t.Fatalf("error %q does not name the problem and the fix", p.Error)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backfill %+v, want failed", p)
+		}
+	}
+	e.pg.MustExec(t, "app", `INSERT INTO nokey VALUES (2, 'y')`) // the live stream goes on
+	if m := e.waitMessages(t, 1)[0].Msg; m.Action != change.Insert || backfilltest.Text(m.Record["a"]) != "2" {
+		t.Fatalf("live change %+v", m)
+	}
+}

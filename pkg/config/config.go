@@ -44,7 +44,8 @@ type Source struct {
 
 // SourceBackfill bounds what a backfill asks of the database.
 type SourceBackfill struct {
-	// ChunkSize is the rows one chunk's query reads (default 1000).
+	// ChunkSize is the most rows one chunk's query reads (default 1000):
+	// chunks start at 100 rows and grow while they read under 2 MiB.
 	ChunkSize int `yaml:"chunk_size"`
 	// StatementTimeout bounds one chunk's query (default 30s).
 	StatementTimeout Duration `yaml:"statement_timeout"`
