@@ -28,7 +28,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/s2sink"
 )
 
-// TestBackfillEndToEnd: a sink's initial backfill of a table while a
+// TestBackfillEndToEnd: a sink's initial backfill of a 200k-row table while a
 // workload inserts, updates (keys too) and deletes its rows, through
 // capture, router and delivery as processes into s2local, with capture,
 // router and delivery SIGKILLed and Postgres restarted during it (in a
@@ -42,7 +42,7 @@ func TestBackfillEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("process test: PostgreSQL, JetStream, s2local and three service processes under faults")
 	}
-	const rows = 20_000
+	const rows = 200_000
 	seed := seedFromEnv(t, "")
 	rng := newRand(seed, 1)
 	p := newPipeline(t, fmt.Sprintf(backfilltest.ItemsSQL, rows), func(dsn, natsURL, s2URL string) string {
@@ -51,7 +51,7 @@ func TestBackfillEndToEnd(t *testing.T) {
 				"batch: {linger: 5ms}, retry: {initial: 50ms, max: 1s}%s}\n", name, soakBasin, name, s2URL, extra)
 		}
 		return fmt.Sprintf(`source: {name: app, dsn: %q, slot: pgs2, publication: pgs2, tables: [public.items, public.done],
-  backfill: {chunk_size: 200, max_rows_per_second: 2000}}
+  backfill: {max_rows_per_second: 20000}}
 nats: {url: %q, replicas: 1, partitions: 8}
 sinks:
 `, dsn, natsURL) + sink("bf", ", initial_backfill: true") + sink("live", "")

@@ -14,6 +14,10 @@ import (
 type Windows struct {
 	open    map[ChunkID]*window
 	byTable map[string][]*window
+	// released are chunks released before their window opened (their
+	// runner gave up before the high watermark): a later low watermark
+	// of theirs opens nothing.
+	released map[ChunkID]bool
 }
 
 // ChunkID names one chunk of a job.
@@ -43,6 +47,10 @@ func NewWindows() *Windows {
 // position confirmable before the watermark).
 func (ws *Windows) Open(m Marker, hold uint64) {
 	id := m.ID()
+	if ws.released[id] {
+		delete(ws.released, id)
+		return
+	}
 	ws.remove(id)
 	w := &window{id: id, hold: hold, changed: map[string]bool{}}
 	ws.open[id] = w
@@ -95,7 +103,16 @@ func (ws *Windows) Abort(m Marker) {
 }
 
 // Release drops chunk id's window once its rows are durable.
-func (ws *Windows) Release(id ChunkID) { ws.remove(id) }
+func (ws *Windows) Release(id ChunkID) {
+	if ws.open[id] == nil {
+		if ws.released == nil {
+			ws.released = map[ChunkID]bool{}
+		}
+		ws.released[id] = true
+		return
+	}
+	ws.remove(id)
+}
 
 // Held reports whether chunk id's window is open or held.
 func (ws *Windows) Held(id ChunkID) bool { return ws.open[id] != nil }

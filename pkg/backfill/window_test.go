@@ -93,3 +93,20 @@ func TestRing(t *testing.T) {
 		t.Fatal("an empty snapshot has no xids in progress")
 	}
 }
+
+// TestReleaseBeforeOpen: a chunk released before its low watermark is
+// decoded opens no window (nothing would ever close it).
+func TestReleaseBeforeOpen(t *testing.T) {
+	ws := NewWindows()
+	m := Marker{Source: "app", Job: "j", Table: "public.t", Chunk: 7, W: Low}
+	ws.Release(m.ID())
+	ws.Open(m, 100)
+	if _, ok := ws.Hold(); ok || ws.Tracking([]byte("public.t")) {
+		t.Fatal("a released chunk's window opened and holds the slot")
+	}
+	m.Chunk = 8 // another chunk opens as before
+	ws.Open(m, 200)
+	if lsn, ok := ws.Hold(); !ok || lsn != 200 {
+		t.Fatalf("hold %d %v, want 200", lsn, ok)
+	}
+}

@@ -345,6 +345,9 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 		return perr
 	}
 	live := c.live.Load()
+	if err := config.CheckWhere(spec.Where); err != nil {
+		return fail(err)
+	}
 	if !slices.Contains(live.Repl.Tables, table) {
 		return fail(fmt.Errorf("table %s is not captured by source %s: add it to source.tables", table, c.cfg.Source))
 	}
@@ -362,7 +365,7 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 		// Read up to the largest key of now: rows inserted later reach the
 		// stream as inserts, and a table growing at its end cannot keep
 		// the backfill from finishing.
-		until, err := lastKey(ctx, conn, backfill.LastKeyQuery(qualified, enc.PrimaryKey(), spec.Where))
+		until, err := lastKey(ctx, conn, backfill.LastKeyQuery(qualified, enc.PrimaryKey(), spec.Where), live.Backfill.StatementTimeout)
 		var pe *pgconn.PgError
 		if errors.As(err, &pe) {
 			return fail(fmt.Errorf("cannot read %s where %q: %w", table, spec.Where, err))
@@ -475,7 +478,9 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 			_, _ = backfill.Emit(context.WithoutCancel(ctx), conn, m)
 			return err
 		}
-		size = nextChunkSize(size, maxSize, o.bytes)
+		if o.placed || o.bytes > 0 { // an abandoned chunk read nothing to size by
+			size = nextChunkSize(size, maxSize, o.bytes)
+		}
 		if o.placed {
 			if err := record(id.Chunk, o); err != nil {
 				c.hub.setOutcome(id, o) // for the next run
@@ -517,9 +522,19 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 
 // chunk reads and places one chunk; the outcome is the reader's.
 func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadEncoder, m backfill.Marker, qualified, where string,
-	cursor, until [][]byte, size int, sink string) (outcome, error) {
+	cursor, until [][]byte, size int, sink string) (_ outcome, err error) {
 	c := b.c
 	id := m.ID()
+	// Until its high watermark is written no row of the chunk can be in
+	// the stream: a failure before it releases the window, so that the
+	// slot is not held for a chunk nobody will finish (a Postgres
+	// shutdown waits for the slot to be confirmed up to the end).
+	high := false
+	defer func() {
+		if err != nil && !high {
+			c.hub.releaseWindow(id)
+		}
+	}()
 	m.W = backfill.Low
 	if _, err := backfill.Emit(ctx, conn, m); err != nil {
 		return outcome{}, err
@@ -560,11 +575,13 @@ func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadE
 	}
 	c.hub.putRows(id, st)
 	m.W = backfill.High
-	high, err := backfill.Emit(ctx, conn, m)
+	high = true // from here it may be in the WAL
+	highLSN, err := backfill.Emit(ctx, conn, m)
 	if err != nil {
+		high = !pgconn.SafeToRetry(err) // not sent at all: not in the WAL
 		return outcome{}, err
 	}
-	if err := c.waitAcked(ctx, high); err != nil {
+	if err := c.waitAcked(ctx, highLSN); err != nil {
 		return outcome{}, err
 	}
 	o, ok := c.hub.takeOutcome(id)
@@ -634,18 +651,13 @@ func syncRepWaiters(ctx context.Context, conn *pgx.Conn, xids []uint32) (int, er
 
 // lastKey runs query (backfill.LastKeyQuery) and returns the key's text
 // values; nil when there are no rows.
-func lastKey(ctx context.Context, conn *pgx.Conn, query string) ([][]byte, error) {
-	res := conn.PgConn().ExecParams(ctx, query, nil, nil, nil, nil)
-	var key [][]byte
-	for res.NextRow() {
-		for _, v := range res.Values() {
-			key = append(key, slices.Clone(v))
-		}
-	}
-	if _, err := res.Close(); err != nil {
+func lastKey(ctx context.Context, conn *pgx.Conn, query string, timeout time.Duration) ([][]byte, error) {
+	// As a chunk: read only, under the statement timeout.
+	ch, err := backfill.ReadChunk(ctx, conn, query, nil, timeout)
+	if err != nil || len(ch.Rows) == 0 {
 		return nil, err
 	}
-	return key, nil
+	return ch.Rows[0], nil
 }
 
 // estimate is the planner's row estimate of the table (with where).

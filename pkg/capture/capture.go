@@ -70,9 +70,8 @@ type Capture struct {
 	// live is the config as last reloaded: its tables and backfill
 	// settings apply (cfg keeps the rest as the process started).
 	live atomic.Pointer[Config]
-	// endSession ends the current session (to restart it with reloaded
-	// tables).
-	endSession atomic.Pointer[context.CancelCauseFunc]
+	// dec is the current session's decoder (Reload gives it the tables).
+	dec atomic.Pointer[pgrepl.Decoder]
 	// wrapPublish, when set (a test seam), wraps each session's publish.
 	wrapPublish func(publishFunc) publishFunc
 	// roundCommits, when set (a test seam), gives each session the number
@@ -176,21 +175,14 @@ func (c *Capture) Run(ctx context.Context) error {
 	defer func() { stopBackfills(); <-backfillsDone }()
 	var setupErr error
 	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
-		sctx, end := context.WithCancelCause(ctx)
-		defer end(nil)
-		c.endSession.Store(&end)
-		err := c.session(sctx, stream, src.Database)
-		if cause := context.Cause(sctx); errors.Is(cause, errReloaded) && ctx.Err() == nil {
-			return cause
-		}
-		return err
+		return c.session(ctx, stream, src.Database)
 	}, func(err error, wait time.Duration) bool {
 		if errors.Is(err, pgrepl.ErrSetup) {
 			setupErr = err
 			return false
 		}
-		if errors.Is(err, errReloaded) {
-			c.log.Info("restarting the session with the reloaded tables", "tables", c.live.Load().Repl.Tables)
+		if errors.Is(err, pgrepl.ErrTableAdded) {
+			c.log.Info("a table added by a reload was published before; a new session reads it", "table", err.Error())
 			return true
 		}
 		c.state.SetNotReady(err.Error())
@@ -200,16 +192,14 @@ func (c *Capture) Run(ctx context.Context) error {
 	return setupErr
 }
 
-// errReloaded ends a session to start one with the reloaded tables.
-var errReloaded = errors.New("tables reloaded")
-
-// Reload applies a changed config without a restart of the process: tables
-// added to source.tables are checked and added to the publication, then
-// the session starts again with them (resuming exactly where the stream
-// is); the sinks' tables, their initial backfills and source.backfill
-// apply at once. Other changes apply after a restart of capture. The
-// router must have the new tables first (reload it before capture):
-// changes of a table no sink lists are not routed.
+// Reload applies a changed config without a restart of the process: the
+// session's decoder takes the tables first, then the tables added to
+// source.tables are checked and added to the publication, so their changes
+// are captured from the publication's change on; the sinks' tables, their
+// initial backfills (created in the background) and source.backfill apply
+// to backfills started from then on. Other changes apply after a restart
+// of capture. The router must have the new tables first (reload it before
+// capture): changes of a table no sink lists are not routed.
 func (c *Capture) Reload(ctx context.Context, cfg Config) error {
 	old := c.live.Load()
 	if cfg.Source != old.Source || cfg.Repl.DSN != old.Repl.DSN || cfg.Repl.Slot != old.Repl.Slot ||
@@ -225,12 +215,6 @@ func (c *Capture) Reload(ctx context.Context, cfg Config) error {
 			added = append(added, t)
 		}
 	}
-	if len(added) > 0 {
-		// Checked and published before the session reads with them.
-		if _, err := pgrepl.Prepare(ctx, cfg.Repl); err != nil {
-			return err
-		}
-	}
 	cfg.Backfill.Replicas = old.Backfill.Replicas
 	if cfg.Backfill.ChunkSize <= 0 {
 		cfg.Backfill.ChunkSize = old.Backfill.ChunkSize
@@ -238,15 +222,28 @@ func (c *Capture) Reload(ctx context.Context, cfg Config) error {
 	if cfg.Backfill.StatementTimeout <= 0 {
 		cfg.Backfill.StatementTimeout = old.Backfill.StatementTimeout
 	}
+	// The decoder has the tables before the publication does: a change
+	// published after ALTER PUBLICATION is never decoded as ignored.
 	c.live.Store(&cfg)
-	if store := c.store.Load(); store != nil {
-		c.createInitial(ctx, store, cfg.Backfill.Initial)
+	if d := c.dec.Load(); d != nil {
+		d.SetTables(cfg.Repl.Tables)
 	}
-	if !slices.Equal(cfg.Repl.Tables, old.Repl.Tables) {
-		c.log.Info("tables reloaded", "added", added)
-		if end := c.endSession.Load(); end != nil {
-			(*end)(errReloaded)
+	if len(added) > 0 {
+		if _, err := pgrepl.Prepare(ctx, cfg.Repl); err != nil {
+			c.live.Store(old)
+			if d := c.dec.Load(); d != nil {
+				d.SetTables(old.Repl.Tables)
+			}
+			return err
 		}
+		c.log.Info("tables added", "tables", added)
+	}
+	if store := c.store.Load(); store != nil && len(cfg.Backfill.Initial) > 0 {
+		go func() {
+			ictx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			c.createInitial(ictx, store, cfg.Backfill.Initial)
+		}()
 	}
 	return nil
 }
@@ -313,6 +310,10 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	if c.wrapPublish != nil {
 		s.publish = c.wrapPublish(s.publish)
 	}
+	// A reload between NewDecoder and here is not missed: the decoder takes
+	// the tables again after it is where Reload finds it.
+	c.dec.Store(s.dec)
+	s.dec.SetTables(c.live.Load().Repl.Tables)
 	if c.roundCommits != nil {
 		s.perRound = c.roundCommits()
 	}

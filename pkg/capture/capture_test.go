@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
+	"github.com/pgs2/pgs2/pkg/pgrepl"
 	"github.com/pgs2/pgs2/pkg/seed"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -385,5 +387,17 @@ func TestPartitionedTable(t *testing.T) {
 		"events read 1", "events read 2", "events read 4", "events read 5"}
 	if strings.Join(got, "; ") != strings.Join(want, "; ") {
 		t.Fatalf("changes:\n%s\nwant\n%s", strings.Join(got, "; "), strings.Join(want, "; "))
+	}
+
+	// REPLICA IDENTITY FULL on the table does not reach its partitions:
+	// capture refuses it until each partition has it.
+	e.pg.MustExec(t, "app", `CREATE TABLE full_events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+		CREATE TABLE full_events_a PARTITION OF full_events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+		ALTER TABLE full_events REPLICA IDENTITY FULL`)
+	cfg := e.cfg.Repl
+	cfg.Tables = []string{"public.full_events"}
+	_, err = pgrepl.Prepare(ctx, cfg)
+	if !errors.Is(err, pgrepl.ErrSetup) || !strings.Contains(err.Error(), "ALTER TABLE full_events_a REPLICA IDENTITY FULL") {
+		t.Fatalf("a partition without the table's REPLICA IDENTITY FULL: %v", err)
 	}
 }

@@ -10,8 +10,11 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/backfill/backfilltest"
@@ -282,6 +285,73 @@ func TestTablesAddedOnReload(t *testing.T) {
 		strings.Join(got, "; ") != "orders insert 2; orders read 1; users insert 1; users insert 2" {
 		t.Fatalf("changes: %s\nwant: %s (the read of row 2 only if the backfill began after its insert)", strings.Join(got, "; "), want)
 	}
+}
+
+// TestTableAddedUnderLoad: inserts into a table run on while a reload adds
+// it: from the first insert captured on, every later one is (the publication
+// gains the table while the running session already decodes it), and every
+// insert committed after the reload returned is there.
+func TestTableAddedUnderLoad(t *testing.T) {
+	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE done (id int PRIMARY KEY)`,
+		"public.users", "public.done")
+	e.run(t)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, e.pg.DSN("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var mu sync.Mutex
+	committed := 0
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var failure error
+	wg.Go(func() {
+		for id := 1; ; id++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := conn.Exec(ctx, `INSERT INTO orders VALUES ($1)`, id); err != nil {
+				failure = err
+				return
+			}
+			mu.Lock()
+			committed = id
+			mu.Unlock()
+		}
+	})
+	time.Sleep(100 * time.Millisecond) // inserts before the reload
+	cfg := e.cfg
+	cfg.Repl.Tables = []string{"public.users", "public.done", "public.orders"}
+	if err := e.capture.Reload(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	after := committed + 1 // the first insert committed after the reload returned
+	mu.Unlock()
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if failure != nil {
+		t.Fatal(failure)
+	}
+	var ids []int
+	for _, g := range e.allWritten(t) {
+		if g.Msg.Metadata.TableName == "orders" {
+			ids = append(ids, int(g.Msg.Record["id"].(float64)))
+		}
+	}
+	if len(ids) == 0 || ids[0] > after || ids[len(ids)-1] != committed {
+		t.Fatalf("orders inserts %d..%d captured (%d), want from at most %d to %d", ids[0], ids[len(ids)-1], len(ids), after, committed)
+	}
+	for i := 1; i < len(ids); i++ {
+		if ids[i] != ids[i-1]+1 {
+			t.Fatalf("insert %d missing after %d: every insert after the first captured one must be", ids[i-1]+1, ids[i-1])
+		}
+	}
+	t.Logf("inserts %d..%d committed, %d..%d captured; the reload returned before %d", 1, committed, ids[0], ids[len(ids)-1], after)
 }
 
 // TestBackfillRefusesTableWithoutKey: a captured table without a primary

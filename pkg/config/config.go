@@ -441,7 +441,7 @@ func ParseIdentifiers(s string) ([]string, error) {
 			if !unquotedRE.MatchString(raw) {
 				return nil, fmt.Errorf("%q: %q is not a plain name (letters, digits, _ and $, not first a digit); put a name with other characters in double quotes", s, raw)
 			}
-			part, rest = strings.ToLower(raw), rest[end:]
+			part, rest = asciiLower(raw), rest[end:]
 		}
 		parts = append(parts, part)
 		rest = strings.TrimSpace(rest)
@@ -603,8 +603,8 @@ func (c *Config) Validate() error {
 					bad(k, "%q is listed twice; give one entry (combine the where conditions)", bt.Table)
 				}
 				listed[bt.Table] = true
-				if strings.Contains(bt.Where, ";") {
-					bad(k+".where", "%q holds ';': write one SQL condition, e.g. created_at > '2026-01-01'", bt.Where)
+				if err := CheckWhere(bt.Where); err != nil {
+					bad(k+".where", "%v: write one SQL condition, e.g. created_at > '2026-01-01'", err)
 				}
 			}
 		}
@@ -652,4 +652,64 @@ func (c *Config) GroupColumns() (map[string][]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// asciiLower folds A-Z only, as Postgres folds unquoted names in UTF-8.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
+}
+
+// ErrBadWhere means a backfill's where is not one SQL condition.
+var ErrBadWhere = errors.New("invalid where")
+
+// CheckWhere refuses a where that could end the condition it is put in
+// (`WHERE (<where>) AND …`): a ';', a comment, a parenthesis closed
+// before it opens or left open, or a quote left open. It does not make
+// the condition safe to run — the admin API that takes one is for
+// operators — but it keeps it one condition.
+func CheckWhere(where string) error {
+	if strings.ContainsRune(where, '\\') { // E'' strings would end where this check does not see
+		return fmt.Errorf("%w %q: backslashes are not supported", ErrBadWhere, where)
+	}
+	depth := 0
+	for i := 0; i < len(where); i++ {
+		switch c := where[i]; c {
+		case '\'', '"':
+			j := strings.IndexByte(where[i+1:], c)
+			if j < 0 {
+				return fmt.Errorf("%w %q: a %c quote is not closed", ErrBadWhere, where, c)
+			}
+			i += 1 + j
+		case ';':
+			return fmt.Errorf("%w %q: it holds ';'; give one SQL condition", ErrBadWhere, where)
+		case '-', '/':
+			if i+1 < len(where) && (c == '-' && where[i+1] == '-' || c == '/' && where[i+1] == '*') {
+				return fmt.Errorf("%w %q: it holds a comment", ErrBadWhere, where)
+			}
+		case '(':
+			depth++
+		case ')':
+			if depth--; depth < 0 {
+				return fmt.Errorf("%w %q: a ')' closes more than it opened", ErrBadWhere, where)
+			}
+		case '$': // in a name (a$b) it is part of it; else a dollar quote or a parameter
+			if i == 0 || !identChar(where[i-1]) {
+				return fmt.Errorf("%w %q: dollar quotes and parameters are not supported; use '...' quotes", ErrBadWhere, where)
+			}
+		}
+	}
+	if depth != 0 {
+		return fmt.Errorf("%w %q: a '(' is not closed", ErrBadWhere, where)
+	}
+	return nil
+}
+
+func identChar(c byte) bool {
+	return c == '_' || c == '$' || c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= 0x80
 }

@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"errors"
 	"reflect"
 	"regexp"
 	"strings"
@@ -237,7 +238,7 @@ func TestParseErrors(t *testing.T) {
 			yaml: func(t *testing.T) string {
 				return edit(t, "    tables: [users]\n", "    tables: [users]\n    initial_backfill: [sales.orders, {table: users, where: \"a; DROP TABLE users\"}, {table: users}]\n")
 			},
-			want: []string{`sinks[0].initial_backfill[0]: "sales.orders" is not in this sink's tables`, `sinks[0].initial_backfill[1].where: "a; DROP TABLE users" holds ';'`,
+			want: []string{`sinks[0].initial_backfill[0]: "sales.orders" is not in this sink's tables`, `sinks[0].initial_backfill[1].where: invalid where "a; DROP TABLE users": it holds ';'`,
 				`sinks[0].initial_backfill[2]: "public.users" is listed twice`},
 		},
 		{
@@ -621,5 +622,29 @@ func TestTableNames(t *testing.T) {
 	_, err = config.Parse([]byte(strings.Replace(minimal, "tables: [users, sales.orders]", `tables: [users, 'my table', '"open']`, 1)))
 	if err == nil || !strings.Contains(err.Error(), `source.tables[1]: "my table": "my table" is not a plain name`) || !strings.Contains(err.Error(), "source.tables[2]") {
 		t.Errorf("bad table names: %v", err)
+	}
+}
+
+// TestCheckWhere: a where stays one condition.
+func TestCheckWhere(t *testing.T) {
+	for _, ok := range []string{"", "id > 5", "(a = 1 OR b = 'x;y') AND c IS NULL", `"Col Name" = 'it''s'`, "s$1 > 0", "f(g(x)) = ')'"} {
+		if err := config.CheckWhere(ok); err != nil {
+			t.Errorf("config.CheckWhere(%q): %v", ok, err)
+		}
+	}
+	for in, want := range map[string]string{
+		"a; DROP TABLE t":                "holds ';'",
+		"true) UNION ALL SELECT 1 --":    "closes more",
+		"a = 1 -- x":                     "comment",
+		"a = 1 /* x */":                  "comment",
+		"(a = 1":                         "not closed",
+		"a = 'x":                         "quote is not closed",
+		"a = $$x$$":                      "dollar quotes",
+		"a = $1":                         "dollar quotes",
+		`a = E'\' ) UNION SELECT 1 -- '`: "backslashes",
+	} {
+		if err := config.CheckWhere(in); err == nil || !errors.Is(err, config.ErrBadWhere) || !strings.Contains(err.Error(), want) {
+			t.Errorf("config.CheckWhere(%q) = %v, want %q", in, err, want)
+		}
 	}
 }

@@ -65,6 +65,10 @@ func (a *Admin) startBackfill(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, fmt.Sprintf("sink %q is not in the config; sinks: %s", req.Sink, a.sinkNames()))
 		return
 	}
+	if req.ChunkSize > config.MaxBackfillChunkSize {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("chunk_size %d is above %d", req.ChunkSize, config.MaxBackfillChunkSize))
+		return
+	}
 	j := backfill.Job{ID: req.Id, Sink: req.Sink, ChunkSize: int(req.ChunkSize), MaxRowsPerSecond: int(req.MaxRowsPerSecond),
 		State: backfill.Running, Created: time.Now().UTC(), By: req.Operator}
 	if j.ID == "" {
@@ -85,8 +89,8 @@ func (a *Admin) startBackfill(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusBadRequest, fmt.Sprintf("table %s is not a table of sink %s (%s); add it to the sink's tables", name, req.Sink, strings.Join(tables, ", ")))
 			return
 		}
-		if strings.Contains(t.Where, ";") {
-			writeErr(w, http.StatusBadRequest, fmt.Sprintf("where %q holds ';': give one SQL condition", t.Where))
+		if err := config.CheckWhere(t.Where); err != nil {
+			writeErr(w, http.StatusBadRequest, err.Error()+": give one SQL condition")
 			return
 		}
 		j.Tables = append(j.Tables, backfill.TableSpec{Table: name, Where: t.Where})

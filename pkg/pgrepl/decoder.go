@@ -5,9 +5,11 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -97,7 +99,7 @@ type Row struct {
 type Decoder struct {
 	db        string
 	groupCols map[string][]string
-	tables    map[string]bool
+	tables    atomic.Pointer[tableSet]
 	cat       *catalog
 	rels      map[uint32]*relation
 
@@ -127,14 +129,39 @@ const (
 
 var jsonNull = []byte("null")
 
+// tableSet is the tables a decoder emits changes of; gen counts the sets.
+type tableSet struct {
+	names map[string]bool
+	gen   uint64
+}
+
+// ErrTableAdded means a table whose relation the decoder ignored is among
+// its tables now: its changes can be decoded only from a new relation
+// message, which a new replication session sends.
+var ErrTableAdded = errors.New("a table was added to the captured tables")
+
 // NewDecoder returns a decoder for database db. conn (a normal connection)
 // is used for catalog lookups when relations are announced.
 func NewDecoder(conn *pgx.Conn, db string, c Config) *Decoder {
-	tables := make(map[string]bool, len(c.Tables))
-	for _, t := range c.Tables {
-		tables[t] = true
+	d := &Decoder{db: db, groupCols: c.GroupColumns, cat: newCatalog(conn), rels: map[uint32]*relation{}}
+	d.SetTables(c.Tables)
+	return d
+}
+
+// SetTables changes the tables the decoder emits changes of, from the next
+// change on (safe to call from another goroutine). A table added whose
+// relation the decoder already ignored makes its next change fail with
+// ErrTableAdded.
+func (d *Decoder) SetTables(tables []string) {
+	names := make(map[string]bool, len(tables))
+	for _, t := range tables {
+		names[t] = true
 	}
-	return &Decoder{db: db, groupCols: c.GroupColumns, tables: tables, cat: newCatalog(conn), rels: map[uint32]*relation{}}
+	var gen uint64
+	if old := d.tables.Load(); old != nil {
+		gen = old.gen + 1
+	}
+	d.tables.Store(&tableSet{names: names, gen: gen})
 }
 
 // CommitLSN is the current (or last) transaction's commit LSN.
@@ -146,6 +173,7 @@ func (d *Decoder) InTx() bool { return d.inTx }
 type relation struct {
 	schema, table string
 	ignored       bool
+	gen           uint64 // of the table set ignored was decided by
 	cols          []column
 	pk            []int // primary key columns
 	group         []int // group columns (the primary key unless configured)
@@ -246,8 +274,9 @@ func pgTime(us int64) time.Time { return pgEpoch.Add(time.Duration(us) * time.Mi
 
 func (d *Decoder) relation(ctx context.Context, m *pglogrepl.RelationMessage) error {
 	name := m.Namespace + "." + m.RelationName
-	if !d.tables[name] {
-		d.rels[m.RelationID] = &relation{schema: m.Namespace, table: m.RelationName, ignored: true}
+	set := d.tables.Load()
+	if !set.names[name] {
+		d.rels[m.RelationID] = &relation{schema: m.Namespace, table: m.RelationName, ignored: true, gen: set.gen}
 		return nil
 	}
 	cols := make([]columnDesc, len(m.Columns))
@@ -258,6 +287,7 @@ func (d *Decoder) relation(ctx context.Context, m *pglogrepl.RelationMessage) er
 	if err != nil {
 		return err
 	}
+	r.gen = set.gen
 	d.rels[m.RelationID] = r
 	return nil
 }
@@ -360,6 +390,13 @@ func (d *Decoder) decodeRow(data []byte) (Event, error) {
 	r := d.rels[relid]
 	if r == nil {
 		return Event{}, fmt.Errorf("row for unknown relation %d (no relation message)", relid)
+	}
+	if set := d.tables.Load(); set.gen != r.gen {
+		in := set.names[r.schema+"."+r.table]
+		if r.ignored && in {
+			return Event{}, fmt.Errorf("%w: %s.%s", ErrTableAdded, r.schema, r.table)
+		}
+		r.ignored, r.gen = r.ignored || !in, set.gen
 	}
 	if !d.inTx {
 		return Event{}, fmt.Errorf("row outside a transaction")

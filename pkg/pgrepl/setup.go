@@ -183,6 +183,24 @@ func checkTables(ctx context.Context, conn *pgx.Conn, c Config) error {
 			continue
 		}
 		q := quoteTable(t)
+		if relkind == "p" && ident == "f" {
+			// With publish_via_partition_root the old row comes from each
+			// partition's own replica identity, which FULL on the table
+			// does not set.
+			rows, err := conn.Query(ctx, `SELECT c.oid::regclass::text FROM pg_partition_tree($1) p JOIN pg_class c ON c.oid = p.relid
+				WHERE p.isleaf AND c.relreplident <> 'f' ORDER BY 1`, relid)
+			if err != nil {
+				return fmt.Errorf("partitions of %s: %w", t, err)
+			}
+			parts, err := pgx.CollectRows(rows, pgx.RowTo[string])
+			if err != nil {
+				return fmt.Errorf("partitions of %s: %w", t, err)
+			}
+			for _, part := range parts {
+				errs = append(errs, setupErr(fmt.Sprintf("`ALTER TABLE %s REPLICA IDENTITY FULL;`", part),
+					"partition %s of %s (REPLICA IDENTITY FULL) does not have REPLICA IDENTITY FULL: its updates and deletes would not carry the whole old row", part, t))
+			}
+		}
 		switch {
 		case ident == "n":
 			errs = append(errs, setupErr(fmt.Sprintf("`ALTER TABLE %s REPLICA IDENTITY DEFAULT;` (with a primary key) or `ALTER TABLE %s REPLICA IDENTITY FULL;`", q, q),
@@ -242,8 +260,20 @@ func ensurePublication(ctx context.Context, conn *pgx.Conn, c Config) error {
 		return fmt.Errorf("look up publication: %w", err)
 	}
 	if !viaRoot {
-		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" SET (publish_via_partition_root = true)"); err != nil {
-			return fmt.Errorf("set publish_via_partition_root on publication %s: %w", c.Publication, err)
+		var partitioned bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE c.relkind = 'p' AND n.nspname || '.' || c.relname = ANY($1))`, c.Tables).Scan(&partitioned); err != nil {
+			return fmt.Errorf("look up partitioned tables: %w", err)
+		}
+		if partitioned {
+			if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" SET (publish_via_partition_root = true)"); err != nil {
+				var pe *pgconn.PgError
+				if errors.As(err, &pe) && pe.Code == "42501" {
+					return setupErr(fmt.Sprintf("have the publication's owner run `ALTER PUBLICATION %s SET (publish_via_partition_root = true);`", pub),
+						"publication %s must publish partitioned tables as themselves (publish_via_partition_root), and this role may not change it", c.Publication)
+				}
+				return fmt.Errorf("set publish_via_partition_root on publication %s: %w", c.Publication, err)
+			}
 		}
 	}
 	if all {
