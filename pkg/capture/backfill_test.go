@@ -14,6 +14,24 @@ import (
 	"github.com/pgs2/pgs2/pkg/seed"
 )
 
+// backfills is the backfill store of the test's JetStream.
+func (e *env) backfills(t *testing.T) *backfill.Store {
+	t.Helper()
+	store, err := backfill.Ensure(context.Background(), e.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return store
+}
+
+// startBackfill creates job j.
+func (e *env) startBackfill(t *testing.T, store *backfill.Store, j backfill.Job) {
+	t.Helper()
+	if err := store.Create(context.Background(), j); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // waitProgress waits until the job's progress in table is in state.
 func waitProgress(t *testing.T, store *backfill.Store, job, table, state string) backfill.Progress {
 	t.Helper()
@@ -65,17 +83,11 @@ func TestBackfillIsConsistentWithTheStream(t *testing.T) {
 	t.Logf("%d rows, chunks of %d", rows, chunk)
 	e.cfg.Backfill = capture.BackfillConfig{ChunkSize: chunk, SinkTables: map[string][]string{"s": {"public.items"}}}
 	e.run(t)
-	ctx := context.Background()
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
 	stop := make(chan struct{})
 	wait := backfilltest.Workload(t, e.pg.DSN("app"), rows, rand.New(rand.NewPCG(s, 7)), stop)
 	time.Sleep(50 * time.Millisecond) // the workload runs before, during and after the backfill
-	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
 	p := waitProgress(t, store, "bf", "public.items", backfill.Done)
 	close(stop)
 	writes := wait()
@@ -141,15 +153,10 @@ func TestBackfillRidesThroughCrashes(t *testing.T) {
 	e.opts = []capture.Option{capture.WithCrashAfter(crashes...)}
 	stopCapture := e.run(t)
 	ctx := context.Background()
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
 	stop := make(chan struct{})
 	wait := backfilltest.Workload(t, e.pg.DSN("app"), rows, rand.New(rand.NewPCG(s, 7)), stop)
-	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
 	// Replace capture once a seeded share of the rows is read.
 	at := int64(rows/10 + rnd.IntN(rows/2))
 	for {

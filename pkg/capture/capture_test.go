@@ -1,14 +1,12 @@
 package capture_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +18,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
+	"github.com/pgs2/pgs2/pkg/proctest"
 	"github.com/pgs2/pgs2/pkg/seed"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -263,7 +262,7 @@ func TestGroupChanges(t *testing.T) {
 // table, counts it, and the changes before and after it flow as usual.
 func TestTruncate(t *testing.T) {
 	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE other (id int PRIMARY KEY)`, "public.users", "public.other")
-	logs := &syncBuffer{}
+	logs := &proctest.Buffer{}
 	reg := prometheus.NewRegistry()
 	e.opts = append(e.opts, capture.WithLogger(slog.New(slog.NewTextHandler(logs, nil))), capture.WithMetrics(reg))
 	e.run(t)
@@ -294,31 +293,13 @@ func TestTruncate(t *testing.T) {
 	}
 }
 
-// syncBuffer is a buffer capture may log into from several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestTransactionAnnotations: a transactional message with pgs2's (or
 // Sequin's) prefix sets metadata.transaction_annotations of the
 // transaction's later changes, until cleared or the transaction ends;
 // content that is not a JSON object is ignored with a warning.
 func TestTransactionAnnotations(t *testing.T) {
 	e := newEnv(t, `CREATE TABLE users (id int PRIMARY KEY)`, "public.users")
-	logs := &syncBuffer{}
+	logs := &proctest.Buffer{}
 	e.opts = append(e.opts, capture.WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
 	e.run(t)
 	e.pg.MustExec(t, "app", `BEGIN;
@@ -365,14 +346,8 @@ func TestPartitionedTable(t *testing.T) {
 	e.pg.MustExec(t, "app", `DELETE FROM events WHERE id = 3`)
 	e.pg.MustExec(t, "app", `CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
 		INSERT INTO events VALUES (5, '2027-01-02', 'later')`)
-	ctx := context.Background()
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
 	waitProgress(t, store, "bf", "public.events", backfill.Done)
 	changes := e.allWritten(t)
 	var got []string
@@ -396,7 +371,7 @@ func TestPartitionedTable(t *testing.T) {
 		ALTER TABLE full_events REPLICA IDENTITY FULL`)
 	cfg := e.cfg.Repl
 	cfg.Tables = []string{"public.full_events"}
-	_, err = pgrepl.Prepare(ctx, cfg)
+	_, err := pgrepl.Prepare(context.Background(), cfg)
 	if !errors.Is(err, pgrepl.ErrSetup) || !strings.Contains(err.Error(), "ALTER TABLE full_events_a REPLICA IDENTITY FULL") {
 		t.Fatalf("a partition without the table's REPLICA IDENTITY FULL: %v", err)
 	}

@@ -72,10 +72,7 @@ func TestBackfillControl(t *testing.T) {
 	api := httptest.NewServer(mux)
 	defer api.Close()
 	addr := strings.TrimPrefix(api.URL, "http://")
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
 	stop := make(chan struct{})
 	wait := backfilltest.Workload(t, e.pg.DSN("app"), rows, rand.New(rand.NewPCG(s, 9)), stop)
 
@@ -268,10 +265,7 @@ func TestTablesAddedOnReload(t *testing.T) {
 	if err := e.capture.Reload(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
 	e.pg.MustExec(t, "app", `INSERT INTO orders VALUES (2); INSERT INTO users VALUES (2)`)
 	waitProgress(t, store, "initial-o", "public.orders", backfill.Done)
 	var got []string
@@ -362,13 +356,8 @@ func TestBackfillRefusesTableWithoutKey(t *testing.T) {
 	e.cfg.Backfill = capture.BackfillConfig{SinkTables: map[string][]string{"s": {"public.nokey"}}}
 	e.run(t)
 	ctx := context.Background()
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
 		p, _, err := store.Progress(ctx, "bf", "app", "public.nokey")
 		if err != nil {

@@ -34,10 +34,7 @@ func TestSchemaChangesUnderLoad(t *testing.T) {
 	e.cfg.Backfill = capture.BackfillConfig{ChunkSize: 50, MaxRowsPerSecond: 2500, SinkTables: map[string][]string{"s": {"public.t"}}}
 	e.run(t)
 	ctx := context.Background()
-	store, err := backfill.Ensure(ctx, e.js, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	store := e.backfills(t)
 
 	// The workload touches only id and n, which every shape has.
 	stop := make(chan struct{})
@@ -88,9 +85,7 @@ func TestSchemaChangesUnderLoad(t *testing.T) {
 	}
 	slices.Sort(at)
 	t.Logf("schema changes at %v rows read", at)
-	if err := store.Create(ctx, backfill.Job{ID: "bf", Sink: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
 	for i := range ddl {
 		for {
 			p, _, err := store.Progress(ctx, "bf", "app", "public.t")

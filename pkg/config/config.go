@@ -591,6 +591,9 @@ func (c *Config) Validate() error {
 			sinkTables[t] = true
 		}
 		if ib := sk.InitialBackfill; ib != nil {
+			if (ib.All || len(ib.Tables) > 0) && len(sk.Name) > 56 {
+				bad(key+".name", "%q is longer than 56 bytes, too long to name its initial backfill (initial-<name>); shorten it", sk.Name)
+			}
 			listed := map[string]bool{}
 			for j, bt := range ib.Tables {
 				k := fmt.Sprintf("%s.initial_backfill[%d]", key, j)

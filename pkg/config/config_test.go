@@ -242,6 +242,13 @@ func TestParseErrors(t *testing.T) {
 				`sinks[0].initial_backfill[2]: "public.users" is listed twice`},
 		},
 		{
+			name: "initial backfill of a sink with a long name",
+			yaml: func(t *testing.T) string {
+				return edit(t, "  - name: users-to-s2\n    tables: [users]\n", "  - name: "+strings.Repeat("s", 57)+"\n    tables: [users]\n    initial_backfill: true\n")
+			},
+			want: []string{"sinks[0].name", "longer than 56 bytes"},
+		},
+		{
 			name: "initial backfill not a list",
 			yaml: func(t *testing.T) string {
 				return edit(t, "    tables: [users]\n", "    tables: [users]\n    initial_backfill: yes please\n")

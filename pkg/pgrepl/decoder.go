@@ -249,7 +249,7 @@ func (d *Decoder) Decode(ctx context.Context, data []byte) (Event, error) {
 				var obj map[string]json.RawMessage
 				if err := json.Unmarshal(lm.Content, &obj); err != nil || obj == nil {
 					d.annotations = nil
-					ev.Message.Invalid = fmt.Sprintf("the content of %s is not a JSON object (%.100q); the transaction's later changes carry no annotations", lm.Prefix, lm.Content)
+					ev.Message.Invalid = fmt.Sprintf("the content of %s is not a JSON object (%d bytes); the transaction's later changes carry no annotations", lm.Prefix, len(lm.Content))
 				} else {
 					var b bytes.Buffer
 					_ = json.Compact(&b, lm.Content) // valid: it parsed
