@@ -20,6 +20,8 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/pgs2/pgs2/pkg/service"
 )
 
 const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
@@ -63,7 +65,12 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
-	c := &client{base: "http://" + strings.TrimPrefix(*admin, "http://"), out: stdout, hc: &http.Client{Timeout: 30 * time.Second}}
+	token, err := service.AdminToken(os.Getenv)
+	if err != nil {
+		fmt.Fprintln(stderr, "pgs2ctl:", err)
+		return 2
+	}
+	c := &client{base: "http://" + strings.TrimPrefix(*admin, "http://"), out: stdout, hc: &http.Client{Timeout: 30 * time.Second}, token: token}
 	if len(rest) > 0 && rest[0] == "backfill" {
 		err := c.backfill(ctx, rest[1:], stderr)
 		switch {
@@ -82,7 +89,6 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	var err error
 	switch rest[1] {
 	case "list":
 		err = c.list(ctx, rest[2:], stderr)
@@ -100,9 +106,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 type client struct {
-	base string
-	out  io.Writer
-	hc   *http.Client
+	base  string
+	out   io.Writer
+	hc    *http.Client
+	token string // the admin API's bearer token
 }
 
 func (c *client) call(ctx context.Context, method, path string, body any, v any) error {
@@ -119,6 +126,9 @@ func (c *client) call(ctx context.Context, method, path string, body any, v any)
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("reach the delivery admin API at %s (is delivery running? see --admin): %w", c.base, err)

@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -38,6 +39,33 @@ type Admin struct {
 
 	mu         sync.Mutex
 	sinkTables map[string][]string // nil: not told (SetSinks)
+	token      []byte              // bearer token every call needs ("": none)
+}
+
+// RequireToken makes every call of the API need the header
+// `Authorization: Bearer <token>` (an empty token: none).
+func (a *Admin) RequireToken(token string) {
+	a.mu.Lock()
+	a.token = []byte(token)
+	a.mu.Unlock()
+}
+
+// authorized wraps h: without the token, 401 (the answer names no token).
+func (a *Admin) authorized(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		token := a.token
+		a.mu.Unlock()
+		if len(token) > 0 {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), token) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="pgs2 admin"`)
+				writeErr(w, http.StatusUnauthorized, "the admin API needs its token: send Authorization: Bearer <token> (pgs2ctl reads PGS2_ADMIN_TOKEN or PGS2_ADMIN_TOKEN_FILE)")
+				return
+			}
+		}
+		h(w, r)
+	}
 }
 
 // NewAdmin returns the admin API, creating the audit stream if needed.
@@ -62,19 +90,23 @@ func NewAdmin(ctx context.Context, js jetstream.JetStream, replicas int) (*Admin
 
 // Register adds the API's routes to mux.
 func (a *Admin) Register(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/sinks/{sink}/messages", a.list)
-	mux.HandleFunc("GET /v1/sinks/{sink}/messages/{id}", a.show)
-	mux.HandleFunc("POST /v1/sinks/{sink}/messages/{id}/retry", a.retry)
-	mux.HandleFunc("POST /v1/sinks/{sink}/messages/{id}/ack", a.ack)
-	mux.HandleFunc("POST /v1/sinks/{sink}/messages/retry", a.retryAll)
-	mux.HandleFunc("GET /v1/sinks/{sink}/audit", a.audit)
-	mux.HandleFunc("GET /v1/status", a.status)
-	mux.HandleFunc("POST /v1/backfills", a.startBackfill)
-	mux.HandleFunc("GET /v1/backfills", a.listBackfills)
-	mux.HandleFunc("GET /v1/backfills/{id}", a.getBackfill)
-	mux.HandleFunc("POST /v1/backfills/{id}/pause", a.setBackfillState(backfill.Paused))
-	mux.HandleFunc("POST /v1/backfills/{id}/resume", a.setBackfillState(backfill.Running))
-	mux.HandleFunc("POST /v1/backfills/{id}/cancel", a.setBackfillState(backfill.Cancelled))
+	for pattern, h := range map[string]http.HandlerFunc{
+		"GET /v1/sinks/{sink}/messages":             a.list,
+		"GET /v1/sinks/{sink}/messages/{id}":        a.show,
+		"POST /v1/sinks/{sink}/messages/{id}/retry": a.retry,
+		"POST /v1/sinks/{sink}/messages/{id}/ack":   a.ack,
+		"POST /v1/sinks/{sink}/messages/retry":      a.retryAll,
+		"GET /v1/sinks/{sink}/audit":                a.audit,
+		"GET /v1/status":                            a.status,
+		"POST /v1/backfills":                        a.startBackfill,
+		"GET /v1/backfills":                         a.listBackfills,
+		"GET /v1/backfills/{id}":                    a.getBackfill,
+		"POST /v1/backfills/{id}/pause":             a.setBackfillState(backfill.Paused),
+		"POST /v1/backfills/{id}/resume":            a.setBackfillState(backfill.Running),
+		"POST /v1/backfills/{id}/cancel":            a.setBackfillState(backfill.Cancelled),
+	} {
+		mux.HandleFunc(pattern, a.authorized(h))
+	}
 }
 
 // parkedSubjects returns the parks of a sink ("-" = every sink) with their

@@ -2,6 +2,8 @@ package delivery
 
 import (
 	"context"
+	"fmt"
+	"os"
 
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/service"
@@ -15,6 +17,14 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
+	token, err := service.AdminToken(os.Getenv)
+	if err != nil {
+		return fmt.Errorf("%w: %v", service.ErrUsage, err)
+	}
+	if token == "" && env.HTTPAddr != "" && !service.Loopback(env.HTTPAddr) {
+		return fmt.Errorf("%w: --http-addr %s serves the admin API beyond this machine: set PGS2_ADMIN_TOKEN (or PGS2_ADMIN_TOKEN_FILE) to require a token, or listen on 127.0.0.1",
+			service.ErrUsage, env.HTTPAddr)
+	}
 	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-delivery", env.Log)
 	if err != nil {
 		return err
@@ -31,6 +41,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	admin.SetSinks(env.Config.Sinks)
+	admin.RequireToken(token)
 	if env.Mux != nil {
 		admin.Register(env.Mux)
 	}

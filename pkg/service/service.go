@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -38,6 +39,46 @@ type Env struct {
 	// Mux is the service's HTTP server (--http-addr): a service may add
 	// its own endpoints before it starts serving them.
 	Mux *http.ServeMux
+	// HTTPAddr is --http-addr ("" = off).
+	HTTPAddr string
+}
+
+// ErrUsage marks a run error that is the operator's to fix before a
+// start (exit status 2, as a bad config).
+var ErrUsage = errors.New("usage")
+
+// AdminToken is the admin API's bearer token: PGS2_ADMIN_TOKEN, or the
+// first line of the file PGS2_ADMIN_TOKEN_FILE names ("" = none).
+func AdminToken(getenv func(string) string) (string, error) {
+	if t := getenv("PGS2_ADMIN_TOKEN"); t != "" {
+		return t, nil
+	}
+	path := getenv("PGS2_ADMIN_TOKEN_FILE")
+	if path == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("read the admin token from PGS2_ADMIN_TOKEN_FILE: %w", err)
+	}
+	t, _, _ := strings.Cut(string(b), "\n")
+	if t = strings.TrimSpace(t); t == "" {
+		return "", fmt.Errorf("PGS2_ADMIN_TOKEN_FILE %s is empty", path)
+	}
+	return t, nil
+}
+
+// Loopback reports whether addr (host:port) listens on loopback only.
+func Loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // Main parses flags, loads the config, serves health endpoints and calls
@@ -82,11 +123,14 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	defer cancelRun()
 	g.Go(func() error {
 		defer cancelRun()
-		return run(runCtx, Env{Config: cfg, ConfigPath: *cfgPath, Log: log, Health: state, Metrics: reg, Mux: mux})
+		return run(runCtx, Env{Config: cfg, ConfigPath: *cfgPath, Log: log, Health: state, Metrics: reg, Mux: mux, HTTPAddr: *httpAddr})
 	})
 	g.Go(func() error { return health.Serve(runCtx, *httpAddr, mux) })
 	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		if errors.Is(err, ErrUsage) {
+			return 2
+		}
 		return 1
 	}
 	log.Info("stopped cleanly")
