@@ -1,5 +1,7 @@
-// Admin API of the delivery service: status, and the messages S2 keeps
-// rejecting (failed and parked messages, ARCHITECTURE.md guarantee 4).
+// Admin API of the delivery service: status, the messages S2 keeps
+// rejecting (failed and parked messages: README, "What router and delivery
+// guarantee"), and backfills. Every call needs the bearer token when
+// PGS2_ADMIN_TOKEN (or PGS2_ADMIN_TOKEN_FILE) is set.
 //
 // Served by the delivery service as JSON over HTTP: request and response
 // bodies are these messages encoded with protojson. Path parameters ({sink},
