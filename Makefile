@@ -14,6 +14,7 @@ build:
 
 # Every test: unit, integration (real PostgreSQL + JetStream) and fault tests.
 test:
+	@scripts/ensure-postgres.sh
 	$(GO) test -count=1 -timeout 30m ./...
 
 # The soak test for 5 minutes (make test runs it for 60s): two sources,
@@ -42,11 +43,13 @@ proto:
 # in RUN_ARGS, e.g. make run RUN_ARGS='--nats-port 14222'.
 RUN_ARGS ?=
 run: build
+	@scripts/ensure-postgres.sh
 	@$(GO) build -trimpath -o $(BIN)/pgs2-run ./scripts/run
 	@$(BIN)/pgs2-run $(RUN_ARGS)
 
 # make run from scratch: removes .run/'s contents first.
 run-clean: build
+	@scripts/ensure-postgres.sh
 	@$(GO) build -trimpath -o $(BIN)/pgs2-run ./scripts/run
 	@$(BIN)/pgs2-run --clean $(RUN_ARGS)
 
