@@ -80,7 +80,7 @@ func Main(ctx context.Context, env service.Env) error {
 		url = srv.ClientURL()
 		env.Log.Info("embedded JetStream started", "url", url)
 	}
-	nc, js, err := service.ConnectJetStream(ctx, url, "pgs2-capture", env.Log)
+	nc, js, err := service.ConnectJetStream(ctx, url, env.Config.NATS, "pgs2-capture", env.Log)
 	if err != nil {
 		return err
 	}

@@ -138,6 +138,38 @@ type NATS struct {
 	ChangesMaxAge Duration `yaml:"changes_max_age"`
 	// SyncInterval of an embedded server's file store (default 1s); "always" is not offered.
 	SyncInterval Duration `yaml:"sync_interval"`
+	// User authenticates with a password from PGS2_NATS_PASSWORD (or the
+	// file PGS2_NATS_PASSWORD_FILE names); a token comes from
+	// PGS2_NATS_TOKEN (or PGS2_NATS_TOKEN_FILE) without a user.
+	User string `yaml:"user"`
+	// CredentialsFile is a .creds file (user JWT and NKey seed).
+	CredentialsFile string `yaml:"credentials_file"`
+	// NKeyFile is a file holding an NKey seed (SU…).
+	NKeyFile string `yaml:"nkey_file"`
+	// TLS to the server.
+	TLS NATSTLS `yaml:"tls"`
+	// Password and Token are filled from the environment by Load; never
+	// serialised.
+	Password string `yaml:"-"`
+	Token    string `yaml:"-"`
+}
+
+// NATSTLS is the TLS of the NATS connection.
+type NATSTLS struct {
+	// CAFile verifies the server (default: the system's roots).
+	CAFile string `yaml:"ca_file"`
+	// CertFile and KeyFile are a client certificate, for servers that
+	// verify clients.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// ServerName is the name the server's certificate must hold (default:
+	// the URL's host).
+	ServerName string `yaml:"server_name"`
+}
+
+// Enabled reports whether any TLS setting is given.
+func (t NATSTLS) Enabled() bool {
+	return t.CAFile != "" || t.CertFile != "" || t.KeyFile != "" || t.ServerName != ""
 }
 
 // Sink is one S2 destination.
@@ -242,11 +274,39 @@ func Parse(b []byte) (*Config, error) {
 		return nil, fmt.Errorf("malformed YAML: %s", strings.TrimPrefix(err.Error(), "yaml: "))
 	}
 	c.Source.Password = os.Getenv("PGS2_SOURCE_PASSWORD")
+	var err error
+	if c.NATS.Password, err = secret("PGS2_NATS_PASSWORD"); err == nil {
+		c.NATS.Token, err = secret("PGS2_NATS_TOKEN")
+	}
+	if err != nil {
+		return nil, err
+	}
 	c.applyDefaults()
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// secret is the value of the environment variable name, or the first line
+// of the file name_FILE names.
+func secret(name string) (string, error) {
+	if v := os.Getenv(name); v != "" {
+		return v, nil
+	}
+	path := os.Getenv(name + "_FILE")
+	if path == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("%s_FILE: %w", name, err)
+	}
+	v, _, _ := strings.Cut(string(b), "\n")
+	if v = strings.TrimSpace(v); v == "" {
+		return "", fmt.Errorf("%s_FILE: %s is empty", name, path)
+	}
+	return v, nil
 }
 
 func (c *Config) applyDefaults() {
@@ -347,6 +407,7 @@ var sections = strings.NewReplacer(
 	"in type config.Config", "at the top level (source, nats, sinks, telemetry)",
 	"in type config.SourceBackfill", "under source.backfill", // before its prefix
 	"in type config.Source", "under source",
+	"in type config.NATSTLS", "under nats.tls", // before its prefix
 	"in type config.NATS", "under nats",
 	"in type config.Sink", "under a sink",
 	"in type config.Batch", "under a sink's batch",
@@ -534,6 +595,32 @@ func (c *Config) Validate() error {
 		}
 	} else if n.URL == "" {
 		bad("nats.url", "missing; set e.g. nats://127.0.0.1:4222, or nats.embedded: true with nats.store_dir")
+	}
+	auths := 0
+	for _, set := range []bool{n.User != "", n.Token != "", n.CredentialsFile != "", n.NKeyFile != ""} {
+		if set {
+			auths++
+		}
+	}
+	switch {
+	case auths > 1:
+		bad("nats", "give one way to authenticate: user (with PGS2_NATS_PASSWORD), a token (PGS2_NATS_TOKEN), credentials_file or nkey_file")
+	case n.User != "" && n.Password == "":
+		bad("nats.user", "needs its password in PGS2_NATS_PASSWORD (or a file named by PGS2_NATS_PASSWORD_FILE)")
+	case n.Embedded && (auths > 0 || n.TLS.Enabled()):
+		bad("nats.embedded", "the embedded server takes no authentication or TLS settings; connect to a nats-server (nats.url) for those")
+	}
+	if (n.TLS.CertFile == "") != (n.TLS.KeyFile == "") {
+		bad("nats.tls", "cert_file and key_file go together (a client certificate and its key)")
+	}
+	for key, path := range map[string]string{"nats.credentials_file": n.CredentialsFile, "nats.nkey_file": n.NKeyFile,
+		"nats.tls.ca_file": n.TLS.CAFile, "nats.tls.cert_file": n.TLS.CertFile, "nats.tls.key_file": n.TLS.KeyFile} {
+		if path == "" {
+			continue
+		}
+		if _, err := os.Stat(path); err != nil {
+			bad(key, "cannot read %s: %v", path, errors.Unwrap(err))
+		}
 	}
 	if n.Replicas < 1 || n.Replicas > 5 {
 		bad("nats.replicas", "%d is out of range: use 1, 3 or 5", n.Replicas)

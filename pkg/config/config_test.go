@@ -2,6 +2,8 @@ package config_test
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"strings"
@@ -219,6 +221,20 @@ func TestParseErrors(t *testing.T) {
 		// want are substrings the error must contain (the key, the problem).
 		want []string
 	}{
+		{
+			name: "nats security",
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  user: pgs2\n  credentials_file: /nonexistent.creds\n  tls: {cert_file: /nonexistent.pem}")
+			},
+			want: []string{"nats: give one way to authenticate", "nats.tls: cert_file and key_file go together", "nats.credentials_file: cannot read /nonexistent.creds"},
+		},
+		{
+			name: "nats user without password",
+			yaml: func(t *testing.T) string {
+				return edit(t, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  user: pgs2")
+			},
+			want: []string{"nats.user: needs its password in PGS2_NATS_PASSWORD"},
+		},
 		{
 			name: "backfill chunk size",
 			yaml: func(t *testing.T) string {
@@ -653,5 +669,26 @@ func TestCheckWhere(t *testing.T) {
 		if err := config.CheckWhere(in); err == nil || !errors.Is(err, config.ErrBadWhere) || !strings.Contains(err.Error(), want) {
 			t.Errorf("config.CheckWhere(%q) = %v, want %q", in, err, want)
 		}
+	}
+}
+
+// TestNATSSecretsFromEnv: the NATS password and token come from the
+// environment or a file, never from the config file.
+func TestNATSSecretsFromEnv(t *testing.T) {
+	pw := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pw, []byte("from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PGS2_NATS_PASSWORD", "")
+	t.Setenv("PGS2_NATS_PASSWORD_FILE", pw)
+	t.Setenv("PGS2_NATS_TOKEN", "tok")
+	c, err := config.Parse([]byte(strings.Replace(minimal, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  user: pgs2", 1)))
+	if err == nil || !strings.Contains(err.Error(), "give one way") {
+		t.Fatalf("a user and a token: %v", err)
+	}
+	t.Setenv("PGS2_NATS_TOKEN", "")
+	c, err = config.Parse([]byte(strings.Replace(minimal, "url: nats://127.0.0.1:4222", "url: nats://127.0.0.1:4222\n  user: pgs2", 1)))
+	if err != nil || c.NATS.Password != "from-file" {
+		t.Fatalf("password from PGS2_NATS_PASSWORD_FILE: %q, %v", c.NATS.Password, err)
 	}
 }

@@ -25,7 +25,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return fmt.Errorf("%w: --http-addr %s serves the admin API beyond this machine: set PGS2_ADMIN_TOKEN (or PGS2_ADMIN_TOKEN_FILE) to require a token, or listen on 127.0.0.1",
 			service.ErrUsage, env.HTTPAddr)
 	}
-	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-delivery", env.Log)
+	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, env.Config.NATS, "pgs2-delivery", env.Log)
 	if err != nil {
 		return err
 	}

@@ -28,7 +28,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
-	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, "pgs2-router", env.Log)
+	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, env.Config.NATS, "pgs2-router", env.Log)
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,8 @@ package service
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -137,10 +139,57 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	return 0
 }
 
-// ConnectJetStream connects to NATS for a service. Publishing fails fast
-// while disconnected (no reconnect buffer) so callers see every failure.
-func ConnectJetStream(ctx context.Context, url, name string, log *slog.Logger, jsOpts ...jetstream.JetStreamOpt) (*nats.Conn, jetstream.JetStream, error) {
-	nc, err := nats.Connect(url,
+// NATSOptions are the authentication and TLS options of c.
+func NATSOptions(c config.NATS) ([]nats.Option, error) {
+	var opts []nats.Option
+	switch {
+	case c.User != "":
+		opts = append(opts, nats.UserInfo(c.User, c.Password))
+	case c.Token != "":
+		opts = append(opts, nats.Token(c.Token))
+	case c.CredentialsFile != "":
+		opts = append(opts, nats.UserCredentials(c.CredentialsFile))
+	case c.NKeyFile != "":
+		o, err := nats.NkeyOptionFromSeed(c.NKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("nats.nkey_file %s: %w", c.NKeyFile, err)
+		}
+		opts = append(opts, o)
+	}
+	if t := c.TLS; t.Enabled() {
+		tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+		if t.CAFile != "" {
+			pem, err := os.ReadFile(t.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("nats.tls.ca_file: %w", err)
+			}
+			tc.RootCAs = x509.NewCertPool()
+			if !tc.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("nats.tls.ca_file %s holds no PEM certificate", t.CAFile)
+			}
+		}
+		if t.CertFile != "" {
+			cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+			if err != nil {
+				return nil, fmt.Errorf("nats.tls.cert_file and key_file: %w", err)
+			}
+			tc.Certificates = []tls.Certificate{cert}
+		}
+		opts = append(opts, nats.Secure(tc))
+	}
+	return opts, nil
+}
+
+// ConnectJetStream connects to NATS at url (a service's nats.url, or an
+// embedded server's) with c's authentication and TLS. Publishing fails
+// fast while disconnected (no reconnect buffer) so callers see every
+// failure.
+func ConnectJetStream(ctx context.Context, url string, c config.NATS, name string, log *slog.Logger, jsOpts ...jetstream.JetStreamOpt) (*nats.Conn, jetstream.JetStream, error) {
+	opts, err := NATSOptions(c)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	nc, err := nats.Connect(url, append(opts,
 		nats.Name(name),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250*time.Millisecond),
@@ -151,7 +200,7 @@ func ConnectJetStream(ctx context.Context, url, name string, log *slog.Logger, j
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
-	)
+	)...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("connect to nats.url %s: %w", RedactURLs(url), err)
 	}
