@@ -3,18 +3,9 @@ package service
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"log/slog"
-	"math/big"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -22,6 +13,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/tlstest"
 )
 
 // TestSecuredNATS: against a nats-server that requires TLS with client
@@ -31,31 +23,18 @@ import (
 // CA are refused, and no error or log line holds the password.
 func TestSecuredNATS(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey := newCert(t, nil, nil, "pgs2 test CA", true)
-	srv, srvKey := newCert(t, ca, caKey, "nats.test", false)
-	cli, cliKey := newCert(t, ca, caKey, "pgs2-client", false)
-	other, _ := newCert(t, nil, nil, "another CA", true)
-	write := func(name string, blocks ...*pem.Block) string {
-		var b bytes.Buffer
-		for _, bl := range blocks {
-			_ = pem.Encode(&b, bl)
-		}
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, b.Bytes(), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	caFile := write("ca.pem", certBlock(ca))
-	otherCA := write("other.pem", certBlock(other))
-	cliCert, cliKeyFile := write("client.pem", certBlock(cli)), write("client.key", keyBlock(t, cliKey))
+	ca := tlstest.NewCA(t, "pgs2 test CA")
+	srv, cli := ca.Issue(t, "nats.test"), ca.Issue(t, "pgs2-client")
+	caFile := ca.WriteCert(t, dir, "ca.pem")
+	otherCA := tlstest.NewCA(t, "another CA").WriteCert(t, dir, "other.pem")
+	cliCert, cliKeyFile := cli.WriteCert(t, dir, "client.pem"), cli.WriteKey(t, dir, "client.key")
 
 	pool := x509.NewCertPool()
-	pool.AddCert(ca)
+	pool.AddCert(ca.Cert)
 	const password = "n4ts-s3cret-pw"
 	opts := &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoSigs: true, NoLog: true,
 		Username: "pgs2", Password: password, TLS: true, TLSVerify: true,
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{srv.Raw}, PrivateKey: srvKey}},
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{srv.Cert.Raw}, PrivateKey: srv.Key}},
 			ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}}
 	ns, err := server.NewServer(opts)
 	if err != nil {
@@ -100,41 +79,4 @@ func TestSecuredNATS(t *testing.T) {
 	if strings.Contains(logs.String(), password) {
 		t.Errorf("a log line holds the password:\n%s", logs.String())
 	}
-}
-
-func newCert(t *testing.T, parent *x509.Certificate, parentKey *ecdsa.PrivateKey, cn string, isCA bool) (*x509.Certificate, *ecdsa.PrivateKey) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn}, NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, BasicConstraintsValid: true, IsCA: isCA}
-	if !isCA {
-		tmpl.DNSNames, tmpl.IPAddresses = []string{cn}, []net.IP{net.ParseIP("127.0.0.1")}
-	}
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c, key
-}
-
-func certBlock(c *x509.Certificate) *pem.Block { return &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw} }
-
-func keyBlock(t *testing.T, k *ecdsa.PrivateKey) *pem.Block {
-	der, err := x509.MarshalECPrivateKey(k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &pem.Block{Type: "EC PRIVATE KEY", Bytes: der}
 }
