@@ -378,3 +378,36 @@ func TestBackfillRefusesTableWithoutKey(t *testing.T) {
 		t.Fatalf("live change %+v", m)
 	}
 }
+
+// leastPrivilegeSQL is what a DBA runs once for pgs2 (README): a login
+// role with REPLICATION, the publication made by the tables' owner, SELECT
+// for backfills, pg_read_all_stats for their staleness check.
+const leastPrivilegeSQL = `CREATE ROLE pgs2 LOGIN REPLICATION;
+	CREATE PUBLICATION pgs2 FOR TABLE items, done WITH (publish_via_partition_root = true);
+	GRANT SELECT ON items, done TO pgs2;
+	GRANT pg_read_all_stats TO pgs2`
+
+// TestLeastPrivilegeRole: capture and a backfill work as a role with only
+// the README's grants.
+func TestLeastPrivilegeRole(t *testing.T) {
+	e := newEnv(t, fmt.Sprintf(backfilltest.ItemsSQL, 500)+";"+leastPrivilegeSQL, "public.items", "public.done")
+	e.cfg.Repl.DSN = strings.Replace(e.pg.DSN("app"), "postgres://postgres@", "postgres://pgs2@", 1)
+	e.cfg.Backfill = capture.BackfillConfig{SinkTables: map[string][]string{"s": {"public.items"}}}
+	e.run(t)
+	store := e.backfills(t)
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
+	waitProgress(t, store, "bf", "public.items", backfill.Done)
+	e.pg.MustExec(t, "app", `UPDATE items SET ver = nextval('vers') WHERE id = 1`)
+	reads, updates := 0, 0
+	for _, g := range e.allWritten(t) {
+		switch g.Msg.Action {
+		case change.Read:
+			reads++
+		case change.Update:
+			updates++
+		}
+	}
+	if reads != 500 || updates != 1 {
+		t.Fatalf("as the least-privileged role: %d reads, %d updates; want 500 and 1", reads, updates)
+	}
+}
