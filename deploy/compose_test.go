@@ -36,6 +36,10 @@ func TestComposeFile(t *testing.T) {
 				t.Errorf("service %s: entrypoint %v, want /usr/local/bin/%s", name, svc.Entrypoint, name)
 			}
 		}
+		if svc.Build != nil && (svc.HealthCheck == nil || len(svc.HealthCheck.Test) < 3 || svc.HealthCheck.Test[1] != "/usr/local/bin/"+name ||
+			svc.HealthCheck.Test[2] != "--probe") {
+			t.Errorf("service %s: health check %v, want its own binary's --probe (the image has no shell or curl)", name, svc.HealthCheck)
+		}
 		if name != "s2local" && svc.Build != nil && !slices.Contains(svc.Command, "/etc/pgs2/cdc.yaml") {
 			t.Errorf("service %s: command %v does not use the config file", name, svc.Command)
 		}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -81,4 +82,32 @@ func Serve(ctx context.Context, addr string, h http.Handler) error {
 		return err
 	}
 	return nil
+}
+
+// Probe asks the server listening on addr (a --http-addr: a wildcard host
+// means this machine) whether it is ready: exit status 0 when /readyz
+// answers 200, else 1 with the reason on stderr. Container images without a
+// shell or curl use it as their health check (`capture --probe`).
+func Probe(addr string, stderr io.Writer) int {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || addr == "" {
+		fmt.Fprintf(stderr, "probe: --http-addr %q is not host:port\n", addr)
+		return 1
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	c := &http.Client{Timeout: 3 * time.Second}
+	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/readyz")
+	if err != nil {
+		fmt.Fprintf(stderr, "probe: %v\n", err)
+		return 1
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		fmt.Fprintf(stderr, "probe: not ready: %s %s\n", resp.Status, b)
+		return 1
+	}
+	return 0
 }

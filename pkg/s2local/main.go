@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/pgs2/pgs2/pkg/health"
 )
 
 // Main is the s2local command: it parses args, serves until SIGINT or
@@ -36,6 +38,7 @@ func Main(args []string, stderr io.Writer) int {
 	basin := fs.String("fault-basin", "", "fault injection: only this basin")
 	stream := fs.String("fault-stream", "", "fault injection: only this stream")
 	seed := fs.Int64("fault-seed", -1, "fault injection: seed for a deterministic sequence (-1: random)")
+	probe := fs.Bool("probe", false, "ask the running s2local at --addr whether it is ready (exit 0) or not (1), and exit")
 	var basins []string
 	fs.Func("create-basin", "create this basin at start if missing (repeatable)", func(v string) error {
 		basins = append(basins, v)
@@ -47,6 +50,9 @@ func Main(args []string, stderr io.Writer) int {
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "s2local: unexpected arguments %q\n", fs.Args())
 		return 2
+	}
+	if *probe {
+		return health.Probe(*addr, stderr)
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {

@@ -93,8 +93,12 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	cfgPath := fs.String("config", "", "config file (default $PGS2_CONFIG)")
 	httpAddr := fs.String("http-addr", defaultHTTP, "address of /healthz and /readyz (empty = off)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	probe := fs.Bool("probe", false, "ask the running service at --http-addr whether it is ready (exit 0) or not (1), and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *probe {
+		return health.Probe(*httpAddr, stderr)
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {

@@ -483,6 +483,13 @@ func TestReadyAndSIGTERM(t *testing.T) {
 			resp.Body.Close()
 		}
 	}
+	// The container health check: the binary probes its own /readyz.
+	if out, err := exec.Command(captureBin, "--probe", "--http-addr", addr).CombinedOutput(); err != nil {
+		t.Errorf("--probe of a ready capture: %v %s", err, out)
+	}
+	if err := exec.Command(captureBin, "--probe", "--http-addr", fmt.Sprintf("127.0.0.1:%d", freePort(t))).Run(); err == nil {
+		t.Error("--probe of nothing listening: exit 0")
+	}
 	if resp, err := client.Get("http://" + addr + "/healthz"); err != nil || resp.StatusCode != http.StatusOK {
 		t.Errorf("/healthz: %v %v", resp, err)
 	} else {
