@@ -53,6 +53,7 @@ func readsOf(changes []got, job string) []got {
 // rows its where selects and is not run again by the next capture.
 func TestBackfillControl(t *testing.T) {
 	const rows = 20_000
+	t.Setenv("USER", "ada") // pgs2ctl's operator
 	rnd, s := seed.Rand(t)
 	e := newEnv(t, fmt.Sprintf(backfilltest.ItemsSQL, rows), "public.items", "public.done")
 	sinks := []config.Sink{{Name: "s", Tables: []string{"public.items"}}, {Name: "t", Tables: []string{"public.items"}},
@@ -155,6 +156,26 @@ func TestBackfillControl(t *testing.T) {
 	}
 	done := waitProgress(t, store, "bf", "public.items", backfill.Done)
 	initial := waitProgress(t, store, "initial-u", "public.items", backfill.Done)
+	// The audit stream records who did what.
+	for sink, want := range map[string]string{"s": "backfill start bf ada; backfill pause bf ada; backfill resume bf ada",
+		"t": "backfill start bf2 ada; backfill cancel bf2 ada"} {
+		resp, err := http.Get(api.URL + "/v1/sinks/" + sink + "/audit")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var audit struct {
+			Records []struct{ ID, Operator, Action string } `json:"records"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&audit)
+		resp.Body.Close()
+		var got []string
+		for _, r := range audit.Records {
+			got = append(got, r.Action+" "+r.ID+" "+r.Operator)
+		}
+		if err != nil || strings.Join(got, "; ") != want {
+			t.Errorf("audit of sink %s: %q (%v), want %q", sink, strings.Join(got, "; "), err, want)
+		}
+	}
 	code, out = pgs2ctl(t, addr, "backfill", "status", "--sink", "s", "--watch")
 	if code != 0 || !strings.Contains(out, "done") || !strings.Contains(out, "100%") || strings.Contains(out, "bf2") {
 		t.Fatalf("status --watch of finished backfills: exit %d:\n%s", code, out)

@@ -445,7 +445,7 @@ func (a *Admin) ack(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, `acknowledging drops the message: give a "reason"`)
 		return
 	}
-	rec := &adminv1.AuditRecord{Id: f.Id, Operator: req.Operator, Time: timestamppb.Now(), Reason: req.Reason, Message: f}
+	rec := &adminv1.AuditRecord{Id: f.Id, Operator: req.Operator, Time: timestamppb.Now(), Reason: req.Reason, Message: f, Action: "ack"}
 	b, _ := protojson.Marshal(rec)
 	ctx := r.Context()
 	if _, err := a.js.PublishMsg(ctx, &nats.Msg{Subject: "pgs2.audit." + bus.EscapeToken(f.Sink), Data: b,

@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"cmp"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/pgs2/pgs2/pkg/backfill"
+	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
@@ -107,7 +109,23 @@ func (a *Admin) startBackfill(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
+	var listed []string
+	for _, t := range j.Tables {
+		listed = append(listed, t.Table)
+	}
+	what := "every table of the sink"
+	if len(listed) > 0 {
+		what = strings.Join(listed, ", ")
+	}
+	a.record(r.Context(), j.Sink, &adminv1.AuditRecord{Id: j.ID, Operator: req.Operator, Action: "backfill start", Reason: what})
 	writeProto(w, http.StatusCreated, a.view(j, nil))
+}
+
+// record appends rec to the audit stream (best effort: the action is done).
+func (a *Admin) record(ctx context.Context, sink string, rec *adminv1.AuditRecord) {
+	rec.Time = timestamppb.Now()
+	b, _ := protojson.Marshal(rec)
+	_, _ = a.js.Publish(ctx, "pgs2.audit."+bus.EscapeToken(sink), b)
 }
 
 func (a *Admin) listBackfills(w http.ResponseWriter, r *http.Request) {
@@ -169,6 +187,13 @@ func (a *Admin) setBackfillState(state string) http.HandlerFunc {
 		if !ok {
 			return
 		}
+		var req adminv1.BackfillActionRequest
+		if b, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20)); len(b) > 0 {
+			if err := protojson.Unmarshal(b, &req); err != nil {
+				writeErr(w, http.StatusBadRequest, "body: "+err.Error())
+				return
+			}
+		}
 		if v := a.view(j, ps); v.State == backfill.Done || v.State == backfill.Cancelled {
 			writeErr(w, http.StatusConflict, fmt.Sprintf("backfill %s is %s already; start a new one", j.ID, v.State))
 			return
@@ -182,6 +207,8 @@ func (a *Admin) setBackfillState(state string) http.HandlerFunc {
 			writeErr(w, http.StatusConflict, err.Error())
 			return
 		}
+		verb := map[string]string{backfill.Paused: "pause", backfill.Running: "resume", backfill.Cancelled: "cancel"}[state]
+		a.record(r.Context(), j.Sink, &adminv1.AuditRecord{Id: j.ID, Operator: req.Operator, Action: "backfill " + verb})
 		writeProto(w, http.StatusOK, a.view(j, ps))
 	}
 }

@@ -1577,8 +1577,13 @@ type AuditRecord struct {
 	Operator string                 `protobuf:"bytes,2,opt,name=operator,proto3" json:"operator,omitempty"`
 	Time     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
 	Reason   string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
-	// The dropped message as it was at the time, payload and headers included.
-	Message       *FailedMessage `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	// The dropped message as it was at the time, payload and headers included
+	// (acknowledgements only).
+	Message *FailedMessage `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	// What was done: "ack" (a message dropped), or "backfill start",
+	// "backfill pause", "backfill resume", "backfill cancel" (id is then the
+	// backfill's).
+	Action        string `protobuf:"bytes,6,opt,name=action,proto3" json:"action,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1646,6 +1651,13 @@ func (x *AuditRecord) GetMessage() *FailedMessage {
 		return x.Message
 	}
 	return nil
+}
+
+func (x *AuditRecord) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
 }
 
 type ListAuditRecordsRequest struct {
@@ -1892,13 +1904,14 @@ const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"\x04sink\x18\x01 \x01(\tR\x04sink\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1a\n" +
-	"\boperator\x18\x04 \x01(\tR\boperator\"\xb9\x01\n" +
+	"\boperator\x18\x04 \x01(\tR\boperator\"\xd1\x01\n" +
 	"\vAuditRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\boperator\x18\x02 \x01(\tR\boperator\x12.\n" +
 	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x126\n" +
-	"\amessage\x18\x05 \x01(\v2\x1c.pgs2.admin.v1.FailedMessageR\amessage\"i\n" +
+	"\amessage\x18\x05 \x01(\v2\x1c.pgs2.admin.v1.FailedMessageR\amessage\x12\x16\n" +
+	"\x06action\x18\x06 \x01(\tR\x06action\"i\n" +
 	"\x17ListAuditRecordsRequest\x12\x12\n" +
 	"\x04sink\x18\x01 \x01(\tR\x04sink\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
