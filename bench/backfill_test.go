@@ -120,16 +120,13 @@ sinks:
 	done, first := c.waitAll(ctx, t, rows, start, 30*time.Minute)
 	cpu := procsCPU(cp, rt, dl, e.ns, e.s2)
 	pipeRate := float64(rows) / done.Seconds()
-	var parts []string
-	for _, d := range cpu {
-		parts = append(parts, fmt.Sprintf("%.1f", float64(d.Microseconds())/float64(rows)))
-	}
+	cpuRow := cpuPer(cpu, rows)
 	mem := []string{}
 	for _, p := range []*process{cp, rt, dl, e.ns, e.s2} {
 		mem = append(mem, fmt.Sprintf("%.0f", float64(procHWM(p.pid()))/(1<<20)))
 	}
 	t.Logf("backfill: %d rows in %s (%.0f rows/s), COPY %.0f rows/s: %.2f; first record after %s; CPU µs/row %s; peak MiB %s",
-		rows, done.Round(time.Millisecond), pipeRate, copyRate, pipeRate/copyRate, first.Round(time.Millisecond), strings.Join(parts, " / "), strings.Join(mem, " / "))
+		rows, done.Round(time.Millisecond), pipeRate, copyRate, pipeRate/copyRate, first.Round(time.Millisecond), cpuRow, strings.Join(mem, " / "))
 
 	// The live stream at 2,000 changes/s: idle, then during a backfill.
 	insert := func(ctx context.Context, conn *pgx.Conn, id int64, n int) error {
@@ -197,7 +194,7 @@ sinks:
 		fmt.Sprintf("| pipeline rows/s (services start → all in S2) | %.0f |", pipeRate),
 		fmt.Sprintf("| pipeline / COPY (target ≥ 0.50) | %.2f |", pipeRate/copyRate),
 		fmt.Sprintf("| start → first read in S2 | %s |", first.Round(time.Millisecond)),
-		fmt.Sprintf("| CPU µs/row: capture / router / delivery / nats-server / s2local | %s |", strings.Join(parts, " / ")),
+		fmt.Sprintf("| CPU µs/row: capture / router / delivery / nats-server / s2local | %s |", cpuRow),
 		fmt.Sprintf("| peak RSS MiB: capture / router / delivery / nats-server / s2local | %s |", strings.Join(mem, " / ")),
 		"",
 		fmt.Sprintf("| live stream, %d changes/s offered for %s | idle | during a backfill (%s) | during one at max_rows_per_second %d |",

@@ -424,6 +424,15 @@ func (c *s2Counter) check(ctx context.Context, t *testing.T, want map[string]int
 	}
 }
 
+// cpuPer is each process's CPU per item of n, in µs: "4.1 / 2.4 / …".
+func cpuPer(cpu []time.Duration, n int) string {
+	parts := make([]string, len(cpu))
+	for i, d := range cpu {
+		parts[i] = fmt.Sprintf("%.1f", float64(d.Microseconds())/float64(n))
+	}
+	return strings.Join(parts, " / ")
+}
+
 func procsCPU(ps ...*process) []time.Duration {
 	var out []time.Duration
 	for _, p := range ps {
@@ -462,11 +471,7 @@ func e2eThroughput(t *testing.T, b e2eBins, n int) e2eThroughputResult {
 	done, first := c.waitAll(ctx, t, n, start, 20*time.Minute)
 	cpu := procsCPU(cp, rt, dl, e.ns, e.s2)
 	r := e2eThroughputResult{recv: rr.changesPer, pipeline: float64(n) / done.Seconds(), first: first}
-	var parts []string
-	for _, d := range cpu {
-		parts = append(parts, fmt.Sprintf("%.1f", float64(d.Microseconds())/float64(n)))
-	}
-	r.cpu = strings.Join(parts, " / ")
+	r.cpu = cpuPer(cpu, n)
 	time.Sleep(time.Second) // nothing beyond n arrives
 	c.check(ctx, t, map[string]int{"items": n})
 	r.perMsg = changesPerDeliveryMessage(ctx, t, e.natsURL, n)

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
+	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/proctest"
 	"github.com/pgs2/pgs2/pkg/s2local"
@@ -42,16 +43,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	pg := pgtest.New(t)
 	pg.MustExec(t, "postgres", "CREATE DATABASE app")
 	pg.MustExec(t, "app", "CREATE TABLE users (id int PRIMARY KEY, name text)")
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoSigs: true, NoLog: true,
-		Username: "pgs2", Password: natsPW})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	defer ns.Shutdown()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats-server not ready")
-	}
+	ns := natstest.NewSecured(t, server.Options{Username: "pgs2", Password: natsPW})
 	s2srv, err := s2local.New(s2local.Options{DataDir: filepath.Join(t.TempDir(), "s2"), Basins: []string{soakBasin}, Token: s2Token, Logger: quietLog()})
 	if err != nil {
 		t.Fatal(err)

@@ -275,8 +275,8 @@ func Parse(b []byte) (*Config, error) {
 	}
 	c.Source.Password = os.Getenv("PGS2_SOURCE_PASSWORD")
 	var err error
-	if c.NATS.Password, err = secret("PGS2_NATS_PASSWORD"); err == nil {
-		c.NATS.Token, err = secret("PGS2_NATS_TOKEN")
+	if c.NATS.Password, err = Secret("PGS2_NATS_PASSWORD"); err == nil {
+		c.NATS.Token, err = Secret("PGS2_NATS_TOKEN")
 	}
 	if err != nil {
 		return nil, err
@@ -288,9 +288,9 @@ func Parse(b []byte) (*Config, error) {
 	return &c, nil
 }
 
-// secret is the value of the environment variable name, or the first line
-// of the file name_FILE names.
-func secret(name string) (string, error) {
+// Secret is the value of the environment variable name, or the first line
+// of the file name_FILE names ("" when neither is set).
+func Secret(name string) (string, error) {
 	if v := os.Getenv(name); v != "" {
 		return v, nil
 	}

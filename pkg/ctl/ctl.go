@@ -65,7 +65,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
-	token, err := service.AdminToken(os.Getenv)
+	token, err := service.AdminToken()
 	if err != nil {
 		fmt.Fprintln(stderr, "pgs2ctl:", err)
 		return 2

@@ -3,7 +3,6 @@ package delivery
 import (
 	"context"
 	"fmt"
-	"os"
 
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/service"
@@ -17,7 +16,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
-	token, err := service.AdminToken(os.Getenv)
+	token, err := service.AdminToken()
 	if err != nil {
 		return fmt.Errorf("%w: %v", service.ErrUsage, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -81,4 +82,22 @@ func connect(t testing.TB, urls string, opts ...nats.Option) (*nats.Conn, jetstr
 		t.Fatal(err)
 	}
 	return nc, js
+}
+
+// NewSecured starts an embedded JetStream server with opts' security
+// settings (users, TLS) on a free loopback port and a temporary store,
+// shut down at cleanup.
+func NewSecured(t testing.TB, opts server.Options) *server.Server {
+	t.Helper()
+	opts.Host, opts.Port, opts.JetStream, opts.StoreDir, opts.NoSigs, opts.NoLog = "127.0.0.1", -1, true, t.TempDir(), true, true
+	ns, err := server.NewServer(&opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	t.Cleanup(ns.Shutdown)
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	return ns
 }

@@ -51,24 +51,7 @@ var ErrUsage = errors.New("usage")
 
 // AdminToken is the admin API's bearer token: PGS2_ADMIN_TOKEN, or the
 // first line of the file PGS2_ADMIN_TOKEN_FILE names ("" = none).
-func AdminToken(getenv func(string) string) (string, error) {
-	if t := getenv("PGS2_ADMIN_TOKEN"); t != "" {
-		return t, nil
-	}
-	path := getenv("PGS2_ADMIN_TOKEN_FILE")
-	if path == "" {
-		return "", nil
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("read the admin token from PGS2_ADMIN_TOKEN_FILE: %w", err)
-	}
-	t, _, _ := strings.Cut(string(b), "\n")
-	if t = strings.TrimSpace(t); t == "" {
-		return "", fmt.Errorf("PGS2_ADMIN_TOKEN_FILE %s is empty", path)
-	}
-	return t, nil
-}
+func AdminToken() (string, error) { return config.Secret("PGS2_ADMIN_TOKEN") }
 
 // Loopback reports whether addr (host:port) listens on loopback only.
 func Loopback(addr string) bool {
