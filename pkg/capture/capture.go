@@ -147,7 +147,39 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 // Run prepares the source and streams until ctx ends, reconnecting after
 // failures of Postgres or JetStream. It returns nil after a clean shutdown
 // and an error when the source cannot be captured as configured.
+//
+// Of the captures of one source, one is active; the others stand by and
+// take over when it is gone (a lease in CapturesBucket): the slot streams
+// to one session at a time, and backfill chunks are read by one process.
 func (c *Capture) Run(ctx context.Context) error {
+	var l *bus.Lease
+	err := restart.Until(ctx, sessionRestarts, func(ctx context.Context) (err error) {
+		l, err = bus.OpenLease(ctx, c.js, bus.LeaseConfig{Bucket: CapturesBucket, Key: c.cfg.Source, Role: "capture",
+			Replicas: c.cfg.Backfill.Replicas, TTL: leaseTTL})
+		return err
+	}, bus.Permanent, func(err error, wait time.Duration) {
+		c.state.SetNotReady(err.Error())
+		c.log.Warn("cannot set up the capture lease yet; retrying", "error", err, "retry_in", wait)
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	return l.Hold(ctx, c.log, c.state, c.active)
+}
+
+// CapturesBucket holds one key per source whose capture runs (value: the
+// active capture's id).
+const CapturesBucket = "PGS2_CAPTURES"
+
+// leaseTTL is how long a capture that stopped renewing keeps its source (a
+// SIGKILLed one is replaced within seconds: nobody answers its pings).
+const leaseTTL = 10 * time.Second
+
+// active runs the source's capture while this process holds the lease.
+func (c *Capture) active(ctx context.Context) error {
 	src, err := pgrepl.Prepare(ctx, c.cfg.Repl)
 	if err != nil {
 		return err

@@ -81,7 +81,13 @@ func workload(ctx context.Context, t *testing.T, dsn string, workers int) func()
 					}
 					conn = c
 				}
-				if err := step(ctx, conn, rng); err != nil && ctx.Err() == nil {
+				// A step is not cut by ctx: a COMMIT cancelled in flight
+				// may still commit after the workload returned, behind
+				// the check's read of the table.
+				sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+				err := step(sctx, conn, rng)
+				cancel()
+				if err != nil && ctx.Err() == nil {
 					conn.Close(context.Background())
 					conn = nil
 				}

@@ -15,9 +15,10 @@ import (
 
 // State is a service's readiness, safe for concurrent use.
 type State struct {
-	mu     sync.Mutex
-	ready  bool
-	reason string
+	mu      sync.Mutex
+	ready   bool
+	standby bool
+	reason  string
 }
 
 // NewState returns a state that is not ready yet.
@@ -26,21 +27,42 @@ func NewState() *State { return &State{reason: "starting"} }
 // SetReady marks the service ready.
 func (s *State) SetReady() {
 	s.mu.Lock()
-	s.ready, s.reason = true, ""
+	s.ready, s.standby, s.reason = true, false, ""
 	s.mu.Unlock()
+}
+
+// SetStandby marks the service ready as a standby: it runs, can reach what
+// it needs, and waits to take over from the active process that reason
+// names. /readyz answers 200 (a rolling deploy or a compose health check
+// counts a standby as up) with reason in the body.
+func (s *State) SetStandby(reason string) {
+	s.mu.Lock()
+	s.ready, s.standby, s.reason = true, true, reason
+	s.mu.Unlock()
+}
+
+// Standby reports whether the service is a standby, and for whom.
+func (s *State) Standby() (bool, string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.standby, s.reason
 }
 
 // SetNotReady marks the service not ready, with the reason /readyz reports.
 func (s *State) SetNotReady(reason string) {
 	s.mu.Lock()
-	s.ready, s.reason = false, reason
+	s.ready, s.standby, s.reason = false, false, reason
 	s.mu.Unlock()
 }
 
-// Ready returns readiness and the reason when not ready.
+// Ready returns readiness and the reason when not ready (a standby is
+// ready).
 func (s *State) Ready() (bool, string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.standby {
+		return true, ""
+	}
 	return s.ready, s.reason
 }
 
@@ -53,6 +75,10 @@ func (s *State) Handler() http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if ok, reason := s.Ready(); !ok {
 			http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
+			return
+		}
+		if standby, reason := s.Standby(); standby {
+			fmt.Fprintln(w, "ready, "+reason)
 			return
 		}
 		fmt.Fprintln(w, "ready")

@@ -48,20 +48,24 @@ func waitReady(t *testing.T, s *health.State, within time.Duration) time.Duratio
 	start := time.Now()
 	for {
 		if ok, _ := s.Ready(); ok {
-			return time.Since(start)
+			if standby, _ := s.Standby(); !standby {
+				return time.Since(start)
+			}
 		}
 		if time.Since(start) > within {
 			_, why := s.Ready()
-			t.Fatalf("router not ready after %s: %s", within, why)
+			if standby, who := s.Standby(); standby {
+				why = who
+			}
+			t.Fatalf("router not active after %s: %s", within, why)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 }
 
 // TestOneRouterPerSource: a second router of the same source (a rolling
-// deploy, a copy started by mistake) waits, not ready, while the first
-// runs; it takes over at once when the first stops, or when its
-// connection dies (a SIGKILL: it no longer answers pings), well within
+// deploy, a standby) stands by while the first runs; it takes over at once
+// when the first stops, or when its connection dies (a SIGKILL: it no longer answers pings), well within
 // the lease TTL. Every change is routed once, in order. Before, both
 // published into the one chain.
 func TestOneRouterPerSource(t *testing.T) {
@@ -79,8 +83,8 @@ func TestOneRouterPerSource(t *testing.T) {
 	}
 	write(100)
 	e.outputs(t, n)
-	if ok, why := sb.Ready(); ok || !strings.Contains(why, "another router") {
-		t.Fatalf("second router: ready=%v (%q), want waiting for the first", ok, why)
+	if standby, why := sb.Standby(); !standby || !strings.Contains(why, "the active router of source app is r-") {
+		t.Fatalf("second router: standby=%v (%q), want standing by for the first", standby, why)
 	}
 	stopA()
 	if d := waitReady(t, sb, 5*time.Second); d > 3*time.Second {
@@ -90,8 +94,8 @@ func TestOneRouterPerSource(t *testing.T) {
 	e.outputs(t, n)
 	_, sc, _ := e.runOwn(t, sinks)
 	time.Sleep(500 * time.Millisecond)
-	if ok, _ := sc.Ready(); ok {
-		t.Fatal("third router ready while the second runs")
+	if standby, _ := sc.Standby(); !standby {
+		t.Fatal("third router not a standby while the second runs")
 	}
 	ncB.Close() // B dies
 	if d := waitReady(t, sc, 8*time.Second); d > 5*time.Second {
@@ -136,8 +140,8 @@ func TestHungRouterKeepsItsLeaseUntilTheTTL(t *testing.T) {
 	defer sub.Unsubscribe()
 	_, s, _ := e.runOwn(t, []config.Sink{{Name: "a", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "a"}})
 	time.Sleep(5 * time.Second)
-	if ok, why := s.Ready(); ok || !strings.Contains(why, "another router") {
-		t.Fatalf("a router took the source from a hung holder after 5 s (ready=%v, %q); want it to wait for the TTL", ok, why)
+	if standby, why := s.Standby(); !standby || !strings.Contains(why, "r-hung") {
+		t.Fatalf("a router took the source from a hung holder after 5 s (standby=%v, %q); want it to wait for the TTL", standby, why)
 	}
 	waitReady(t, s, 20*time.Second)
 	if d := time.Since(held); d < 10*time.Second {

@@ -60,7 +60,7 @@ type Router struct {
 	// registered are the delivery subjects whose unit is registered.
 	registered map[string]bool
 	// lease makes this router its source's only one.
-	lease *lease
+	lease *bus.Lease
 }
 
 // chain is what a session needs of its publisher (bus.Publisher has it).
@@ -139,7 +139,8 @@ func (r *Router) Run(ctx context.Context) error {
 		if r.units, err = bus.NewUnits(ctx, kv); err != nil {
 			return err
 		}
-		r.lease, err = openLease(ctx, r.js, r.cfg.Source, r.cfg.Delivery.Replicas)
+		r.lease, err = bus.OpenLease(ctx, r.js, bus.LeaseConfig{Bucket: RoutersBucket, Key: r.cfg.Source, Role: "router",
+			Replicas: r.cfg.Delivery.Replicas, TTL: leaseTTL})
 		return err
 	}, bus.Permanent, func(err error, wait time.Duration) {
 		r.state.SetNotReady(err.Error())
@@ -151,27 +152,14 @@ func (r *Router) Run(ctx context.Context) error {
 		}
 		return err
 	}
-	for ctx.Err() == nil {
-		if err := r.lease.acquire(ctx, r); err != nil {
-			return nil // ctx ended
-		}
-		lctx, cancel := context.WithCancel(ctx)
-		go r.lease.keep(lctx, func(err error) {
-			r.state.SetNotReady(err.Error())
-			r.log.Warn("router lease lost; stopping the session", "error", err)
-			cancel()
-		})
-		restart.Loop(lctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
+	return r.lease.Hold(ctx, r.log, r.state, func(ctx context.Context) error {
+		restart.Loop(ctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
 			r.state.SetNotReady(err.Error())
 			r.log.Warn("router session ended; restarting", "error", err, "retry_in", wait)
 			return true
 		})
-		cancel()
-	}
-	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	r.lease.release(rctx)
-	return nil
+		return nil
+	})
 }
 
 // sessionRestarts is the back-off between sessions (and start-up attempts).
