@@ -12,4 +12,3 @@ const RoutersBucket = "PGS2_ROUTERS"
 // leaseTTL is how long a router that stopped renewing keeps its source
 // (a SIGKILLed one is replaced at once: nobody answers its pings).
 const leaseTTL = 10 * time.Second
-
