@@ -4,7 +4,7 @@ BIN     := bin
 SERVICES := capture router delivery s2local pgs2ctl
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build test soak scale bench lint proto run run-clean clean
+.PHONY: all build test soak scale bench lint proto run run-clean clean image
 
 all: build
 
@@ -55,3 +55,9 @@ run-clean: build
 
 clean:
 	rm -rf $(BIN)
+
+# The pgs2 image from binaries built here, on a scratch base (no image is
+# pulled): make image IMAGE=pgs2:dev. docker compose builds deploy/Dockerfile.
+IMAGE ?= pgs2:dev
+image:
+	@scripts/build-image.sh $(IMAGE)

@@ -4,12 +4,14 @@ package deploy_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/compose-spec/compose-go/v2/cli"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/pgs2/pgs2/pkg/config"
 )
@@ -56,11 +58,85 @@ func TestComposeFile(t *testing.T) {
 			t.Errorf("deploy/Dockerfile does not build %s", bin)
 		}
 	}
-	b, err := os.ReadFile("cdc.compose.yaml")
+	for file, replicas := range map[string]int{"cdc.compose.yaml": 1, "cdc.cluster.yaml": 3} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := config.Parse(b)
+		if err != nil {
+			t.Fatalf("deploy/%s: %v", file, err)
+		}
+		if c.NATS.Replicas != replicas || c.Telemetry.OTLPEndpoint != "jaeger:4318" {
+			t.Errorf("deploy/%s: replicas %d, traces to %q; want %d and jaeger:4318", file, c.NATS.Replicas, c.Telemetry.OTLPEndpoint, replicas)
+		}
+	}
+}
+
+// TestComposeExtras: Jaeger takes OTLP, Prometheus scrapes every pgs2
+// service (every replica: by DNS) at its --http-addr port, and the cluster
+// profile has three JetStream nodes routed to each other and a pipeline
+// on them.
+func TestComposeExtras(t *testing.T) {
+	opts, err := cli.NewProjectOptions([]string{"../docker-compose.yml"}, cli.WithWorkingDirectory(".."), cli.WithName("pgs2"),
+		cli.WithProfiles([]string{"cluster"}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := config.Parse(b); err != nil {
-		t.Fatalf("deploy/cdc.compose.yaml: %v", err)
+	p, err := opts.LoadProject(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j, err := p.GetService("jaeger"); err != nil || j.Environment["COLLECTOR_OTLP_ENABLED"] == nil {
+		t.Errorf("jaeger: %v, want a service with OTLP enabled", err)
+	}
+	prom, err := os.ReadFile("prometheus.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pc struct {
+		ScrapeConfigs []struct {
+			DNS []struct {
+				Names []string
+				Port  int
+			} `yaml:"dns_sd_configs"`
+		} `yaml:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal(prom, &pc); err != nil {
+		t.Fatal(err)
+	}
+	scraped := map[string]int{}
+	for _, sc := range pc.ScrapeConfigs {
+		for _, d := range sc.DNS {
+			for _, n := range d.Names {
+				scraped[n] = d.Port
+			}
+		}
+	}
+	for _, svc := range p.Services {
+		if len(svc.Entrypoint) != 1 || svc.Entrypoint[0] == "/usr/local/bin/s2local" || !strings.HasPrefix(svc.Entrypoint[0], "/usr/local/bin/") {
+			continue
+		}
+		i := slices.Index(svc.Command, "--http-addr")
+		if i < 0 || i+1 >= len(svc.Command) {
+			t.Errorf("service %s: no --http-addr", svc.Name)
+			continue
+		}
+		if port := svc.Command[i+1][strings.LastIndex(svc.Command[i+1], ":")+1:]; fmt.Sprint(scraped[svc.Name]) != port {
+			t.Errorf("service %s listens on port %s; prometheus.yml scrapes it on %d", svc.Name, port, scraped[svc.Name])
+		}
+	}
+	for _, n := range []string{"nats-1", "nats-2", "nats-3"} {
+		svc, err := p.GetService(n)
+		if err != nil || !slices.Contains(svc.Profiles, "cluster") || !strings.Contains(strings.Join(svc.Command, " "),
+			"nats://nats-1:6222,nats://nats-2:6222,nats://nats-3:6222") {
+			t.Errorf("%s: %v %v, want a node of the cluster profile routed to all three", n, err, svc.Command)
+		}
+	}
+	for _, n := range []string{"capture-cluster", "router-cluster", "delivery-cluster"} {
+		svc, err := p.GetService(n)
+		if err != nil || len(svc.Volumes) != 1 || !strings.HasSuffix(svc.Volumes[0].Source, "cdc.cluster.yaml") {
+			t.Errorf("%s: %v, want the cluster profile's config", n, err)
+		}
 	}
 }

@@ -6,7 +6,9 @@ package telemetry
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"os"
+	"strings"
 	"sync/atomic"
 
 	"go.opentelemetry.io/otel"
@@ -51,11 +53,18 @@ func Setup(ctx context.Context, c Config) (func(context.Context) error, error) {
 	return tp.Shutdown, nil
 }
 
+// endpointURL reads telemetry.otlp_endpoint as OTEL_EXPORTER_OTLP_ENDPOINT
+// is read: a base (host:port, or a URL without a path) gets the traces
+// path /v1/traces; a URL with a path is the traces URL itself.
 func endpointURL(e string) string {
-	if len(e) > 7 && (e[:7] == "http://" || (len(e) > 8 && e[:8] == "https://")) {
-		return e
+	if !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
+		e = "http://" + e
 	}
-	return "http://" + e
+	if u, err := url.Parse(e); err == nil && (u.Path == "" || u.Path == "/") {
+		u.Path = "/v1/traces"
+		return u.String()
+	}
+	return e
 }
 
 var enabled atomic.Bool
