@@ -187,6 +187,7 @@ func (c *Capture) active(ctx context.Context) error {
 	if src.SlotCreated {
 		c.log.Info("created replication slot", "slot", c.cfg.Repl.Slot)
 	}
+	createdAfter := src.SlotCreated
 	var stream jetstream.Stream
 	err = restart.Until(ctx, sessionRestarts, func(ctx context.Context) (err error) {
 		stream, err = bus.EnsureChangesStream(ctx, c.js, c.cfg.Stream)
@@ -206,6 +207,16 @@ func (c *Capture) active(ctx context.Context) error {
 	go func() { defer close(backfillsDone); c.runBackfills(bctx, src.Database) }()
 	defer func() { stopBackfills(); <-backfillsDone }()
 	var setupErr error
+	if createdAfter {
+		// A new slot next to changes already captured from this source:
+		// what was committed between them is not in the stream.
+		if r, err := bus.ResumeChanges(ctx, c.js, c.cfg.Stream.Name, c.cfg.Source); err == nil && r.LastID != "" {
+			c.log.Warn("the replication slot was created, but the changes stream already holds changes of this source: "+
+				"changes committed after those and before the slot are not captured (the slot was dropped, or PostgreSQL failed over "+
+				"to a server without it); backfill the tables (pgs2ctl backfill start --sink …)",
+				"slot", c.cfg.Repl.Slot, "stream_through", r.Through.String(), "slot_from", src.ConfirmedFlush.String())
+		}
+	}
 	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
 		return c.session(ctx, stream, src.Database)
 	}, func(err error, wait time.Duration) bool {
@@ -280,6 +291,27 @@ func (c *Capture) Reload(ctx context.Context, cfg Config) error {
 	return nil
 }
 
+// checkStreamBehindWAL refuses a changes stream that holds changes of the
+// source past the database's WAL end: they come from another database (a
+// new cluster under the same source name, a restore from a backup), and
+// every change up to their positions would be skipped as stored.
+func checkStreamBehindWAL(resume bus.ChangesResume, walText string, cfg Config) error {
+	wal, err := pglogrepl.ParseLSN(walText)
+	if err != nil {
+		return fmt.Errorf("pg_current_wal_lsn %q: %w", walText, err)
+	}
+	if resume.LastID == "" || resume.Through.LSN <= uint64(wal) {
+		return nil
+	}
+	return &pgrepl.SetupError{
+		Problem: fmt.Sprintf("changes stream %s holds changes of source %s up to %s, past this database's WAL end %s: "+
+			"they were captured from another database (a new cluster, or one restored from a backup), and capture would skip "+
+			"this database's changes up to there as already stored", cfg.Stream.Name, cfg.Source, resume.Through, wal),
+		Fix: fmt.Sprintf("give this database its own source.name and nats.changes_stream/delivery_stream, or, if the old "+
+			"changes are no longer wanted, delete stream %s (nats stream rm %s) and backfill", cfg.Stream.Name, cfg.Stream.Name),
+	}
+}
+
 // sessionRestarts is the back-off between sessions (and start-up attempts).
 var sessionRestarts = restart.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second, ResetAfter: 30 * time.Second}
 
@@ -295,12 +327,16 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 		return err
 	}
 	defer catConn.Close(context.Background())
-	var flushText string
+	var flushText, walText string
 	var serverMs int64
 	asked := time.Now()
-	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0'), (extract(epoch FROM clock_timestamp()) * 1000)::bigint
-		FROM pg_replication_slots WHERE slot_name = $1`, c.cfg.Repl.Slot).Scan(&flushText, &serverMs); err != nil {
+	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0'), pg_current_wal_lsn()::text,
+		(extract(epoch FROM clock_timestamp()) * 1000)::bigint
+		FROM pg_replication_slots WHERE slot_name = $1`, c.cfg.Repl.Slot).Scan(&flushText, &walText, &serverMs); err != nil {
 		return fmt.Errorf("read slot %s: %w", c.cfg.Repl.Slot, err)
+	}
+	if err := checkStreamBehindWAL(resume, walText, c.cfg); err != nil {
+		return err
 	}
 	// The server's clock against ours (commit times are the server's).
 	clockSkew := serverMs - asked.Add(time.Since(asked)/2).UnixMilli()

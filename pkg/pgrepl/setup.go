@@ -113,6 +113,21 @@ type Source struct {
 	SlotCreated bool
 }
 
+// MinVersion is the oldest PostgreSQL pgs2 captures: pgoutput passes
+// logical decoding messages (backfill watermarks, transaction annotations)
+// from 14 on.
+const MinVersion = 140000
+
+// CheckVersion refuses a server older than MinVersion (server_version and
+// server_version_num).
+func CheckVersion(version string, num int) error {
+	if num < MinVersion {
+		return setupErr("upgrade the server to PostgreSQL 14 or later",
+			"PostgreSQL %s is too old: pgs2 needs 14 or later (pgoutput's logical decoding messages, option messages, came in 14)", version)
+	}
+	return nil
+}
+
 // Prepare checks that the source can be captured correctly and creates the
 // publication and slot when missing. A *SetupError names what to fix.
 func Prepare(ctx context.Context, c Config) (*Source, error) {
@@ -122,13 +137,18 @@ func Prepare(ctx context.Context, c Config) (*Source, error) {
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	var walLevel, user, db string
+	var walLevel, user, db, version string
 	var canReplicate bool
+	var versionNum int
 	err = conn.QueryRow(ctx, `SELECT current_setting('wal_level'), current_user, current_database(),
-		(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)`).
-		Scan(&walLevel, &user, &db, &canReplicate)
+		(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+		current_setting('server_version'), current_setting('server_version_num')::int`).
+		Scan(&walLevel, &user, &db, &canReplicate, &version, &versionNum)
 	if err != nil {
 		return nil, fmt.Errorf("read server settings: %w", err)
+	}
+	if err := CheckVersion(version, versionNum); err != nil {
+		return nil, err
 	}
 	if walLevel != "logical" {
 		return nil, setupErr("run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart PostgreSQL",
