@@ -39,10 +39,23 @@ type Config struct {
 
 	PGPort, NATSPort, S2Port              int
 	CapturePort, RouterPort, DeliveryPort int
+	// NATS is an external JetStream (a server or a cluster) instead of
+	// the embedded one: its URL(s), the replicas of pgs2's streams and
+	// buckets, and how to authenticate (the password and token come from
+	// PGS2_NATS_PASSWORD and PGS2_NATS_TOKEN, as the services read them).
+	NATS ExternalNATS
 	// Timeout bounds each component's start-up.
 	Timeout time.Duration
 	// StopTimeout bounds each component's shutdown before it is killed.
 	StopTimeout time.Duration
+}
+
+// ExternalNATS is a JetStream that make run uses instead of its own.
+type ExternalNATS struct {
+	URL                      string // empty: the embedded server
+	Replicas                 int
+	User, Creds, NKey        string
+	CA, Cert, Key, TLSServer string
 }
 
 // Names of the sample's objects.
@@ -138,6 +151,15 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	num(&c.CapturePort, "capture-port", 9101, "capture's --http-addr port")
 	num(&c.RouterPort, "router-port", 9102, "router's --http-addr port")
 	num(&c.DeliveryPort, "delivery-port", 9103, "delivery's --http-addr port (also its admin API)")
+	str(&c.NATS.URL, "nats-url", "", "an external JetStream instead of the embedded one, e.g. a cluster: nats://a:4222,nats://b:4222,nats://c:4222")
+	num(&c.NATS.Replicas, "nats-replicas", 1, "replicas of pgs2's streams and buckets on --nats-url (3 on a 3-node cluster)")
+	str(&c.NATS.User, "nats-user", "", "NATS user on --nats-url (the password in $PGS2_NATS_PASSWORD; a token goes in $PGS2_NATS_TOKEN)")
+	str(&c.NATS.Creds, "nats-creds", "", "NATS .creds file (JWT and NKey seed) for --nats-url")
+	str(&c.NATS.NKey, "nats-nkey", "", "NATS NKey seed file for --nats-url")
+	str(&c.NATS.CA, "nats-ca", "", "CA file that signs --nats-url's TLS certificate")
+	str(&c.NATS.Cert, "nats-cert", "", "client certificate for --nats-url (with --nats-key)")
+	str(&c.NATS.Key, "nats-key", "", "client certificate's key for --nats-url")
+	str(&c.NATS.TLSServer, "nats-tls-server-name", "", "name to verify in --nats-url's certificate")
 	fs.DurationVar(&c.Timeout, "timeout", 60*time.Second, "how long each component may take to become ready (PostgreSQL: at least 2m, for initdb)")
 	fs.DurationVar(&c.StopTimeout, "stop-timeout", 30*time.Second, "how long each component may take to stop before it is killed")
 	if err := fs.Parse(args); err != nil {
@@ -154,6 +176,13 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 		if p.v < 1 || p.v > 65535 {
 			bad = append(bad, fmt.Sprintf("--%s %d is not a TCP port", p.name, p.v))
 		}
+	}
+	if c.NATS.URL == "" && (c.NATS.User != "" || c.NATS.Creds != "" || c.NATS.NKey != "" || c.NATS.CA != "" || c.NATS.Cert != "" ||
+		c.NATS.Key != "" || c.NATS.TLSServer != "" || c.NATS.Replicas != 1) {
+		bad = append(bad, "--nats-user, --nats-creds, --nats-nkey, --nats-ca, --nats-cert, --nats-key, --nats-tls-server-name and --nats-replicas are for an external JetStream: give --nats-url too")
+	}
+	if c.NATS.Replicas < 1 || c.NATS.Replicas > 5 {
+		bad = append(bad, fmt.Sprintf("--nats-replicas %d: use 1 to 5", c.NATS.Replicas))
 	}
 	if c.Timeout <= 0 || c.StopTimeout <= 0 {
 		bad = append(bad, "--timeout and --stop-timeout must be positive")
@@ -303,11 +332,13 @@ func (r *run) prepareDir() (unlock func(), err error) {
 
 func (r *run) ports() []namedPort {
 	ps := []namedPort{
-		{r.cfg.NATSPort, "JetStream", "nats-port"},
 		{r.cfg.S2Port, "s2local", "s2-port"},
 		{r.cfg.CapturePort, "capture's health endpoints", "capture-port"},
 		{r.cfg.RouterPort, "router's health endpoints", "router-port"},
 		{r.cfg.DeliveryPort, "delivery's health endpoints and admin API", "delivery-port"},
+	}
+	if r.cfg.NATS.URL == "" {
+		ps = append([]namedPort{{r.cfg.NATSPort, "JetStream", "nats-port"}}, ps...)
 	}
 	if r.cfg.SourceDSN == "" {
 		ps = append([]namedPort{{r.cfg.PGPort, "PostgreSQL", "pg-port"}}, ps...)

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"net"
@@ -17,8 +19,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/proctest"
+	"github.com/pgs2/pgs2/pkg/tlstest"
 )
 
 var (
@@ -394,4 +400,54 @@ func TestRunFailsFast(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestRunAgainstSecuredNATS: make run against an external JetStream that
+// requires TLS with client certificates and a password (--nats-url,
+// --nats-user with $PGS2_NATS_PASSWORD, --nats-ca, --nats-cert,
+// --nats-key): no embedded server is started, the printed insert reaches
+// S2 through it (its streams are there), and the password is in no output
+// and not in the config file.
+func TestRunAgainstSecuredNATS(t *testing.T) {
+	needPostgres(t)
+	bin := binaries(t)
+	dir := runDir(t)
+	certs := t.TempDir()
+	ca := tlstest.NewCA(t, "pgs2 run test CA")
+	srv, cli := ca.Issue(t, "nats.test"), ca.Issue(t, "pgs2-client")
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	const password = "RUN-NATS-PW-31337"
+	ns := natstest.NewSecured(t, server.Options{Username: "pgs2", Password: password, TLS: true, TLSVerify: true,
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{srv.Cert.Raw}, PrivateKey: srv.Key}},
+			ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}})
+	t.Setenv("PGS2_NATS_PASSWORD", password)
+	ports := freePorts(t, 6)
+	args := append(runArgs(dir, bin, ports), "--nats-url", "tls://"+ns.Addr().String(), "--nats-user", "pgs2",
+		"--nats-ca", ca.WriteCert(t, certs, "ca.pem"), "--nats-cert", cli.WriteCert(t, certs, "client.pem"),
+		"--nats-key", cli.WriteKey(t, certs, "client.key"), "--nats-tls-server-name", "nats.test")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	r := startRunner(t, bin, args...)
+	insert, tail := r.banner(t)
+	shell(t, ctx, insert)
+	recs := parseTail(t, shell(t, ctx, tail+" --json --count 1"))
+	if len(recs) != 1 || recs[0].Body.Record.Name != "alice" {
+		t.Fatalf("tail printed %+v, want the insert of alice", recs)
+	}
+	if l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(ports[1])); err != nil {
+		t.Errorf("--nats-port %d is taken: an embedded JetStream runs next to --nats-url", ports[1])
+	} else {
+		l.Close()
+	}
+	r.stop(t, syscall.SIGTERM)
+	if ns.GlobalAccount().JetStreamUsage().Streams == 0 {
+		t.Error("the secured server holds no stream: the pipeline did not run on it")
+	}
+	cfg, _ := os.ReadFile(filepath.Join(dir, "pgs2.yaml"))
+	for what, s := range map[string]string{"stdout": r.out.String(), "stderr": r.stderr.String(), "pgs2.yaml": string(cfg)} {
+		if strings.Contains(s, password) {
+			t.Errorf("the NATS password is in %s", what)
+		}
+	}
 }

@@ -132,6 +132,10 @@ func queryRow(ctx context.Context, dsn, sql string, args []any, dst any) error {
 // startNATS runs JetStream inside this process, its store and log in the
 // run directory.
 func (r *run) startNATS() error {
+	if r.cfg.NATS.URL != "" {
+		r.log.Info("using an external JetStream", "url", r.cfg.NATS.URL, "replicas", r.cfg.NATS.Replicas)
+		return nil
+	}
 	opts := &server.Options{
 		ServerName:   "pgs2-run",
 		Host:         "127.0.0.1",
@@ -160,7 +164,62 @@ func (r *run) startNATS() error {
 	return nil
 }
 
-func (r *run) natsURL() string { return "nats://127.0.0.1:" + strconv.Itoa(r.cfg.NATSPort) }
+func (r *run) natsURL() string {
+	if r.cfg.NATS.URL != "" {
+		return r.cfg.NATS.URL
+	}
+	return "nats://127.0.0.1:" + strconv.Itoa(r.cfg.NATSPort)
+}
+
+// natsYAML is the config's nats section: the URL, and for an external
+// JetStream its replicas, authentication and TLS.
+func (r *run) natsYAML() (string, error) {
+	n := r.cfg.NATS
+	var b strings.Builder
+	fmt.Fprintf(&b, "nats:\n  url: %s\n", yamlQuote(r.natsURL()))
+	if n.URL == "" {
+		return b.String(), nil
+	}
+	abs := func(p string) (string, error) {
+		if p == "" {
+			return "", nil
+		}
+		a, err := filepath.Abs(p)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", p, err)
+		}
+		return a, nil
+	}
+	fmt.Fprintf(&b, "  replicas: %d\n", n.Replicas)
+	if n.User != "" {
+		fmt.Fprintf(&b, "  user: %s\n", yamlQuote(n.User))
+	}
+	for _, f := range []struct{ key, path string }{{"credentials_file", n.Creds}, {"nkey_file", n.NKey}} {
+		p, err := abs(f.path)
+		if err != nil {
+			return "", err
+		}
+		if p != "" {
+			fmt.Fprintf(&b, "  %s: %s\n", f.key, yamlQuote(p))
+		}
+	}
+	if n.CA != "" || n.Cert != "" || n.Key != "" || n.TLSServer != "" {
+		b.WriteString("  tls:\n")
+		for _, f := range []struct{ key, path string }{{"ca_file", n.CA}, {"cert_file", n.Cert}, {"key_file", n.Key}} {
+			p, err := abs(f.path)
+			if err != nil {
+				return "", err
+			}
+			if p != "" {
+				fmt.Fprintf(&b, "    %s: %s\n", f.key, yamlQuote(p))
+			}
+		}
+		if n.TLSServer != "" {
+			fmt.Fprintf(&b, "    server_name: %s\n", yamlQuote(n.TLSServer))
+		}
+	}
+	return b.String(), nil
+}
 func (r *run) s2URL() string   { return "http://127.0.0.1:" + strconv.Itoa(r.cfg.S2Port) }
 
 // startS2 runs bin/s2local on disk and creates the sample basin and stream.
@@ -206,6 +265,10 @@ func isConflict(err error) bool {
 // given as flags apply).
 func (r *run) writeConfig() (string, error) {
 	path := filepath.Join(r.dir, "pgs2.yaml")
+	natsSection, err := r.natsYAML()
+	if err != nil {
+		return "", err
+	}
 	cfg := fmt.Sprintf(`# Written by pgs2 run (make run) at every start: edits are overwritten.
 # Copy it elsewhere to experiment: bin/capture --config FILE, and so on.
 source:
@@ -214,9 +277,7 @@ source:
   slot: %s
   publication: %s
   tables: [%s]
-nats:
-  url: %s
-sinks:
+%ssinks:
   - name: %s
     tables: [%s]
     basin: %s
@@ -224,7 +285,7 @@ sinks:
     endpoint: %s
     create_stream: true
     retry: {initial: 200ms, max: 10s}
-`, SourceName, yamlQuote(r.dsn), slotName, pubName, Table, r.natsURL(), SinkName, Table, Basin, Stream, r.s2URL())
+`, SourceName, yamlQuote(r.dsn), slotName, pubName, Table, natsSection, SinkName, Table, Basin, Stream, r.s2URL())
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		return "", fmt.Errorf("write %s: %w", path, err)
 	}
@@ -328,7 +389,11 @@ pgs2 is running. In a second terminal:
 	} else {
 		fmt.Fprintf(tw, "  postgres\t%s\t%s\n", r.dsn, filepath.Join(logs, "postgres.log"))
 	}
-	fmt.Fprintf(tw, "  jetstream\t%s\t%s\n", r.natsURL(), filepath.Join(logs, "nats.log"))
+	if r.cfg.NATS.URL != "" {
+		fmt.Fprintf(tw, "  jetstream\t%s\t(external)\n", r.natsURL())
+	} else {
+		fmt.Fprintf(tw, "  jetstream\t%s\t%s\n", r.natsURL(), filepath.Join(logs, "nats.log"))
+	}
 	fmt.Fprintf(tw, "  s2local\t%s\t%s\n", r.s2URL(), filepath.Join(logs, "s2local.log"))
 	for _, p := range r.services {
 		port := map[string]int{"capture": r.cfg.CapturePort, "router": r.cfg.RouterPort, "delivery": r.cfg.DeliveryPort}[p.name]
