@@ -19,14 +19,16 @@ import (
 	"github.com/pgs2/pgs2/pkg/pgtest"
 	"github.com/pgs2/pgs2/pkg/proctest"
 	"github.com/pgs2/pgs2/pkg/s2local"
+	"github.com/pgs2/pgs2/pkg/telemetry/otlptest"
 )
 
 // TestSecretsNeverLeak runs the three services with recognisable secrets —
 // an S2 token, a NATS password, a Postgres password and an admin token —
-// makes S2 answer 401 (a sink with a wrong token), the admin API answer
-// 401 (a call without the token) and a config error happen, and finds
-// none of the secrets in any log line, error, metric, admin API answer or
-// pgs2ctl output.
+// makes S2 answer 401 (a sink with a wrong token) and 500/503 (faults on
+// the other's appends), the admin API answer 401 (a call without the
+// token) and a config error happen, and finds none of the secrets in any
+// log line, error, span (attributes, events, status; exported over OTLP),
+// metric, admin API answer or pgs2ctl output.
 func TestSecretsNeverLeak(t *testing.T) {
 	if testing.Short() {
 		t.Skip("process test: PostgreSQL, NATS, s2local and three service processes")
@@ -44,7 +46,11 @@ func TestSecretsNeverLeak(t *testing.T) {
 	pg.MustExec(t, "postgres", "CREATE DATABASE app")
 	pg.MustExec(t, "app", "CREATE TABLE users (id int PRIMARY KEY, name text)")
 	ns := natstest.NewSecured(t, server.Options{Username: "pgs2", Password: natsPW})
-	s2srv, err := s2local.New(s2local.Options{DataDir: filepath.Join(t.TempDir(), "s2"), Basins: []string{soakBasin}, Token: s2Token, Logger: quietLog()})
+	// S2 answers half of the good sink's appends with a 500 or a 503.
+	faults := s2local.FaultConfig{Rules: []s2local.FaultRule{{Stream: "good", AppendsOnly: true, ErrorRate: 0.5,
+		Statuses: []int{http.StatusInternalServerError, http.StatusServiceUnavailable}}}}
+	s2srv, err := s2local.New(s2local.Options{DataDir: filepath.Join(t.TempDir(), "s2"), Basins: []string{soakBasin}, Token: s2Token,
+		Faults: faults, Logger: quietLog()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,14 +62,17 @@ func TestSecretsNeverLeak(t *testing.T) {
 	t.Setenv("PGS2_ADMIN_TOKEN", adminTok)
 	t.Setenv("GOOD_S2_TOKEN", s2Token)
 	t.Setenv("BAD_S2_TOKEN", badToken)
+	traces := otlptest.New(t)
 	cfg := filepath.Join(t.TempDir(), "pgs2.yaml")
 	writeFile(t, cfg, fmt.Sprintf(`source: {name: app, dsn: %q, tables: [public.users]}
 nats: {url: %q, user: pgs2, partitions: 4}
+telemetry: {otlp_endpoint: %q}
 sinks:
-  - {name: good, tables: [public.users], basin: %s, stream: good, endpoint: %q, access_token_env: GOOD_S2_TOKEN, create_stream: true}
+  - {name: good, tables: [public.users], basin: %s, stream: good, endpoint: %q, access_token_env: GOOD_S2_TOKEN, create_stream: true,
+     retry: {initial: 20ms, max: 100ms}}
   - {name: bad, tables: [public.users], basin: %s, stream: bad, endpoint: %q, access_token_env: BAD_S2_TOKEN, create_stream: true,
      retry: {initial: 50ms, max: 200ms}}
-`, pg.DSN("app"), ns.ClientURL(), soakBasin, hs.URL, soakBasin, hs.URL))
+`, pg.DSN("app"), ns.ClientURL(), traces.Addr, soakBasin, hs.URL, soakBasin, hs.URL))
 	procs := map[string]*proctest.Proc{}
 	for _, name := range []string{"capture", "router", "delivery"} {
 		procs[name] = proctest.Start(t, proctest.Build(t, servicePath(name)), "--config", cfg, "--log-level", "debug")
@@ -131,6 +140,17 @@ sinks:
 		t.Fatalf("capture with a bad config did not fail: %s", out)
 	}
 	outputs = append(outputs, string(out))
+	// The spans of every service, the failed appends' among them.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		got := traces.Services()
+		if got["pgs2-capture"] > 0 && got["pgs2-router"] > 0 && got["pgs2-delivery"] > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("spans per service: %v, want capture's, router's and delivery's", got)
+		}
+	}
+	outputs = append(outputs, traces.Text())
 	for name, p := range procs {
 		outputs = append(outputs, p.Output())
 		if !strings.Contains(p.Output(), "level=") {
@@ -140,6 +160,9 @@ sinks:
 	all := strings.Join(outputs, "\n")
 	if !strings.Contains(all, "401") {
 		t.Fatal("no 401 was seen: the test did not make S2 refuse a token")
+	}
+	if !strings.Contains(all, "500") && !strings.Contains(all, "503") {
+		t.Fatal("no 500 or 503 was seen: the test did not make S2 fail appends")
 	}
 	for _, s := range secrets {
 		if i := strings.Index(all, s); i >= 0 {
