@@ -220,7 +220,7 @@ func (r *run) natsYAML() (string, error) {
 	}
 	return b.String(), nil
 }
-func (r *run) s2URL() string   { return "http://127.0.0.1:" + strconv.Itoa(r.cfg.S2Port) }
+func (r *run) s2URL() string { return "http://127.0.0.1:" + strconv.Itoa(r.cfg.S2Port) }
 
 // startS2 runs bin/s2local on disk and creates the sample basin and stream.
 func (r *run) startS2(ctx context.Context) error {
