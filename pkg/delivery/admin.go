@@ -39,29 +39,58 @@ type Admin struct {
 
 	mu         sync.Mutex
 	sinkTables map[string][]string // nil: not told (SetSinks)
-	token      []byte              // bearer token every call needs ("": none)
+	tokens     []adminToken        // bearer tokens, one of which every call needs (none: open)
 }
 
-// RequireToken makes every call of the API need the header
-// `Authorization: Bearer <token>` (an empty token: none).
-func (a *Admin) RequireToken(token string) {
+// RequireTokens makes every call of the API need the header
+// `Authorization: Bearer <token>` with one of tokens (token → the operator
+// it proves; "" for a shared token, whose callers name themselves). No
+// tokens: none needed.
+func (a *Admin) RequireTokens(tokens map[string]string) {
 	a.mu.Lock()
-	a.token = []byte(token)
+	a.tokens = nil
+	for tok, name := range tokens {
+		a.tokens = append(a.tokens, adminToken{[]byte(tok), name})
+	}
 	a.mu.Unlock()
 }
 
-// authorized wraps h: without the token, 401 (the answer names no token).
+type adminToken struct {
+	token    []byte
+	operator string
+}
+
+type operatorKey struct{}
+
+// operator is who made request r: the operator its token proves, else the
+// one it declares (a shared token, or none).
+func operator(r *http.Request, declared string) string {
+	if name, _ := r.Context().Value(operatorKey{}).(string); name != "" {
+		return name
+	}
+	return declared
+}
+
 func (a *Admin) authorized(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		a.mu.Lock()
-		token := a.token
+		tokens := a.tokens
 		a.mu.Unlock()
-		if len(token) > 0 {
+		if len(tokens) > 0 {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(got), token) != 1 {
+			match := -1
+			for i, t := range tokens { // every one compared: the time tells nothing
+				if subtle.ConstantTimeCompare([]byte(got), t.token) == 1 {
+					match = i
+				}
+			}
+			if !ok || match < 0 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="pgs2 admin"`)
 				writeErr(w, http.StatusUnauthorized, "the admin API needs its token: send Authorization: Bearer <token> (pgs2ctl reads PGS2_ADMIN_TOKEN or PGS2_ADMIN_TOKEN_FILE)")
 				return
+			}
+			if name := tokens[match].operator; name != "" {
+				r = r.WithContext(context.WithValue(r.Context(), operatorKey{}, name))
 			}
 		}
 		h(w, r)
@@ -445,7 +474,7 @@ func (a *Admin) ack(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, `acknowledging drops the message: give a "reason"`)
 		return
 	}
-	rec := &adminv1.AuditRecord{Id: f.Id, Operator: req.Operator, Time: timestamppb.Now(), Reason: req.Reason, Message: f, Action: "ack"}
+	rec := &adminv1.AuditRecord{Id: f.Id, Operator: operator(r, req.Operator), Time: timestamppb.Now(), Reason: req.Reason, Message: f, Action: "ack"}
 	b, _ := protojson.Marshal(rec)
 	ctx := r.Context()
 	if _, err := a.js.PublishMsg(ctx, &nats.Msg{Subject: "pgs2.audit." + bus.EscapeToken(f.Sink), Data: b,

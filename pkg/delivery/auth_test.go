@@ -3,11 +3,14 @@ package delivery_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -29,7 +32,7 @@ func TestAdminToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	admin.RequireToken(token)
+	admin.RequireTokens(map[string]string{token: ""})
 	admin.SetSinks([]config.Sink{{Name: "s", Tables: []string{"public.t"}}})
 	mux := http.NewServeMux()
 	mux.Handle("/healthz", health.NewState().Handler())
@@ -93,6 +96,96 @@ func TestAdminOpenAddressNeedsToken(t *testing.T) {
 	for addr, loop := range map[string]bool{"127.0.0.1:9103": true, "localhost:1": true, "[::1]:9": true, "0.0.0.0:9103": false, ":9103": false, "10.0.0.5:1": false} {
 		if service.Loopback(addr) != loop {
 			t.Errorf("Loopback(%q) = %v", addr, !loop)
+		}
+	}
+}
+
+// TestOperatorTokens: with a token per operator (PGS2_ADMIN_TOKENS_FILE),
+// the audit records the operator the token proves, whoever the request
+// says it is; the shared token still works, its caller naming itself. A
+// malformed or ambiguous file is refused naming its line, never a token.
+func TestOperatorTokens(t *testing.T) {
+	const adaTok, boTok, shared = "ada-token-0123456789", "bo-token-9876543210", "shared-token-abcdefgh"
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	t.Setenv("PGS2_ADMIN_TOKEN", shared)
+	t.Setenv("PGS2_ADMIN_TOKENS_FILE", write("tokens", "# operators\nada "+adaTok+"\n\nbo  "+boTok+"\n"))
+	tokens, err := service.AdminTokens()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, js := natstest.New(t).Connect(t)
+	admin, err := delivery.NewAdmin(context.Background(), js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin.RequireTokens(tokens)
+	admin.SetSinks([]config.Sink{{Name: "s", Tables: []string{"public.t"}}})
+	mux := http.NewServeMux()
+	admin.Register(mux)
+	api := httptest.NewServer(mux)
+	defer api.Close()
+	call := func(method, path, token, body string) (int, string) {
+		req, _ := http.NewRequest(method, api.URL+path, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := call("POST", "/v1/backfills", boTok, `{"sink":"s","id":"b1","operator":"mallory"}`); code != 201 || !strings.Contains(body, `"bo"`) {
+		t.Fatalf("start with bo's token: %d %s", code, body)
+	}
+	if code, body := call("POST", "/v1/backfills/b1/pause", adaTok, `{"operator":"bo"}`); code != 200 {
+		t.Fatalf("pause with ada's token: %d %s", code, body)
+	}
+	if code, body := call("POST", "/v1/backfills/b1/resume", shared, `{"operator":"carol"}`); code != 200 {
+		t.Fatalf("resume with the shared token: %d %s", code, body)
+	}
+	if code, _ := call("GET", "/v1/status", "bo-token-guess-000000", ""); code != 401 {
+		t.Errorf("an unknown token: %d, want 401", code)
+	}
+	_, audit := call("GET", "/v1/sinks/s/audit", adaTok, "")
+	var recs struct{ Records []struct{ Operator, Action string } }
+	if err := json.Unmarshal([]byte(audit), &recs); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range recs.Records {
+		got = append(got, r.Operator+": "+r.Action)
+	}
+	if want := "bo: backfill start, ada: backfill pause, carol: backfill resume"; strings.Join(got, ", ") != want {
+		t.Errorf("audit: %s, want %s", strings.Join(got, ", "), want)
+	}
+	if strings.Contains(audit, "mallory") {
+		t.Errorf("the audit believed a declared name over the token's:\n%s", audit)
+	}
+
+	for name, content := range map[string]string{
+		"one field":   "ada\n",
+		"short":       "ada short-tok\n",
+		"duplicate":   "ada " + adaTok + "\nbo " + adaTok + "\n",
+		"same name":   "ada " + adaTok + "\nada " + boTok + "\n",
+		"bad name":    "ada/x " + adaTok + "\n",
+		"no operator": "# nobody\n",
+	} {
+		t.Setenv("PGS2_ADMIN_TOKENS_FILE", write(strings.ReplaceAll(name, " ", "-"), content))
+		_, err := service.AdminTokens()
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+			continue
+		}
+		if strings.Contains(err.Error(), adaTok) || strings.Contains(err.Error(), boTok) || strings.Contains(err.Error(), "short-tok") {
+			t.Errorf("%s: the error holds a token: %v", name, err)
 		}
 	}
 }

@@ -16,12 +16,12 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }()
-	token, err := service.AdminToken()
+	tokens, err := service.AdminTokens()
 	if err != nil {
 		return fmt.Errorf("%w: %v", service.ErrUsage, err)
 	}
-	if token == "" && env.HTTPAddr != "" && !service.Loopback(env.HTTPAddr) {
-		return fmt.Errorf("%w: --http-addr %s serves the admin API beyond this machine: set PGS2_ADMIN_TOKEN (or PGS2_ADMIN_TOKEN_FILE) to require a token, or listen on 127.0.0.1",
+	if len(tokens) == 0 && env.HTTPAddr != "" && !service.Loopback(env.HTTPAddr) {
+		return fmt.Errorf("%w: --http-addr %s serves the admin API beyond this machine: set PGS2_ADMIN_TOKEN (or PGS2_ADMIN_TOKEN_FILE, or a token per operator in PGS2_ADMIN_TOKENS_FILE) to require a token, or listen on 127.0.0.1",
 			service.ErrUsage, env.HTTPAddr)
 	}
 	nc, js, err := service.ConnectJetStream(ctx, env.Config.NATS.URL, env.Config.NATS, "pgs2-delivery", env.Log)
@@ -40,7 +40,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	admin.SetSinks(env.Config.Sinks)
-	admin.RequireToken(token)
+	admin.RequireTokens(tokens)
 	if env.Mux != nil {
 		admin.Register(env.Mux)
 	}

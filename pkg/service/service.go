@@ -53,6 +53,58 @@ var ErrUsage = errors.New("usage")
 // first line of the file PGS2_ADMIN_TOKEN_FILE names ("" = none).
 func AdminToken() (string, error) { return config.Secret("PGS2_ADMIN_TOKEN") }
 
+// AdminTokens are the tokens the admin API accepts, each with the operator
+// it proves: PGS2_ADMIN_TOKENS_FILE holds one `NAME TOKEN` a line (blank
+// lines and # comments aside), so the audit records who acted from the
+// token they sent; PGS2_ADMIN_TOKEN (or _FILE), a shared token, proves no
+// one (its callers name themselves). Errors name the line, never a token.
+func AdminTokens() (map[string]string, error) {
+	tokens := map[string]string{}
+	shared, err := AdminToken()
+	if err != nil {
+		return nil, err
+	}
+	if shared != "" {
+		tokens[shared] = ""
+	}
+	path := os.Getenv("PGS2_ADMIN_TOKENS_FILE")
+	if path == "" {
+		return tokens, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("PGS2_ADMIN_TOKENS_FILE: %w", err)
+	}
+	names := map[string]bool{}
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) != 2 || !validOperator(f[0]) || len(f[1]) < 16 {
+			return nil, fmt.Errorf("PGS2_ADMIN_TOKENS_FILE %s line %d: want `NAME TOKEN` (a name of letters, digits and ._@-, a token of 16 or more characters)", path, i+1)
+		}
+		if _, dup := tokens[f[1]]; dup || names[f[0]] {
+			return nil, fmt.Errorf("PGS2_ADMIN_TOKENS_FILE %s line %d: operator %s or its token is there twice: give each operator one token of their own", path, i+1, f[0])
+		}
+		tokens[f[1]], names[f[0]] = f[0], true
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("PGS2_ADMIN_TOKENS_FILE %s names no operator: write one `NAME TOKEN` a line", path)
+	}
+	return tokens, nil
+}
+
+func validOperator(s string) bool {
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._@-", r)) {
+			return false
+		}
+	}
+	return s != "" && len(s) <= 64
+}
+
 // Loopback reports whether addr (host:port) listens on loopback only.
 func Loopback(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
