@@ -451,3 +451,37 @@ func TestRunAgainstSecuredNATS(t *testing.T) {
 		}
 	}
 }
+
+// TestRunAgainstCluster: make run against an external 3-node JetStream
+// cluster (--nats-url with the three URLs, --nats-replicas 3): the printed
+// insert reaches S2, and pgs2's streams have three replicas.
+func TestRunAgainstCluster(t *testing.T) {
+	needPostgres(t)
+	bin := binaries(t)
+	dir := runDir(t)
+	c := natstest.NewCluster(t, 3)
+	args := append(runArgs(dir, bin, freePorts(t, 6)), "--nats-url", c.URLs(), "--nats-replicas", "3")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	r := startRunner(t, bin, args...)
+	insert, tail := r.banner(t)
+	shell(t, ctx, insert)
+	if recs := parseTail(t, shell(t, ctx, tail+" --json --count 1")); len(recs) != 1 || recs[0].Body.Record.Name != "alice" {
+		t.Fatalf("tail printed %+v, want the insert of alice", recs)
+	}
+	_, js := c.Connect(t)
+	for _, name := range []string{"PGS2_CHANGES", "PGS2_DELIVERY"} {
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			t.Fatalf("stream %s on the cluster: %v", name, err)
+		}
+		info, err := s.Info(ctx)
+		if err != nil {
+			t.Fatalf("stream %s: %v", name, err)
+		}
+		if info.Config.Replicas != 3 {
+			t.Errorf("stream %s: %d replicas, want 3", name, info.Config.Replicas)
+		}
+	}
+	r.stop(t, syscall.SIGTERM)
+}
