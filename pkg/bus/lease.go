@@ -62,6 +62,10 @@ type Lease struct {
 	rev    uint64
 	until  time.Time // the lease, as this holder counts it: renewal sent + 4/5 TTL
 	waited bool      // logged that another process holds it
+	// A holder seen answering no ping, at this revision of its key, then.
+	suspect    string
+	suspectRev uint64
+	suspectAt  time.Time
 }
 
 // Standby is told who holds the lease while a process waits for it, and
@@ -94,8 +98,8 @@ func (l *Lease) ID() string { return l.id }
 func (l *Lease) pingSubject(id string) string { return "pgs2." + l.cfg.Role + ".ping." + id }
 
 // Acquire waits until this process holds the key: free, expired, or held
-// by a process that does not answer its ping (gone). While another holds
-// it, the process is a standby (st).
+// by a process that is gone. While another holds it, the process is a
+// standby (st).
 func (l *Lease) Acquire(ctx context.Context, log *slog.Logger, st Standby) error {
 	for {
 		sent := time.Now()
@@ -106,24 +110,28 @@ func (l *Lease) Acquire(ctx context.Context, log *slog.Logger, st Standby) error
 		if err == nil && rev > 0 {
 			if l.waited {
 				log.Info("took over as the active "+l.cfg.Role, "source", l.cfg.Key, "id", l.id)
-				st.SetNotReady("starting as the active " + l.cfg.Role)
 			}
-			l.rev, l.until, l.waited = rev, sent.Add(l.cfg.TTL-l.cfg.TTL/5), false
+			st.SetNotReady("starting as the active " + l.cfg.Role)
+			l.rev, l.until, l.waited, l.suspect = rev, sent.Add(l.cfg.TTL-l.cfg.TTL/5), false, ""
 			return nil
 		}
 		if err != nil {
 			log.Warn("cannot take the "+l.cfg.Role+" lease yet", "source", l.cfg.Key, "error", err)
+			st.SetNotReady("cannot read the " + l.cfg.Role + " lease: " + err.Error())
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(l.cfg.TTL / 4):
+		case <-time.After(l.cfg.TTL / 10):
 		}
 	}
 }
 
-// takeOver replaces a holder that is gone: no one answers its ping (rev
-// 0: it answers, or is hung and keeps the key until it expires).
+// takeOver replaces a holder that is gone: it answers no ping and has not
+// renewed the key, in two looks more than a renewal period apart (a live
+// holder whose connection is being re-established answers no ping for a
+// moment either, but renews). Rev 0: not gone yet, or hung — a holder that
+// answers keeps the key until it expires.
 func (l *Lease) takeOver(ctx context.Context, log *slog.Logger, st Standby) (uint64, error) {
 	e, err := l.kv.Get(ctx, l.cfg.Key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -137,13 +145,20 @@ func (l *Lease) takeOver(ctx context.Context, log *slog.Logger, st Standby) (uin
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		gone := Unanswered(pctx, l.nc, l.pingSubject(holder))
 		cancel()
-		if !gone || ctx.Err() != nil { // a hung holder keeps the key until it expires
+		if gone && ctx.Err() == nil && (l.suspect != holder || l.suspectRev != e.Revision()) {
+			l.suspect, l.suspectRev, l.suspectAt = holder, e.Revision(), time.Now()
+			gone = false // look again after a renewal period
+		}
+		if gone && time.Since(l.suspectAt) < l.cfg.TTL/4+time.Second {
+			gone = false
+		}
+		if !gone || ctx.Err() != nil {
 			if !l.waited {
 				l.waited = true
 				log.Info("another "+l.cfg.Role+" of this source is active; standing by to take over when it stops",
 					"source", l.cfg.Key, "active", holder, "id", l.id)
-				st.SetStandby(fmt.Sprintf("standby: the active %s of source %s is %s", l.cfg.Role, l.cfg.Key, holder))
 			}
+			st.SetStandby(fmt.Sprintf("standby: the active %s of source %s is %s", l.cfg.Role, l.cfg.Key, holder))
 			return 0, nil
 		}
 	}
@@ -168,6 +183,14 @@ func (l *Lease) Keep(ctx context.Context, lost func(error)) {
 		sent := time.Now()
 		rctx, cancel := context.WithTimeout(ctx, l.cfg.TTL/4)
 		rev, err := l.kv.Update(rctx, l.cfg.Key, []byte(l.id), l.rev)
+		if LostRace(err) {
+			// A renewal the server applied but whose answer was lost
+			// leaves the key ours at a newer revision.
+			if e, gerr := l.kv.Get(rctx, l.cfg.Key); gerr == nil && string(e.Value()) == l.id {
+				rev, err = e.Revision(), nil
+				sent = l.until.Add(-(l.cfg.TTL - l.cfg.TTL/5)) // not counted as renewed now
+			}
+		}
 		cancel()
 		switch {
 		case err == nil:
@@ -182,7 +205,7 @@ func (l *Lease) Keep(ctx context.Context, lost func(error)) {
 	}
 }
 
-// Release lets a standby take over at once.
+// Release lets a standby take over (within its next look, TTL/10).
 func (l *Lease) Release(ctx context.Context) {
 	if l.rev == 0 {
 		return // never held
@@ -205,13 +228,20 @@ func (l *Lease) Hold(ctx context.Context, log *slog.Logger, st Standby, active f
 			return nil // ctx ended
 		}
 		lctx, cancel := context.WithCancel(ctx)
-		go l.Keep(lctx, func(err error) {
-			log.Warn(l.cfg.Role+" lease lost; stopping", "error", err)
-			cancel()
-		})
+		kept := make(chan struct{})
+		go func() {
+			defer close(kept)
+			l.Keep(lctx, func(err error) {
+				log.Warn(l.cfg.Role+" lease lost; stopping", "error", err)
+				st.SetNotReady(err.Error())
+				cancel()
+			})
+		}()
 		err := active(lctx)
+		lost := lctx.Err() != nil && ctx.Err() == nil
 		cancel()
-		if err != nil && ctx.Err() == nil {
+		<-kept // Keep no longer touches the revision
+		if err != nil && !lost && ctx.Err() == nil {
 			return err
 		}
 	}

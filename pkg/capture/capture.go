@@ -70,6 +70,9 @@ type Capture struct {
 	// live is the config as last reloaded: its tables and backfill
 	// settings apply (cfg keeps the rest as the process started).
 	live atomic.Pointer[Config]
+	// isActive: this process holds the source's lease (a standby neither
+	// prepares the source nor reads it).
+	isActive atomic.Bool
 	// dec is the current session's decoder (Reload gives it the tables).
 	dec atomic.Pointer[pgrepl.Decoder]
 	// wrapPublish, when set (a test seam), wraps each session's publish.
@@ -167,6 +170,13 @@ func (c *Capture) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	// A standby reaches the database too: a wrong DSN, password or address
+	// stops it now, as it stops an active capture, not when it takes over.
+	conn, err := pgrepl.Connect(ctx, c.cfg.Repl)
+	if err != nil {
+		return err
+	}
+	_ = conn.Close(ctx)
 	return l.Hold(ctx, c.log, c.state, c.active)
 }
 
@@ -180,7 +190,9 @@ const leaseTTL = 10 * time.Second
 
 // active runs the source's capture while this process holds the lease.
 func (c *Capture) active(ctx context.Context) error {
-	src, err := pgrepl.Prepare(ctx, c.cfg.Repl)
+	c.isActive.Store(true)
+	defer c.isActive.Store(false)
+	src, err := pgrepl.Prepare(ctx, c.live.Load().Repl) // with the tables of a reload while standing by
 	if err != nil {
 		return err
 	}
@@ -271,7 +283,7 @@ func (c *Capture) Reload(ctx context.Context, cfg Config) error {
 	if d := c.dec.Load(); d != nil {
 		d.SetTables(cfg.Repl.Tables)
 	}
-	if len(added) > 0 {
+	if len(added) > 0 && c.isActive.Load() { // a standby prepares them when it takes over
 		if _, err := pgrepl.Prepare(ctx, cfg.Repl); err != nil {
 			c.live.Store(old)
 			if d := c.dec.Load(); d != nil {
@@ -293,22 +305,29 @@ func (c *Capture) Reload(ctx context.Context, cfg Config) error {
 
 // checkStreamBehindWAL refuses a changes stream that holds changes of the
 // source past the database's WAL end: they come from another database (a
-// new cluster under the same source name, a restore from a backup), and
-// every change up to their positions would be skipped as stored.
+// new cluster under the same source name, a restore from a backup, a
+// failover to a server that had not received them), and every change of
+// this database up to their positions would be skipped as stored.
 func checkStreamBehindWAL(resume bus.ChangesResume, walText string, cfg Config) error {
 	wal, err := pglogrepl.ParseLSN(walText)
 	if err != nil {
-		return fmt.Errorf("pg_current_wal_lsn %q: %w", walText, err)
+		return fmt.Errorf("the database's WAL position %q: %w", walText, err)
 	}
-	if resume.LastID == "" || resume.Through.LSN <= uint64(wal) {
+	last := resume.Through
+	if resume.Partial && last.Less(resume.Last) {
+		last = resume.Last
+	}
+	if resume.LastID == "" || last.LSN <= uint64(wal) {
 		return nil
 	}
 	return &pgrepl.SetupError{
 		Problem: fmt.Sprintf("changes stream %s holds changes of source %s up to %s, past this database's WAL end %s: "+
-			"they were captured from another database (a new cluster, or one restored from a backup), and capture would skip "+
-			"this database's changes up to there as already stored", cfg.Stream.Name, cfg.Source, resume.Through, wal),
-		Fix: fmt.Sprintf("give this database its own source.name and nats.changes_stream/delivery_stream, or, if the old "+
-			"changes are no longer wanted, delete stream %s (nats stream rm %s) and backfill", cfg.Stream.Name, cfg.Stream.Name),
+			"they were captured from another database — a new cluster, one restored from a backup, or a server that "+
+			"took over (failover) without having received them — and capture would skip this database's changes up to "+
+			"there as already stored", cfg.Stream.Name, cfg.Source, last, wal),
+		Fix: fmt.Sprintf("for another database, give it its own source.name, nats.changes_stream and nats.delivery_stream; "+
+			"after a failover that lost those transactions, they are in the stream (and maybe in S2) but no longer in the "+
+			"database: let delivery drain the stream, then delete it (nats stream rm %s) and backfill", cfg.Stream.Name),
 	}
 }
 
@@ -330,7 +349,8 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 	var flushText, walText string
 	var serverMs int64
 	asked := time.Now()
-	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0'), pg_current_wal_lsn()::text,
+	if err := catConn.QueryRow(ctx, `SELECT COALESCE(confirmed_flush_lsn::text, '0/0'),
+		(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
 		(extract(epoch FROM clock_timestamp()) * 1000)::bigint
 		FROM pg_replication_slots WHERE slot_name = $1`, c.cfg.Repl.Slot).Scan(&flushText, &walText, &serverMs); err != nil {
 		return fmt.Errorf("read slot %s: %w", c.cfg.Repl.Slot, err)

@@ -102,7 +102,8 @@ func TestAdminOpenAddressNeedsToken(t *testing.T) {
 
 // TestOperatorTokens: with a token per operator (PGS2_ADMIN_TOKENS_FILE),
 // the audit records the operator the token proves, whoever the request
-// says it is; the shared token still works, its caller naming itself. A
+// says it is; the shared token still works, its caller's name recorded as
+// declared (it cannot pass for an operator with a token). A
 // malformed or ambiguous file is refused naming its line, never a token.
 func TestOperatorTokens(t *testing.T) {
 	const adaTok, boTok, shared = "ada-token-0123456789", "bo-token-9876543210", "shared-token-abcdefgh"
@@ -155,7 +156,9 @@ func TestOperatorTokens(t *testing.T) {
 		t.Errorf("an unknown token: %d, want 401", code)
 	}
 	_, audit := call("GET", "/v1/sinks/s/audit", adaTok, "")
-	var recs struct{ Records []struct{ Operator, Action string } }
+	var recs struct {
+		Records []struct{ Operator, Action string }
+	}
 	if err := json.Unmarshal([]byte(audit), &recs); err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +166,7 @@ func TestOperatorTokens(t *testing.T) {
 	for _, r := range recs.Records {
 		got = append(got, r.Operator+": "+r.Action)
 	}
-	if want := "bo: backfill start, ada: backfill pause, carol: backfill resume"; strings.Join(got, ", ") != want {
+	if want := "bo: backfill start, ada: backfill pause, carol (declared, shared token): backfill resume"; strings.Join(got, ", ") != want {
 		t.Errorf("audit: %s, want %s", strings.Join(got, ", "), want)
 	}
 	if strings.Contains(audit, "mallory") {

@@ -72,7 +72,7 @@ func (a *Admin) startBackfill(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j := backfill.Job{ID: req.Id, Sink: req.Sink, ChunkSize: int(req.ChunkSize), MaxRowsPerSecond: int(req.MaxRowsPerSecond),
-		State: backfill.Running, Created: time.Now().UTC(), By: operator(r, req.Operator)}
+		State: backfill.Running, Created: time.Now().UTC(), By: a.operator(r, req.Operator)}
 	if j.ID == "" {
 		var rnd [4]byte
 		_, _ = rand.Read(rnd[:])
@@ -117,7 +117,7 @@ func (a *Admin) startBackfill(w http.ResponseWriter, r *http.Request) {
 	if len(listed) > 0 {
 		what = strings.Join(listed, ", ")
 	}
-	a.record(r.Context(), j.Sink, &adminv1.AuditRecord{Id: j.ID, Operator: operator(r, req.Operator), Action: "backfill start", Reason: what})
+	a.record(r.Context(), j.Sink, &adminv1.AuditRecord{Id: j.ID, Operator: a.operator(r, req.Operator), Action: "backfill start", Reason: what})
 	writeProto(w, http.StatusCreated, a.view(j, nil))
 }
 
@@ -208,7 +208,7 @@ func (a *Admin) setBackfillState(state string) http.HandlerFunc {
 			return
 		}
 		verb := map[string]string{backfill.Paused: "pause", backfill.Running: "resume", backfill.Cancelled: "cancel"}[state]
-		a.record(r.Context(), j.Sink, &adminv1.AuditRecord{Id: j.ID, Operator: operator(r, req.Operator), Action: "backfill " + verb})
+		a.record(r.Context(), j.Sink, &adminv1.AuditRecord{Id: j.ID, Operator: a.operator(r, req.Operator), Action: "backfill " + verb})
 		writeProto(w, http.StatusOK, a.view(j, ps))
 	}
 }

@@ -98,7 +98,7 @@ func TestOneRouterPerSource(t *testing.T) {
 		t.Fatal("third router not a standby while the second runs")
 	}
 	ncB.Close() // B dies
-	if d := waitReady(t, sc, 8*time.Second); d > 5*time.Second {
+	if d := waitReady(t, sc, 10*time.Second); d > 7*time.Second {
 		t.Errorf("took over %s after the second router's connection closed", d)
 	}
 	write(100)

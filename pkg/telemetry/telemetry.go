@@ -53,9 +53,10 @@ func Setup(ctx context.Context, c Config) (func(context.Context) error, error) {
 	return tp.Shutdown, nil
 }
 
-// endpointURL reads telemetry.otlp_endpoint as OTEL_EXPORTER_OTLP_ENDPOINT
-// is read: a base (host:port, or a URL without a path) gets the traces
-// path /v1/traces; a URL with a path is the traces URL itself.
+// endpointURL reads telemetry.otlp_endpoint: host:port or a URL without a
+// path is a collector's base and gets the traces path /v1/traces (as
+// OTEL_EXPORTER_OTLP_ENDPOINT does); a URL with a path is the traces URL
+// itself (as OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is).
 func endpointURL(e string) string {
 	if !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
 		e = "http://" + e
