@@ -11,13 +11,18 @@ import (
 	"testing"
 
 	"github.com/compose-spec/compose-go/v2/cli"
+	"github.com/compose-spec/compose-go/v2/types"
 	"go.yaml.in/yaml/v3"
 
 	"github.com/pgs2/pgs2/pkg/config"
 )
 
-func TestComposeFile(t *testing.T) {
-	opts, err := cli.NewProjectOptions([]string{"../docker-compose.yml"}, cli.WithWorkingDirectory(".."), cli.WithName("pgs2"))
+// loadProject reads docker-compose.yml as docker compose does, with the
+// services of the given profiles too.
+func loadProject(t *testing.T, profiles ...string) *types.Project {
+	t.Helper()
+	opts, err := cli.NewProjectOptions([]string{"../docker-compose.yml"}, cli.WithWorkingDirectory(".."), cli.WithName("pgs2"),
+		cli.WithProfiles(profiles))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,6 +30,11 @@ func TestComposeFile(t *testing.T) {
 	if err != nil {
 		t.Fatalf("docker-compose.yml: %v", err)
 	}
+	return p
+}
+
+func TestComposeFile(t *testing.T) {
+	p := loadProject(t)
 	for _, name := range []string{"postgres", "nats", "s2local", "capture", "router", "delivery"} {
 		svc, err := p.GetService(name)
 		if err != nil {
@@ -78,15 +88,7 @@ func TestComposeFile(t *testing.T) {
 // profile has three JetStream nodes routed to each other and a pipeline
 // on them.
 func TestComposeExtras(t *testing.T) {
-	opts, err := cli.NewProjectOptions([]string{"../docker-compose.yml"}, cli.WithWorkingDirectory(".."), cli.WithName("pgs2"),
-		cli.WithProfiles([]string{"cluster"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := opts.LoadProject(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := loadProject(t, "cluster")
 	if j, err := p.GetService("jaeger"); err != nil || j.Environment["COLLECTOR_OTLP_ENABLED"] == nil {
 		t.Errorf("jaeger: %v, want a service with OTLP enabled", err)
 	}

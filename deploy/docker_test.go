@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 
@@ -56,15 +55,7 @@ func TestContainers(t *testing.T) {
 		t.Fatalf("scripts/build-image.sh: %v\n%s", err, out)
 	}
 	t.Cleanup(func() { _ = exec.Command("docker", "rmi", "-f", tag).Run() })
-	opts, err := cli.NewProjectOptions([]string{"../docker-compose.yml"}, cli.WithWorkingDirectory(".."), cli.WithName("pgs2"),
-		cli.WithProfiles([]string{"cluster"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := opts.LoadProject(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := loadProject(t, "cluster")
 	t.Run("single", func(t *testing.T) {
 		ns := natstest.New(t)
 		runCompose(t, p, tag, id+"-s", "", map[string]string{"nats://nats:4222": ns.URL()}, "users")

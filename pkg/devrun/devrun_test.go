@@ -4,8 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"net"
@@ -18,8 +16,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/pgtest"
@@ -414,13 +410,9 @@ func TestRunAgainstSecuredNATS(t *testing.T) {
 	dir := runDir(t)
 	certs := t.TempDir()
 	ca := tlstest.NewCA(t, "pgs2 run test CA")
-	srv, cli := ca.Issue(t, "nats.test"), ca.Issue(t, "pgs2-client")
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Cert)
+	cli := ca.Issue(t, "pgs2-client")
 	const password = "RUN-NATS-PW-31337"
-	ns := natstest.NewSecured(t, server.Options{Username: "pgs2", Password: password, TLS: true, TLSVerify: true,
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{srv.Cert.Raw}, PrivateKey: srv.Key}},
-			ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}})
+	ns := natstest.NewMutualTLS(t, ca, "nats.test", "pgs2", password)
 	t.Setenv("PGS2_NATS_PASSWORD", password)
 	ports := freePorts(t, 6)
 	args := append(runArgs(dir, bin, ports), "--nats-url", "tls://"+ns.Addr().String(), "--nats-user", "pgs2",

@@ -2,6 +2,8 @@
 package natstest
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"net"
 	"os"
 	"strconv"
@@ -9,8 +11,10 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/pgs2/pgs2/pkg/tlstest"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 )
@@ -100,4 +104,17 @@ func NewSecured(t testing.TB, opts server.Options) *server.Server {
 		t.Fatal("nats-server not ready")
 	}
 	return ns
+}
+
+// NewMutualTLS starts NewSecured with user and password, and TLS with a
+// server certificate for serverName issued by ca, requiring client
+// certificates that ca issued.
+func NewMutualTLS(t testing.TB, ca *tlstest.Cert, serverName, user, password string) *server.Server {
+	t.Helper()
+	srv := ca.Issue(t, serverName)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	return NewSecured(t, server.Options{Username: user, Password: password, TLS: true, TLSVerify: true,
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{srv.Cert.Raw}, PrivateKey: srv.Key}},
+			ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}})
 }

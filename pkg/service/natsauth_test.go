@@ -3,13 +3,9 @@ package service
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"log/slog"
 	"strings"
 	"testing"
-
-	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/natstest"
@@ -24,17 +20,13 @@ import (
 func TestSecuredNATS(t *testing.T) {
 	dir := t.TempDir()
 	ca := tlstest.NewCA(t, "pgs2 test CA")
-	srv, cli := ca.Issue(t, "nats.test"), ca.Issue(t, "pgs2-client")
+	cli := ca.Issue(t, "pgs2-client")
 	caFile := ca.WriteCert(t, dir, "ca.pem")
 	otherCA := tlstest.NewCA(t, "another CA").WriteCert(t, dir, "other.pem")
 	cliCert, cliKeyFile := cli.WriteCert(t, dir, "client.pem"), cli.WriteKey(t, dir, "client.key")
 
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Cert)
 	const password = "n4ts-s3cret-pw"
-	ns := natstest.NewSecured(t, server.Options{Username: "pgs2", Password: password, TLS: true, TLSVerify: true,
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{srv.Cert.Raw}, PrivateKey: srv.Key}},
-			ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}})
+	ns := natstest.NewMutualTLS(t, ca, "nats.test", "pgs2", password)
 	url := "tls://" + ns.Addr().String()
 	var logs bytes.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
