@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/pgs2/pgs2/pkg/version"
 	"io"
 	"net/http"
 	"net/url"
@@ -49,8 +50,16 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		def = "127.0.0.1:9103"
 	}
 	admin := fs.String("admin", def, "delivery admin address")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, version.String("pgs2ctl"))
+		return 0
 	}
 	rest := fs.Args()
 	if len(rest) > 0 && rest[0] == "tail" {

@@ -3,6 +3,7 @@
 package metrics
 
 import (
+	"github.com/pgs2/pgs2/pkg/version"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -60,6 +61,11 @@ func NewCapture(r prometheus.Registerer, inFlight func() float64) *Capture {
 func Registry() *prometheus.Registry {
 	r := prometheus.NewRegistry()
 	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	in := version.Get()
+	r.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgs2_build_info",
+		Help:        "1, labelled with the running pgs2's version, commit and Go version",
+		ConstLabels: prometheus.Labels{"version": in.Version, "revision": in.Revision, "goversion": in.Go}},
+		func() float64 { return 1 }))
 	return r
 }
 

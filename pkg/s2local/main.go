@@ -2,8 +2,10 @@ package s2local
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"github.com/pgs2/pgs2/pkg/version"
 	"io"
 	"log/slog"
 	"net"
@@ -39,13 +41,21 @@ func Main(args []string, stderr io.Writer) int {
 	stream := fs.String("fault-stream", "", "fault injection: only this stream")
 	seed := fs.Int64("fault-seed", -1, "fault injection: seed for a deterministic sequence (-1: random)")
 	probe := fs.Bool("probe", false, "ask the running s2local at --addr whether it is ready (exit 0) or not (1), and exit")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	var basins []string
 	fs.Func("create-basin", "create this basin at start if missing (repeatable)", func(v string) error {
 		basins = append(basins, v)
 		return nil
 	})
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
+	}
+	if *showVersion {
+		fmt.Fprintln(os.Stdout, version.String("s2local"))
+		return 0
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "s2local: unexpected arguments %q\n", fs.Args())

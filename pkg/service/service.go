@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/pgs2/pgs2/pkg/version"
 	"io"
 	"log/slog"
 	"net"
@@ -129,8 +130,16 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	httpAddr := fs.String("http-addr", defaultHTTP, "address of /healthz and /readyz (empty = off)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	probe := fs.Bool("probe", false, "ask the running service at --http-addr whether it is ready (exit 0) or not (1), and exit")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
+	}
+	if *showVersion {
+		fmt.Fprintln(os.Stdout, version.String(name))
+		return 0
 	}
 	if *probe {
 		return health.Probe(*httpAddr, stderr)
