@@ -206,8 +206,19 @@ func (c *client) list(ctx context.Context, args []string, stderr io.Writer) erro
 	var resp struct {
 		Messages []json.RawMessage `json:"messages"`
 	}
-	if err := c.call(ctx, "GET", "/v1/sinks/"+url.PathEscape(*sink)+"/messages?"+q.Encode(), nil, &resp); err != nil {
-		return err
+	for { // every page
+		var page struct {
+			Messages []json.RawMessage `json:"messages"`
+			Next     string            `json:"next_page_token"`
+		}
+		if err := c.call(ctx, "GET", "/v1/sinks/"+url.PathEscape(*sink)+"/messages?"+q.Encode(), nil, &page); err != nil {
+			return err
+		}
+		resp.Messages = append(resp.Messages, page.Messages...)
+		if page.Next == "" {
+			break
+		}
+		q.Set("page_token", page.Next)
 	}
 	if *asJSON {
 		for _, m := range resp.Messages {
