@@ -376,13 +376,7 @@ func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
 			if sink != "-" && b.Sink != sink {
 				continue
 			}
-			resp.Messages = append(resp.Messages, &adminv1.FailedMessage{
-				Id: "blocked-" + unitKey(Unit{b.Sink, b.Basin, b.Stream}), Sink: b.Sink, Basin: b.Basin, Stream: b.Stream,
-				StreamSequence: b.HeadSeq, Attempts: uint32(b.Attempts), BlockedBy: "stream",
-				LastError:        &adminv1.DeliveryError{HttpStatus: int32(b.Status), Code: b.Code, Message: b.Message},
-				FirstFailureTime: timestamppb.New(b.FirstFailure), LastFailureTime: timestamppb.New(b.LastFailure),
-				NextAttemptTime: timestamppb.New(b.NextAttempt),
-			})
+			resp.Messages = append(resp.Messages, blockedView(b))
 		}
 	}
 	start, _ := strconv.ParseUint(q.Get("page_token"), 10, 64)
@@ -441,21 +435,64 @@ func (a *Admin) get(w http.ResponseWriter, r *http.Request) (*jetstream.RawStrea
 	return m, f, true
 }
 
+// blockedView is a blocked stream as the API lists it: its head message.
+func blockedView(b Blocked) *adminv1.FailedMessage {
+	return &adminv1.FailedMessage{
+		Id: "blocked-" + unitKey(Unit{b.Sink, b.Basin, b.Stream}), Sink: b.Sink, Basin: b.Basin, Stream: b.Stream,
+		StreamSequence: b.HeadSeq, Attempts: uint32(b.Attempts), BlockedBy: "stream",
+		LastError:        &adminv1.DeliveryError{HttpStatus: int32(b.Status), Code: b.Code, Message: b.Message},
+		FirstFailureTime: timestamppb.New(b.FirstFailure), LastFailureTime: timestamppb.New(b.LastFailure),
+		NextAttemptTime: timestamppb.New(b.NextAttempt),
+	}
+}
+
+// blockedUnit reads a blocked stream's id ("blocked-…"); ok=false: not one.
+func blockedUnit(w http.ResponseWriter, id string) (u Unit, isBlocked, ok bool) {
+	key, isBlocked := strings.CutPrefix(id, "blocked-")
+	if !isBlocked {
+		return u, false, true
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(key)
+	parts := strings.Split(string(raw), "\x00")
+	if err != nil || len(parts) != 3 {
+		writeErr(w, http.StatusBadRequest, "unknown blocked stream id")
+		return u, true, false
+	}
+	return Unit{parts[0], parts[1], parts[2]}, true, true
+}
+
 func (a *Admin) show(w http.ResponseWriter, r *http.Request) {
+	u, isBlocked, ok := blockedUnit(w, r.PathValue("id"))
+	if !ok {
+		return
+	}
+	if isBlocked {
+		blocked, err := ListBlocked(r.Context(), a.failures)
+		if err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		for _, b := range blocked {
+			if (Unit{b.Sink, b.Basin, b.Stream}) == u && (r.PathValue("sink") == "-" || r.PathValue("sink") == b.Sink) {
+				writeProto(w, http.StatusOK, blockedView(b))
+				return
+			}
+		}
+		writeErr(w, http.StatusNotFound, fmt.Sprintf("stream %s/%s of sink %s is not blocked (any more)", u.Basin, u.Stream, u.Sink))
+		return
+	}
 	if _, f, ok := a.get(w, r); ok {
 		writeProto(w, http.StatusOK, f)
 	}
 }
 
 func (a *Admin) retry(w http.ResponseWriter, r *http.Request) {
-	if key, ok := strings.CutPrefix(r.PathValue("id"), "blocked-"); ok {
-		raw, err := base64.RawURLEncoding.DecodeString(key)
-		parts := strings.Split(string(raw), "\x00")
-		if err != nil || len(parts) != 3 {
-			writeErr(w, http.StatusBadRequest, "unknown blocked stream id")
-			return
-		}
-		if err := a.js.Conn().Publish(RetrySubject(Unit{parts[0], parts[1], parts[2]}), nil); err != nil {
+	u, isBlocked, ok := blockedUnit(w, r.PathValue("id"))
+	if !ok {
+		return
+	}
+	if isBlocked {
+		if err := a.js.Conn().Publish(RetrySubject(u), nil); err != nil {
 			writeErr(w, http.StatusServiceUnavailable, err.Error())
 			return
 		}
@@ -474,6 +511,13 @@ func (a *Admin) retry(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *Admin) ack(w http.ResponseWriter, r *http.Request) {
+	if _, isBlocked, ok := blockedUnit(w, r.PathValue("id")); !ok {
+		return
+	} else if isBlocked {
+		writeErr(w, http.StatusConflict, "a blocked stream's head message is not parked, so it cannot be acknowledged (dropped): "+
+			"fix what S2 refuses (its last error is in `pgs2ctl messages show`) and retry; with retry.max_attempts set, it goes to the dead letters")
+		return
+	}
 	m, f, ok := a.get(w, r)
 	if !ok {
 		return

@@ -333,8 +333,24 @@ func TestStreamFailuresAreVisible(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	wait("badtoken", 401, "authn")
+	bad := wait("badtoken", 401, "authn")
 	missing := wait("nostream", 404, "stream_not_found")
+
+	// Every id the list prints works with show; ack of a blocked stream
+	// (its head is not parked) says why not (before, both were refused as
+	// unknown ids).
+	addr := strings.TrimPrefix(api.URL, "http://")
+	var out, errOut strings.Builder
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "show", bad}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "authn") || !strings.Contains(out.String(), "401") {
+		t.Errorf("pgs2ctl messages show %s: %d %s %s", bad, code, out.String(), errOut.String())
+	}
+	out.Reset()
+	errOut.Reset()
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "ack", bad, "--reason", "x"}, &out, &errOut); code == 0 ||
+		!strings.Contains(errOut.String(), "cannot be acknowledged") {
+		t.Errorf("pgs2ctl messages ack %s: %d %s %s", bad, code, out.String(), errOut.String())
+	}
 
 	// Fix the stream and ask for a retry now.
 	if err := p.client.CreateStream(ctx, "app-basin", "missing"); err != nil {
