@@ -31,7 +31,8 @@ const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
 
   messages list [--sink S] [--stream S] [--table T] [--json]
   messages show ID [--sink S]
-  messages retry ID [--sink S]
+  messages retry ID [--sink S] | retry --sink S    (one message, or every one of a sink)
+  messages audit [--sink S] [--json]              who acknowledged what, and backfill actions
   messages ack ID --reason TEXT [--operator NAME] [--sink S]
   tail BASIN/STREAM    print an S2 stream's records and follow it live (pgs2ctl tail -h)
   backfill start --sink S [--table T]... [--where SQL]    read a sink's existing rows into it
@@ -103,6 +104,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = c.list(ctx, rest[2:], stderr)
 	case "show", "retry", "ack":
 		err = c.one(ctx, rest[1], rest[2:], stderr)
+	case "audit":
+		err = c.audit(ctx, rest[2:], stderr)
 	default:
 		fs.Usage()
 		return 2
@@ -264,8 +267,19 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 	if id == "" && fs.NArg() > 0 {
 		id = fs.Arg(0)
 	}
+	if id == "" && cmd == "retry" && *sink != "-" {
+		var r struct {
+			Groups   string `json:"groups"`
+			Messages string `json:"messages"`
+		}
+		if err := c.call(ctx, "POST", "/v1/sinks/"+url.PathEscape(*sink)+"/messages/retry", nil, &r); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "retrying every failed message of sink %s now\n", *sink)
+		return nil
+	}
 	if id == "" {
-		return fmt.Errorf("messages %s needs a message ID (see pgs2ctl messages list)", cmd)
+		return fmt.Errorf("messages %s needs a message ID (see pgs2ctl messages list), or for retry --sink S alone: all of a sink", cmd)
 	}
 	path := "/v1/sinks/" + url.PathEscape(*sink) + "/messages/" + url.PathEscape(id)
 	switch cmd {
@@ -301,4 +315,48 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 		fmt.Fprintf(c.out, "acknowledged %s (dropped; recorded in the audit stream)\n", id)
 	}
 	return nil
+}
+
+// audit prints the audit stream: who did what, oldest first, every page.
+func (c *client) audit(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("audit", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	sink := fs.String("sink", "-", "sink (- = all)")
+	asJSON := fs.Bool("json", false, "one JSON object a line")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var recs []json.RawMessage
+	q := url.Values{}
+	for {
+		var page struct {
+			Records []json.RawMessage `json:"records"`
+			Next    string            `json:"next_page_token"`
+		}
+		if err := c.call(ctx, "GET", "/v1/sinks/"+url.PathEscape(*sink)+"/audit?"+q.Encode(), nil, &page); err != nil {
+			return err
+		}
+		recs = append(recs, page.Records...)
+		if page.Next == "" {
+			break
+		}
+		q.Set("page_token", page.Next)
+	}
+	if *asJSON {
+		for _, r := range recs {
+			fmt.Fprintln(c.out, string(r))
+		}
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tOPERATOR\tACTION\tID\tREASON")
+	for _, raw := range recs {
+		var r struct{ Time, Operator, Action, ID, Reason string }
+		_ = json.Unmarshal(raw, &r)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Time, r.Operator, r.Action, r.ID, r.Reason)
+	}
+	if len(recs) == 0 {
+		fmt.Fprintln(tw, "(nothing recorded)")
+	}
+	return tw.Flush()
 }

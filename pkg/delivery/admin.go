@@ -157,6 +157,9 @@ func (a *Admin) Register(mux *http.ServeMux) {
 // message counts.
 func (a *Admin) parkedSubjects(ctx context.Context, sink string) (map[string]uint64, error) {
 	ps, err := a.park(ctx)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil, nil // nothing was ever parked
+	}
 	if err != nil {
 		return nil, err
 	}

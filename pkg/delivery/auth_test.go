@@ -169,6 +169,18 @@ func TestOperatorTokens(t *testing.T) {
 	if want := "bo: backfill start, ada: backfill pause, carol (declared, shared token): backfill resume"; strings.Join(got, ", ") != want {
 		t.Errorf("audit: %s, want %s", strings.Join(got, ", "), want)
 	}
+	// The same audit through pgs2ctl, and a retry of a whole sink.
+	addr := strings.TrimPrefix(api.URL, "http://")
+	var out, errOut bytes.Buffer
+	if code := ctl.Run(context.Background(), []string{"--admin", addr, "messages", "audit", "--sink", "s"}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "backfill pause") || !strings.Contains(out.String(), "ada") {
+		t.Errorf("pgs2ctl messages audit: %d %s %s", code, out.String(), errOut.String())
+	}
+	out.Reset()
+	if code := ctl.Run(context.Background(), []string{"--admin", addr, "messages", "retry", "--sink", "s"}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "every failed message of sink s") {
+		t.Errorf("pgs2ctl messages retry --sink s: %d %s %s", code, out.String(), errOut.String())
+	}
 	if strings.Contains(audit, "mallory") {
 		t.Errorf("the audit believed a declared name over the token's:\n%s", audit)
 	}
