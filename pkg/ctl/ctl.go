@@ -30,10 +30,10 @@ const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
        pgs2ctl tail BASIN/STREAM [--json] [--from-tail | --seq N] [--count N] [--no-follow] [--endpoint URL]
 
   messages list [--sink S] [--stream S] [--table T] [--json]
-  messages show ID [--sink S]
-  messages retry ID [--sink S] | retry --sink S    (one message, or every one of a sink)
+  messages show ID [--sink S] [--json]
+  messages retry ID [--sink S] [--json] | retry --sink S   (one message, or every one of a sink)
   messages audit [--sink S] [--json]              who acknowledged what, and backfill actions
-  messages ack ID --reason TEXT [--operator NAME] [--sink S]
+  messages ack ID --reason TEXT [--operator NAME] [--sink S] [--json]
   tail BASIN/STREAM    print an S2 stream's records and follow it live (pgs2ctl tail -h)
   backfill start --sink S [--table T]... [--where SQL]    read a sink's existing rows into it
   backfill status [ID] [--json] [--watch] | pause ID | resume ID | cancel ID
@@ -256,6 +256,7 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 	sink := fs.String("sink", "-", "sink (- = any)")
 	reason := fs.String("reason", "", "why the message is dropped (ack)")
 	operator := fs.String("operator", os.Getenv("USER"), "who acknowledges (ack)")
+	asJSON := fs.Bool("json", false, "print the API's answer as one JSON object")
 	// Accept the ID before or after the flags.
 	var id string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -268,12 +269,13 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 		id = fs.Arg(0)
 	}
 	if id == "" && cmd == "retry" && *sink != "-" {
-		var r struct {
-			Groups   string `json:"groups"`
-			Messages string `json:"messages"`
-		}
+		var r json.RawMessage
 		if err := c.call(ctx, "POST", "/v1/sinks/"+url.PathEscape(*sink)+"/messages/retry", nil, &r); err != nil {
 			return err
+		}
+		if *asJSON {
+			fmt.Fprintln(c.out, string(r))
+			return nil
 		}
 		fmt.Fprintf(c.out, "retrying every failed message of sink %s now\n", *sink)
 		return nil
@@ -282,6 +284,24 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 		return fmt.Errorf("messages %s needs a message ID (see pgs2ctl messages list), or for retry --sink S alone: all of a sink", cmd)
 	}
 	path := "/v1/sinks/" + url.PathEscape(*sink) + "/messages/" + url.PathEscape(id)
+	if *asJSON { // the API's answer as it is
+		method, p, body := "GET", path, any(nil)
+		switch cmd {
+		case "retry":
+			method, p = "POST", path+"/retry"
+		case "ack":
+			if strings.TrimSpace(*reason) == "" {
+				return fmt.Errorf("ack drops the message: give --reason")
+			}
+			method, p, body = "POST", path+"/ack", map[string]string{"reason": *reason, "operator": *operator}
+		}
+		var r json.RawMessage
+		if err := c.call(ctx, method, p, body, &r); err != nil {
+			return err
+		}
+		fmt.Fprintln(c.out, string(r))
+		return nil
+	}
 	switch cmd {
 	case "show":
 		var f failed

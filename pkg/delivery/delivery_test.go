@@ -346,6 +346,15 @@ func TestStreamFailuresAreVisible(t *testing.T) {
 		t.Errorf("pgs2ctl messages show %s: %d %s %s", bad, code, out.String(), errOut.String())
 	}
 	out.Reset()
+	var shown struct {
+		ID        string `json:"id"`
+		BlockedBy string `json:"blocked_by"`
+	}
+	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "show", bad, "--json"}, &out, &errOut); code != 0 ||
+		json.Unmarshal([]byte(out.String()), &shown) != nil || shown.ID != bad || shown.BlockedBy != "stream" {
+		t.Errorf("pgs2ctl messages show %s --json: %d %s %s", bad, code, out.String(), errOut.String())
+	}
+	out.Reset()
 	errOut.Reset()
 	if code := ctl.Run(ctx, []string{"--admin", addr, "messages", "ack", bad, "--reason", "x"}, &out, &errOut); code == 0 ||
 		!strings.Contains(errOut.String(), "cannot be acknowledged") {
