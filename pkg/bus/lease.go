@@ -92,9 +92,6 @@ func OpenLease(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig) (*L
 	return l, nil
 }
 
-// ID is this process's holder id.
-func (l *Lease) ID() string { return l.id }
-
 func (l *Lease) pingSubject(id string) string { return "pgs2." + l.cfg.Role + ".ping." + id }
 
 // Acquire waits until this process holds the key: free, expired, or held

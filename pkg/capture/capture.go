@@ -199,7 +199,6 @@ func (c *Capture) active(ctx context.Context) error {
 	if src.SlotCreated {
 		c.log.Info("created replication slot", "slot", c.cfg.Repl.Slot)
 	}
-	createdAfter := src.SlotCreated
 	var stream jetstream.Stream
 	err = restart.Until(ctx, sessionRestarts, func(ctx context.Context) (err error) {
 		stream, err = bus.EnsureChangesStream(ctx, c.js, c.cfg.Stream)
@@ -219,7 +218,7 @@ func (c *Capture) active(ctx context.Context) error {
 	go func() { defer close(backfillsDone); c.runBackfills(bctx, src.Database) }()
 	defer func() { stopBackfills(); <-backfillsDone }()
 	var setupErr error
-	if createdAfter {
+	if src.SlotCreated {
 		// A new slot next to changes already captured from this source:
 		// what was committed between them is not in the stream.
 		if r, err := bus.ResumeChanges(ctx, c.js, c.cfg.Stream.Name, c.cfg.Source); err == nil && r.LastID != "" {

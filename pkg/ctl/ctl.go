@@ -206,22 +206,10 @@ func (c *client) list(ctx context.Context, args []string, stderr io.Writer) erro
 	if *table != "" {
 		q.Set("table", *table)
 	}
-	var resp struct {
-		Messages []json.RawMessage `json:"messages"`
-	}
-	for { // every page
-		var page struct {
-			Messages []json.RawMessage `json:"messages"`
-			Next     string            `json:"next_page_token"`
-		}
-		if err := c.call(ctx, "GET", "/v1/sinks/"+url.PathEscape(*sink)+"/messages?"+q.Encode(), nil, &page); err != nil {
-			return err
-		}
-		resp.Messages = append(resp.Messages, page.Messages...)
-		if page.Next == "" {
-			break
-		}
-		q.Set("page_token", page.Next)
+	var resp struct{ Messages []json.RawMessage }
+	var err error
+	if resp.Messages, err = c.pages(ctx, "/v1/sinks/"+url.PathEscape(*sink)+"/messages", q, "messages"); err != nil {
+		return err
 	}
 	if *asJSON {
 		for _, m := range resp.Messages {
@@ -268,45 +256,38 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 	if id == "" && fs.NArg() > 0 {
 		id = fs.Arg(0)
 	}
-	if id == "" && cmd == "retry" && *sink != "-" {
-		var r json.RawMessage
-		if err := c.call(ctx, "POST", "/v1/sinks/"+url.PathEscape(*sink)+"/messages/retry", nil, &r); err != nil {
-			return err
-		}
-		if *asJSON {
-			fmt.Fprintln(c.out, string(r))
-			return nil
-		}
-		fmt.Fprintf(c.out, "retrying every failed message of sink %s now\n", *sink)
-		return nil
-	}
-	if id == "" {
+	all := id == "" && cmd == "retry" && *sink != "-" // every failed message of a sink
+	if id == "" && !all {
 		return fmt.Errorf("messages %s needs a message ID (see pgs2ctl messages list), or for retry --sink S alone: all of a sink", cmd)
 	}
 	path := "/v1/sinks/" + url.PathEscape(*sink) + "/messages/" + url.PathEscape(id)
+	method, body := "GET", any(nil)
+	switch {
+	case all:
+		method, path = "POST", "/v1/sinks/"+url.PathEscape(*sink)+"/messages/retry"
+	case cmd == "retry":
+		method, path = "POST", path+"/retry"
+	case cmd == "ack":
+		if strings.TrimSpace(*reason) == "" {
+			return fmt.Errorf("ack drops the message: give --reason")
+		}
+		method, path, body = "POST", path+"/ack", map[string]string{"reason": *reason, "operator": *operator}
+	}
+	var answer json.RawMessage
+	if err := c.call(ctx, method, path, body, &answer); err != nil {
+		return err
+	}
 	if *asJSON { // the API's answer as it is
-		method, p, body := "GET", path, any(nil)
-		switch cmd {
-		case "retry":
-			method, p = "POST", path+"/retry"
-		case "ack":
-			if strings.TrimSpace(*reason) == "" {
-				return fmt.Errorf("ack drops the message: give --reason")
-			}
-			method, p, body = "POST", path+"/ack", map[string]string{"reason": *reason, "operator": *operator}
-		}
-		var r json.RawMessage
-		if err := c.call(ctx, method, p, body, &r); err != nil {
-			return err
-		}
-		fmt.Fprintln(c.out, string(r))
+		fmt.Fprintln(c.out, string(answer))
 		return nil
 	}
-	switch cmd {
-	case "show":
+	switch {
+	case all:
+		fmt.Fprintf(c.out, "retrying every failed message of sink %s now\n", *sink)
+	case cmd == "show":
 		var f failed
-		if err := c.call(ctx, "GET", path, nil, &f); err != nil {
-			return err
+		if err := json.Unmarshal(answer, &f); err != nil {
+			return fmt.Errorf("the admin API's answer: %w", err)
 		}
 		fmt.Fprintf(c.out, "id:        %s\nsink:      %s\nstream:    %s/%s\ntable:     %s\ngroup:     %s\nkey:       %s\nseq:       %s\nfailed at: %s\nerror:     %d %s %s\nheaders:\n",
 			f.ID, f.Sink, f.Basin, f.Stream, f.Table, f.Group, f.IdempotencyKey, f.StreamSequence, f.FirstFailureTime,
@@ -320,18 +301,9 @@ func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.W
 		} else {
 			fmt.Fprintf(c.out, "payload: %d bytes\n", len(f.Payload))
 		}
-	case "retry":
-		if err := c.call(ctx, "POST", path+"/retry", nil, nil); err != nil {
-			return err
-		}
+	case cmd == "retry":
 		fmt.Fprintf(c.out, "retrying %s now\n", id)
-	case "ack":
-		if strings.TrimSpace(*reason) == "" {
-			return fmt.Errorf("ack drops the message: give --reason")
-		}
-		if err := c.call(ctx, "POST", path+"/ack", map[string]string{"reason": *reason, "operator": *operator}, nil); err != nil {
-			return err
-		}
+	case cmd == "ack":
 		fmt.Fprintf(c.out, "acknowledged %s (dropped; recorded in the audit stream)\n", id)
 	}
 	return nil
@@ -346,21 +318,9 @@ func (c *client) audit(ctx context.Context, args []string, stderr io.Writer) err
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var recs []json.RawMessage
-	q := url.Values{}
-	for {
-		var page struct {
-			Records []json.RawMessage `json:"records"`
-			Next    string            `json:"next_page_token"`
-		}
-		if err := c.call(ctx, "GET", "/v1/sinks/"+url.PathEscape(*sink)+"/audit?"+q.Encode(), nil, &page); err != nil {
-			return err
-		}
-		recs = append(recs, page.Records...)
-		if page.Next == "" {
-			break
-		}
-		q.Set("page_token", page.Next)
+	recs, err := c.pages(ctx, "/v1/sinks/"+url.PathEscape(*sink)+"/audit", url.Values{}, "records")
+	if err != nil {
+		return err
 	}
 	if *asJSON {
 		for _, r := range recs {
@@ -379,4 +339,31 @@ func (c *client) audit(ctx context.Context, args []string, stderr io.Writer) err
 		fmt.Fprintln(tw, "(nothing recorded)")
 	}
 	return tw.Flush()
+}
+
+// pages GETs path with query q page after page (the API's
+// next_page_token) and returns the items of every page's field.
+func (c *client) pages(ctx context.Context, path string, q url.Values, field string) ([]json.RawMessage, error) {
+	var all []json.RawMessage
+	for {
+		var page map[string]json.RawMessage
+		if err := c.call(ctx, "GET", path+"?"+q.Encode(), nil, &page); err != nil {
+			return nil, err
+		}
+		var items []json.RawMessage
+		if raw, ok := page[field]; ok {
+			if err := json.Unmarshal(raw, &items); err != nil {
+				return nil, fmt.Errorf("the admin API's %s: %w", field, err)
+			}
+		}
+		all = append(all, items...)
+		var next string
+		if raw, ok := page["next_page_token"]; ok {
+			_ = json.Unmarshal(raw, &next)
+		}
+		if next == "" {
+			return all, nil
+		}
+		q.Set("page_token", next)
+	}
 }

@@ -181,6 +181,16 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 		c.NATS.Key != "" || c.NATS.TLSServer != "" || c.NATS.Replicas != 1) {
 		bad = append(bad, "--nats-user, --nats-creds, --nats-nkey, --nats-ca, --nats-cert, --nats-key, --nats-tls-server-name and --nats-replicas are for an external JetStream: give --nats-url too")
 	}
+	for _, f := range []*string{&c.NATS.Creds, &c.NATS.NKey, &c.NATS.CA, &c.NATS.Cert, &c.NATS.Key} {
+		if *f == "" {
+			continue
+		}
+		abs, err := filepath.Abs(*f)
+		if err != nil {
+			bad = append(bad, fmt.Sprintf("%s: %v", *f, err))
+		}
+		*f = abs
+	}
 	if c.NATS.Replicas < 1 || c.NATS.Replicas > 5 {
 		bad = append(bad, fmt.Sprintf("--nats-replicas %d: use 1 to 5", c.NATS.Replicas))
 	}

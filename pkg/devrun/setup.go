@@ -172,54 +172,34 @@ func (r *run) natsURL() string {
 }
 
 // natsYAML is the config's nats section: the URL, and for an external
-// JetStream its replicas, authentication and TLS.
-func (r *run) natsYAML() (string, error) {
+// JetStream its replicas, authentication and TLS (files made absolute by
+// parseFlags).
+func (r *run) natsYAML() string {
 	n := r.cfg.NATS
 	var b strings.Builder
 	fmt.Fprintf(&b, "nats:\n  url: %s\n", yamlQuote(r.natsURL()))
 	if n.URL == "" {
-		return b.String(), nil
+		return b.String()
 	}
-	abs := func(p string) (string, error) {
-		if p == "" {
-			return "", nil
+	key := func(indent, k, v string) {
+		if v != "" {
+			fmt.Fprintf(&b, "%s%s: %s\n", indent, k, yamlQuote(v))
 		}
-		a, err := filepath.Abs(p)
-		if err != nil {
-			return "", fmt.Errorf("%s: %w", p, err)
-		}
-		return a, nil
 	}
 	fmt.Fprintf(&b, "  replicas: %d\n", n.Replicas)
-	if n.User != "" {
-		fmt.Fprintf(&b, "  user: %s\n", yamlQuote(n.User))
-	}
-	for _, f := range []struct{ key, path string }{{"credentials_file", n.Creds}, {"nkey_file", n.NKey}} {
-		p, err := abs(f.path)
-		if err != nil {
-			return "", err
-		}
-		if p != "" {
-			fmt.Fprintf(&b, "  %s: %s\n", f.key, yamlQuote(p))
-		}
-	}
+	key("  ", "user", n.User)
+	key("  ", "credentials_file", n.Creds)
+	key("  ", "nkey_file", n.NKey)
 	if n.CA != "" || n.Cert != "" || n.Key != "" || n.TLSServer != "" {
 		b.WriteString("  tls:\n")
-		for _, f := range []struct{ key, path string }{{"ca_file", n.CA}, {"cert_file", n.Cert}, {"key_file", n.Key}} {
-			p, err := abs(f.path)
-			if err != nil {
-				return "", err
-			}
-			if p != "" {
-				fmt.Fprintf(&b, "    %s: %s\n", f.key, yamlQuote(p))
-			}
-		}
-		if n.TLSServer != "" {
-			fmt.Fprintf(&b, "    server_name: %s\n", yamlQuote(n.TLSServer))
-		}
+		key("    ", "ca_file", n.CA)
+		key("    ", "cert_file", n.Cert)
+		key("    ", "key_file", n.Key)
+		key("    ", "server_name", n.TLSServer)
 	}
-	return b.String(), nil
+	return b.String()
 }
+
 func (r *run) s2URL() string { return "http://127.0.0.1:" + strconv.Itoa(r.cfg.S2Port) }
 
 // startS2 runs bin/s2local on disk and creates the sample basin and stream.
@@ -265,10 +245,7 @@ func isConflict(err error) bool {
 // given as flags apply).
 func (r *run) writeConfig() (string, error) {
 	path := filepath.Join(r.dir, "pgs2.yaml")
-	natsSection, err := r.natsYAML()
-	if err != nil {
-		return "", err
-	}
+	natsSection := r.natsYAML()
 	cfg := fmt.Sprintf(`# Written by pgs2 run (make run) at every start: edits are overwritten.
 # Copy it elsewhere to experiment: bin/capture --config FILE, and so on.
 source:
