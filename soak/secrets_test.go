@@ -25,7 +25,7 @@ import (
 // TestSecretsNeverLeak runs the three services with recognisable secrets —
 // an S2 token, a NATS password, a Postgres password and an admin token —
 // makes S2 answer 401 (a sink with a wrong token) and 500/503 (faults on
-// the other's appends), the admin API answer 401 (a call without the
+// a third sink's appends), the admin API answer 401 (a call without the
 // token) and a config error happen, and finds none of the secrets in any
 // log line, error, span (attributes, events, status; exported over OTLP),
 // metric, admin API answer or pgs2ctl output.
@@ -46,8 +46,9 @@ func TestSecretsNeverLeak(t *testing.T) {
 	pg.MustExec(t, "postgres", "CREATE DATABASE app")
 	pg.MustExec(t, "app", "CREATE TABLE users (id int PRIMARY KEY, name text)")
 	ns := natstest.NewSecured(t, server.Options{Username: "pgs2", Password: natsPW})
-	// S2 answers half of the good sink's appends with a 500 or a 503.
-	faults := s2local.FaultConfig{Rules: []s2local.FaultRule{{Stream: "good", AppendsOnly: true, ErrorRate: 0.5,
+	// S2 answers every append to the flaky sink's stream with a 500 or a
+	// 503 (a fraction of the good sink's could leave a run with none).
+	faults := s2local.FaultConfig{Rules: []s2local.FaultRule{{Stream: "flaky", AppendsOnly: true, ErrorRate: 1,
 		Statuses: []int{http.StatusInternalServerError, http.StatusServiceUnavailable}}}}
 	s2srv, err := s2local.New(s2local.Options{DataDir: filepath.Join(t.TempDir(), "s2"), Basins: []string{soakBasin}, Token: s2Token,
 		Faults: faults, Logger: quietLog()})
@@ -72,7 +73,9 @@ sinks:
      retry: {initial: 20ms, max: 100ms}}
   - {name: bad, tables: [public.users], basin: %s, stream: bad, endpoint: %q, access_token_env: BAD_S2_TOKEN, create_stream: true,
      retry: {initial: 50ms, max: 200ms}}
-`, pg.DSN("app"), ns.ClientURL(), traces.Addr, soakBasin, hs.URL, soakBasin, hs.URL))
+  - {name: flaky, tables: [public.users], basin: %s, stream: flaky, endpoint: %q, access_token_env: GOOD_S2_TOKEN, create_stream: true,
+     retry: {initial: 50ms, max: 200ms}}
+`, pg.DSN("app"), ns.ClientURL(), traces.Addr, soakBasin, hs.URL, soakBasin, hs.URL, soakBasin, hs.URL))
 	procs := map[string]*proctest.Proc{}
 	for _, name := range []string{"capture", "router", "delivery"} {
 		procs[name] = proctest.Start(t, proctest.Build(t, servicePath(name)), "--config", cfg, "--log-level", "debug")
@@ -101,12 +104,15 @@ sinks:
 		start := uint64(0)
 		rb, err := sdk.Basin(soakBasin).Stream("good").Read(context.Background(), &s2.ReadOptions{SeqNum: &start, Count: &count})
 		_, msgs := get("/v1/sinks/bad/messages", adminTok)
-		if err == nil && len(rb.Records) >= 2 && strings.Contains(msgs, "401") {
-			outputs = append(outputs, msgs)
+		_, flaky := get("/v1/sinks/flaky/messages", adminTok)
+		if err == nil && len(rb.Records) >= 2 && strings.Contains(msgs, "401") &&
+			(strings.Contains(strings.ReplaceAll(flaky, " ", ""), `"http_status":500`) ||
+				strings.Contains(strings.ReplaceAll(flaky, " ", ""), `"http_status":503`)) {
+			outputs = append(outputs, msgs, flaky)
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("after a minute: good stream %v (%v), bad sink's failures %s", rb, err, msgs)
+			t.Fatalf("after a minute: good stream %v (%v), bad sink's failures %s, flaky sink's %s", rb, err, msgs, flaky)
 		}
 	}
 	for _, path := range []string{"/v1/status", "/v1/sinks/-/messages", "/v1/backfills"} {
