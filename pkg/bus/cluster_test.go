@@ -335,3 +335,39 @@ func retry(t *testing.T, ctx context.Context, what string, f func(context.Contex
 }
 
 var digits = regexp.MustCompile(`[0-9]+`)
+
+// TestLostRaceOnReplicatedBuckets: a compare-and-set that loses its race
+// on a bucket with 3 replicas is a lost race to bus.LostRace (nats.go
+// documents another error code, 10164, for replicated streams), or a
+// lease takeover and a sink state change on a cluster would read it as a
+// failure.
+func TestLostRaceOnReplicatedBuckets(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-node nats-server cluster")
+	}
+	c := natstest.NewCluster(t, 3)
+	c.WaitReady(t)
+	_, js := c.Connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var kv jetstream.KeyValue
+	retry(t, ctx, "create the bucket", func(ctx context.Context) (err error) {
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "RACE", Replicas: 3})
+		return err
+	})
+	rev, err := kv.Create(ctx, "k", []byte("1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Update(ctx, "k", []byte("2"), rev); err != nil {
+		t.Fatal(err)
+	}
+	_, err = kv.Update(ctx, "k", []byte("3"), rev) // stale revision
+	if err == nil || !bus.LostRace(err) {
+		t.Fatalf("Update with a stale revision on 3 replicas: %v; LostRace must report it", err)
+	}
+	_, err = kv.Create(ctx, "k", []byte("4"))
+	if err == nil || !bus.LostRace(err) {
+		t.Fatalf("Create of an existing key on 3 replicas: %v; LostRace must report it", err)
+	}
+}

@@ -34,6 +34,10 @@ const (
 	HeaderInputSeq = "Pgs2-Input-Seq" // the round's first changes-stream sequence
 	HeaderInputEnd = "Pgs2-Input-End" // the round's last changes-stream sequence
 	HeaderRound    = "Pgs2-Round"     // "<i>/<n>": this message is the round's i-th of n
+	// HeaderDisabled lists the sinks (comma-separated) that were disabled
+	// when the round was routed: a round cut short is routed again with
+	// the same ones, whatever their state is by then.
+	HeaderDisabled = "Pgs2-Disabled"
 )
 
 // DeliverySubject is

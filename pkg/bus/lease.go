@@ -37,7 +37,9 @@ func Unanswered(ctx context.Context, nc *nats.Conn, subject string) bool {
 func LostRace(err error) bool {
 	var apiErr *jetstream.APIError
 	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyNotFound) ||
-		(errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence)
+		errors.Is(err, jetstream.ErrKeyRevisionMismatch) || // an Update's, on a replicated bucket too (code 10164)
+		(errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant))
 }
 
 // LeaseConfig names a lease: one holder per Key in Bucket at a time.

@@ -185,6 +185,12 @@ type Sink struct {
 	Transform      string              `yaml:"transform"`
 	Routing        string              `yaml:"routing"`
 	CreateStream   bool                `yaml:"create_stream"`
+	// Status is the sink's state when the config is applied: active (the
+	// default), paused (delivery stops appending; its changes wait in
+	// JetStream) or disabled (the router stops producing for it too).
+	// pgs2ctl sink pause|resume|disable|enable changes it at run time; the
+	// latest of the two wins (see docs/operations.md).
+	Status string `yaml:"status"`
 	// InitialBackfill, when set, backfills the sink's tables (or the ones
 	// listed) once, when the sink first starts.
 	InitialBackfill *InitialBackfill `yaml:"initial_backfill"`
@@ -655,6 +661,11 @@ func (c *Config) Validate() error {
 			bad(key+".name", "%q is used by two sinks; names must be unique", sk.Name)
 		}
 		names[sk.Name] = true
+		switch sk.Status {
+		case "", "active", "paused", "disabled":
+		default:
+			bad(key+".status", "%q is not a sink status: write active, paused or disabled", sk.Status)
+		}
 		if len(sk.Tables) == 0 {
 			bad(key+".tables", "empty; list the source tables this sink receives")
 		}

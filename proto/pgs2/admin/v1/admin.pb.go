@@ -648,8 +648,14 @@ func (x *GetStatusRequest) GetSink() string {
 }
 
 type GetStatusResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Sinks         []*SinkStatus          `protobuf:"bytes,1,rep,name=sinks,proto3" json:"sinks,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Sinks []*SinkStatus          `protobuf:"bytes,1,rep,name=sinks,proto3" json:"sinks,omitempty"`
+	// Per source: its capture and router.
+	Sources []*SourceStatus `protobuf:"bytes,2,rep,name=sources,proto3" json:"sources,omitempty"`
+	// Per JetStream stream between the stages: what it holds and what waits.
+	Stages []*StageStatus `protobuf:"bytes,3,rep,name=stages,proto3" json:"stages,omitempty"`
+	// When the answers were gathered.
+	Time          *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -691,6 +697,622 @@ func (x *GetStatusResponse) GetSinks() []*SinkStatus {
 	return nil
 }
 
+func (x *GetStatusResponse) GetSources() []*SourceStatus {
+	if x != nil {
+		return x.Sources
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetStages() []*StageStatus {
+	if x != nil {
+		return x.Stages
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+type SourceStatus struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Source string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	// active (a capture answered and holds the source), standby (only
+	// standbys answered) or down (no capture answered).
+	CaptureState string `protobuf:"bytes,2,opt,name=capture_state,json=captureState,proto3" json:"capture_state,omitempty"`
+	// The active capture's host and process id, and its standbys' hosts.
+	CaptureHost     string   `protobuf:"bytes,3,opt,name=capture_host,json=captureHost,proto3" json:"capture_host,omitempty"`
+	CapturePid      uint32   `protobuf:"varint,4,opt,name=capture_pid,json=capturePid,proto3" json:"capture_pid,omitempty"`
+	CaptureStandbys []string `protobuf:"bytes,5,rep,name=capture_standbys,json=captureStandbys,proto3" json:"capture_standbys,omitempty"`
+	Slot            string   `protobuf:"bytes,6,opt,name=slot,proto3" json:"slot,omitempty"`
+	// The slot as the active capture read it at sample_time (every 5 s):
+	// confirmed_flush_lsn, the server's WAL position, the WAL the slot keeps
+	// (bytes), and the lag (position − confirmed, bytes; and the walsender's
+	// flush lag, seconds). LSNs as Postgres writes them (0/16B3748).
+	ConfirmedLsn          string                 `protobuf:"bytes,7,opt,name=confirmed_lsn,json=confirmedLsn,proto3" json:"confirmed_lsn,omitempty"`
+	WalEndLsn             string                 `protobuf:"bytes,8,opt,name=wal_end_lsn,json=walEndLsn,proto3" json:"wal_end_lsn,omitempty"`
+	WalRetainedBytes      int64                  `protobuf:"varint,9,opt,name=wal_retained_bytes,json=walRetainedBytes,proto3" json:"wal_retained_bytes,omitempty"`
+	ReplicationLagBytes   int64                  `protobuf:"varint,10,opt,name=replication_lag_bytes,json=replicationLagBytes,proto3" json:"replication_lag_bytes,omitempty"`
+	ReplicationLagSeconds float64                `protobuf:"fixed64,11,opt,name=replication_lag_seconds,json=replicationLagSeconds,proto3" json:"replication_lag_seconds,omitempty"`
+	SampleTime            *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=sample_time,json=sampleTime,proto3" json:"sample_time,omitempty"`
+	// Why the slot could not be read, if it could not.
+	SlotError string `protobuf:"bytes,13,opt,name=slot_error,json=slotError,proto3" json:"slot_error,omitempty"`
+	// Commit time of the last transaction capture read from the slot.
+	LastCommitTime *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=last_commit_time,json=lastCommitTime,proto3" json:"last_commit_time,omitempty"`
+	// active, standby or down, as capture_state, for the router.
+	RouterState string `protobuf:"bytes,15,opt,name=router_state,json=routerState,proto3" json:"router_state,omitempty"`
+	RouterHost  string `protobuf:"bytes,16,opt,name=router_host,json=routerHost,proto3" json:"router_host,omitempty"`
+	// Sinks the router routes nothing to (disabled).
+	DisabledSinks []string `protobuf:"bytes,17,rep,name=disabled_sinks,json=disabledSinks,proto3" json:"disabled_sinks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SourceStatus) Reset() {
+	*x = SourceStatus{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SourceStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SourceStatus) ProtoMessage() {}
+
+func (x *SourceStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SourceStatus.ProtoReflect.Descriptor instead.
+func (*SourceStatus) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SourceStatus) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetCaptureState() string {
+	if x != nil {
+		return x.CaptureState
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetCaptureHost() string {
+	if x != nil {
+		return x.CaptureHost
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetCapturePid() uint32 {
+	if x != nil {
+		return x.CapturePid
+	}
+	return 0
+}
+
+func (x *SourceStatus) GetCaptureStandbys() []string {
+	if x != nil {
+		return x.CaptureStandbys
+	}
+	return nil
+}
+
+func (x *SourceStatus) GetSlot() string {
+	if x != nil {
+		return x.Slot
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetConfirmedLsn() string {
+	if x != nil {
+		return x.ConfirmedLsn
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetWalEndLsn() string {
+	if x != nil {
+		return x.WalEndLsn
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetWalRetainedBytes() int64 {
+	if x != nil {
+		return x.WalRetainedBytes
+	}
+	return 0
+}
+
+func (x *SourceStatus) GetReplicationLagBytes() int64 {
+	if x != nil {
+		return x.ReplicationLagBytes
+	}
+	return 0
+}
+
+func (x *SourceStatus) GetReplicationLagSeconds() float64 {
+	if x != nil {
+		return x.ReplicationLagSeconds
+	}
+	return 0
+}
+
+func (x *SourceStatus) GetSampleTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SampleTime
+	}
+	return nil
+}
+
+func (x *SourceStatus) GetSlotError() string {
+	if x != nil {
+		return x.SlotError
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetLastCommitTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastCommitTime
+	}
+	return nil
+}
+
+func (x *SourceStatus) GetRouterState() string {
+	if x != nil {
+		return x.RouterState
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetRouterHost() string {
+	if x != nil {
+		return x.RouterHost
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetDisabledSinks() []string {
+	if x != nil {
+		return x.DisabledSinks
+	}
+	return nil
+}
+
+type StageStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The JetStream stream: the changes stream (capture → router) or a
+	// delivery stream (router → delivery).
+	Stream string `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	// changes or delivery.
+	Stage string `protobuf:"bytes,2,opt,name=stage,proto3" json:"stage,omitempty"`
+	// The source whose messages it holds (a changes stream may hold several).
+	Source   string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
+	Messages uint64 `protobuf:"varint,4,opt,name=messages,proto3" json:"messages,omitempty"`
+	Bytes    uint64 `protobuf:"varint,5,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// Messages the next stage has not read yet: for the changes stream, what
+	// the active router reported at its last input; for a delivery stream,
+	// the sum over its S2 streams of what their writers reported.
+	Pending       uint64                 `protobuf:"varint,6,opt,name=pending,proto3" json:"pending,omitempty"`
+	FirstTime     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=first_time,json=firstTime,proto3" json:"first_time,omitempty"`
+	LastTime      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=last_time,json=lastTime,proto3" json:"last_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StageStatus) Reset() {
+	*x = StageStatus{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StageStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StageStatus) ProtoMessage() {}
+
+func (x *StageStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StageStatus.ProtoReflect.Descriptor instead.
+func (*StageStatus) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *StageStatus) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *StageStatus) GetStage() string {
+	if x != nil {
+		return x.Stage
+	}
+	return ""
+}
+
+func (x *StageStatus) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *StageStatus) GetMessages() uint64 {
+	if x != nil {
+		return x.Messages
+	}
+	return 0
+}
+
+func (x *StageStatus) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *StageStatus) GetPending() uint64 {
+	if x != nil {
+		return x.Pending
+	}
+	return 0
+}
+
+func (x *StageStatus) GetFirstTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FirstTime
+	}
+	return nil
+}
+
+func (x *StageStatus) GetLastTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastTime
+	}
+	return nil
+}
+
+// One S2 stream of a sink.
+type StreamStatus struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Basin  string                 `protobuf:"bytes,1,opt,name=basin,proto3" json:"basin,omitempty"`
+	Stream string                 `protobuf:"bytes,2,opt,name=stream,proto3" json:"stream,omitempty"`
+	// delivering (changes wait for it), idle (caught up), blocked (S2
+	// refuses its appends), paused or disabled (its sink is), unowned (no
+	// delivery process writes it now).
+	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	// The delivery process writing it (its lease id and host).
+	Owner     string `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
+	OwnerHost string `protobuf:"bytes,5,opt,name=owner_host,json=ownerHost,proto3" json:"owner_host,omitempty"`
+	// Messages of its delivery streams not read yet (at the last read).
+	Pending uint64 `protobuf:"varint,6,opt,name=pending,proto3" json:"pending,omitempty"`
+	// Seconds behind: now − commit time of the oldest change read and not
+	// yet in S2 (0 when nothing waits).
+	LagSeconds float64 `protobuf:"fixed64,7,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
+	// The last change appended: its commit time and commit LSN, and when.
+	LastCommitTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=last_commit_time,json=lastCommitTime,proto3" json:"last_commit_time,omitempty"`
+	LastCommitLsn  string                 `protobuf:"bytes,9,opt,name=last_commit_lsn,json=lastCommitLsn,proto3" json:"last_commit_lsn,omitempty"`
+	LastAppendTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_append_time,json=lastAppendTime,proto3" json:"last_append_time,omitempty"`
+	ParkedGroups   uint64                 `protobuf:"varint,11,opt,name=parked_groups,json=parkedGroups,proto3" json:"parked_groups,omitempty"`
+	ParkedMessages uint64                 `protobuf:"varint,12,opt,name=parked_messages,json=parkedMessages,proto3" json:"parked_messages,omitempty"`
+	// Blocked: the last S2 error (status, code, message) and since when.
+	LastError     string                 `protobuf:"bytes,13,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	FailingSince  *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=failing_since,json=failingSince,proto3" json:"failing_since,omitempty"`
+	DeadLetters   uint64                 `protobuf:"varint,15,opt,name=dead_letters,json=deadLetters,proto3" json:"dead_letters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamStatus) Reset() {
+	*x = StreamStatus{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamStatus) ProtoMessage() {}
+
+func (x *StreamStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamStatus.ProtoReflect.Descriptor instead.
+func (*StreamStatus) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *StreamStatus) GetBasin() string {
+	if x != nil {
+		return x.Basin
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetOwnerHost() string {
+	if x != nil {
+		return x.OwnerHost
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetPending() uint64 {
+	if x != nil {
+		return x.Pending
+	}
+	return 0
+}
+
+func (x *StreamStatus) GetLagSeconds() float64 {
+	if x != nil {
+		return x.LagSeconds
+	}
+	return 0
+}
+
+func (x *StreamStatus) GetLastCommitTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastCommitTime
+	}
+	return nil
+}
+
+func (x *StreamStatus) GetLastCommitLsn() string {
+	if x != nil {
+		return x.LastCommitLsn
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetLastAppendTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastAppendTime
+	}
+	return nil
+}
+
+func (x *StreamStatus) GetParkedGroups() uint64 {
+	if x != nil {
+		return x.ParkedGroups
+	}
+	return 0
+}
+
+func (x *StreamStatus) GetParkedMessages() uint64 {
+	if x != nil {
+		return x.ParkedMessages
+	}
+	return 0
+}
+
+func (x *StreamStatus) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *StreamStatus) GetFailingSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FailingSince
+	}
+	return nil
+}
+
+func (x *StreamStatus) GetDeadLetters() uint64 {
+	if x != nil {
+		return x.DeadLetters
+	}
+	return 0
+}
+
+type SinkStateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Sink  string                 `protobuf:"bytes,1,opt,name=sink,proto3" json:"sink,omitempty"`
+	// Who and why (recorded in the audit).
+	Operator      string `protobuf:"bytes,2,opt,name=operator,proto3" json:"operator,omitempty"`
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SinkStateRequest) Reset() {
+	*x = SinkStateRequest{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SinkStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SinkStateRequest) ProtoMessage() {}
+
+func (x *SinkStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SinkStateRequest.ProtoReflect.Descriptor instead.
+func (*SinkStateRequest) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *SinkStateRequest) GetSink() string {
+	if x != nil {
+		return x.Sink
+	}
+	return ""
+}
+
+func (x *SinkStateRequest) GetOperator() string {
+	if x != nil {
+		return x.Operator
+	}
+	return ""
+}
+
+func (x *SinkStateRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type SinkState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Sink  string                 `protobuf:"bytes,1,opt,name=sink,proto3" json:"sink,omitempty"`
+	// active, paused or disabled.
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// Who set it ("config" when it is the config's status), when and why.
+	ChangedBy     string                 `protobuf:"bytes,3,opt,name=changed_by,json=changedBy,proto3" json:"changed_by,omitempty"`
+	ChangeTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=change_time,json=changeTime,proto3" json:"change_time,omitempty"`
+	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SinkState) Reset() {
+	*x = SinkState{}
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SinkState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SinkState) ProtoMessage() {}
+
+func (x *SinkState) ProtoReflect() protoreflect.Message {
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SinkState.ProtoReflect.Descriptor instead.
+func (*SinkState) Descriptor() ([]byte, []int) {
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *SinkState) GetSink() string {
+	if x != nil {
+		return x.Sink
+	}
+	return ""
+}
+
+func (x *SinkState) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *SinkState) GetChangedBy() string {
+	if x != nil {
+		return x.ChangedBy
+	}
+	return ""
+}
+
+func (x *SinkState) GetChangeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ChangeTime
+	}
+	return nil
+}
+
+func (x *SinkState) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type SinkStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Sink  string                 `protobuf:"bytes,1,opt,name=sink,proto3" json:"sink,omitempty"`
@@ -705,13 +1327,25 @@ type SinkStatus struct {
 	ParkedGroups uint64 `protobuf:"varint,5,opt,name=parked_groups,json=parkedGroups,proto3" json:"parked_groups,omitempty"`
 	// First failure of the oldest parked message; unset when nothing is parked.
 	OldestFailureTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=oldest_failure_time,json=oldestFailureTime,proto3" json:"oldest_failure_time,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// active, paused or disabled, and who set it.
+	State *SinkState `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
+	// Its S2 streams.
+	Streams []*StreamStatus `protobuf:"bytes,8,rep,name=streams,proto3" json:"streams,omitempty"`
+	// The most any of its streams is behind, in seconds.
+	LagSeconds float64 `protobuf:"fixed64,9,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
+	// S2 streams S2 refuses appends to now.
+	BlockedStreams uint32 `protobuf:"varint,10,opt,name=blocked_streams,json=blockedStreams,proto3" json:"blocked_streams,omitempty"`
+	// Messages in the dead-letter stream (after retry.max_attempts).
+	DeadLetters uint64 `protobuf:"varint,11,opt,name=dead_letters,json=deadLetters,proto3" json:"dead_letters,omitempty"`
+	// The last change appended to any of its streams.
+	LastCommitTime *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=last_commit_time,json=lastCommitTime,proto3" json:"last_commit_time,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SinkStatus) Reset() {
 	*x = SinkStatus{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +1357,7 @@ func (x *SinkStatus) String() string {
 func (*SinkStatus) ProtoMessage() {}
 
 func (x *SinkStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,7 +1370,7 @@ func (x *SinkStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SinkStatus.ProtoReflect.Descriptor instead.
 func (*SinkStatus) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SinkStatus) GetSink() string {
@@ -777,6 +1411,48 @@ func (x *SinkStatus) GetParkedGroups() uint64 {
 func (x *SinkStatus) GetOldestFailureTime() *timestamppb.Timestamp {
 	if x != nil {
 		return x.OldestFailureTime
+	}
+	return nil
+}
+
+func (x *SinkStatus) GetState() *SinkState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *SinkStatus) GetStreams() []*StreamStatus {
+	if x != nil {
+		return x.Streams
+	}
+	return nil
+}
+
+func (x *SinkStatus) GetLagSeconds() float64 {
+	if x != nil {
+		return x.LagSeconds
+	}
+	return 0
+}
+
+func (x *SinkStatus) GetBlockedStreams() uint32 {
+	if x != nil {
+		return x.BlockedStreams
+	}
+	return 0
+}
+
+func (x *SinkStatus) GetDeadLetters() uint64 {
+	if x != nil {
+		return x.DeadLetters
+	}
+	return 0
+}
+
+func (x *SinkStatus) GetLastCommitTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastCommitTime
 	}
 	return nil
 }
@@ -827,7 +1503,7 @@ type FailedMessage struct {
 
 func (x *FailedMessage) Reset() {
 	*x = FailedMessage{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +1515,7 @@ func (x *FailedMessage) String() string {
 func (*FailedMessage) ProtoMessage() {}
 
 func (x *FailedMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +1528,7 @@ func (x *FailedMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailedMessage.ProtoReflect.Descriptor instead.
 func (*FailedMessage) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *FailedMessage) GetId() string {
@@ -991,7 +1667,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1679,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1692,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Header) GetName() string {
@@ -1050,7 +1726,7 @@ type DeliveryError struct {
 
 func (x *DeliveryError) Reset() {
 	*x = DeliveryError{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1062,7 +1738,7 @@ func (x *DeliveryError) String() string {
 func (*DeliveryError) ProtoMessage() {}
 
 func (x *DeliveryError) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1075,7 +1751,7 @@ func (x *DeliveryError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliveryError.ProtoReflect.Descriptor instead.
 func (*DeliveryError) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DeliveryError) GetHttpStatus() int32 {
@@ -1125,7 +1801,7 @@ type ListFailedMessagesRequest struct {
 
 func (x *ListFailedMessagesRequest) Reset() {
 	*x = ListFailedMessagesRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1137,7 +1813,7 @@ func (x *ListFailedMessagesRequest) String() string {
 func (*ListFailedMessagesRequest) ProtoMessage() {}
 
 func (x *ListFailedMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[14]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1150,7 +1826,7 @@ func (x *ListFailedMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFailedMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListFailedMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListFailedMessagesRequest) GetSink() string {
@@ -1228,7 +1904,7 @@ type ListFailedMessagesResponse struct {
 
 func (x *ListFailedMessagesResponse) Reset() {
 	*x = ListFailedMessagesResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1916,7 @@ func (x *ListFailedMessagesResponse) String() string {
 func (*ListFailedMessagesResponse) ProtoMessage() {}
 
 func (x *ListFailedMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[15]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1929,7 @@ func (x *ListFailedMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFailedMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListFailedMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListFailedMessagesResponse) GetMessages() []*FailedMessage {
@@ -1280,7 +1956,7 @@ type GetFailedMessageRequest struct {
 
 func (x *GetFailedMessageRequest) Reset() {
 	*x = GetFailedMessageRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[16]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1292,7 +1968,7 @@ func (x *GetFailedMessageRequest) String() string {
 func (*GetFailedMessageRequest) ProtoMessage() {}
 
 func (x *GetFailedMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[16]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1305,7 +1981,7 @@ func (x *GetFailedMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFailedMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetFailedMessageRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetFailedMessageRequest) GetSink() string {
@@ -1337,7 +2013,7 @@ type RetryFailedMessageRequest struct {
 
 func (x *RetryFailedMessageRequest) Reset() {
 	*x = RetryFailedMessageRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[17]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1349,7 +2025,7 @@ func (x *RetryFailedMessageRequest) String() string {
 func (*RetryFailedMessageRequest) ProtoMessage() {}
 
 func (x *RetryFailedMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[17]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1362,7 +2038,7 @@ func (x *RetryFailedMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryFailedMessageRequest.ProtoReflect.Descriptor instead.
 func (*RetryFailedMessageRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RetryFailedMessageRequest) GetSink() string {
@@ -1392,7 +2068,7 @@ type RetryFailedMessagesRequest struct {
 
 func (x *RetryFailedMessagesRequest) Reset() {
 	*x = RetryFailedMessagesRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1404,7 +2080,7 @@ func (x *RetryFailedMessagesRequest) String() string {
 func (*RetryFailedMessagesRequest) ProtoMessage() {}
 
 func (x *RetryFailedMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1417,7 +2093,7 @@ func (x *RetryFailedMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryFailedMessagesRequest.ProtoReflect.Descriptor instead.
 func (*RetryFailedMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RetryFailedMessagesRequest) GetSink() string {
@@ -1453,7 +2129,7 @@ type RetryResponse struct {
 
 func (x *RetryResponse) Reset() {
 	*x = RetryResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +2141,7 @@ func (x *RetryResponse) String() string {
 func (*RetryResponse) ProtoMessage() {}
 
 func (x *RetryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +2154,7 @@ func (x *RetryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryResponse.ProtoReflect.Descriptor instead.
 func (*RetryResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RetryResponse) GetGroups() uint64 {
@@ -1513,7 +2189,7 @@ type AcknowledgeFailedMessageRequest struct {
 
 func (x *AcknowledgeFailedMessageRequest) Reset() {
 	*x = AcknowledgeFailedMessageRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1525,7 +2201,7 @@ func (x *AcknowledgeFailedMessageRequest) String() string {
 func (*AcknowledgeFailedMessageRequest) ProtoMessage() {}
 
 func (x *AcknowledgeFailedMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[20]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1538,7 +2214,7 @@ func (x *AcknowledgeFailedMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcknowledgeFailedMessageRequest.ProtoReflect.Descriptor instead.
 func (*AcknowledgeFailedMessageRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AcknowledgeFailedMessageRequest) GetSink() string {
@@ -1590,7 +2266,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1602,7 +2278,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[21]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1615,7 +2291,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AuditRecord) GetId() string {
@@ -1674,7 +2350,7 @@ type ListAuditRecordsRequest struct {
 
 func (x *ListAuditRecordsRequest) Reset() {
 	*x = ListAuditRecordsRequest{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1686,7 +2362,7 @@ func (x *ListAuditRecordsRequest) String() string {
 func (*ListAuditRecordsRequest) ProtoMessage() {}
 
 func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[22]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1699,7 +2375,7 @@ func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRecordsRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRecordsRequest) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListAuditRecordsRequest) GetSink() string {
@@ -1734,7 +2410,7 @@ type ListAuditRecordsResponse struct {
 
 func (x *ListAuditRecordsResponse) Reset() {
 	*x = ListAuditRecordsResponse{}
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1746,7 +2422,7 @@ func (x *ListAuditRecordsResponse) String() string {
 func (*ListAuditRecordsResponse) ProtoMessage() {}
 
 func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[23]
+	mi := &file_pgs2_admin_v1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1759,7 +2435,7 @@ func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRecordsResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditRecordsResponse) Descriptor() ([]byte, []int) {
-	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_pgs2_admin_v1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListAuditRecordsResponse) GetRecords() []*AuditRecord {
@@ -1830,9 +2506,77 @@ const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\boperator\x18\x02 \x01(\tR\boperator\"&\n" +
 	"\x10GetStatusRequest\x12\x12\n" +
-	"\x04sink\x18\x01 \x01(\tR\x04sink\"D\n" +
+	"\x04sink\x18\x01 \x01(\tR\x04sink\"\xdf\x01\n" +
 	"\x11GetStatusResponse\x12/\n" +
-	"\x05sinks\x18\x01 \x03(\v2\x19.pgs2.admin.v1.SinkStatusR\x05sinks\"\x98\x02\n" +
+	"\x05sinks\x18\x01 \x03(\v2\x19.pgs2.admin.v1.SinkStatusR\x05sinks\x125\n" +
+	"\asources\x18\x02 \x03(\v2\x1b.pgs2.admin.v1.SourceStatusR\asources\x122\n" +
+	"\x06stages\x18\x03 \x03(\v2\x1a.pgs2.admin.v1.StageStatusR\x06stages\x12.\n" +
+	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xba\x05\n" +
+	"\fSourceStatus\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12#\n" +
+	"\rcapture_state\x18\x02 \x01(\tR\fcaptureState\x12!\n" +
+	"\fcapture_host\x18\x03 \x01(\tR\vcaptureHost\x12\x1f\n" +
+	"\vcapture_pid\x18\x04 \x01(\rR\n" +
+	"capturePid\x12)\n" +
+	"\x10capture_standbys\x18\x05 \x03(\tR\x0fcaptureStandbys\x12\x12\n" +
+	"\x04slot\x18\x06 \x01(\tR\x04slot\x12#\n" +
+	"\rconfirmed_lsn\x18\a \x01(\tR\fconfirmedLsn\x12\x1e\n" +
+	"\vwal_end_lsn\x18\b \x01(\tR\twalEndLsn\x12,\n" +
+	"\x12wal_retained_bytes\x18\t \x01(\x03R\x10walRetainedBytes\x122\n" +
+	"\x15replication_lag_bytes\x18\n" +
+	" \x01(\x03R\x13replicationLagBytes\x126\n" +
+	"\x17replication_lag_seconds\x18\v \x01(\x01R\x15replicationLagSeconds\x12;\n" +
+	"\vsample_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"sampleTime\x12\x1d\n" +
+	"\n" +
+	"slot_error\x18\r \x01(\tR\tslotError\x12D\n" +
+	"\x10last_commit_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\x0elastCommitTime\x12!\n" +
+	"\frouter_state\x18\x0f \x01(\tR\vrouterState\x12\x1f\n" +
+	"\vrouter_host\x18\x10 \x01(\tR\n" +
+	"routerHost\x12%\n" +
+	"\x0edisabled_sinks\x18\x11 \x03(\tR\rdisabledSinks\"\x93\x02\n" +
+	"\vStageStatus\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x14\n" +
+	"\x05stage\x18\x02 \x01(\tR\x05stage\x12\x16\n" +
+	"\x06source\x18\x03 \x01(\tR\x06source\x12\x1a\n" +
+	"\bmessages\x18\x04 \x01(\x04R\bmessages\x12\x14\n" +
+	"\x05bytes\x18\x05 \x01(\x04R\x05bytes\x12\x18\n" +
+	"\apending\x18\x06 \x01(\x04R\apending\x129\n" +
+	"\n" +
+	"first_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tfirstTime\x127\n" +
+	"\tlast_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\blastTime\"\xc7\x04\n" +
+	"\fStreamStatus\x12\x14\n" +
+	"\x05basin\x18\x01 \x01(\tR\x05basin\x12\x16\n" +
+	"\x06stream\x18\x02 \x01(\tR\x06stream\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x14\n" +
+	"\x05owner\x18\x04 \x01(\tR\x05owner\x12\x1d\n" +
+	"\n" +
+	"owner_host\x18\x05 \x01(\tR\townerHost\x12\x18\n" +
+	"\apending\x18\x06 \x01(\x04R\apending\x12\x1f\n" +
+	"\vlag_seconds\x18\a \x01(\x01R\n" +
+	"lagSeconds\x12D\n" +
+	"\x10last_commit_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x0elastCommitTime\x12&\n" +
+	"\x0flast_commit_lsn\x18\t \x01(\tR\rlastCommitLsn\x12D\n" +
+	"\x10last_append_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\x0elastAppendTime\x12#\n" +
+	"\rparked_groups\x18\v \x01(\x04R\fparkedGroups\x12'\n" +
+	"\x0fparked_messages\x18\f \x01(\x04R\x0eparkedMessages\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\r \x01(\tR\tlastError\x12?\n" +
+	"\rfailing_since\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\ffailingSince\x12!\n" +
+	"\fdead_letters\x18\x0f \x01(\x04R\vdeadLetters\"Z\n" +
+	"\x10SinkStateRequest\x12\x12\n" +
+	"\x04sink\x18\x01 \x01(\tR\x04sink\x12\x1a\n" +
+	"\boperator\x18\x02 \x01(\tR\boperator\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xa9\x01\n" +
+	"\tSinkState\x12\x12\n" +
+	"\x04sink\x18\x01 \x01(\tR\x04sink\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1d\n" +
+	"\n" +
+	"changed_by\x18\x03 \x01(\tR\tchangedBy\x12;\n" +
+	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"changeTime\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"\xb2\x04\n" +
 	"\n" +
 	"SinkStatus\x12\x12\n" +
 	"\x04sink\x18\x01 \x01(\tR\x04sink\x12\x10\n" +
@@ -1840,7 +2584,15 @@ const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"\x13oldest_pending_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x11oldestPendingTime\x12'\n" +
 	"\x0fparked_messages\x18\x04 \x01(\x04R\x0eparkedMessages\x12#\n" +
 	"\rparked_groups\x18\x05 \x01(\x04R\fparkedGroups\x12J\n" +
-	"\x13oldest_failure_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x11oldestFailureTime\"\xb4\x05\n" +
+	"\x13oldest_failure_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x11oldestFailureTime\x12.\n" +
+	"\x05state\x18\a \x01(\v2\x18.pgs2.admin.v1.SinkStateR\x05state\x125\n" +
+	"\astreams\x18\b \x03(\v2\x1b.pgs2.admin.v1.StreamStatusR\astreams\x12\x1f\n" +
+	"\vlag_seconds\x18\t \x01(\x01R\n" +
+	"lagSeconds\x12'\n" +
+	"\x0fblocked_streams\x18\n" +
+	" \x01(\rR\x0eblockedStreams\x12!\n" +
+	"\fdead_letters\x18\v \x01(\x04R\vdeadLetters\x12D\n" +
+	"\x10last_commit_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\x0elastCommitTime\"\xb4\x05\n" +
 	"\rFailedMessage\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04sink\x18\x02 \x01(\tR\x04sink\x12\x14\n" +
@@ -1919,9 +2671,15 @@ const file_pgs2_admin_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"x\n" +
 	"\x18ListAuditRecordsResponse\x124\n" +
 	"\arecords\x18\x01 \x03(\v2\x1a.pgs2.admin.v1.AuditRecordR\arecords\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\x8f\t\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\xb3\v\n" +
 	"\x05Admin\x12N\n" +
-	"\tGetStatus\x12\x1f.pgs2.admin.v1.GetStatusRequest\x1a .pgs2.admin.v1.GetStatusResponse\x12i\n" +
+	"\tGetStatus\x12\x1f.pgs2.admin.v1.GetStatusRequest\x1a .pgs2.admin.v1.GetStatusResponse\x12F\n" +
+	"\tPauseSink\x12\x1f.pgs2.admin.v1.SinkStateRequest\x1a\x18.pgs2.admin.v1.SinkState\x12G\n" +
+	"\n" +
+	"ResumeSink\x12\x1f.pgs2.admin.v1.SinkStateRequest\x1a\x18.pgs2.admin.v1.SinkState\x12H\n" +
+	"\vDisableSink\x12\x1f.pgs2.admin.v1.SinkStateRequest\x1a\x18.pgs2.admin.v1.SinkState\x12G\n" +
+	"\n" +
+	"EnableSink\x12\x1f.pgs2.admin.v1.SinkStateRequest\x1a\x18.pgs2.admin.v1.SinkState\x12i\n" +
 	"\x12ListFailedMessages\x12(.pgs2.admin.v1.ListFailedMessagesRequest\x1a).pgs2.admin.v1.ListFailedMessagesResponse\x12X\n" +
 	"\x10GetFailedMessage\x12&.pgs2.admin.v1.GetFailedMessageRequest\x1a\x1c.pgs2.admin.v1.FailedMessage\x12\\\n" +
 	"\x12RetryFailedMessage\x12(.pgs2.admin.v1.RetryFailedMessageRequest\x1a\x1c.pgs2.admin.v1.RetryResponse\x12^\n" +
@@ -1947,7 +2705,7 @@ func file_pgs2_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_pgs2_admin_v1_admin_proto_rawDescData
 }
 
-var file_pgs2_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_pgs2_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_pgs2_admin_v1_admin_proto_goTypes = []any{
 	(*StartBackfillRequest)(nil),            // 0: pgs2.admin.v1.StartBackfillRequest
 	(*BackfillTable)(nil),                   // 1: pgs2.admin.v1.BackfillTable
@@ -1959,73 +2717,100 @@ var file_pgs2_admin_v1_admin_proto_goTypes = []any{
 	(*BackfillActionRequest)(nil),           // 7: pgs2.admin.v1.BackfillActionRequest
 	(*GetStatusRequest)(nil),                // 8: pgs2.admin.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),               // 9: pgs2.admin.v1.GetStatusResponse
-	(*SinkStatus)(nil),                      // 10: pgs2.admin.v1.SinkStatus
-	(*FailedMessage)(nil),                   // 11: pgs2.admin.v1.FailedMessage
-	(*Header)(nil),                          // 12: pgs2.admin.v1.Header
-	(*DeliveryError)(nil),                   // 13: pgs2.admin.v1.DeliveryError
-	(*ListFailedMessagesRequest)(nil),       // 14: pgs2.admin.v1.ListFailedMessagesRequest
-	(*ListFailedMessagesResponse)(nil),      // 15: pgs2.admin.v1.ListFailedMessagesResponse
-	(*GetFailedMessageRequest)(nil),         // 16: pgs2.admin.v1.GetFailedMessageRequest
-	(*RetryFailedMessageRequest)(nil),       // 17: pgs2.admin.v1.RetryFailedMessageRequest
-	(*RetryFailedMessagesRequest)(nil),      // 18: pgs2.admin.v1.RetryFailedMessagesRequest
-	(*RetryResponse)(nil),                   // 19: pgs2.admin.v1.RetryResponse
-	(*AcknowledgeFailedMessageRequest)(nil), // 20: pgs2.admin.v1.AcknowledgeFailedMessageRequest
-	(*AuditRecord)(nil),                     // 21: pgs2.admin.v1.AuditRecord
-	(*ListAuditRecordsRequest)(nil),         // 22: pgs2.admin.v1.ListAuditRecordsRequest
-	(*ListAuditRecordsResponse)(nil),        // 23: pgs2.admin.v1.ListAuditRecordsResponse
-	(*timestamppb.Timestamp)(nil),           // 24: google.protobuf.Timestamp
+	(*SourceStatus)(nil),                    // 10: pgs2.admin.v1.SourceStatus
+	(*StageStatus)(nil),                     // 11: pgs2.admin.v1.StageStatus
+	(*StreamStatus)(nil),                    // 12: pgs2.admin.v1.StreamStatus
+	(*SinkStateRequest)(nil),                // 13: pgs2.admin.v1.SinkStateRequest
+	(*SinkState)(nil),                       // 14: pgs2.admin.v1.SinkState
+	(*SinkStatus)(nil),                      // 15: pgs2.admin.v1.SinkStatus
+	(*FailedMessage)(nil),                   // 16: pgs2.admin.v1.FailedMessage
+	(*Header)(nil),                          // 17: pgs2.admin.v1.Header
+	(*DeliveryError)(nil),                   // 18: pgs2.admin.v1.DeliveryError
+	(*ListFailedMessagesRequest)(nil),       // 19: pgs2.admin.v1.ListFailedMessagesRequest
+	(*ListFailedMessagesResponse)(nil),      // 20: pgs2.admin.v1.ListFailedMessagesResponse
+	(*GetFailedMessageRequest)(nil),         // 21: pgs2.admin.v1.GetFailedMessageRequest
+	(*RetryFailedMessageRequest)(nil),       // 22: pgs2.admin.v1.RetryFailedMessageRequest
+	(*RetryFailedMessagesRequest)(nil),      // 23: pgs2.admin.v1.RetryFailedMessagesRequest
+	(*RetryResponse)(nil),                   // 24: pgs2.admin.v1.RetryResponse
+	(*AcknowledgeFailedMessageRequest)(nil), // 25: pgs2.admin.v1.AcknowledgeFailedMessageRequest
+	(*AuditRecord)(nil),                     // 26: pgs2.admin.v1.AuditRecord
+	(*ListAuditRecordsRequest)(nil),         // 27: pgs2.admin.v1.ListAuditRecordsRequest
+	(*ListAuditRecordsResponse)(nil),        // 28: pgs2.admin.v1.ListAuditRecordsResponse
+	(*timestamppb.Timestamp)(nil),           // 29: google.protobuf.Timestamp
 }
 var file_pgs2_admin_v1_admin_proto_depIdxs = []int32{
 	1,  // 0: pgs2.admin.v1.StartBackfillRequest.tables:type_name -> pgs2.admin.v1.BackfillTable
 	1,  // 1: pgs2.admin.v1.Backfill.tables:type_name -> pgs2.admin.v1.BackfillTable
-	24, // 2: pgs2.admin.v1.Backfill.create_time:type_name -> google.protobuf.Timestamp
+	29, // 2: pgs2.admin.v1.Backfill.create_time:type_name -> google.protobuf.Timestamp
 	3,  // 3: pgs2.admin.v1.Backfill.progress:type_name -> pgs2.admin.v1.BackfillProgress
-	24, // 4: pgs2.admin.v1.BackfillProgress.start_time:type_name -> google.protobuf.Timestamp
-	24, // 5: pgs2.admin.v1.BackfillProgress.update_time:type_name -> google.protobuf.Timestamp
+	29, // 4: pgs2.admin.v1.BackfillProgress.start_time:type_name -> google.protobuf.Timestamp
+	29, // 5: pgs2.admin.v1.BackfillProgress.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 6: pgs2.admin.v1.ListBackfillsResponse.backfills:type_name -> pgs2.admin.v1.Backfill
-	10, // 7: pgs2.admin.v1.GetStatusResponse.sinks:type_name -> pgs2.admin.v1.SinkStatus
-	24, // 8: pgs2.admin.v1.SinkStatus.oldest_pending_time:type_name -> google.protobuf.Timestamp
-	24, // 9: pgs2.admin.v1.SinkStatus.oldest_failure_time:type_name -> google.protobuf.Timestamp
-	12, // 10: pgs2.admin.v1.FailedMessage.headers:type_name -> pgs2.admin.v1.Header
-	13, // 11: pgs2.admin.v1.FailedMessage.last_error:type_name -> pgs2.admin.v1.DeliveryError
-	24, // 12: pgs2.admin.v1.FailedMessage.first_failure_time:type_name -> google.protobuf.Timestamp
-	24, // 13: pgs2.admin.v1.FailedMessage.last_failure_time:type_name -> google.protobuf.Timestamp
-	24, // 14: pgs2.admin.v1.FailedMessage.next_attempt_time:type_name -> google.protobuf.Timestamp
-	11, // 15: pgs2.admin.v1.ListFailedMessagesResponse.messages:type_name -> pgs2.admin.v1.FailedMessage
-	24, // 16: pgs2.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	11, // 17: pgs2.admin.v1.AuditRecord.message:type_name -> pgs2.admin.v1.FailedMessage
-	21, // 18: pgs2.admin.v1.ListAuditRecordsResponse.records:type_name -> pgs2.admin.v1.AuditRecord
-	8,  // 19: pgs2.admin.v1.Admin.GetStatus:input_type -> pgs2.admin.v1.GetStatusRequest
-	14, // 20: pgs2.admin.v1.Admin.ListFailedMessages:input_type -> pgs2.admin.v1.ListFailedMessagesRequest
-	16, // 21: pgs2.admin.v1.Admin.GetFailedMessage:input_type -> pgs2.admin.v1.GetFailedMessageRequest
-	17, // 22: pgs2.admin.v1.Admin.RetryFailedMessage:input_type -> pgs2.admin.v1.RetryFailedMessageRequest
-	18, // 23: pgs2.admin.v1.Admin.RetryFailedMessages:input_type -> pgs2.admin.v1.RetryFailedMessagesRequest
-	20, // 24: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:input_type -> pgs2.admin.v1.AcknowledgeFailedMessageRequest
-	22, // 25: pgs2.admin.v1.Admin.ListAuditRecords:input_type -> pgs2.admin.v1.ListAuditRecordsRequest
-	0,  // 26: pgs2.admin.v1.Admin.StartBackfill:input_type -> pgs2.admin.v1.StartBackfillRequest
-	4,  // 27: pgs2.admin.v1.Admin.ListBackfills:input_type -> pgs2.admin.v1.ListBackfillsRequest
-	6,  // 28: pgs2.admin.v1.Admin.GetBackfill:input_type -> pgs2.admin.v1.GetBackfillRequest
-	7,  // 29: pgs2.admin.v1.Admin.PauseBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
-	7,  // 30: pgs2.admin.v1.Admin.ResumeBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
-	7,  // 31: pgs2.admin.v1.Admin.CancelBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
-	9,  // 32: pgs2.admin.v1.Admin.GetStatus:output_type -> pgs2.admin.v1.GetStatusResponse
-	15, // 33: pgs2.admin.v1.Admin.ListFailedMessages:output_type -> pgs2.admin.v1.ListFailedMessagesResponse
-	11, // 34: pgs2.admin.v1.Admin.GetFailedMessage:output_type -> pgs2.admin.v1.FailedMessage
-	19, // 35: pgs2.admin.v1.Admin.RetryFailedMessage:output_type -> pgs2.admin.v1.RetryResponse
-	19, // 36: pgs2.admin.v1.Admin.RetryFailedMessages:output_type -> pgs2.admin.v1.RetryResponse
-	21, // 37: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:output_type -> pgs2.admin.v1.AuditRecord
-	23, // 38: pgs2.admin.v1.Admin.ListAuditRecords:output_type -> pgs2.admin.v1.ListAuditRecordsResponse
-	2,  // 39: pgs2.admin.v1.Admin.StartBackfill:output_type -> pgs2.admin.v1.Backfill
-	5,  // 40: pgs2.admin.v1.Admin.ListBackfills:output_type -> pgs2.admin.v1.ListBackfillsResponse
-	2,  // 41: pgs2.admin.v1.Admin.GetBackfill:output_type -> pgs2.admin.v1.Backfill
-	2,  // 42: pgs2.admin.v1.Admin.PauseBackfill:output_type -> pgs2.admin.v1.Backfill
-	2,  // 43: pgs2.admin.v1.Admin.ResumeBackfill:output_type -> pgs2.admin.v1.Backfill
-	2,  // 44: pgs2.admin.v1.Admin.CancelBackfill:output_type -> pgs2.admin.v1.Backfill
-	32, // [32:45] is the sub-list for method output_type
-	19, // [19:32] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	15, // 7: pgs2.admin.v1.GetStatusResponse.sinks:type_name -> pgs2.admin.v1.SinkStatus
+	10, // 8: pgs2.admin.v1.GetStatusResponse.sources:type_name -> pgs2.admin.v1.SourceStatus
+	11, // 9: pgs2.admin.v1.GetStatusResponse.stages:type_name -> pgs2.admin.v1.StageStatus
+	29, // 10: pgs2.admin.v1.GetStatusResponse.time:type_name -> google.protobuf.Timestamp
+	29, // 11: pgs2.admin.v1.SourceStatus.sample_time:type_name -> google.protobuf.Timestamp
+	29, // 12: pgs2.admin.v1.SourceStatus.last_commit_time:type_name -> google.protobuf.Timestamp
+	29, // 13: pgs2.admin.v1.StageStatus.first_time:type_name -> google.protobuf.Timestamp
+	29, // 14: pgs2.admin.v1.StageStatus.last_time:type_name -> google.protobuf.Timestamp
+	29, // 15: pgs2.admin.v1.StreamStatus.last_commit_time:type_name -> google.protobuf.Timestamp
+	29, // 16: pgs2.admin.v1.StreamStatus.last_append_time:type_name -> google.protobuf.Timestamp
+	29, // 17: pgs2.admin.v1.StreamStatus.failing_since:type_name -> google.protobuf.Timestamp
+	29, // 18: pgs2.admin.v1.SinkState.change_time:type_name -> google.protobuf.Timestamp
+	29, // 19: pgs2.admin.v1.SinkStatus.oldest_pending_time:type_name -> google.protobuf.Timestamp
+	29, // 20: pgs2.admin.v1.SinkStatus.oldest_failure_time:type_name -> google.protobuf.Timestamp
+	14, // 21: pgs2.admin.v1.SinkStatus.state:type_name -> pgs2.admin.v1.SinkState
+	12, // 22: pgs2.admin.v1.SinkStatus.streams:type_name -> pgs2.admin.v1.StreamStatus
+	29, // 23: pgs2.admin.v1.SinkStatus.last_commit_time:type_name -> google.protobuf.Timestamp
+	17, // 24: pgs2.admin.v1.FailedMessage.headers:type_name -> pgs2.admin.v1.Header
+	18, // 25: pgs2.admin.v1.FailedMessage.last_error:type_name -> pgs2.admin.v1.DeliveryError
+	29, // 26: pgs2.admin.v1.FailedMessage.first_failure_time:type_name -> google.protobuf.Timestamp
+	29, // 27: pgs2.admin.v1.FailedMessage.last_failure_time:type_name -> google.protobuf.Timestamp
+	29, // 28: pgs2.admin.v1.FailedMessage.next_attempt_time:type_name -> google.protobuf.Timestamp
+	16, // 29: pgs2.admin.v1.ListFailedMessagesResponse.messages:type_name -> pgs2.admin.v1.FailedMessage
+	29, // 30: pgs2.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	16, // 31: pgs2.admin.v1.AuditRecord.message:type_name -> pgs2.admin.v1.FailedMessage
+	26, // 32: pgs2.admin.v1.ListAuditRecordsResponse.records:type_name -> pgs2.admin.v1.AuditRecord
+	8,  // 33: pgs2.admin.v1.Admin.GetStatus:input_type -> pgs2.admin.v1.GetStatusRequest
+	13, // 34: pgs2.admin.v1.Admin.PauseSink:input_type -> pgs2.admin.v1.SinkStateRequest
+	13, // 35: pgs2.admin.v1.Admin.ResumeSink:input_type -> pgs2.admin.v1.SinkStateRequest
+	13, // 36: pgs2.admin.v1.Admin.DisableSink:input_type -> pgs2.admin.v1.SinkStateRequest
+	13, // 37: pgs2.admin.v1.Admin.EnableSink:input_type -> pgs2.admin.v1.SinkStateRequest
+	19, // 38: pgs2.admin.v1.Admin.ListFailedMessages:input_type -> pgs2.admin.v1.ListFailedMessagesRequest
+	21, // 39: pgs2.admin.v1.Admin.GetFailedMessage:input_type -> pgs2.admin.v1.GetFailedMessageRequest
+	22, // 40: pgs2.admin.v1.Admin.RetryFailedMessage:input_type -> pgs2.admin.v1.RetryFailedMessageRequest
+	23, // 41: pgs2.admin.v1.Admin.RetryFailedMessages:input_type -> pgs2.admin.v1.RetryFailedMessagesRequest
+	25, // 42: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:input_type -> pgs2.admin.v1.AcknowledgeFailedMessageRequest
+	27, // 43: pgs2.admin.v1.Admin.ListAuditRecords:input_type -> pgs2.admin.v1.ListAuditRecordsRequest
+	0,  // 44: pgs2.admin.v1.Admin.StartBackfill:input_type -> pgs2.admin.v1.StartBackfillRequest
+	4,  // 45: pgs2.admin.v1.Admin.ListBackfills:input_type -> pgs2.admin.v1.ListBackfillsRequest
+	6,  // 46: pgs2.admin.v1.Admin.GetBackfill:input_type -> pgs2.admin.v1.GetBackfillRequest
+	7,  // 47: pgs2.admin.v1.Admin.PauseBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
+	7,  // 48: pgs2.admin.v1.Admin.ResumeBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
+	7,  // 49: pgs2.admin.v1.Admin.CancelBackfill:input_type -> pgs2.admin.v1.BackfillActionRequest
+	9,  // 50: pgs2.admin.v1.Admin.GetStatus:output_type -> pgs2.admin.v1.GetStatusResponse
+	14, // 51: pgs2.admin.v1.Admin.PauseSink:output_type -> pgs2.admin.v1.SinkState
+	14, // 52: pgs2.admin.v1.Admin.ResumeSink:output_type -> pgs2.admin.v1.SinkState
+	14, // 53: pgs2.admin.v1.Admin.DisableSink:output_type -> pgs2.admin.v1.SinkState
+	14, // 54: pgs2.admin.v1.Admin.EnableSink:output_type -> pgs2.admin.v1.SinkState
+	20, // 55: pgs2.admin.v1.Admin.ListFailedMessages:output_type -> pgs2.admin.v1.ListFailedMessagesResponse
+	16, // 56: pgs2.admin.v1.Admin.GetFailedMessage:output_type -> pgs2.admin.v1.FailedMessage
+	24, // 57: pgs2.admin.v1.Admin.RetryFailedMessage:output_type -> pgs2.admin.v1.RetryResponse
+	24, // 58: pgs2.admin.v1.Admin.RetryFailedMessages:output_type -> pgs2.admin.v1.RetryResponse
+	26, // 59: pgs2.admin.v1.Admin.AcknowledgeFailedMessage:output_type -> pgs2.admin.v1.AuditRecord
+	28, // 60: pgs2.admin.v1.Admin.ListAuditRecords:output_type -> pgs2.admin.v1.ListAuditRecordsResponse
+	2,  // 61: pgs2.admin.v1.Admin.StartBackfill:output_type -> pgs2.admin.v1.Backfill
+	5,  // 62: pgs2.admin.v1.Admin.ListBackfills:output_type -> pgs2.admin.v1.ListBackfillsResponse
+	2,  // 63: pgs2.admin.v1.Admin.GetBackfill:output_type -> pgs2.admin.v1.Backfill
+	2,  // 64: pgs2.admin.v1.Admin.PauseBackfill:output_type -> pgs2.admin.v1.Backfill
+	2,  // 65: pgs2.admin.v1.Admin.ResumeBackfill:output_type -> pgs2.admin.v1.Backfill
+	2,  // 66: pgs2.admin.v1.Admin.CancelBackfill:output_type -> pgs2.admin.v1.Backfill
+	50, // [50:67] is the sub-list for method output_type
+	33, // [33:50] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_pgs2_admin_v1_admin_proto_init() }
@@ -2039,7 +2824,7 @@ func file_pgs2_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_pgs2_admin_v1_admin_proto_rawDesc), len(file_pgs2_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
