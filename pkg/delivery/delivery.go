@@ -31,6 +31,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/s2sink"
+	"github.com/pgs2/pgs2/pkg/sinkstate"
 )
 
 // Config configures delivery. It reads every source's delivery stream
@@ -73,6 +74,12 @@ type Delivery struct {
 	unitsKV  jetstream.KeyValue
 	scanned  map[string]bool // delivery streams (bus.StreamKey) whose subjects were listed
 	unitList *unitList
+	// states are the sinks' states (sinkstate): units of a sink that is
+	// not active have no worker; wake makes balance act on a change now.
+	sinkKV   jetstream.KeyValue
+	states   *sinkstate.Table
+	wake     chan struct{}
+	workers  sync.Map // Unit → *worker: held's workers, for status requests
 	tracer   trace.Tracer
 	metrics  *metrics.Delivery
 }
@@ -123,6 +130,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	}
 	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, held: map[Unit]*held{},
 		reg: registry{refs: map[string]bus.UnitRef{}}, scanned: map[string]bool{}, starts: make(chan struct{}, sessionStarts),
+		wake: make(chan struct{}, 1),
 		tracer: otel.Tracer("pgs2/delivery")}
 	for _, o := range opts {
 		o(d)
@@ -130,6 +138,12 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	if d.metrics == nil {
 		d.metrics = metrics.NewDelivery(prometheus.NewRegistry())
 	}
+	d.states = sinkstate.NewTable(func() {
+		select {
+		case d.wake <- struct{}{}:
+		default:
+		}
+	})
 	for _, sc := range cfg.Sinks {
 		c, err := s2sink.New(s2sink.FromSink(sc))
 		if err != nil {
@@ -165,6 +179,13 @@ func (d *Delivery) Reload(sinks []config.Sink) (restart []string, err error) {
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
+	if d.sinkKV != nil { // a status: changed in the config applies now
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := sinkstate.Apply(ctx, d.sinkKV, sinks); err != nil {
+			return nil, err
+		}
+	}
 	seen := map[string]bool{}
 	for _, sc := range sinks {
 		seen[sc.Name] = true
@@ -199,6 +220,12 @@ func (d *Delivery) Run(ctx context.Context) error {
 		g.Go(func() (err error) { d.failures, err = EnsureFailures(ctx, d.js, d.cfg.Replicas); return err })
 		g.Go(func() (err error) { d.unitsKV, err = bus.EnsureUnits(ctx, d.js, d.cfg.Replicas); return err })
 		g.Go(func() (err error) { d.leases, err = openLeases(ctx, d.js, d.cfg.LeaseTTL, d.cfg.Replicas); return err })
+		g.Go(func() (err error) {
+			if d.sinkKV, err = sinkstate.Ensure(ctx, d.js, d.cfg.Replicas); err != nil {
+				return err
+			}
+			return sinkstate.Apply(ctx, d.sinkKV, d.cfg.Sinks)
+		})
 		return g.Wait()
 	})
 	if err != nil {
@@ -217,12 +244,18 @@ func (d *Delivery) Run(ctx context.Context) error {
 		d.state.SetNotReady(err.Error())
 		d.log.Warn("heartbeat failed; units stop at the lease's end unless it succeeds", "error", err)
 	})
-	go watchKV(wctx, d.failures, d.failed.sync, d.failed.put)
-	go watchKV(wctx, d.unitsKV, d.reg.sync, d.reg.put)
+	go bus.WatchKV(wctx, d.failures, d.failed.sync, d.failed.put)
+	go bus.WatchKV(wctx, d.unitsKV, d.reg.sync, d.reg.put)
+	go d.states.Watch(wctx, d.sinkKV)
+	sub, err := bus.ServeStatus(d.js.Conn(), bus.StatusSubject("delivery", ""), d.statusNow)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
 	defer d.stopAll()
 	// The first round claims at once: the watches deliver what the buckets
 	// hold within milliseconds (a round before would wait a whole tick).
-	for wait := time.Now().Add(5 * time.Second); !(d.leases.ready() && d.reg.ready()) && time.Now().Before(wait) && ctx.Err() == nil; {
+	for wait := time.Now().Add(5 * time.Second); !(d.leases.ready() && d.reg.ready() && d.states.Ready()) && time.Now().Before(wait) && ctx.Err() == nil; {
 		time.Sleep(2 * time.Millisecond)
 	}
 	t := time.NewTicker(d.cfg.Discover)
@@ -238,6 +271,7 @@ func (d *Delivery) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+		case <-d.wake: // a sink's state changed: obey at once
 		}
 	}
 }
@@ -273,6 +307,7 @@ func (d *Delivery) stop(ctx context.Context, u Unit, release bool) {
 		d.leases.release(ctx, u, h.rev)
 	}
 	delete(d.held, u)
+	d.workers.Delete(u)
 }
 
 // balance keeps the heartbeat going, stops the workers of units another
@@ -290,12 +325,17 @@ func (d *Delivery) balance(ctx context.Context) error {
 		if d.leases.lost(u, h.rev) {
 			d.log.Warn("lease lost; stopping", "unit", u.String())
 			d.stop(ctx, u, false)
+			continue
+		}
+		if st := d.states.Of(u.Sink); !st.Delivers() {
+			d.log.Info("sink "+string(st)+"; stopping its unit (its changes wait in JetStream)", "unit", u.String())
+			d.stop(ctx, u, true)
 		}
 	}
 	if err := d.leases.valid(); err != nil {
 		return err // no heartbeat of late: claim nothing
 	}
-	if !d.leases.ready() || !d.reg.ready() {
+	if !d.leases.ready() || !d.reg.ready() || !d.states.Ready() {
 		return nil // not yet what the buckets hold
 	}
 	d.leases.probe(ctx)
@@ -307,6 +347,7 @@ func (d *Delivery) balance(ctx context.Context) error {
 	for u, h := range d.held {
 		h.w.setSources(sources[u]) // a new source's stream: the worker reads it too
 	}
+	units = d.delivering(units)
 	defer func() { d.metrics.Units.Set(float64(len(d.held))) }()
 	fair := (len(units) + live - 1) / live
 	for i := len(units) - 1; i >= 0 && len(d.held) > fair; i-- {
@@ -321,8 +362,8 @@ func (d *Delivery) balance(ctx context.Context) error {
 	var want []Unit
 	for k := 0; k < len(units) && len(d.held)+len(want) < fair; k++ {
 		u := units[(off+k)%len(units)]
-		if _, ok := d.held[u]; ok || d.sinks[u.Sink] == nil || !d.leases.claimable(u) {
-			continue // held, a sink removed from the config (its messages wait), or another's
+		if _, ok := d.held[u]; ok || d.sinks[u.Sink] == nil || !d.leases.claimable(u) || !d.states.Of(u.Sink).Delivers() {
+			continue // held, a sink removed from the config (its messages wait), another's, or paused
 		}
 		want = append(want, u)
 	}
@@ -351,6 +392,7 @@ func (d *Delivery) balance(ctx context.Context) error {
 		wctx, cancel := context.WithCancel(ctx)
 		h := &held{w: w, rev: revs[i], cancel: cancel, done: make(chan struct{})}
 		d.held[u] = h
+		d.workers.Store(u, w)
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
@@ -362,6 +404,29 @@ func (d *Delivery) balance(ctx context.Context) error {
 		return fmt.Errorf("claim units: %w", err)
 	}
 	return nil
+}
+
+// statusNow is this process's answer to a status request: the units it
+// writes.
+func (d *Delivery) statusNow() any {
+	st := bus.DeliveryStatus{Process: bus.ThisProcess(d.leases.id)}
+	d.workers.Range(func(_, v any) bool {
+		st.Units = append(st.Units, v.(*worker).status())
+		return true
+	})
+	return st
+}
+
+// delivering returns the units of sinks that are active (the others'
+// changes wait: they take no share).
+func (d *Delivery) delivering(units []Unit) []Unit {
+	out := units[:0:0]
+	for _, u := range units {
+		if d.states.Of(u.Sink).Delivers() {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 // sessionStarts is how many worker sessions of a process start at once.

@@ -120,7 +120,7 @@ func (l *leases) probe(ctx context.Context) {
 
 // watch follows both buckets until ctx ends.
 func (l *leases) watch(ctx context.Context) {
-	go watchKV(ctx, l.kv, l.markSynced, func(e jetstream.KeyValueEntry) {
+	go bus.WatchKV(ctx, l.kv, l.markSynced, func(e jetstream.KeyValueEntry) {
 		l.mu.Lock()
 		defer l.mu.Unlock()
 		if o, ok := l.owners[e.Key()]; ok && e.Revision() < o.rev {
@@ -132,7 +132,7 @@ func (l *leases) watch(ctx context.Context) {
 			delete(l.owners, e.Key())
 		}
 	})
-	go watchKV(ctx, l.workers, l.markSynced, func(e jetstream.KeyValueEntry) {
+	go bus.WatchKV(ctx, l.workers, l.markSynced, func(e jetstream.KeyValueEntry) {
 		l.mu.Lock()
 		defer l.mu.Unlock()
 		if e.Operation() == jetstream.KeyValuePut {
@@ -154,33 +154,6 @@ func (l *leases) ready() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.synced >= 2
-}
-
-// watchKV calls put for every entry of kv, first what it holds (then
-// synced, once), then every change, until ctx ends; a watch that ends (a
-// lost connection) is started again.
-func watchKV(ctx context.Context, kv jetstream.KeyValue, synced func(), put func(jetstream.KeyValueEntry)) {
-	first := true
-	for ctx.Err() == nil {
-		w, err := kv.WatchAll(ctx)
-		if err == nil {
-			for e := range w.Updates() {
-				if e == nil {
-					if first {
-						first = false
-						synced()
-					}
-					continue
-				}
-				put(e)
-			}
-			_ = w.Stop()
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(time.Second):
-		}
-	}
 }
 
 // heartbeat says this process is alive and moves its lease's end.

@@ -70,6 +70,45 @@ type worker struct {
 	// process's (a test seam: none by default).
 	validUntil atomic.Int64
 	token      string // this process's fencing token
+	// batchFirstMs, batchLastMs, batchLastKey: commit times and key of the
+	// batch's first and last change, for status.
+	batchFirstMs, batchLastMs int64
+	batchLastKey              []byte
+	statMu                    sync.Mutex
+	stat                      bus.UnitStatus
+}
+
+// status is the unit as this worker knows it (for status requests).
+func (w *worker) status() bus.UnitStatus {
+	w.statMu.Lock()
+	defer w.statMu.Unlock()
+	st := w.stat
+	st.Sink, st.Basin, st.Stream = w.u.Sink, w.u.Basin, w.u.Stream
+	switch {
+	case st.State != "":
+	case st.Pending == 0 && st.OldestWaitingMs == 0:
+		st.State = "idle"
+	default:
+		st.State = "delivering"
+	}
+	return st
+}
+
+// noteStatus updates the worker's status under its lock.
+func (w *worker) noteStatus(f func(st *bus.UnitStatus)) {
+	w.statMu.Lock()
+	f(&w.stat)
+	w.statMu.Unlock()
+}
+
+// pendingSum is what the unit's delivery streams hold beyond the last
+// message read.
+func (w *worker) pendingSum() uint64 {
+	var n uint64
+	for _, p := range w.pending {
+		n += p
+	}
+	return n
 }
 
 // extend moves the lease's end.
@@ -418,6 +457,10 @@ func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryP
 	case err != nil:
 		return err
 	}
+	if w.batch.Len() == 1 {
+		w.batchFirstMs = e.CommitMs
+	}
+	w.batchLastMs, w.batchLastKey = e.CommitMs, append(w.batchLastKey[:0], e.Key...)
 	w.seqs = append(w.seqs, pos)
 	w.read[pos.Stream] = pos // in the batch: a flush now seals it with this record counted
 	if telemetry.Enabled() {
@@ -451,6 +494,10 @@ func (w *worker) flush(ctx context.Context) error {
 		defer span.End()
 	}
 	defer func() { w.traces = w.traces[:0] }()
+	pending, parked := w.pendingSum(), w.parks.count()
+	w.noteStatus(func(st *bus.UnitStatus) {
+		st.Pending, st.ParkedGroups, st.OldestWaitingMs = pending, parked, max(w.batchFirstMs, 1)
+	})
 	// The batch's last record carries the resume point: every change read
 	// so far is in the batch or parked.
 	if err := w.batch.Seal(s2sink.ThroughHeader(w.read)); err != nil {
@@ -475,6 +522,7 @@ func (w *worker) flush(ctx context.Context) error {
 			break
 		}
 		w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
+		w.noteStatus(func(st *bus.UnitStatus) { st.State, st.LastError = "blocked", e.Error() })
 		if firstFail.IsZero() {
 			firstFail = time.Now()
 		}
@@ -498,6 +546,11 @@ func (w *worker) flush(ctx context.Context) error {
 	if !firstFail.IsZero() {
 		w.log.Info("append succeeded after failures", "failing_for", time.Since(firstFail).Round(time.Millisecond))
 	}
+	key := string(w.batchLastKey)
+	w.noteStatus(func(st *bus.UnitStatus) {
+		st.State, st.LastError, st.OldestWaitingMs = "", "", 0
+		st.LastCommitMs, st.LastKey, st.LastAppend = w.batchLastMs, key, time.Now()
+	})
 	w.batch.Reset()
 	w.seqs = w.seqs[:0]
 	return nil

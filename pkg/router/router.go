@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"hash/crc32"
 	"log/slog"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -25,6 +27,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/restart"
+	"github.com/pgs2/pgs2/pkg/sinkstate"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
 
@@ -61,6 +64,14 @@ type Router struct {
 	registered map[string]bool
 	// lease makes this router its source's only one.
 	lease *bus.Lease
+	// states are the sinks' states: nothing is routed to a disabled sink.
+	states *sinkstate.Table
+	sinkKV jetstream.KeyValue
+	// For status requests: whether this router holds the lease, the last
+	// input read and what the stream held beyond it then.
+	active    atomic.Bool
+	lastInput atomic.Uint64
+	pendingIn atomic.Uint64
 }
 
 // chain is what a session needs of its publisher (bus.Publisher has it).
@@ -98,7 +109,8 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Router{cfg: cfg, nc: js.Conn(), js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/router")}
+	r := &Router{cfg: cfg, nc: js.Conn(), js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/router"),
+		states: sinkstate.NewTable(nil)}
 	r.sinks.Store(sinks)
 	for _, o := range opts {
 		o(r)
@@ -113,6 +125,13 @@ func (r *Router) Reload(cfg []config.Sink) error {
 	sinks, err := CompileSinks(cfg)
 	if err != nil {
 		return err
+	}
+	if r.sinkKV != nil { // a status: changed in the config applies now
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := sinkstate.Apply(ctx, r.sinkKV, cfg); err != nil {
+			return err
+		}
 	}
 	r.sinks.Store(sinks)
 	return nil
@@ -139,6 +158,12 @@ func (r *Router) Run(ctx context.Context) error {
 		if r.units, err = bus.NewUnits(ctx, kv); err != nil {
 			return err
 		}
+		if r.sinkKV, err = sinkstate.Ensure(ctx, r.js, r.cfg.Delivery.Replicas); err != nil {
+			return err
+		}
+		if err := sinkstate.Apply(ctx, r.sinkKV, r.cfg.Sinks); err != nil {
+			return err
+		}
 		r.lease, err = bus.OpenLease(ctx, r.js, bus.LeaseConfig{Bucket: RoutersBucket, Key: r.cfg.Source, Role: "router",
 			Replicas: r.cfg.Delivery.Replicas, TTL: leaseTTL})
 		return err
@@ -152,7 +177,18 @@ func (r *Router) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	go r.states.Watch(ctx, r.sinkKV)
+	if err := r.states.Wait(ctx); err != nil {
+		return nil // ctx ended
+	}
+	sub, err := bus.ServeStatus(r.nc, bus.StatusSubject("router", r.cfg.Source), r.statusNow)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
 	return r.lease.Hold(ctx, r.log, r.state, func(ctx context.Context) error {
+		r.active.Store(true)
+		defer r.active.Store(false)
 		restart.Loop(ctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
 			r.state.SetNotReady(err.Error())
 			r.log.Warn("router session ended; restarting", "error", err, "retry_in", wait)
@@ -172,6 +208,7 @@ type lastRound struct {
 	id         string
 	start, end uint64 // the round's changes-stream sequences
 	i, n       int    // the message is the round's i-th of n
+	disabled   []string
 }
 
 // lastOutput reads the delivery stream's last message (ok=false: none).
@@ -207,6 +244,9 @@ func (r *Router) lastOutput(ctx context.Context) (lr lastRound, ok bool, err err
 	if err == nil {
 		lr.i, lr.n, err = bus.ParseRound(m.Header.Get(bus.HeaderRound))
 	}
+	if d := m.Header.Get(bus.HeaderDisabled); d != "" {
+		lr.disabled = strings.Split(d, ",")
+	}
 	if err != nil || lr.id == "" || lr.end < lr.start {
 		return lr, false, fmt.Errorf("delivery message %d lacks a valid %s, %s, %s or %s (written by another version of the router?)",
 			m.Sequence, bus.HeaderID, bus.HeaderInputSeq, bus.HeaderInputEnd, bus.HeaderRound)
@@ -227,7 +267,7 @@ func (r *Router) session(ctx context.Context) error {
 		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, last.end+1
 	default: // it was cut short: route it again, publish what is missing
 		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, last.start
-		rp = &replay{end: last.end, stored: last.i, lastID: last.id}
+		rp = &replay{end: last.end, stored: last.i, lastID: last.id, disabled: last.disabled}
 	}
 	cons, err := r.js.OrderedConsumer(ctx, r.cfg.ChangesStream, occ)
 	if err != nil {
@@ -278,6 +318,8 @@ type replay struct {
 	end    uint64 // the round's last input
 	stored int    // how many of its messages the stream holds
 	lastID string // the id of the last of them
+	// disabled are the sinks that were disabled when it was routed.
+	disabled []string
 }
 
 // round is the outputs of the inputs read in one go (bus.Round), and which
@@ -287,6 +329,9 @@ type round struct {
 	start, end uint64
 	started    time.Time
 	inputs     int
+	// disabled are the sinks disabled when the round started: it routes
+	// nothing to them (and says so in its messages' HeaderDisabled).
+	disabled []string
 }
 
 // Round limits: a round ends when no input is waiting, or at these.
@@ -352,6 +397,8 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 		}
 		seq := md.Sequence.Stream
 		s.pending = md.NumPending
+		s.lastInput.Store(seq)
+		s.pendingIn.Store(md.NumPending)
 		if seq <= s.lastSeq {
 			continue
 		}
@@ -363,6 +410,7 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 		}
 		if s.round.inputs == 0 {
 			s.round.start, s.round.started = seq, time.Now()
+			s.round.disabled = s.disabledNow()
 		}
 		s.round.end = seq
 		s.round.inputs++
@@ -430,6 +478,37 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 	}
 }
 
+// statusNow is this router's answer to a status request.
+func (r *Router) statusNow() any {
+	st := bus.RouterStatus{Process: bus.ThisProcess(""), Source: r.cfg.Source, Role: "standby",
+		ChangesStream: r.cfg.ChangesStream, DeliveryStream: r.cfg.Delivery.Name}
+	if r.active.Load() {
+		st.Role, st.LastInput, st.Pending = "active", r.lastInput.Load(), r.pendingIn.Load()
+	}
+	for _, sk := range r.sinks.Load().list {
+		if !r.states.Of(sk.Name).Routes() {
+			st.Disabled = append(st.Disabled, sk.Name)
+		}
+	}
+	return st
+}
+
+// disabledNow lists the sinks a new round routes nothing to: those
+// disabled now, or, for a round cut short that is routed again, those
+// disabled when it was first routed (so it routes the same way).
+func (s *session) disabledNow() []string {
+	if s.replay != nil {
+		return s.replay.disabled
+	}
+	var l []string
+	for _, sk := range s.sinks.Load().list {
+		if !s.states.Of(sk.Name).Routes() {
+			l = append(l, sk.Name)
+		}
+	}
+	return l
+}
+
 // add puts an entry into its subject's batch.
 func (s *session) add(subject string, e *bus.Entry) {
 	if size := e.Size(); size > s.maxPayload {
@@ -474,6 +553,7 @@ func (s *session) flush(ctx context.Context) error {
 		s.pub.SetHeader(bus.HeaderInputEnd, end)
 		s.pub.SetHeader(bus.HeaderRound, strconv.Itoa(i+1)+"/"+strconv.Itoa(n))
 		s.pub.SetHeader(bus.HeaderEntries, strconv.Itoa(m.Batch.Len()))
+		s.pub.SetHeader(bus.HeaderDisabled, strings.Join(rd.disabled, ","))
 		if err := s.pub.Publish(ctx, m.Subject, messageID(rd.end, i+1, m), m.Batch.Bytes()); err != nil {
 			return err
 		}
@@ -547,6 +627,9 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 		sk := sinks.list[i]
 		if len(in.Sink) > 0 && string(in.Sink) != sk.Name {
 			continue // a backfill's read, for another sink
+		}
+		if len(s.round.disabled) > 0 && slices.Contains(s.round.disabled, sk.Name) {
+			continue // disabled: nothing for it while it is
 		}
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
 		kind := bus.ErrorFunction
