@@ -75,6 +75,10 @@ type Capture struct {
 	isActive atomic.Bool
 	// dec is the current session's decoder (Reload gives it the tables).
 	dec atomic.Pointer[pgrepl.Decoder]
+	// slot is the slot's state as last read (sampleSlot), lastCommitMs the
+	// commit time of the last transaction read: for status requests.
+	slot         atomic.Pointer[slotSample]
+	lastCommitMs atomic.Int64
 	// wrapPublish, when set (a test seam), wraps each session's publish.
 	wrapPublish func(publishFunc) publishFunc
 	// roundCommits, when set (a test seam), gives each session the number
@@ -177,6 +181,11 @@ func (c *Capture) Run(ctx context.Context) error {
 		return err
 	}
 	_ = conn.Close(ctx)
+	sub, err := bus.ServeStatus(c.js.Conn(), bus.StatusSubject("capture", c.cfg.Source), c.statusNow)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
 	return l.Hold(ctx, c.log, c.state, c.active)
 }
 
@@ -192,6 +201,12 @@ const leaseTTL = 10 * time.Second
 func (c *Capture) active(ctx context.Context) error {
 	c.isActive.Store(true)
 	defer c.isActive.Store(false)
+	c.metrics.Active.Set(1)
+	defer c.metrics.Active.Set(0)
+	sctx, stopSampling := context.WithCancel(ctx)
+	sampled := make(chan struct{})
+	go func() { defer close(sampled); c.sampleSlot(sctx) }()
+	defer func() { stopSampling(); <-sampled }()
 	src, err := pgrepl.Prepare(ctx, c.live.Load().Repl) // with the tables of a reload while standing by
 	if err != nil {
 		return err
@@ -643,6 +658,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		}
 		s.metrics.Transactions.Inc()
 		s.metrics.Changes.Add(float64(s.txChanges))
+		s.lastCommitMs.Store(s.commitMs)
 		if s.span != nil {
 			s.span.SetAttributes(attribute.Int("pgs2.changes", s.txChanges))
 			s.span.End()

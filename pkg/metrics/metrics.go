@@ -24,6 +24,10 @@ type Capture struct {
 	ConfirmedLSN prometheus.Gauge
 	ServerLSN    prometheus.Gauge
 	InFlight     prometheus.GaugeFunc
+	Active       prometheus.Gauge
+	WALRetained  prometheus.Gauge
+	LagBytes     prometheus.Gauge
+	LagSeconds   prometheus.Gauge
 }
 
 // NewCapture registers capture's metrics in r; inFlight reports messages
@@ -50,6 +54,10 @@ func NewCapture(r prometheus.Registerer, inFlight func() float64) *Capture {
 		Sessions:     f("sessions_total", "Replication sessions started (restarts after failures included)."),
 		ConfirmedLSN: g("confirmed_lsn", "LSN confirmed to Postgres (flush position of the slot)."),
 		ServerLSN:    g("server_wal_end_lsn", "Server WAL end from the last keepalive; minus confirmed_lsn is the slot's lag in bytes."),
+		Active:       g("active", "1 while this process holds its source's lease and captures it; 0 on a standby."),
+		WALRetained:  g("slot_wal_retained_bytes", "WAL the replication slot keeps on the server (current WAL position minus the slot's restart_lsn), read every 5s."),
+		LagBytes:     g("replication_lag_bytes", "Server WAL position minus the slot's confirmed position, read every 5s."),
+		LagSeconds:   g("replication_lag_seconds", "The slot's walsender flush lag (pg_stat_replication.flush_lag; 0 once caught up), read every 5s."),
 	}
 	m.InFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "pgs2", Subsystem: "capture", Name: "inflight_messages",
 		Help: "Messages published and awaiting their PubAck."}, inFlight)
