@@ -18,14 +18,10 @@ const (
 	StatusRoot = "pgs2.status"
 )
 
-// StatusSubject is the subject a role's processes answer on: capture and
-// router per source, delivery once ("" source).
-func StatusSubject(role, source string) string {
-	if source == "" {
-		return StatusRoot + "." + role
-	}
-	return StatusRoot + "." + role + "." + EscapeToken(source)
-}
+// StatusSubject is the subject every process of a role answers on (a
+// request cannot go to a wildcard: one subject per role, and the answers
+// name their source).
+func StatusSubject(role string) string { return StatusRoot + "." + role }
 
 // Process names the process that answers.
 type Process struct {
@@ -82,8 +78,10 @@ type UnitStatus struct {
 	// State: delivering (changes wait for it), idle (nothing waits),
 	// blocked (S2 refuses its appends), starting.
 	State string `json:"state"`
-	// Messages of its delivery streams not yet read (at the last read).
-	Pending uint64 `json:"pending"`
+	// Messages of its delivery streams not yet read (at the last read),
+	// in all and per delivery stream.
+	Pending   uint64            `json:"pending"`
+	PendingBy map[string]uint64 `json:"pending_by,omitempty"`
 	// The last change appended: its commit time and idempotency key
 	// ("<lsn>:<idx>", base64 as in S2), and when it was appended.
 	LastCommitMs int64     `json:"last_commit_ms,omitempty"`

@@ -181,7 +181,7 @@ func (c *Capture) Run(ctx context.Context) error {
 		return err
 	}
 	_ = conn.Close(ctx)
-	sub, err := bus.ServeStatus(c.js.Conn(), bus.StatusSubject("capture", c.cfg.Source), c.statusNow)
+	sub, err := bus.ServeStatus(c.js.Conn(), bus.StatusSubject("capture"), c.statusNow)
 	if err != nil {
 		return err
 	}

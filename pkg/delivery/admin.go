@@ -23,6 +23,7 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/sinkstate"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
 
@@ -36,6 +37,7 @@ const AuditStream = "PGS2_AUDIT"
 type Admin struct {
 	js        jetstream.JetStream
 	failures  jetstream.KeyValue
+	sinks     jetstream.KeyValue // sinkstate
 	backfills *backfill.Store
 
 	mu         sync.Mutex
@@ -129,7 +131,11 @@ func NewAdmin(ctx context.Context, js jetstream.JetStream, replicas int) (*Admin
 	if err != nil {
 		return nil, err
 	}
-	return &Admin{js: js, failures: kv, backfills: store}, nil
+	sinks, err := sinkstate.Ensure(ctx, js, replicas)
+	if err != nil {
+		return nil, err
+	}
+	return &Admin{js: js, failures: kv, sinks: sinks, backfills: store}, nil
 }
 
 // Register adds the API's routes to mux.
@@ -142,6 +148,10 @@ func (a *Admin) Register(mux *http.ServeMux) {
 		"POST /v1/sinks/{sink}/messages/retry":      a.retryAll,
 		"GET /v1/sinks/{sink}/audit":                a.audit,
 		"GET /v1/status":                            a.status,
+		"POST /v1/sinks/{sink}/pause":               a.setSinkState("pause", sinkstate.Paused),
+		"POST /v1/sinks/{sink}/resume":              a.setSinkState("resume", sinkstate.Active),
+		"POST /v1/sinks/{sink}/disable":             a.setSinkState("disable", sinkstate.Disabled),
+		"POST /v1/sinks/{sink}/enable":              a.setSinkState("enable", sinkstate.Active),
 		"POST /v1/backfills":                        a.startBackfill,
 		"GET /v1/backfills":                         a.listBackfills,
 		"GET /v1/backfills/{id}":                    a.getBackfill,
@@ -210,6 +220,10 @@ func (a *Admin) retryAll(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if len(units) > 0 {
+		a.record(ctx, sink, &adminv1.AuditRecord{Id: sink, Operator: a.operator(r, r.URL.Query().Get("operator")), Action: "retry",
+			Reason: fmt.Sprintf("retry every failed message of the sink now (%d groups, %d messages)", resp.Groups, resp.Messages)})
+	}
 	writeProto(w, http.StatusAccepted, resp)
 }
 
@@ -249,50 +263,6 @@ func (a *Admin) audit(w http.ResponseWriter, r *http.Request) {
 	}
 	if len(resp.Records) == limit {
 		resp.NextPageToken = strconv.FormatUint(seq, 10)
-	}
-	writeProto(w, http.StatusOK, resp)
-}
-
-// status summarises each sink's failures: parked messages and groups, and
-// the oldest failure of its blocked streams.
-func (a *Admin) status(w http.ResponseWriter, r *http.Request) {
-	ctx := r.Context()
-	want := r.URL.Query().Get("sink")
-	subjects, err := a.parkedSubjects(ctx, "-")
-	if err != nil {
-		writeErr(w, http.StatusServiceUnavailable, err.Error())
-		return
-	}
-	bySink := map[string]*adminv1.SinkStatus{}
-	get := func(name string) *adminv1.SinkStatus {
-		if bySink[name] == nil {
-			bySink[name] = &adminv1.SinkStatus{Sink: name}
-		}
-		return bySink[name]
-	}
-	for subj, n := range subjects {
-		if u, _, ok := parseParkSubject(subj); ok {
-			st := get(u.Sink)
-			st.ParkedGroups++
-			st.ParkedMessages += n
-		}
-	}
-	blocked, err := ListBlocked(ctx, a.failures)
-	if err != nil {
-		writeErr(w, http.StatusServiceUnavailable, err.Error())
-		return
-	}
-	for _, b := range blocked {
-		st := get(b.Sink)
-		if st.OldestFailureTime == nil || b.FirstFailure.Before(st.OldestFailureTime.AsTime()) {
-			st.OldestFailureTime = timestamppb.New(b.FirstFailure)
-		}
-	}
-	resp := &adminv1.GetStatusResponse{}
-	for name, st := range bySink {
-		if want == "" || want == name {
-			resp.Sinks = append(resp.Sinks, st)
-		}
 	}
 	writeProto(w, http.StatusOK, resp)
 }
@@ -499,6 +469,8 @@ func (a *Admin) retry(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusServiceUnavailable, err.Error())
 			return
 		}
+		a.record(r.Context(), u.Sink, &adminv1.AuditRecord{Id: r.PathValue("id"), Operator: a.operator(r, r.URL.Query().Get("operator")),
+			Action: "retry", Reason: "retry the blocked stream " + u.Basin + "/" + u.Stream + " now"})
 		writeProto(w, http.StatusAccepted, &adminv1.RetryResponse{Groups: 0, Messages: 1})
 		return
 	}
@@ -510,6 +482,8 @@ func (a *Admin) retry(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
+	a.record(r.Context(), f.Sink, &adminv1.AuditRecord{Id: f.Id, Operator: a.operator(r, r.URL.Query().Get("operator")),
+		Action: "retry", Reason: "retry message " + f.Id + " (group " + f.Group + ") now"})
 	writeProto(w, http.StatusAccepted, &adminv1.RetryResponse{Groups: 1, Messages: 1})
 }
 

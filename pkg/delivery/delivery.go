@@ -76,12 +76,12 @@ type Delivery struct {
 	unitList *unitList
 	// states are the sinks' states (sinkstate): units of a sink that is
 	// not active have no worker; wake makes balance act on a change now.
-	sinkKV   jetstream.KeyValue
-	states   *sinkstate.Table
-	wake     chan struct{}
-	workers  sync.Map // Unit → *worker: held's workers, for status requests
-	tracer   trace.Tracer
-	metrics  *metrics.Delivery
+	sinkKV  jetstream.KeyValue
+	states  *sinkstate.Table
+	wake    chan struct{}
+	workers sync.Map // Unit → *worker: held's workers, for status requests
+	tracer  trace.Tracer
+	metrics *metrics.Delivery
 }
 
 // held is a unit this process owns.
@@ -130,7 +130,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	}
 	d := &Delivery{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), sinks: map[string]*sink{}, held: map[Unit]*held{},
 		reg: registry{refs: map[string]bus.UnitRef{}}, scanned: map[string]bool{}, starts: make(chan struct{}, sessionStarts),
-		wake: make(chan struct{}, 1),
+		wake:   make(chan struct{}, 1),
 		tracer: otel.Tracer("pgs2/delivery")}
 	for _, o := range opts {
 		o(d)
@@ -247,7 +247,7 @@ func (d *Delivery) Run(ctx context.Context) error {
 	go bus.WatchKV(wctx, d.failures, d.failed.sync, d.failed.put)
 	go bus.WatchKV(wctx, d.unitsKV, d.reg.sync, d.reg.put)
 	go d.states.Watch(wctx, d.sinkKV)
-	sub, err := bus.ServeStatus(d.js.Conn(), bus.StatusSubject("delivery", ""), d.statusNow)
+	sub, err := bus.ServeStatus(d.js.Conn(), bus.StatusSubject("delivery"), d.statusNow)
 	if err != nil {
 		return err
 	}

@@ -111,6 +111,15 @@ func (w *worker) pendingSum() uint64 {
 	return n
 }
 
+// pendingByStream is pendingSum per delivery stream (by name).
+func (w *worker) pendingByStream() map[string]uint64 {
+	by := make(map[string]uint64, len(w.keys))
+	for name, key := range w.keys {
+		by[name] = w.pending[key]
+	}
+	return by
+}
+
 // extend moves the lease's end.
 func (w *worker) extend(until time.Time) { w.validUntil.Store(until.UnixNano()) }
 
@@ -494,9 +503,9 @@ func (w *worker) flush(ctx context.Context) error {
 		defer span.End()
 	}
 	defer func() { w.traces = w.traces[:0] }()
-	pending, parked := w.pendingSum(), w.parks.count()
+	pending, by, parked := w.pendingSum(), w.pendingByStream(), w.parks.count()
 	w.noteStatus(func(st *bus.UnitStatus) {
-		st.Pending, st.ParkedGroups, st.OldestWaitingMs = pending, parked, max(w.batchFirstMs, 1)
+		st.Pending, st.PendingBy, st.ParkedGroups, st.OldestWaitingMs = pending, by, parked, max(w.batchFirstMs, 1)
 	})
 	// The batch's last record carries the resume point: every change read
 	// so far is in the batch or parked.

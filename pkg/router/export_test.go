@@ -8,7 +8,11 @@ import (
 // WithCrashAfter ends the router's first session after it published n
 // delivery messages, as a crash in the middle of a round would: its
 // publisher fails the (n+1)th publish.
-func WithCrashAfter(n int) Option {
+func WithCrashAfter(n int) Option { return WithCrashAfterDo(n, nil) }
+
+// WithCrashAfterDo is WithCrashAfter calling at (when set) at the crash,
+// before the session restarts.
+func WithCrashAfterDo(n int, at func()) Option {
 	return func(r *Router) {
 		crashed := false
 		r.wrap = func(c chain) chain {
@@ -16,7 +20,7 @@ func WithCrashAfter(n int) Option {
 				return c
 			}
 			crashed = true
-			return &crashingChain{chain: c, left: n}
+			return &crashingChain{chain: c, left: n, at: at}
 		}
 	}
 }
@@ -28,10 +32,15 @@ var errCrash = errors.New("simulated crash")
 type crashingChain struct {
 	chain
 	left int
+	at   func()
 }
 
 func (c *crashingChain) Publish(ctx context.Context, subject, id string, body []byte) error {
 	if c.left <= 0 {
+		if c.at != nil {
+			c.at()
+			c.at = nil
+		}
 		return errCrash
 	}
 	c.left--

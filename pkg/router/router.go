@@ -181,7 +181,7 @@ func (r *Router) Run(ctx context.Context) error {
 	if err := r.states.Wait(ctx); err != nil {
 		return nil // ctx ended
 	}
-	sub, err := bus.ServeStatus(r.nc, bus.StatusSubject("router", r.cfg.Source), r.statusNow)
+	sub, err := bus.ServeStatus(r.nc, bus.StatusSubject("router"), r.statusNow)
 	if err != nil {
 		return err
 	}

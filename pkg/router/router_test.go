@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -21,6 +22,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/router"
+	"github.com/pgs2/pgs2/pkg/sinkstate"
 )
 
 type env struct {
@@ -396,4 +398,61 @@ func TestInterruptedRoundIsCompleted(t *testing.T) {
 func parse(subject string) (sink, basin, stream, partition string, err error) {
 	_, sink, basin, stream, partition, err = bus.ParseDeliverySubject(subject)
 	return
+}
+
+// TestReplayedRoundKeepsItsDisabledSinks: a round cut short is routed
+// again as it was first routed, with the sinks disabled then (recorded in
+// its messages), even when a sink was enabled in between: otherwise the
+// rest of the round would reach a sink its start did not, a partial
+// transaction. Later rounds see the change.
+func TestReplayedRoundKeepsItsDisabledSinks(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	kv, err := sinkstate.Ensure(ctx, e.js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sinkstate.Set(ctx, kv, "b", sinkstate.Disabled, "test", ""); err != nil {
+		t.Fatal(err)
+	}
+	sinks := []config.Sink{
+		{Name: "a", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "a"},
+		{Name: "b", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "b"},
+	}
+	for v := 1; v <= 40; v++ { // all stored before the router starts: one round
+		e.change(t, "public.users", "update", v%8, fmt.Sprintf(`{"id":%d,"v":%d}`, v%8, v))
+	}
+	e.run(t, sinks, router.WithCrashAfterDo(1, func() {
+		if _, err := sinkstate.Set(ctx, kv, "b", sinkstate.Active, "test", ""); err != nil {
+			t.Error(err)
+		}
+	}))
+	outs := e.outputs(t, 40)
+	for i, o := range outs {
+		if sink, _, _, _, _ := parse(o.Subject); sink != "a" {
+			t.Fatalf("output %d went to sink %s, disabled when the round began", i, sink)
+		}
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; { // until the router sees b enabled
+		raw, _ := bus.GatherStatus(ctx, e.nc, bus.StatusSubject("router"), time.Second, 50*time.Millisecond)
+		var st bus.RouterStatus
+		if len(raw) == 1 && json.Unmarshal(raw[0], &st) == nil && st.Role == "active" && len(st.Disabled) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the router's status never showed b enabled: %s", raw)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.change(t, "public.users", "update", 1, `{"id":1,"v":41}`)
+	outs = e.outputs(t, 42)
+	var late []string
+	for _, o := range outs[40:] {
+		sink, _, _, _, _ := parse(o.Subject)
+		late = append(late, sink)
+	}
+	slices.Sort(late)
+	if !slices.Equal(late, []string{"a", "b"}) {
+		t.Fatalf("the change after the enable went to %v, want a and b", late)
+	}
 }

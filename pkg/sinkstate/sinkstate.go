@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -152,8 +153,18 @@ func update(ctx context.Context, kv jetstream.KeyValue, sink string, f func(old 
 		if err == nil {
 			return e, nil
 		}
-		if !bus.LostRace(err) || attempt >= 10 {
+		if !bus.LostRace(err) {
 			return Entry{}, fmt.Errorf("write the state of sink %s: %w", sink, err)
+		}
+		// Another writer won: read again. Writers racing on one sink are
+		// few (operators, config applies), so this ends; a short random
+		// wait spreads those that keep colliding.
+		if attempt >= 2 {
+			select {
+			case <-ctx.Done():
+				return Entry{}, fmt.Errorf("write the state of sink %s: %w", sink, ctx.Err())
+			case <-time.After(time.Duration(rand.IntN(5*attempt)+1) * time.Millisecond):
+			}
 		}
 	}
 }

@@ -2256,7 +2256,10 @@ type AuditRecord struct {
 	// The dropped message as it was at the time, payload and headers included
 	// (acknowledgements only).
 	Message *FailedMessage `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
-	// What was done: "ack" (a message dropped), or "backfill start",
+	// What was done: "ack" (a message dropped), "retry" (a message, a
+	// blocked stream or, with id the sink's name, every failed message of a
+	// sink retried now), "sink pause", "sink resume", "sink disable",
+	// "sink enable" (id is the sink's name), or "backfill start",
 	// "backfill pause", "backfill resume", "backfill cancel" (id is then the
 	// backfill's).
 	Action        string `protobuf:"bytes,6,opt,name=action,proto3" json:"action,omitempty"`
