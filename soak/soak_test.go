@@ -685,12 +685,20 @@ func (r *soakRun) auditCount() (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var resp struct {
-		Records []json.RawMessage `json:"records"`
+		Records []struct {
+			Action string `json:"action"`
+		} `json:"records"`
 	}
 	if err := adminGet(ctx, addr, "/v1/sinks/soak/audit?page_size=1000", &resp); err != nil {
 		return 0, err
 	}
-	return len(resp.Records), nil
+	n := 0
+	for _, rec := range resp.Records { // retries are audited too
+		if rec.Action == "ack" {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // settle waits until nothing is parked or blocked and S2 got no new record

@@ -105,7 +105,7 @@ func WithMetrics(r prometheus.Registerer) Option {
 		if r == nil {
 			return
 		}
-		c.metrics = metrics.NewCapture(r, func() float64 {
+		c.metrics = metrics.NewCapture(metrics.WithSource(r, c.cfg.Source), func() float64 {
 			if p := c.pub.Load(); p != nil {
 				return float64(p.InFlight())
 			}

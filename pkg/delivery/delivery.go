@@ -112,6 +112,7 @@ func WithMetrics(r prometheus.Registerer) Option {
 	return func(d *Delivery) {
 		if r != nil {
 			d.metrics = metrics.NewDelivery(r)
+			r.MustRegister(&gauges{d: d})
 		}
 	}
 }

@@ -245,6 +245,7 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 	}
 	var audit struct {
 		Records []struct {
+			Action   string `json:"action"`
 			Operator string `json:"operator"`
 			Reason   string `json:"reason"`
 			Message  struct {
@@ -253,8 +254,10 @@ func TestOversizedRowParksItsGroup(t *testing.T) {
 		} `json:"records"`
 	}
 	getJSON(t, api.URL+"/v1/sinks/docs/audit", &audit)
-	if len(audit.Records) != 1 || audit.Records[0].Operator != "ada" || !strings.Contains(audit.Records[0].Reason, "too large") ||
-		audit.Records[0].Message.Group != `["1"]` {
+	// The retry of the whole sink, then the acknowledgement.
+	if len(audit.Records) != 2 || audit.Records[0].Action != "retry" || !strings.Contains(audit.Records[0].Reason, "1 groups, 2 messages") ||
+		audit.Records[1].Action != "ack" || audit.Records[1].Operator != "ada" || !strings.Contains(audit.Records[1].Reason, "too large") ||
+		audit.Records[1].Message.Group != `["1"]` {
 		t.Errorf("audit records %+v", audit)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -93,7 +94,7 @@ func (w *worker) drainOne(ctx context.Context) (did bool, err error) {
 			return true, err
 		}
 		if e != nil { // S2 refuses the append: the head waits
-			w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
+			w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String(), strconv.Itoa(e.Status), e.Code).Inc()
 			return true, w.headFailed(ctx, group, st, head, e)
 		}
 		w.d.metrics.Records.WithLabelValues(w.u.Sink).Add(float64(len(recs)))

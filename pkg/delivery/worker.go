@@ -526,11 +526,14 @@ func (w *worker) flush(ctx context.Context) error {
 		}
 		if e == nil {
 			w.d.metrics.AppendTime.WithLabelValues(w.u.Sink).Observe(time.Since(start).Seconds())
+			if w.batchFirstMs > 0 {
+				w.d.metrics.CommitToAck.WithLabelValues(w.u.Sink).Observe(max(0, time.Since(time.UnixMilli(w.batchFirstMs)).Seconds()))
+			}
 			w.d.metrics.Batches.WithLabelValues(w.u.Sink).Inc()
 			w.d.metrics.Records.WithLabelValues(w.u.Sink).Add(float64(n))
 			break
 		}
-		w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String()).Inc()
+		w.d.metrics.Failures.WithLabelValues(w.u.Sink, e.Class.String(), strconv.Itoa(e.Status), e.Code).Inc()
 		w.noteStatus(func(st *bus.UnitStatus) { st.State, st.LastError = "blocked", e.Error() })
 		if firstFail.IsZero() {
 			firstFail = time.Now()

@@ -82,15 +82,65 @@ func Handler(r *prometheus.Registry) http.Handler {
 	return promhttp.HandlerFor(r, promhttp.HandlerOpts{})
 }
 
+// Router's metrics (registered with a source label: see WithSource).
+type Router struct {
+	// Changes counts each change per sink by outcome: routed (published
+	// for the sink), filtered (its filter dropped it), failed (a function
+	// failed: routed marked, to be parked by delivery), disabled (the sink
+	// is disabled: nothing routed).
+	Changes *prometheus.CounterVec // by sink, outcome
+	// Pending is what the changes stream holds beyond the last change
+	// read (the active router's backlog).
+	Pending prometheus.Gauge
+	Active  prometheus.Gauge
+	// Messages counts delivery messages published.
+	Messages prometheus.Counter
+}
+
+// The outcomes of Router.Changes.
+const (
+	Routed   = "routed"
+	Filtered = "filtered"
+	Failed   = "failed"
+	Disabled = "disabled"
+)
+
+// NewRouter registers the router's metrics in r.
+func NewRouter(r prometheus.Registerer) *Router {
+	m := &Router{
+		Changes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "pgs2", Subsystem: "router", Name: "changes_total",
+			Help: "Changes per sink by outcome: routed, filtered (the sink's filter dropped it), failed (a function failed; delivery parks it), disabled (the sink is)."},
+			[]string{"sink", "outcome"}),
+		Pending: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "pgs2", Subsystem: "router", Name: "pending_changes",
+			Help: "Messages of the changes stream beyond the last one the active router read (its backlog)."}),
+		Active: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "pgs2", Subsystem: "router", Name: "active",
+			Help: "1 while this process holds its source's lease and routes it; 0 on a standby."}),
+		Messages: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "pgs2", Subsystem: "router", Name: "messages_published_total",
+			Help: "Delivery messages published (each holds the changes of one subject of a round)."}),
+	}
+	r.MustRegister(m.Changes, m.Pending, m.Active, m.Messages)
+	return m
+}
+
+// WithSource labels every metric registered through the result with the
+// source (capture and router serve one each; several run side by side).
+func WithSource(r prometheus.Registerer, source string) prometheus.Registerer {
+	return prometheus.WrapRegistererWith(prometheus.Labels{"source": source}, r)
+}
+
 // Delivery's metrics.
 type Delivery struct {
 	Records     *prometheus.CounterVec // by sink
 	Batches     *prometheus.CounterVec // by sink
-	Failures    *prometheus.CounterVec // by sink, class
+	Failures    *prometheus.CounterVec // by sink, class, status, code
 	Parked      *prometheus.CounterVec // by sink
 	DeadLetters *prometheus.CounterVec // by sink
 	Units       prometheus.Gauge
 	AppendTime  *prometheus.HistogramVec // by sink
+	// CommitToAck is from a change's commit in the database to S2's
+	// acknowledgement of the append holding it, observed per append for
+	// its oldest change.
+	CommitToAck *prometheus.HistogramVec // by sink
 }
 
 // NewDelivery registers delivery's metrics in r.
@@ -101,16 +151,20 @@ func NewDelivery(r prometheus.Registerer) *Delivery {
 		return c
 	}
 	m := &Delivery{
-		Records:     cv("records_appended_total", "Records appended to S2.", "sink"),
-		Batches:     cv("appends_total", "Successful S2 appends (batches).", "sink"),
-		Failures:    cv("append_failures_total", "Failed S2 appends, by failure class.", "sink", "class"),
+		Records: cv("records_appended_total", "Records appended to S2.", "sink"),
+		Batches: cv("appends_total", "Successful S2 appends (batches).", "sink"),
+		Failures: cv("append_failures_total", "Failed S2 appends, by failure class, HTTP status (0: none, a network error or timeout) and S2 error code.",
+			"sink", "class", "status", "code"),
 		Parked:      cv("parked_messages_total", "Messages moved to the park (their group waits).", "sink"),
 		DeadLetters: cv("dead_letters_total", "Messages moved to the dead-letter stream after retry.max_attempts.", "sink"),
 		Units: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "pgs2", Subsystem: "delivery", Name: "units_owned",
 			Help: "S2 streams this process writes to (leased)."}),
 		AppendTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "pgs2", Subsystem: "delivery", Name: "append_seconds",
 			Help: "Duration of successful S2 appends.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)}, []string{"sink"}),
+		CommitToAck: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "pgs2", Subsystem: "delivery", Name: "commit_to_ack_seconds",
+			Help:    "From a change's commit in the database to S2's acknowledgement of its append (per append, its oldest change).",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 18)}, []string{"sink"}),
 	}
-	r.MustRegister(m.Units, m.AppendTime)
+	r.MustRegister(m.Units, m.AppendTime, m.CommitToAck)
 	return m
 }

@@ -33,7 +33,7 @@ func Main(ctx context.Context, env service.Env) error {
 		return err
 	}
 	defer nc.Close()
-	r, err := New(FromConfig(env.Config), js, WithLogger(env.Log), WithHealth(env.Health))
+	r, err := New(FromConfig(env.Config), js, WithLogger(env.Log), WithHealth(env.Health), WithMetrics(env.Metrics, env.Config.Source.Name))
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
@@ -26,6 +27,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/fn"
 	"github.com/pgs2/pgs2/pkg/health"
+	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/sinkstate"
 	"github.com/pgs2/pgs2/pkg/telemetry"
@@ -49,13 +51,14 @@ type Config struct {
 
 // Router runs routing sessions.
 type Router struct {
-	cfg    Config
-	nc     *nats.Conn
-	js     jetstream.JetStream
-	log    *slog.Logger
-	state  *health.State
-	sinks  atomic.Pointer[Sinks]
-	tracer trace.Tracer
+	cfg     Config
+	nc      *nats.Conn
+	js      jetstream.JetStream
+	log     *slog.Logger
+	state   *health.State
+	sinks   atomic.Pointer[Sinks]
+	tracer  trace.Tracer
+	metrics *metrics.Router
 	// wrap, when set (a test seam), wraps each session's publisher.
 	wrap func(chain) chain
 	// units registers the S2 streams routed to, for delivery to find.
@@ -94,6 +97,16 @@ func WithLogger(l *slog.Logger) Option { return func(r *Router) { r.log = l } }
 // WithHealth reports readiness into s.
 func WithHealth(s *health.State) Option { return func(r *Router) { r.state = s } }
 
+// WithMetrics registers the router's metrics in r, labelled with the
+// source.
+func WithMetrics(r prometheus.Registerer, source string) Option {
+	return func(rt *Router) {
+		if r != nil {
+			rt.metrics = metrics.NewRouter(metrics.WithSource(r, source))
+		}
+	}
+}
+
 // New compiles the sinks' functions and returns a router.
 func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 	if cfg.Window <= 0 {
@@ -111,10 +124,13 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 	}
 	r := &Router{cfg: cfg, nc: js.Conn(), js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/router"),
 		states: sinkstate.NewTable(nil)}
-	r.sinks.Store(sinks)
 	for _, o := range opts {
 		o(r)
 	}
+	if r.metrics == nil {
+		r.metrics = metrics.NewRouter(prometheus.NewRegistry())
+	}
+	r.sinks.Store(sinks.bind(r.metrics))
 	return r, nil
 }
 
@@ -133,7 +149,7 @@ func (r *Router) Reload(cfg []config.Sink) error {
 			return err
 		}
 	}
-	r.sinks.Store(sinks)
+	r.sinks.Store(sinks.bind(r.metrics))
 	return nil
 }
 
@@ -188,7 +204,8 @@ func (r *Router) Run(ctx context.Context) error {
 	defer func() { _ = sub.Unsubscribe() }()
 	return r.lease.Hold(ctx, r.log, r.state, func(ctx context.Context) error {
 		r.active.Store(true)
-		defer r.active.Store(false)
+		r.metrics.Active.Set(1)
+		defer func() { r.active.Store(false); r.metrics.Active.Set(0) }()
 		restart.Loop(ctx, sessionRestarts, r.session, func(err error, wait time.Duration) bool {
 			r.state.SetNotReady(err.Error())
 			r.log.Warn("router session ended; restarting", "error", err, "retry_in", wait)
@@ -399,6 +416,7 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 		s.pending = md.NumPending
 		s.lastInput.Store(seq)
 		s.pendingIn.Store(md.NumPending)
+		s.metrics.Pending.Set(float64(md.NumPending))
 		if seq <= s.lastSeq {
 			continue
 		}
@@ -557,6 +575,7 @@ func (s *session) flush(ctx context.Context) error {
 		if err := s.pub.Publish(ctx, m.Subject, messageID(rd.end, i+1, m), m.Batch.Bytes()); err != nil {
 			return err
 		}
+		s.metrics.Messages.Inc()
 	}
 	rd.Reset()
 	rd.inputs = 0
@@ -629,6 +648,7 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 			continue // a backfill's read, for another sink
 		}
 		if len(s.round.disabled) > 0 && slices.Contains(s.round.disabled, sk.Name) {
+			sk.disabled.Inc()
 			continue // disabled: nothing for it while it is
 		}
 		basin, stream, out, failure, keep := sk.Basin, sk.Stream, []byte(nil), "", true
@@ -644,11 +664,15 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 			basin, stream, out, failure, keep = s.apply(sk, fin, finErr, body)
 		}
 		if !keep {
+			sk.filtered.Inc()
 			continue
 		}
 		e.Body, e.Error, e.ErrorKind = out, []byte(failure), bus.ErrorNone
 		if failure != "" {
 			e.ErrorKind = kind
+			sk.failed.Inc()
+		} else {
+			sk.routed.Inc()
 		}
 		s.add(bus.DeliverySubject(s.cfg.Source, sk.Name, basin, stream, partition), e)
 	}

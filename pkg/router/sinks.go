@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"regexp"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/fn"
+	"github.com/pgs2/pgs2/pkg/metrics"
 )
 
 // Sink is one sink as the router sees it.
@@ -17,6 +20,20 @@ type Sink struct {
 	Functions     *fn.Functions
 	// consumer is `,"consumer":{"name":"<sink>"}` spliced into metadata.
 	consumer []byte
+	// The sink's counters of metrics.Router.Changes, one per outcome
+	// (resolved once: a label lookup per change costs).
+	routed, filtered, failed, disabled prometheus.Counter
+}
+
+// bind resolves each sink's counters in m.
+func (s *Sinks) bind(m *metrics.Router) *Sinks {
+	for _, sk := range s.list {
+		sk.routed = m.Changes.WithLabelValues(sk.Name, metrics.Routed)
+		sk.filtered = m.Changes.WithLabelValues(sk.Name, metrics.Filtered)
+		sk.failed = m.Changes.WithLabelValues(sk.Name, metrics.Failed)
+		sk.disabled = m.Changes.WithLabelValues(sk.Name, metrics.Disabled)
+	}
+	return s
 }
 
 // Sinks are the configured sinks, indexed by table.

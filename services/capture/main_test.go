@@ -498,7 +498,7 @@ func TestReadyAndSIGTERM(t *testing.T) {
 	// A change while running, so shutdown has something to confirm.
 	pg.MustExec(t, "app", "INSERT INTO users VALUES (1, 'a')")
 	// /metrics counts it.
-	for metric := ""; !strings.Contains(metric, "pgs2_capture_changes_published_total 1"); {
+	for metric := ""; !strings.Contains(metric, `pgs2_capture_changes_published_total{source="app"} 1`); {
 		if time.Now().After(deadline) {
 			t.Fatalf("/metrics does not count the change:\n%s", metric)
 		}
@@ -525,7 +525,7 @@ func TestReadyAndSIGTERM(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	pg.MustExec(t, "app", "INSERT INTO orders VALUES (1)")
-	for metric := ""; !strings.Contains(metric, "pgs2_capture_changes_published_total 2"); {
+	for metric := ""; !strings.Contains(metric, `pgs2_capture_changes_published_total{source="app"} 2`); {
 		if time.Now().After(deadline) {
 			t.Fatalf("/metrics does not count the change of the added table:\n%s\noutput:\n%s", metric, stderr.String())
 		}
