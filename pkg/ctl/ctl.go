@@ -1,6 +1,10 @@
-// Package ctl is pgs2ctl, the operator's command line: failed messages
-// (list, show, retry, ack) through a delivery process's admin API, and
-// tailing an S2 stream through the S2 SDK.
+// Package ctl is pgs2ctl, the operator's command line: status and lag,
+// sink lifecycle, failed messages and backfills through a delivery
+// process's admin API; tailing an S2 stream (from a database commit time
+// or LSN) through the S2 SDK; and checking a config file.
+//
+// Exit codes: 0 success (and -h/--help), 1 a runtime error, 2 a usage
+// error (unknown command or flag, missing or bad argument).
 package ctl
 
 import (
@@ -8,113 +12,152 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"github.com/pgs2/pgs2/pkg/version"
 	"io"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/pgs2/pgs2/pkg/service"
+	"github.com/pgs2/pgs2/pkg/version"
 )
 
-const usage = `usage: pgs2ctl [--admin HOST:PORT] messages <command>
-       pgs2ctl [--admin HOST:PORT] backfill <command>
-       pgs2ctl tail BASIN/STREAM [--json] [--from-tail | --seq N] [--count N] [--no-follow] [--endpoint URL]
+// errUsage marks a command-line mistake (exit status 2).
+var errUsage = errors.New("usage")
 
-  messages list [--sink S] [--stream S] [--table T] [--json]
-  messages show ID [--sink S] [--json]
-  messages retry ID [--sink S] [--json] | retry --sink S   (one message, or every one of a sink)
-  messages audit [--sink S] [--json]              who acknowledged what, and backfill actions
-  messages ack ID --reason TEXT [--operator NAME] [--sink S] [--json]
-  tail BASIN/STREAM    print an S2 stream's records and follow it live (pgs2ctl tail -h)
-  backfill start --sink S [--table T]... [--where SQL]    read a sink's existing rows into it
-  backfill status [ID] [--json] [--watch] | pause ID | resume ID | cancel ID
+// usagef is a usage error (exit status 2).
+func usagef(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, a...))
+}
 
---admin is a delivery process's --http-addr (default $PGS2_ADMIN_ADDR or 127.0.0.1:9103).
-`
+// app holds the root flags and what the commands share.
+type app struct {
+	admin  string
+	json   bool
+	stdout io.Writer
+	stderr io.Writer
+	getenv func(string) string
+}
+
+// client is the admin API client, built when a command needs it (tail
+// and config check do not).
+func (a *app) client() (*client, error) {
+	token, err := service.AdminToken()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	base := a.admin
+	if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
+		base = "http://" + base
+	}
+	return &client{base: strings.TrimRight(base, "/"), out: a.stdout, hc: &http.Client{Timeout: 30 * time.Second}, token: token}, nil
+}
 
 // Run runs pgs2ctl with args and returns its exit code.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("pgs2ctl", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, usage) }
+	a := &app{stdout: stdout, stderr: stderr, getenv: os.Getenv}
+	root := a.root()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err == nil {
+		return 0
+	}
+	name := "pgs2ctl"
+	if cmd != nil {
+		name = cmd.CommandPath()
+	}
+	if errors.Is(err, errUsage) {
+		msg := strings.TrimPrefix(err.Error(), errUsage.Error()+": ")
+		fmt.Fprintf(stderr, "%s: %s\nRun '%s --help' for usage.\n", name, msg, name)
+		return 2
+	}
+	fmt.Fprintf(stderr, "%s: %v\n", name, err)
+	return 1
+}
+
+func (a *app) root() *cobra.Command {
 	def := os.Getenv("PGS2_ADMIN_ADDR")
 	if def == "" {
 		def = "127.0.0.1:9103"
 	}
-	admin := fs.String("admin", def, "delivery admin address")
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
+	root := &cobra.Command{
+		Use:   "pgs2ctl",
+		Short: "Operate pgs2: status, sinks, failed messages, backfills, S2 streams, config",
+		Long: `pgs2ctl operates a running pgs2 through a delivery process's admin API
+(--admin, its --http-addr; the token from PGS2_ADMIN_TOKEN), reads S2 streams
+(tail) and checks config files (config check).
+
+Exit codes: 0 success, 1 a runtime error, 2 a usage error.`,
+		Version:       version.String("pgs2ctl"),
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		Args:          groupArgs,
+		RunE:          groupRun,
+	}
+	root.SetVersionTemplate("{{.Version}}\n")
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return fmt.Errorf("%w: %v", errUsage, err) })
+	root.PersistentFlags().StringVar(&a.admin, "admin", def, "a delivery process's admin address, HOST:PORT (default $PGS2_ADMIN_ADDR or 127.0.0.1:9103)")
+	root.PersistentFlags().BoolVar(&a.json, "json", false, "print JSON (the admin API's answers; one object a line for lists)")
+	root.AddCommand(a.statusCmd(), a.sinkCmd(), a.messagesCmd(), a.backfillCmd(), a.tailCmd(), a.configCmd())
+	return root
+}
+
+// groupArgs refuses an unknown subcommand of a command that only groups
+// others (cobra would print the help and exit 0).
+func groupArgs(cmd *cobra.Command, args []string) error {
+	if len(args) == 0 {
+		return nil
+	}
+	msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2
+	}
+	if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+		msg += "; did you mean " + strings.Join(s, " or ") + "?"
+	}
+	return usagef("%s", msg)
+}
+
+// groupRun: a group named alone needs one of its commands.
+func groupRun(cmd *cobra.Command, _ []string) error {
+	var names []string
+	for _, c := range cmd.Commands() {
+		if c.IsAvailableCommand() && c.Name() != "help" && c.Name() != "completion" {
+			names = append(names, c.Name())
 		}
-		return 2
 	}
-	if *showVersion {
-		fmt.Fprintln(stdout, version.String("pgs2ctl"))
-		return 0
-	}
-	rest := fs.Args()
-	if len(rest) > 0 && rest[0] == "tail" {
-		err := tail(ctx, rest[1:], stdout, os.Getenv)
+	return usagef("%s needs a command: %s", cmd.CommandPath(), strings.Join(names, ", "))
+}
+
+// group makes a command that only holds others.
+func group(use, short string, cmds ...*cobra.Command) *cobra.Command {
+	g := &cobra.Command{Use: use, Short: short, Args: groupArgs, RunE: groupRun}
+	g.AddCommand(cmds...)
+	return g
+}
+
+// args checks the positional arguments: between lo and hi of them, named
+// what in the error.
+func args(lo, hi int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
 		switch {
-		case errors.Is(err, errUsage):
-			fmt.Fprintf(stderr, "pgs2ctl tail: %v\n\n%s", strings.TrimPrefix(err.Error(), "usage: "), tailUsage)
-			return 2
-		case err != nil:
-			fmt.Fprintln(stderr, "pgs2ctl tail:", err)
-			return 1
+		case len(args) < lo:
+			return usagef("%s needs %s", cmd.CommandPath(), what)
+		case len(args) > hi && hi == 0:
+			return usagef("%s takes no arguments, got %q", cmd.CommandPath(), args)
+		case len(args) > hi:
+			return usagef("%s takes %s, got %q", cmd.CommandPath(), what, args)
 		}
-		return 0
+		return nil
 	}
-	token, err := service.AdminToken()
-	if err != nil {
-		fmt.Fprintln(stderr, "pgs2ctl:", err)
-		return 2
-	}
-	c := &client{base: "http://" + strings.TrimPrefix(*admin, "http://"), out: stdout, hc: &http.Client{Timeout: 30 * time.Second}, token: token}
-	if len(rest) > 0 && rest[0] == "backfill" {
-		err := c.backfill(ctx, rest[1:], stderr)
-		switch {
-		case errors.Is(err, errHelp):
-			return 0
-		case errors.Is(err, errUsage):
-			fmt.Fprintf(stderr, "pgs2ctl backfill: %v\n\n%s", strings.TrimPrefix(err.Error(), "usage: "), backfillUsage)
-			return 2
-		case err != nil:
-			fmt.Fprintln(stderr, "pgs2ctl backfill:", err)
-			return 1
-		}
-		return 0
-	}
-	if len(rest) < 2 || rest[0] != "messages" {
-		fs.Usage()
-		return 2
-	}
-	switch rest[1] {
-	case "list":
-		err = c.list(ctx, rest[2:], stderr)
-	case "show", "retry", "ack":
-		err = c.one(ctx, rest[1], rest[2:], stderr)
-	case "audit":
-		err = c.audit(ctx, rest[2:], stderr)
-	default:
-		fs.Usage()
-		return 2
-	}
-	if err != nil {
-		fmt.Fprintln(stderr, "pgs2ctl:", err)
-		return 1
-	}
-	return 0
 }
 
 type client struct {
@@ -165,182 +208,6 @@ func (c *client) call(ctx context.Context, method, path string, body any, v any)
 	return nil
 }
 
-type failed struct {
-	ID             string `json:"id"`
-	Sink           string `json:"sink"`
-	Basin          string `json:"basin"`
-	Stream         string `json:"stream"`
-	Table          string `json:"table"`
-	Group          string `json:"group"`
-	StreamSequence string `json:"stream_sequence"`
-	IdempotencyKey string `json:"idempotency_key"`
-	Payload        []byte `json:"payload"`
-	BlockedBy      string `json:"blocked_by"`
-	Attempts       int    `json:"attempts"`
-	LastError      struct {
-		HTTPStatus int    `json:"http_status"`
-		Code       string `json:"code"`
-		Message    string `json:"message"`
-	} `json:"last_error"`
-	FirstFailureTime string `json:"first_failure_time"`
-	Headers          []struct {
-		Name  string `json:"name"`
-		Value string `json:"value"`
-	} `json:"headers"`
-}
-
-func (c *client) list(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("list", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	sink := fs.String("sink", "-", "sink (- = all)")
-	stream := fs.String("stream", "", "only this S2 stream")
-	table := fs.String("table", "", "only this table (schema.table)")
-	asJSON := fs.Bool("json", false, "one JSON object a line")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	q := url.Values{}
-	if *stream != "" {
-		q.Set("stream", *stream)
-	}
-	if *table != "" {
-		q.Set("table", *table)
-	}
-	var resp struct{ Messages []json.RawMessage }
-	var err error
-	if resp.Messages, err = c.pages(ctx, "/v1/sinks/"+url.PathEscape(*sink)+"/messages", q, "messages"); err != nil {
-		return err
-	}
-	if *asJSON {
-		for _, m := range resp.Messages {
-			fmt.Fprintln(c.out, string(m))
-		}
-		return nil
-	}
-	tw := tabwriter.NewWriter(c.out, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSINK\tBASIN/STREAM\tTABLE\tGROUP\tBLOCKED BY\tERROR")
-	for _, raw := range resp.Messages {
-		var f failed
-		_ = json.Unmarshal(raw, &f)
-		errText := f.LastError.Message
-		if f.LastError.HTTPStatus != 0 {
-			errText = fmt.Sprintf("%d %s: %s", f.LastError.HTTPStatus, f.LastError.Code, errText)
-		}
-		blocked := f.BlockedBy
-		if blocked == "" {
-			blocked = "-"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\n", f.ID, f.Sink, f.Basin, f.Stream, f.Table, f.Group, blocked, errText)
-	}
-	if len(resp.Messages) == 0 {
-		fmt.Fprintln(tw, "(no failed messages)")
-	}
-	return tw.Flush()
-}
-
-func (c *client) one(ctx context.Context, cmd string, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	sink := fs.String("sink", "-", "sink (- = any)")
-	reason := fs.String("reason", "", "why the message is dropped (ack)")
-	operator := fs.String("operator", os.Getenv("USER"), "who acknowledges (ack)")
-	asJSON := fs.Bool("json", false, "print the API's answer as one JSON object")
-	// Accept the ID before or after the flags.
-	var id string
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		id, args = args[0], args[1:]
-	}
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if id == "" && fs.NArg() > 0 {
-		id = fs.Arg(0)
-	}
-	all := id == "" && cmd == "retry" && *sink != "-" // every failed message of a sink
-	if id == "" && !all {
-		return fmt.Errorf("messages %s needs a message ID (see pgs2ctl messages list), or for retry --sink S alone: all of a sink", cmd)
-	}
-	path := "/v1/sinks/" + url.PathEscape(*sink) + "/messages/" + url.PathEscape(id)
-	method, body := "GET", any(nil)
-	switch {
-	case all:
-		method, path = "POST", "/v1/sinks/"+url.PathEscape(*sink)+"/messages/retry"
-	case cmd == "retry":
-		method, path = "POST", path+"/retry"
-	case cmd == "ack":
-		if strings.TrimSpace(*reason) == "" {
-			return fmt.Errorf("ack drops the message: give --reason")
-		}
-		method, path, body = "POST", path+"/ack", map[string]string{"reason": *reason, "operator": *operator}
-	}
-	var answer json.RawMessage
-	if err := c.call(ctx, method, path, body, &answer); err != nil {
-		return err
-	}
-	if *asJSON { // the API's answer as it is
-		fmt.Fprintln(c.out, string(answer))
-		return nil
-	}
-	switch {
-	case all:
-		fmt.Fprintf(c.out, "retrying every failed message of sink %s now\n", *sink)
-	case cmd == "show":
-		var f failed
-		if err := json.Unmarshal(answer, &f); err != nil {
-			return fmt.Errorf("the admin API's answer: %w", err)
-		}
-		fmt.Fprintf(c.out, "id:        %s\nsink:      %s\nstream:    %s/%s\ntable:     %s\ngroup:     %s\nkey:       %s\nseq:       %s\nfailed at: %s\nerror:     %d %s %s\nheaders:\n",
-			f.ID, f.Sink, f.Basin, f.Stream, f.Table, f.Group, f.IdempotencyKey, f.StreamSequence, f.FirstFailureTime,
-			f.LastError.HTTPStatus, f.LastError.Code, f.LastError.Message)
-		for _, h := range f.Headers {
-			fmt.Fprintf(c.out, "  %s: %s\n", h.Name, h.Value)
-		}
-		var pretty bytes.Buffer
-		if json.Indent(&pretty, f.Payload, "", "  ") == nil {
-			fmt.Fprintf(c.out, "payload:\n%s\n", pretty.String())
-		} else {
-			fmt.Fprintf(c.out, "payload: %d bytes\n", len(f.Payload))
-		}
-	case cmd == "retry":
-		fmt.Fprintf(c.out, "retrying %s now\n", id)
-	case cmd == "ack":
-		fmt.Fprintf(c.out, "acknowledged %s (dropped; recorded in the audit stream)\n", id)
-	}
-	return nil
-}
-
-// audit prints the audit stream: who did what, oldest first, every page.
-func (c *client) audit(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("audit", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	sink := fs.String("sink", "-", "sink (- = all)")
-	asJSON := fs.Bool("json", false, "one JSON object a line")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	recs, err := c.pages(ctx, "/v1/sinks/"+url.PathEscape(*sink)+"/audit", url.Values{}, "records")
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		for _, r := range recs {
-			fmt.Fprintln(c.out, string(r))
-		}
-		return nil
-	}
-	tw := tabwriter.NewWriter(c.out, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TIME\tOPERATOR\tACTION\tID\tREASON")
-	for _, raw := range recs {
-		var r struct{ Time, Operator, Action, ID, Reason string }
-		_ = json.Unmarshal(raw, &r)
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Time, r.Operator, r.Action, r.ID, r.Reason)
-	}
-	if len(recs) == 0 {
-		fmt.Fprintln(tw, "(nothing recorded)")
-	}
-	return tw.Flush()
-}
-
 // pages GETs path with query q page after page (the API's
 // next_page_token) and returns the items of every page's field.
 func (c *client) pages(ctx context.Context, path string, q url.Values, field string) ([]json.RawMessage, error) {
@@ -366,4 +233,21 @@ func (c *client) pages(ctx context.Context, path string, q url.Values, field str
 		}
 		q.Set("page_token", next)
 	}
+}
+
+func (c *client) printJSON(m proto.Message) error {
+	b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(c.out, string(b))
+	return err
+}
+
+// operator is who runs the command, for the audit.
+func operator() string {
+	if u := os.Getenv("USER"); u != "" {
+		return u
+	}
+	return "pgs2ctl"
 }

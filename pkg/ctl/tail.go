@@ -7,52 +7,58 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
+	"github.com/spf13/cobra"
 
+	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/config"
 )
 
-const tailUsage = `usage: pgs2ctl tail BASIN/STREAM [flags]
-       pgs2ctl tail --config FILE [--sink NAME] [BASIN/STREAM] [flags]
+const tailLong = `tail prints an S2 stream's records from the first one (seq_num, timestamp,
+headers, body pretty-printed when it is JSON) and follows the stream live
+until Ctrl-C. Command records (fence, trim) are skipped unless --commands.
 
-Prints an S2 stream's records from the first one (seq_num, timestamp, headers,
-body pretty-printed when it is JSON) and follows the stream live until Ctrl-C.
-Command records (fence, trim) are skipped unless --commands is given.
+The stream is BASIN/STREAM or s2://BASIN/STREAM (as the S2 CLI writes it), or
+the sink's stream of --config/--sink.
 
-  --from-tail       start at the tail: only records appended from now on
-  --seq N           start at seq_num N
-  --count N         stop after N records
-  --no-follow       stop at the tail instead of waiting for new records
-  --json            one JSON object a line:
-                    {"seq_num":N,"timestamp":MS,"headers":[[name,value],...],"body":JSON or string}
-                    (a body that is not UTF-8 comes as "body_base64")
-  --commands        also print command records
-  --endpoint URL    a local S2-compatible server such as http://127.0.0.1:8089
-                    (default: the sink's endpoint, else $S2_ACCOUNT_ENDPOINT and
-                    $S2_BASIN_ENDPOINT, else S2's cloud)
-  --token-env NAME  environment variable holding the access token (default: the
-                    sink's access_token_env, else S2_ACCESS_TOKEN); tokens are
-                    never taken as flag values
-  --config FILE     a pgs2 config file (default $PGS2_CONFIG when --sink is given)
-  --sink NAME       the sink whose endpoint, token variable and basin/stream to use
-                    (default: the config's only sink)
-`
+Where to start (one of them; default the first record):
+  --seq N          at seq_num N
+  --from-tail      at the tail: only records appended from now on
+  --at TIME        at the first change committed in the database at TIME or
+                   later: pgs2's records carry their commit time as the S2
+                   timestamp. TIME is RFC 3339 (2026-12-07T10:00:00Z), or
+                   "2026-12-07 10:00[:05]" or "2026-12-07" in local time, or
+                   milliseconds since the epoch
+  --ago DURATION   at the first change committed DURATION ago or later (10m, 2h)
+  --lsn LSN        at the first change whose commit LSN is LSN or later
+                   (0/16B3748, as Postgres writes it), found by binary search on
+                   the records' idempotency keys
 
-// errUsage marks a command-line mistake (exit status 2).
-var errUsage = errors.New("usage")
+--json prints one JSON object a line:
+  {"seq_num":N,"timestamp":MS,"headers":[[name,value],...],"body":JSON or string}
+  (a body that is not UTF-8 comes as "body_base64").
+
+S2 is reached at --endpoint (a local S2-compatible server such as
+http://127.0.0.1:8089), else the sink's endpoint, else $S2_ACCOUNT_ENDPOINT and
+$S2_BASIN_ENDPOINT, else S2's cloud; the token comes from the variable
+--token-env names (default the sink's access_token_env, else S2_ACCESS_TOKEN):
+tokens are never taken as flag values.`
 
 type tailOptions struct {
 	basin, stream string
 	seq           uint64
 	fromTail      bool
+	at            *time.Time // --at / --ago
+	lsn           *uint64    // --lsn
 	count         uint64
 	noFollow      bool
 	json          bool
@@ -61,61 +67,112 @@ type tailOptions struct {
 	tokenEnv      string
 }
 
-// tail runs `pgs2ctl tail`.
-func tail(ctx context.Context, args []string, stdout io.Writer, getenv func(string) string) error {
-	fs := flag.NewFlagSet("tail", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
+func (a *app) tailCmd() *cobra.Command {
 	var o tailOptions
-	var seq int64 = -1
-	var count int64
-	fs.Int64Var(&seq, "seq", -1, "")
-	fs.BoolVar(&o.fromTail, "from-tail", false, "")
-	fs.Int64Var(&count, "count", 0, "")
-	fs.BoolVar(&o.noFollow, "no-follow", false, "")
-	fs.BoolVar(&o.json, "json", false, "")
-	fs.BoolVar(&o.commands, "commands", false, "")
-	fs.StringVar(&o.endpoint, "endpoint", "", "")
-	fs.StringVar(&o.tokenEnv, "token-env", "", "")
-	cfgPath := fs.String("config", "", "")
-	sinkName := fs.String("sink", "", "")
-	pos, err := parseInterleaved(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprint(stdout, tailUsage)
-		return nil
+	var seq, count int64
+	var at, lsn, cfgPath, sinkName string
+	var agoD time.Duration
+	cmd := &cobra.Command{
+		Use:   "tail [s2://]BASIN/STREAM",
+		Short: "Print an S2 stream's records and follow it; start at a commit time or LSN",
+		Long:  tailLong,
+		Args:  args(0, 1, "one [s2://]BASIN/STREAM"),
+		RunE: func(cmd *cobra.Command, pos []string) error {
+			starts := 0
+			for _, f := range []string{"seq", "from-tail", "at", "ago", "lsn"} {
+				if cmd.Flags().Changed(f) {
+					starts++
+				}
+			}
+			switch {
+			case starts > 1:
+				return usagef("--seq, --from-tail, --at, --ago and --lsn exclude each other: give one")
+			case seq < -1:
+				return usagef("--seq %d: a seq_num is 0 or more", seq)
+			case count < 0:
+				return usagef("--count %d: use a positive number (0 = no limit)", count)
+			case cmd.Flags().Changed("ago") && agoD <= 0:
+				return usagef("--ago %s: give a positive duration such as 10m", agoD)
+			}
+			o.seq, o.count, o.json = uint64(max(seq, 0)), uint64(count), a.json
+			if at != "" {
+				t, err := parseTime(at, time.Now())
+				if err != nil {
+					return usagef("--at %q: %v", at, err)
+				}
+				o.at = &t
+			}
+			if cmd.Flags().Changed("ago") {
+				t := time.Now().Add(-agoD)
+				o.at = &t
+			}
+			if lsn != "" {
+				l, err := pglogrepl.ParseLSN(lsn)
+				if err != nil {
+					return usagef("--lsn %q: want an LSN as Postgres writes it, such as 0/16B3748", lsn)
+				}
+				v := uint64(l)
+				o.lsn = &v
+			}
+			return tail(cmd.Context(), o, pos, cfgPath, sinkName, a.stdout, a.getenv)
+		},
 	}
-	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	switch {
-	case len(pos) > 1:
-		return fmt.Errorf("%w: tail takes one BASIN/STREAM, got %q", errUsage, pos)
-	case seq < -1:
-		return fmt.Errorf("%w: --seq %d: a seq_num is 0 or more", errUsage, seq)
-	case seq >= 0 && o.fromTail:
-		return fmt.Errorf("%w: --seq and --from-tail exclude each other", errUsage)
-	case count < 0:
-		return fmt.Errorf("%w: --count %d: use a positive number (0 = no limit)", errUsage, count)
-	}
-	o.seq, o.count = uint64(max(seq, 0)), uint64(count)
+	f := cmd.Flags()
+	f.Int64Var(&seq, "seq", -1, "start at seq_num N")
+	f.BoolVar(&o.fromTail, "from-tail", false, "start at the tail: only records appended from now on")
+	f.StringVar(&at, "at", "", "start at the first change committed at TIME or later")
+	f.DurationVar(&agoD, "ago", 0, "start at the first change committed DURATION ago or later")
+	f.StringVar(&lsn, "lsn", "", "start at the first change with commit LSN at LSN or later")
+	f.Int64Var(&count, "count", 0, "stop after N records (0 = no limit)")
+	f.BoolVar(&o.noFollow, "no-follow", false, "stop at the tail instead of waiting for new records")
+	f.BoolVar(&o.commands, "commands", false, "also print command records")
+	f.StringVar(&o.endpoint, "endpoint", "", "a local S2-compatible server, http://HOST:PORT")
+	f.StringVar(&o.tokenEnv, "token-env", "", "environment variable holding the access token (default the sink's, else S2_ACCESS_TOKEN)")
+	f.StringVar(&cfgPath, "config", "", "a pgs2 config file (default $PGS2_CONFIG when --sink is given)")
+	f.StringVar(&sinkName, "sink", "", "the sink whose endpoint, token variable and basin/stream to use (default: the config's only sink)")
+	return cmd
+}
 
+// parseTime reads --at: RFC 3339, a local date and time, a local date,
+// or milliseconds since the epoch.
+func parseTime(s string, now time.Time) (time.Time, error) {
+	s = strings.TrimSpace(s)
+	if ms, err := strconv.ParseInt(s, 10, 64); err == nil && len(s) >= 10 {
+		return time.UnixMilli(ms), nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	for _, layout := range []string{"2006-01-02 15:04:05.999999999", "2006-01-02T15:04:05.999999999", "2006-01-02 15:04", "2006-01-02T15:04", "2006-01-02"} {
+		if t, err := time.ParseInLocation(layout, s, now.Location()); err == nil {
+			return t, nil
+		}
+	}
+	return time.Time{}, errors.New(`want RFC 3339 (2026-12-07T10:00:00Z), "2026-12-07 10:00:05" or "2026-12-07" (local time), or milliseconds since the epoch`)
+}
+
+// tail runs `pgs2ctl tail` once its flags are read.
+func tail(ctx context.Context, o tailOptions, pos []string, cfgPath, sinkName string, stdout io.Writer, getenv func(string) string) error {
 	var sink *config.Sink
-	if *cfgPath != "" || *sinkName != "" {
-		if sink, err = loadSink(*cfgPath, *sinkName, getenv); err != nil {
+	var err error
+	if cfgPath != "" || sinkName != "" {
+		if sink, err = loadSink(cfgPath, sinkName, getenv); err != nil {
 			return err
 		}
 	}
 	if len(pos) == 1 {
-		b, s, ok := strings.Cut(pos[0], "/")
+		name := strings.TrimPrefix(pos[0], "s2://")
+		b, s, ok := strings.Cut(name, "/")
 		if !ok || b == "" || s == "" {
-			return fmt.Errorf("%w: %q is not BASIN/STREAM", errUsage, pos[0])
+			return usagef("%q is not BASIN/STREAM or s2://BASIN/STREAM", pos[0])
 		}
 		o.basin, o.stream = b, s
 	} else if sink != nil && sink.Basin != "" && sink.Stream != "" {
 		o.basin, o.stream = sink.Basin, sink.Stream
 	} else if sink != nil {
-		return fmt.Errorf("%w: sink %q routes to streams by a function: name one as BASIN/STREAM", errUsage, sink.Name)
+		return usagef("sink %q routes to streams by a function: name one as BASIN/STREAM", sink.Name)
 	} else {
-		return fmt.Errorf("%w: name the stream to tail as BASIN/STREAM", errUsage)
+		return usagef("name the stream to tail as BASIN/STREAM or s2://BASIN/STREAM")
 	}
 
 	tg, err := newS2Client(o.endpoint, o.tokenEnv, sink, getenv)
@@ -125,29 +182,6 @@ func tail(ctx context.Context, args []string, stdout io.Writer, getenv func(stri
 	t := &tailer{o: o, sc: tg.client.Basin(o.basin).Stream(s2.StreamName(o.stream)), where: tg.where,
 		tokenEnv: tg.tokenEnv, out: bufio.NewWriter(stdout)}
 	return t.run(ctx)
-}
-
-// parseInterleaved parses flags that may come before and after positional
-// arguments (`tail b/s --json` as well as `tail --json b/s`).
-func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for len(args) > 0 {
-		if err := fs.Parse(args); err != nil {
-			return nil, err
-		}
-		rest := fs.Args()
-		if len(rest) == 0 {
-			break
-		}
-		// Parse stops at the first non-flag argument, or after "--" (then
-		// everything left is positional).
-		if i := len(args) - len(rest) - 1; i >= 0 && args[i] == "--" {
-			return append(pos, rest...), nil
-		}
-		pos = append(pos, rest[0])
-		args = rest[1:]
-	}
-	return pos, nil
 }
 
 func loadSink(path, name string, getenv func(string) string) (*config.Sink, error) {
@@ -311,8 +345,17 @@ func (t *tailer) run(ctx context.Context) error {
 	}
 	tailSeq := tr.Tail.SeqNum
 	start := t.o.seq
-	if t.o.fromTail {
+	switch {
+	case t.o.fromTail:
 		start = tailSeq
+	case t.o.at != nil:
+		if start, err = t.seqAtTime(ctx, *t.o.at, tailSeq); err != nil {
+			return err
+		}
+	case t.o.lsn != nil:
+		if start, err = t.seqAtLSN(ctx, *t.o.lsn, tailSeq); err != nil {
+			return err
+		}
 	}
 	if start > tailSeq {
 		return fmt.Errorf("--seq %d is beyond the tail of %s (its next seq_num is %d)", start, t.name(), tailSeq)
@@ -326,6 +369,78 @@ func (t *tailer) run(ctx context.Context) error {
 		err = fmt.Errorf("write output: %w", ferr)
 	}
 	return err
+}
+
+// seqAtTime is the seq_num of the first record with a timestamp at or
+// after at (S2 finds it), or the tail.
+func (t *tailer) seqAtTime(ctx context.Context, at time.Time, tailSeq uint64) (uint64, error) {
+	ms := uint64(max(at.UnixMilli(), 0))
+	one, clamp := uint64(1), true
+	b, err := t.sc.Read(ctx, &s2.ReadOptions{Timestamp: &ms, Count: &one, Clamp: &clamp})
+	var se *s2.S2Error
+	if errors.As(err, &se) && se.Status == http.StatusRequestedRangeNotSatisfiable {
+		return tailSeq, nil // nothing at or after the time yet
+	}
+	if err != nil {
+		return 0, t.explain("find the time "+at.Format(time.RFC3339)+" in", err)
+	}
+	if len(b.Records) == 0 {
+		return tailSeq, nil
+	}
+	return b.Records[0].SeqNum, nil
+}
+
+// seqAtLSN is the seq_num of the first change record whose commit LSN
+// (from its idempotency key) is lsn or later, or the tail: a binary
+// search over seq_num, since delivery appends changes in commit order
+// (but for a drained park's records, which come after later ones).
+func (t *tailer) seqAtLSN(ctx context.Context, lsn, tailSeq uint64) (uint64, error) {
+	lo, hi := uint64(0), tailSeq
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		seq, pos, ok, err := t.firstChange(ctx, mid, hi)
+		if err != nil {
+			return 0, err
+		}
+		if !ok || pos >= lsn {
+			hi = mid
+		} else {
+			lo = seq + 1
+		}
+	}
+	return lo, nil
+}
+
+// firstChange finds the first record in [from, end) that carries an
+// idempotency key, and its commit LSN.
+func (t *tailer) firstChange(ctx context.Context, from, end uint64) (seq, lsn uint64, ok bool, err error) {
+	for next := from; next < end; {
+		n, clamp := min(end-next, 100), true
+		b, err := t.sc.Read(ctx, &s2.ReadOptions{SeqNum: &next, Count: &n, Clamp: &clamp})
+		if err != nil {
+			return 0, 0, false, t.explain("search for the LSN in", err)
+		}
+		if len(b.Records) == 0 {
+			return 0, 0, false, nil
+		}
+		for _, r := range b.Records {
+			if r.SeqNum >= end {
+				return 0, 0, false, nil
+			}
+			if r.IsCommandRecord() {
+				continue
+			}
+			for _, h := range r.Headers {
+				if string(h.Name) == "idempotency-key" {
+					if p, err := change.ParseKey(string(h.Value)); err == nil {
+						return r.SeqNum, p.LSN, true, nil
+					}
+				}
+			}
+		}
+		next = b.Records[len(b.Records)-1].SeqNum + 1
+	}
+	return 0, 0, false, nil
 }
 
 func (t *tailer) done() bool { return t.o.count > 0 && t.n >= t.o.count }

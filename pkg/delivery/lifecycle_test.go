@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/ctl"
 	"github.com/pgs2/pgs2/pkg/delivery"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
@@ -153,9 +155,11 @@ func TestSinkLifecycle(t *testing.T) {
 	}
 
 	// Pause docs: within a second neither delivery process appends to it.
-	if code, b := post(t, api+"/v1/sinks/docs/pause", `{"operator":"ada","reason":"maintenance"}`); code != 200 ||
-		!bytes.Contains(b, []byte(`"paused"`)) {
-		t.Fatalf("pause: %d %s", code, b)
+	// (through pgs2ctl, as an operator would)
+	var out, errOut bytes.Buffer
+	if code := ctl.Run(context.Background(), []string{"sink", "pause", "docs", "--admin", api, "--operator", "ada", "--reason", "maintenance"}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "sink docs is paused") {
+		t.Fatalf("pgs2ctl sink pause: exit %d: %s%s", code, out.String(), errOut.String())
 	}
 	time.Sleep(time.Second)
 	insert(11, 20)
@@ -166,6 +170,20 @@ func TestSinkLifecycle(t *testing.T) {
 	if d := sinkOf(st, "docs"); d.State.GetState() != "paused" || d.State.ChangedBy != "ada" || d.State.Reason != "maintenance" ||
 		len(d.Streams) != 1 || d.Streams[0].State != "paused" {
 		t.Errorf("paused docs status %v", d)
+	}
+	out.Reset()
+	if code := ctl.Run(context.Background(), []string{"--admin", api, "status"}, &out, &errOut); code != 0 ||
+		!regexp.MustCompile(`(?m)^docs +paused .*by ada: maintenance$`).MatchString(out.String()) ||
+		!regexp.MustCompile(`(?m)^  app-basin/docs +paused `).MatchString(out.String()) ||
+		!regexp.MustCompile(`(?m)^app +active .* pgs2 +\d+/[0-9A-F]+ `).MatchString(out.String()) {
+		t.Errorf("pgs2ctl status: exit %d:\n%s%s", code, out.String(), errOut.String())
+	}
+	t.Logf("pgs2ctl status:\n%s", out.String())
+	out.Reset()
+	var fromCLI adminv1.GetStatusResponse
+	if code := ctl.Run(context.Background(), []string{"status", "--json", "--sink", "docs", "--admin", api}, &out, &errOut); code != 0 ||
+		protojson.Unmarshal(out.Bytes(), &fromCLI) != nil || len(fromCLI.Sinks) != 1 || fromCLI.Sinks[0].State.GetState() != "paused" {
+		t.Errorf("pgs2ctl status --json --sink docs: exit %d: %s%s", code, out.String(), errOut.String())
 	}
 	var deliveryPending uint64
 	for _, sg := range st.Stages {
