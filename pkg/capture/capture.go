@@ -617,6 +617,33 @@ func (s *session) run(ctx context.Context) error {
 	}
 }
 
+// endSpan ends the transaction's span, failed when err is set.
+func (s *session) endSpan(err error) {
+	if s.span == nil {
+		return
+	}
+	s.span.SetAttributes(telemetry.BatchCount(s.txChanges))
+	if err != nil {
+		telemetry.Fail(s.span, errorType(err), err.Error())
+	}
+	s.span.End()
+	s.span, s.traceparent = nil, ""
+	s.tp = s.tp[:0]
+}
+
+// errorType names a failed publish for error.type: a JetStream error
+// code, a timeout, or "publish".
+func errorType(err error) string {
+	var apiErr *jetstream.APIError
+	switch {
+	case errors.As(err, &apiErr):
+		return "jetstream_" + strconv.Itoa(int(apiErr.ErrorCode))
+	case errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	}
+	return "publish"
+}
+
 func (s *session) handle(ctx context.Context, data []byte) error {
 	ev, err := s.dec.Decode(ctx, data)
 	if err != nil {
@@ -624,8 +651,12 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 	}
 	switch ev.Kind {
 	case pgrepl.EventBegin:
-		_, s.span = s.tracer.Start(ctx, "capture transaction", trace.WithSpanKind(trace.SpanKindProducer),
-			trace.WithAttributes(attribute.Int64("pgs2.commit_lsn", int64(ev.LSN))))
+		// A publish span per transaction (the messaging conventions): its
+		// changes carry its context, so router and delivery continue it.
+		_, s.span = s.tracer.Start(ctx, telemetry.OpPublish+" "+s.cfg.Stream.Name, trace.WithSpanKind(trace.SpanKindProducer),
+			trace.WithAttributes(telemetry.Messaging(telemetry.SystemNATS, telemetry.OpPublish, s.cfg.Stream.Name, 0)...),
+			trace.WithAttributes(attribute.String("pgs2.source", s.cfg.Stream.Source), attribute.Int64("pgs2.xid", int64(ev.Xid)),
+				attribute.String("pgs2.commit_lsn", pglogrepl.LSN(ev.LSN).String())))
 		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
 		s.tp = append(s.tp[:0], s.traceparent...)
 		s.commitMs = ev.CommitMs
@@ -652,6 +683,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			if age := time.Since(s.roundStarted); s.perRound > 0 && s.commits >= s.perRound ||
 				s.perRound == 0 && age >= s.cfg.Linger && (!s.behind || age >= bus.MaxRoundAge) {
 				if err := s.flush(ctx); err != nil {
+					s.endSpan(err)
 					return err
 				}
 			}
@@ -659,12 +691,7 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		s.metrics.Transactions.Inc()
 		s.metrics.Changes.Add(float64(s.txChanges))
 		s.lastCommitMs.Store(s.commitMs)
-		if s.span != nil {
-			s.span.SetAttributes(attribute.Int("pgs2.changes", s.txChanges))
-			s.span.End()
-			s.span, s.traceparent = nil, ""
-			s.tp = s.tp[:0]
-		}
+		s.endSpan(nil)
 	case pgrepl.EventMessage:
 		s.metrics.Messages.Inc()
 		if ev.Message.Invalid != "" {

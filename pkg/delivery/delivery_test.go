@@ -1,6 +1,7 @@
 package delivery_test
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -22,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/s2-streamstore/s2-sdk-go/s2"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/codes"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
@@ -449,36 +451,106 @@ func TestOneTracePerChange(t *testing.T) {
 	defer func() { telemetry.SetEnabled(false); otel.SetTracerProvider(noop.NewTracerProvider()) }()
 
 	p := newPipeline(t, `CREATE TABLE users (id int PRIMARY KEY)`, []string{"public.users"}, "app-basin")
-	p.sinks = []config.Sink{{Name: "users", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "users"}}
+	p.sinks = []config.Sink{
+		{Name: "users", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "users"},
+		{Name: "flaky", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "flaky", Retry: config.Retry{Initial: config.Duration(20 * time.Millisecond), Max: config.Duration(50 * time.Millisecond)}},
+		{Name: "bad", Tables: []string{"public.users"}, Basin: "app-basin", Stream: "bad", Routing: `{"stream": record.no_such_column}`},
+	}
 	p.start(t)
 	p.pg.MustExec(t, "app", `INSERT INTO users VALUES (1)`)
 	p.records(t, "app-basin", "users", 1)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		var capTrace, routeTrace trace.TraceID
-		linked := false
+	p.records(t, "app-basin", "flaky", 1)
+	// S2 refuses flaky's appends from now on: its next batch's sends fail.
+	if err := p.s2.SetFaults(s2local.FaultConfig{Rules: []s2local.FaultRule{{Stream: "flaky", AppendsOnly: true, ErrorRate: 1, Statuses: []int{503}}}}); err != nil {
+		t.Fatal(err)
+	}
+	p.pg.MustExec(t, "app", `INSERT INTO users VALUES (2)`)
+
+	attrs := func(s sdktrace.ReadOnlySpan) map[string]string {
+		m := map[string]string{}
+		for _, kv := range s.Attributes() {
+			m[string(kv.Key)] = kv.Value.Emit()
+		}
+		return m
+	}
+	want := func(s sdktrace.ReadOnlySpan, kv map[string]string) {
+		t.Helper()
+		got := attrs(s)
+		for k, v := range kv {
+			if got[k] != v {
+				t.Errorf("span %q: %s = %q, want %q (attributes %v)", s.Name(), k, got[k], v, got)
+			}
+		}
+	}
+	var publish, process, send, failedSend sdktrace.ReadOnlySpan
+	deadline := time.Now().Add(10 * time.Second)
+	for publish == nil || process == nil || send == nil || failedSend == nil {
+		if time.Now().After(deadline) {
+			var names []string
+			for _, s := range rec.Ended() {
+				names = append(names, s.Name())
+			}
+			for _, s := range rec.Started() {
+				names = append(names, "started:"+s.Name())
+			}
+			t.Fatalf("spans %v: want publish PGS2_CHANGES, process PGS2_CHANGES, send users, a failed send flaky", names)
+		}
+		time.Sleep(50 * time.Millisecond)
 		for _, s := range rec.Ended() {
 			switch s.Name() {
-			case "capture transaction":
-				capTrace = s.SpanContext().TraceID()
-			case "route change":
-				routeTrace = s.SpanContext().TraceID()
-			case "s2 append":
-				for _, l := range s.Links() {
-					if l.SpanContext.TraceID() == routeTrace && routeTrace.IsValid() {
-						linked = true
-					}
+			case "publish PGS2_CHANGES":
+				publish = cmp.Or(publish, s) // the first change's
+			case "process PGS2_CHANGES":
+				process = cmp.Or(process, s)
+			case "send users":
+				send = cmp.Or(send, s)
+			case "send flaky":
+				if s.Status().Code == codes.Error {
+					failedSend = s
 				}
 			}
 		}
-		if capTrace.IsValid() && capTrace == routeTrace && linked {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("spans do not form one trace: capture %s, route %s, append linked %v", capTrace, routeTrace, linked)
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
+	// One trace across the three services, each consumer linked to its
+	// producer.
+	id := publish.SpanContext().TraceID()
+	for _, s := range []sdktrace.ReadOnlySpan{process, send} {
+		if s.SpanContext().TraceID() != id {
+			t.Errorf("span %q is in trace %s, not the change's %s", s.Name(), s.SpanContext().TraceID(), id)
+		}
+	}
+	linked := func(s, to sdktrace.ReadOnlySpan) bool {
+		for _, l := range s.Links() {
+			if l.SpanContext.SpanID() == to.SpanContext().SpanID() {
+				return true
+			}
+		}
+		return false
+	}
+	if !linked(process, publish) || process.Parent().SpanID() != publish.SpanContext().SpanID() {
+		t.Errorf("process span: parent %s, links %v; want the publish span %s", process.Parent().SpanID(), process.Links(), publish.SpanContext().SpanID())
+	}
+	if !linked(send, process) {
+		t.Errorf("send span links %v, want the process span %s", send.Links(), process.SpanContext().SpanID())
+	}
+	for s, kind := range map[sdktrace.ReadOnlySpan]trace.SpanKind{publish: trace.SpanKindProducer, process: trace.SpanKindConsumer, send: trace.SpanKindProducer} {
+		if s.SpanKind() != kind {
+			t.Errorf("span %q is a %s span, want %s", s.Name(), s.SpanKind(), kind)
+		}
+	}
+	want(publish, map[string]string{"messaging.system": "nats", "messaging.operation.name": "publish", "messaging.operation.type": "send",
+		"messaging.destination.name": "PGS2_CHANGES", "messaging.batch.message_count": "1", "pgs2.source": "app"})
+	want(process, map[string]string{"messaging.system": "nats", "messaging.operation.name": "process", "messaging.operation.type": "process",
+		"messaging.destination.name": "PGS2_CHANGES", "pgs2.table": "public.users", "error.type": "function"})
+	if process.Status().Code != codes.Error || !strings.Contains(process.Status().Description, "sink bad") {
+		t.Errorf("process span status %v: want an error naming sink bad (its routing function fails)", process.Status())
+	}
+	want(send, map[string]string{"messaging.system": "s2", "messaging.operation.name": "send", "messaging.operation.type": "send",
+		"messaging.destination.name": "users", "messaging.batch.message_count": "1", "pgs2.basin": "app-basin", "pgs2.sink": "users"})
+	if send.Status().Code == codes.Error {
+		t.Errorf("send users failed: %v", send.Status())
+	}
+	want(failedSend, map[string]string{"messaging.destination.name": "flaky", "error.type": "unavailable"})
 }
 
 // TestChangeOverNATSMaxPayload: a change larger than the NATS server takes

@@ -481,6 +481,28 @@ func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryP
 	return nil
 }
 
+// allOneTrace reports whether every link is of the first one's trace.
+func allOneTrace(links []trace.Link) bool {
+	for _, l := range links[1:] {
+		if l.SpanContext.TraceID() != links[0].SpanContext.TraceID() {
+			return false
+		}
+	}
+	return true
+}
+
+// errorType is a failed append's error.type: S2's error code, else its
+// HTTP status, else the failure's class (a timeout, the network).
+func errorType(e *s2sink.Error) string {
+	switch {
+	case e.Code != "":
+		return e.Code
+	case e.Status != 0:
+		return strconv.Itoa(e.Status)
+	}
+	return e.Class.String()
+}
+
 // flush appends the batch, retrying with back-off until S2 takes it.
 // match_seq_num makes a retry after an append that took effect (a timeout,
 // a 5xx) detectable: S2 then reports another tail, and reading the records
@@ -490,6 +512,10 @@ func (w *worker) flush(ctx context.Context) error {
 	if n == 0 {
 		return nil
 	}
+	// A send span per attempt (the messaging conventions), linked to each
+	// change's process span; a batch of one change's trace (or one
+	// transaction's) continues that trace.
+	var startSpan func(attempt int) trace.Span
 	if telemetry.Enabled() {
 		var links []trace.Link
 		for _, tp := range w.traces {
@@ -497,10 +523,16 @@ func (w *worker) flush(ctx context.Context) error {
 				links = append(links, trace.Link{SpanContext: sc})
 			}
 		}
-		var span trace.Span
-		ctx, span = w.d.tracer.Start(ctx, "s2 append", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
-			trace.WithAttributes(attribute.String("pgs2.unit", w.u.String()), attribute.Int("pgs2.records", int(n))))
-		defer span.End()
+		parent := ctx
+		if len(links) == 1 || len(links) > 1 && allOneTrace(links) {
+			parent = trace.ContextWithRemoteSpanContext(ctx, links[0].SpanContext)
+		}
+		startSpan = func(attempt int) trace.Span {
+			_, span := w.d.tracer.Start(parent, telemetry.OpSend+" "+w.u.Stream, trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
+				trace.WithAttributes(telemetry.Messaging(telemetry.SystemS2, telemetry.OpSend, w.u.Stream, int(n))...),
+				trace.WithAttributes(attribute.String("pgs2.sink", w.u.Sink), attribute.String("pgs2.basin", w.u.Basin), attribute.Int("pgs2.attempt", attempt)))
+			return span
+		}
 	}
 	defer func() { w.traces = w.traces[:0] }()
 	pending, by, parked := w.pendingSum(), w.pendingByStream(), w.parks.count()
@@ -520,7 +552,22 @@ func (w *worker) flush(ctx context.Context) error {
 	}()
 	for attempt := 1; ; attempt++ {
 		start := time.Now()
+		var span trace.Span
+		logCtx := ctx // the attempt's span, for the log's trace_id
+		if startSpan != nil {
+			span = startSpan(attempt)
+			logCtx = trace.ContextWithSpan(ctx, span)
+		}
 		e, err := w.append(ctx, w.batch, w.seqs[0], w.seqs[n-1])
+		if span != nil {
+			switch {
+			case err != nil:
+				telemetry.Fail(span, "stopped", err.Error())
+			case e != nil:
+				telemetry.Fail(span, errorType(e), e.Error())
+			}
+			span.End()
+		}
 		if err != nil {
 			return err
 		}
@@ -545,7 +592,7 @@ func (w *worker) flush(ctx context.Context) error {
 			break
 		}
 		delay := w.backoff(attempt, e)
-		w.log.Warn("append failed; retrying", "error", e, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
+		w.log.WarnContext(logCtx, "append failed; retrying", "error", e, "attempt", attempt, "failing_since", firstFail, "retry_in", delay)
 		w.recordFailure(ctx, Blocked{Sink: w.u.Sink, Basin: w.u.Basin, Stream: w.u.Stream, HeadSeq: w.seqs[0].Seq, Records: int(n),
 			Attempts: attempt, FirstFailure: firstFail, LastFailure: time.Now(), NextAttempt: time.Now().Add(delay)}, e)
 		select {

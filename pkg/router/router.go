@@ -630,10 +630,20 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	e := &s.entry
 	*e = *in
 	body := in.Body
+	var span trace.Span
 	if telemetry.Enabled() {
-		parent := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceParent(string(in.TraceParent)))
-		_, span := s.tracer.Start(parent, "route change", trace.WithSpanKind(trace.SpanKindConsumer),
-			trace.WithAttributes(attribute.String("pgs2.table", string(in.Table)), attribute.String("pgs2.key", string(in.Key))))
+		// A process span per change (the messaging conventions), in the
+		// producer's trace and linked to its span.
+		producer := telemetry.ParseTraceParent(string(in.TraceParent))
+		parent := trace.ContextWithRemoteSpanContext(ctx, producer)
+		opts := []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindConsumer),
+			trace.WithAttributes(telemetry.Messaging(telemetry.SystemNATS, telemetry.OpProcess, s.cfg.ChangesStream, 0)...),
+			trace.WithAttributes(attribute.String("pgs2.source", s.cfg.Source), attribute.String("pgs2.table", string(in.Table)),
+				attribute.String("pgs2.idempotency_key", string(in.Key)))}
+		if producer.IsValid() {
+			opts = append(opts, trace.WithLinks(trace.Link{SpanContext: producer}))
+		}
+		_, span = s.tracer.Start(parent, telemetry.OpProcess+" "+s.cfg.ChangesStream, opts...)
 		defer span.End()
 		if tp := telemetry.TraceParent(span.SpanContext()); tp != "" {
 			e.TraceParent = []byte(tp)
@@ -671,6 +681,9 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 		if failure != "" {
 			e.ErrorKind = kind
 			sk.failed.Inc()
+			if span != nil {
+				telemetry.Fail(span, "function", "sink "+sk.Name+": "+failure)
+			}
 		} else {
 			sk.routed.Inc()
 		}

@@ -129,6 +129,7 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	cfgPath := fs.String("config", "", "config file (default $PGS2_CONFIG)")
 	httpAddr := fs.String("http-addr", defaultHTTP, "address of /healthz and /readyz (empty = off)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	format := fs.String("log-format", "text", "text (logfmt) or json; both carry trace_id and span_id inside a traced operation")
 	probe := fs.Bool("probe", false, "ask the running service at --http-addr whether it is ready (exit 0) or not (1), and exit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
@@ -149,7 +150,12 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 		fmt.Fprintf(stderr, "%s: --log-level %q: use debug, info, warn or error\n", name, *level)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl})).With("service", name)
+	logger, err := NewLogger(stderr, *format, lvl)
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return 2
+	}
+	log := logger.With("service", name)
 	slog.SetDefault(log)
 
 	if *cfgPath == "" {

@@ -5,6 +5,8 @@ package telemetry
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net/url"
 	"os"
@@ -12,12 +14,16 @@ import (
 	"sync/atomic"
 
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
-	semconv "go.opentelemetry.io/otel/semconv/v1.26.0"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/pgs2/pgs2/pkg/version"
 )
 
 // Config configures tracing.
@@ -44,13 +50,91 @@ func Setup(ctx context.Context, c Config) (func(context.Context) error, error) {
 	if err != nil {
 		return nil, fmt.Errorf("telemetry.otlp_endpoint: %w", err)
 	}
+	res, err := Resource(ctx, c.Service)
+	if err != nil {
+		return nil, err
+	}
 	enabled.Store(true)
-	tp := sdktrace.NewTracerProvider(
-		sdktrace.WithBatcher(exp),
-		sdktrace.WithResource(resource.NewSchemaless(semconv.ServiceName("pgs2-"+c.Service))),
-	)
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res))
 	otel.SetTracerProvider(tp)
 	return tp.Shutdown, nil
+}
+
+// Resource describes the process to the tracing backend: service.name
+// (pgs2-<service>), service.namespace, service.version, a
+// service.instance.id unique to this process, host.name, process.pid,
+// the SDK, and what OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME add or
+// override.
+func Resource(ctx context.Context, service string) (*resource.Resource, error) {
+	v := version.Get()
+	host, _ := os.Hostname()
+	res, err := resource.New(ctx,
+		resource.WithSchemaURL(semconv.SchemaURL),
+		resource.WithAttributes(
+			semconv.ServiceName("pgs2-"+service),
+			semconv.ServiceNamespace("pgs2"),
+			semconv.ServiceVersion(v.Version+"+"+v.Revision),
+			semconv.ServiceInstanceID(instanceID(host)),
+		),
+		resource.WithHost(),
+		resource.WithProcessPID(),
+		resource.WithTelemetrySDK(),
+		resource.WithFromEnv(), // last: OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME win
+	)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry resource (check OTEL_RESOURCE_ATTRIBUTES): %w", err)
+	}
+	return res, nil
+}
+
+// instanceID is host-pid-random: unique per process, readable.
+func instanceID(host string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
+}
+
+// Messaging systems, as messaging.system names them.
+const (
+	SystemNATS = "nats"
+	SystemS2   = "s2"
+)
+
+// Messaging operations: the span name is "<operation> <destination>".
+const (
+	OpPublish = "publish" // capture → the changes stream
+	OpProcess = "process" // router, per change read from the changes stream
+	OpSend    = "send"    // delivery → an S2 stream
+)
+
+// Messaging is the attributes of a messaging span per the OpenTelemetry
+// messaging conventions: system, destination, operation, and (for
+// batches) the message count.
+func Messaging(system, op, destination string, batch int) []attribute.KeyValue {
+	typ := semconv.MessagingOperationTypeSend
+	if op == OpProcess {
+		typ = semconv.MessagingOperationTypeProcess
+	}
+	kv := []attribute.KeyValue{
+		semconv.MessagingSystemKey.String(system),
+		semconv.MessagingOperationName(op),
+		typ,
+		semconv.MessagingDestinationName(destination),
+	}
+	if batch > 0 {
+		kv = append(kv, BatchCount(batch))
+	}
+	return kv
+}
+
+// BatchCount is messaging.batch.message_count.
+func BatchCount(n int) attribute.KeyValue { return semconv.MessagingBatchMessageCount(n) }
+
+// Fail marks span failed: status Error with the message, error.type the
+// class of failure (low cardinality: "function", "412", "timeout").
+func Fail(span trace.Span, errType, msg string) {
+	span.SetAttributes(semconv.ErrorTypeKey.String(errType))
+	span.SetStatus(codes.Error, msg)
 }
 
 // endpointURL reads telemetry.otlp_endpoint: host:port or a URL without a
