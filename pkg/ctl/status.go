@@ -149,8 +149,8 @@ func printStatus(w io.Writer, st *adminv1.GetStatusResponse) error {
 			}
 		}
 		lag, pending := secondsText(s.LagSeconds), thousands(int64(s.Lag))
-		if !slices.ContainsFunc(s.Streams, func(x *adminv1.StreamStatus) bool { return x.Owner != "" }) {
-			lag, pending = "-", "-"
+		if slices.ContainsFunc(s.Streams, func(x *adminv1.StreamStatus) bool { return x.LagSeconds < 0 }) {
+			lag, pending = "-", "-" // not all of it measured
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%d\t%d\t%s\t%s\n", s.Sink, state, lag, pending,
 			s.ParkedGroups, s.ParkedMessages, s.BlockedStreams, s.DeadLetters, ago(now, s.LastCommitTime), note)
@@ -167,7 +167,7 @@ func printStatus(w io.Writer, st *adminv1.GetStatusResponse) error {
 				last += " @ " + x.LastCommitLsn
 			}
 			lag, pending := secondsText(x.LagSeconds), thousands(int64(x.Pending))
-			if x.Owner == "" { // no writer reports what waits (paused, disabled, unowned)
+			if x.LagSeconds < 0 { // not measured
 				lag, pending = "-", "-"
 			}
 			fmt.Fprintf(tw, "  %s/%s\t%s\t%s\t%s\t%d/%d\t\t%d\t%s\t%s\n", x.Basin, x.Stream, x.State, lag, pending,

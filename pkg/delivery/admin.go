@@ -23,6 +23,7 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
+	"github.com/pgs2/pgs2/pkg/s2sink"
 	"github.com/pgs2/pgs2/pkg/sinkstate"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
@@ -41,9 +42,10 @@ type Admin struct {
 	backfills *backfill.Store
 
 	mu         sync.Mutex
-	sinkTables map[string][]string // nil: not told (SetSinks)
-	tokens     []adminToken        // bearer tokens, one of which every call needs (none: open)
-	named      bool                // some token proves an operator
+	sinkTables map[string][]string       // nil: not told (SetSinks)
+	s2         map[string]*s2sink.Client // per sink, to read resume points (SetSinks)
+	tokens     []adminToken              // bearer tokens, one of which every call needs (none: open)
+	named      bool                      // some token proves an operator
 }
 
 // RequireTokens makes every call of the API need the header

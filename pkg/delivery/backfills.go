@@ -19,6 +19,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/s2sink"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
 
@@ -26,14 +27,19 @@ import (
 // store, where every source's capture picks them up.
 
 // SetSinks tells the admin API the configured sinks, so that a backfill
-// of an unknown sink or of a table outside its sink is refused.
+// of an unknown sink or of a table outside its sink is refused, and status
+// can read the S2 streams of sinks no delivery process writes now.
 func (a *Admin) SetSinks(sinks []config.Sink) {
 	tables := make(map[string][]string, len(sinks))
+	clients := make(map[string]*s2sink.Client, len(sinks))
 	for _, s := range sinks {
 		tables[s.Name] = s.Tables
+		if c, err := s2sink.New(s2sink.FromSink(s)); err == nil {
+			clients[s.Name] = c // status reads the resume point of streams no one writes
+		}
 	}
 	a.mu.Lock()
-	a.sinkTables = tables
+	a.sinkTables, a.s2 = tables, clients
 	a.mu.Unlock()
 }
 

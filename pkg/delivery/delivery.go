@@ -457,6 +457,16 @@ type source struct {
 	token string // the source's subject token: pgs2.deliver.<token>.>
 }
 
+// sourceOf reads a delivery stream's info: a source's stream has the one
+// subject pgs2.deliver.<token>.> (an earlier pgs2's shared stream does not).
+func sourceOf(info *jetstream.StreamInfo) (source, bool) {
+	src := source{name: info.Config.Name, key: bus.StreamKey(info.Config.Name, info.Created)}
+	if subj := info.Config.Subjects; len(subj) == 1 && strings.HasPrefix(subj[0], bus.DeliveryRoot+".") && strings.HasSuffix(subj[0], ".>") {
+		src.token = strings.TrimSuffix(strings.TrimPrefix(subj[0], bus.DeliveryRoot+"."), ".>")
+	}
+	return src, src.token != "" && !strings.Contains(src.token, ".")
+}
+
 // registry is what the units bucket holds (bus.UnitsBucket), from a watch.
 type registry struct {
 	mu      sync.Mutex
@@ -527,12 +537,8 @@ func (d *Delivery) units(ctx context.Context) ([]Unit, map[Unit][]source, error)
 		if err != nil {
 			return nil, nil, fmt.Errorf("delivery stream %s: %w", name, err)
 		}
-		info := st.CachedInfo()
-		src := source{name: name, key: bus.StreamKey(name, info.Created)}
-		if subj := info.Config.Subjects; len(subj) == 1 && strings.HasPrefix(subj[0], bus.DeliveryRoot+".") && strings.HasSuffix(subj[0], ".>") {
-			src.token = strings.TrimSuffix(strings.TrimPrefix(subj[0], bus.DeliveryRoot+"."), ".>")
-		}
-		if src.token == "" || strings.Contains(src.token, ".") {
+		src, ok := sourceOf(st.CachedInfo())
+		if !ok {
 			continue // not a source's delivery stream (an earlier pgs2's: the router refuses it)
 		}
 		if !d.scanned[src.key] {

@@ -171,6 +171,12 @@ func TestSinkLifecycle(t *testing.T) {
 		len(d.Streams) != 1 || d.Streams[0].State != "paused" {
 		t.Errorf("paused docs status %v", d)
 	}
+	// What waits for the paused sink is measured (from its resume point in
+	// S2): the 10 changes inserted since, committed over half a second ago.
+	if d := sinkOf(st, "docs"); len(d.Streams) != 1 || d.Streams[0].Pending == 0 || d.Streams[0].LagSeconds < 0.4 ||
+		d.Lag == 0 || d.LagSeconds < 0.4 {
+		t.Errorf("paused docs: pending/lag not measured: %v", d)
+	}
 	out.Reset()
 	if code := ctl.Run(context.Background(), []string{"--admin", api, "status"}, &out, &errOut); code != 0 ||
 		!regexp.MustCompile(`(?m)^docs +paused .*by ada: maintenance$`).MatchString(out.String()) ||

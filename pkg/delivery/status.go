@@ -259,6 +259,7 @@ func (a *Admin) status(w http.ResponseWriter, r *http.Request) {
 			st.LastError = us.LastError
 		}
 	}
+	a.fillWaiting(ctx, now, streams)
 	for subj, n := range subjects {
 		if u, _, ok := parseParkSubject(subj); ok {
 			sk, st := sink(u.Sink), stream(u)
@@ -290,12 +291,17 @@ func (a *Admin) status(w http.ResponseWriter, r *http.Request) {
 		slices.SortFunc(sk.Streams, func(x, y *adminv1.StreamStatus) int {
 			return strings.Compare(x.Basin+"/"+x.Stream, y.Basin+"/"+y.Stream)
 		})
+		unknown := false
 		for _, st := range sk.Streams {
 			sk.Lag += st.Pending + st.ParkedMessages
 			sk.LagSeconds = max(sk.LagSeconds, st.LagSeconds)
+			unknown = unknown || st.LagSeconds < 0
 			if st.LastCommitTime != nil && (sk.LastCommitTime == nil || st.LastCommitTime.AsTime().After(sk.LastCommitTime.AsTime())) {
 				sk.LastCommitTime = st.LastCommitTime
 			}
+		}
+		if unknown {
+			sk.LagSeconds = -1 // not every stream measured
 		}
 		resp.Sinks = append(resp.Sinks, sk)
 	}

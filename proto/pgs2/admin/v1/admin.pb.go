@@ -1023,7 +1023,11 @@ type StreamStatus struct {
 	// Messages of its delivery streams not read yet (at the last read).
 	Pending uint64 `protobuf:"varint,6,opt,name=pending,proto3" json:"pending,omitempty"`
 	// Seconds behind: now − commit time of the oldest change read and not
-	// yet in S2 (0 when nothing waits).
+	// yet in S2 (0 when nothing waits). For a stream no delivery process
+	// writes (paused, disabled, unowned) pending and lag are measured from
+	// its resume point in S2 and what its delivery streams hold past it (lag
+	// from the oldest such message's JetStream store time); -1 when that
+	// could not be measured (unknown).
 	LagSeconds float64 `protobuf:"fixed64,7,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
 	// The last change appended: its commit time and commit LSN, and when.
 	LastCommitTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=last_commit_time,json=lastCommitTime,proto3" json:"last_commit_time,omitempty"`
@@ -1331,7 +1335,8 @@ type SinkStatus struct {
 	State *SinkState `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
 	// Its S2 streams.
 	Streams []*StreamStatus `protobuf:"bytes,8,rep,name=streams,proto3" json:"streams,omitempty"`
-	// The most any of its streams is behind, in seconds.
+	// The most any of its streams is behind, in seconds; -1 when one of
+	// them could not be measured.
 	LagSeconds float64 `protobuf:"fixed64,9,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
 	// S2 streams S2 refuses appends to now.
 	BlockedStreams uint32 `protobuf:"varint,10,opt,name=blocked_streams,json=blockedStreams,proto3" json:"blocked_streams,omitempty"`
