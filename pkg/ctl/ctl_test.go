@@ -219,7 +219,7 @@ func TestTailAtCommitTimeAndLSN(t *testing.T) {
 	// --ago: half-way through the history (10 s apart, so a second of
 	// slack either side still finds the same record).
 	mid := recs[n/2]
-	d := time.Since(time.UnixMilli(int64(mid.ms)-5000)).Round(time.Second)
+	d := time.Since(time.UnixMilli(int64(mid.ms) - 5000)).Round(time.Second)
 	if got := first("--ago", d.String()); got != int64(mid.seq) {
 		t.Errorf("--ago %s: first seq %d, want %d", d, got, mid.seq)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/console"
 	"github.com/pgs2/pgs2/pkg/service"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -43,6 +44,8 @@ func Main(ctx context.Context, env service.Env) error {
 	admin.RequireTokens(tokens)
 	if env.Mux != nil {
 		admin.Register(env.Mux)
+		// The web console (/console/) calls the API on the same mux, in process.
+		console.New(env.Mux, env.Log).Register(env.Mux)
 	}
 	d, err := New(Config{Sinks: env.Config.Sinks, Replicas: env.Config.NATS.Replicas},
 		js, WithLogger(env.Log), WithHealth(env.Health), WithMetrics(env.Metrics))
