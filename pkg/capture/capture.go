@@ -62,6 +62,7 @@ type Capture struct {
 	log     *slog.Logger
 	state   *health.State
 	tracer  trace.Tracer
+	traced  bool // a tracer was given: spans even without telemetry.Enabled
 	metrics *metrics.Capture
 	pub     atomic.Pointer[bus.Publisher]  // the current session's
 	hub     *hub                           // between backfill runners and the reader
@@ -97,7 +98,7 @@ func WithLogger(l *slog.Logger) Option { return func(c *Capture) { c.log = l } }
 
 // WithTracer sets the tracer of the per-transaction spans (default: the
 // global provider's).
-func WithTracer(t trace.Tracer) Option { return func(c *Capture) { c.tracer = t } }
+func WithTracer(t trace.Tracer) Option { return func(c *Capture) { c.tracer, c.traced = t, true } }
 
 // WithMetrics registers capture's metrics in r (nil: none).
 func WithMetrics(r prometheus.Registerer) Option {
@@ -424,8 +425,10 @@ func (c *Capture) session(ctx context.Context, stream jetstream.Stream, db strin
 		s.completing = &interrupted
 	}
 	runErr := s.run(ctx)
-	if s.span != nil { // ended inside a transaction
-		s.span.End()
+	if runErr != nil && ctx.Err() == nil {
+		s.endSpan(runErr) // failed inside a transaction
+	} else {
+		s.endSpan(nil) // stopped inside one
 	}
 
 	// Publish the round in hand on a clean stop, wait for what is in
@@ -653,12 +656,14 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 	case pgrepl.EventBegin:
 		// A publish span per transaction (the messaging conventions): its
 		// changes carry its context, so router and delivery continue it.
-		_, s.span = s.tracer.Start(ctx, telemetry.OpPublish+" "+s.cfg.Stream.Name, trace.WithSpanKind(trace.SpanKindProducer),
-			trace.WithAttributes(telemetry.Messaging(telemetry.SystemNATS, telemetry.OpPublish, s.cfg.Stream.Name, 0)...),
-			trace.WithAttributes(attribute.String("pgs2.source", s.cfg.Stream.Source), attribute.Int64("pgs2.xid", int64(ev.Xid)),
-				attribute.String("pgs2.commit_lsn", pglogrepl.LSN(ev.LSN).String())))
-		s.traceparent = telemetry.TraceParent(s.span.SpanContext())
-		s.tp = append(s.tp[:0], s.traceparent...)
+		if s.traced || telemetry.Enabled() { // no per-transaction work otherwise
+			_, s.span = s.tracer.Start(ctx, telemetry.OpPublish+" "+s.cfg.Stream.Name, trace.WithSpanKind(trace.SpanKindProducer),
+				trace.WithAttributes(telemetry.Messaging(telemetry.SystemNATS, telemetry.OpPublish, s.cfg.Stream.Name, 0)...),
+				trace.WithAttributes(attribute.String("pgs2.source", s.cfg.Stream.Source), attribute.Int64("pgs2.xid", int64(ev.Xid)),
+					attribute.String("pgs2.commit_lsn", pglogrepl.LSN(ev.LSN).String())))
+			s.traceparent = telemetry.TraceParent(s.span.SpanContext())
+			s.tp = append(s.tp[:0], s.traceparent...)
+		}
 		s.commitMs = ev.CommitMs
 		s.xid = ev.Xid
 		// Committed long ago (by the server's clock): reading a backlog.

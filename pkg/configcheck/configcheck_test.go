@@ -240,4 +240,35 @@ nats: {url: %q}
 	if !strings.Contains(out, "publication pgs2: exists") || !strings.Contains(out, "would be created (13)") {
 		t.Errorf("output lacks the existing publication and stream:\n%s", out)
 	}
+
+	// A partitioned table in a publication without
+	// publish_via_partition_root (which lists its partitions): covered,
+	// and capture would set the option.
+	pg.MustExec(t, "app", `CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);
+		CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (100);
+		CREATE PUBLICATION pgs2p FOR TABLE m`)
+	part := writeConfig(t, fmt.Sprintf(`
+source: {name: part, dsn: %q, tables: [m], publication: pgs2p, slot: pgs2p}
+nats: {url: %q, changes_stream: PART_CHANGES, delivery_stream: PART_DELIVERY}
+sinks:
+  - {name: m, tables: [m], basin: app-basin, stream: m}
+`, pg.DSN("app"), ns.URL()))
+	out, ce = check(t, part, true)
+	if ce != nil || !strings.Contains(out, "covers 1 of 1 tables: public.m") || !strings.Contains(out, "publish_via_partition_root = true") ||
+		strings.Contains(out, "lacks") || strings.Contains(out, "also publishes") {
+		t.Errorf("partitioned table: %v\n%s", ce, out)
+	}
+}
+
+func TestRedactDSN(t *testing.T) {
+	for _, c := range []struct{ dsn, want string }{
+		{"postgres://u:pw-secret@h:5432/app?sslmode=require", "postgres://u:xxxxx@h:5432/app?sslmode=require"},
+		{"postgres://u@h/app?password=pw-secret&sslpassword=key-secret", "postgres://u@h/app?password=xxxxx&sslpassword=xxxxx"},
+		{"host=h password=pw-secret sslpassword=key-secret user=u", "host=h password=xxxxx sslpassword=xxxxx user=u"},
+		{"host=h password='a \\' secret' user=u", "host=h password=xxxxx user=u"},
+	} {
+		if got := configcheck.RedactDSN(c.dsn); got != c.want {
+			t.Errorf("RedactDSN(%q) = %q, want %q", c.dsn, got, c.want)
+		}
+	}
 }

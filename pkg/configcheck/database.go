@@ -162,7 +162,7 @@ func (r *report) checkServer(ctx context.Context, tx pgx.Tx, c pgrepl.Config, cf
 	if err := r.checkPublication(ctx, tx, c, tables, super, canCreate, standby); err != nil {
 		return err
 	}
-	slotActive, slotExists, err := r.checkSlot(ctx, tx, c, db)
+	slotActive, slotExists, err := r.checkSlot(ctx, tx, c, db, standby, versionNum)
 	if err != nil {
 		return err
 	}
@@ -380,13 +380,30 @@ func (r *report) checkPublication(ctx context.Context, tx pgx.Tx, c pgrepl.Confi
 		r.printf("  publication %s: exists, FOR ALL TABLES (publishes %s): covers every table\n", c.Publication, strings.Join(publishes, ", "))
 		return nil
 	}
-	rows, err := tx.Query(ctx, `SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1`, c.Publication)
+	// What it publishes (leaf partitions, without publish_via_partition_root)
+	// and its explicit members (a partitioned table itself), each with
+	// its partition root.
+	rows, err := tx.Query(ctx, `SELECT t.schemaname || '.' || t.tablename,
+			COALESCE((SELECT n.nspname || '.' || r.relname FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
+			  WHERE r.oid = pg_partition_root(format('%I.%I', t.schemaname, t.tablename)::regclass)), '')
+		FROM pg_publication_tables t WHERE t.pubname = $1
+		UNION
+		SELECT n.nspname || '.' || c.relname, '' FROM pg_publication_rel pr
+		JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE p.pubname = $1`, c.Publication)
 	if err != nil {
 		return fmt.Errorf("tables of publication %s: %w", c.Publication, err)
 	}
-	have, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	type published struct{ Table, Root string }
+	pubs, err := pgx.CollectRows(rows, pgx.RowToStructByPos[published])
 	if err != nil {
 		return fmt.Errorf("tables of publication %s: %w", c.Publication, err)
+	}
+	var have []string
+	for _, p := range pubs {
+		if !contains(have, p.Table) && (p.Root == "" || p.Root == p.Table || !contains(c.Tables, p.Root)) {
+			have = append(have, p.Table) // not a partition of a configured table
+		}
 	}
 	var covered, missing, missingQ []string
 	for i, t := range c.Tables {
@@ -430,7 +447,7 @@ func (r *report) checkPublication(ctx context.Context, tx pgx.Tx, c pgrepl.Confi
 }
 
 // checkSlot reports the replication slot, or that capture would create it.
-func (r *report) checkSlot(ctx context.Context, tx pgx.Tx, c pgrepl.Config, db string) (active, exists bool, err error) {
+func (r *report) checkSlot(ctx context.Context, tx pgx.Tx, c pgrepl.Config, db string, standby bool, versionNum int) (active, exists bool, err error) {
 	what := "slot " + c.Slot
 	var plugin, slotDB, slotType, walStatus string
 	var pid int
@@ -444,6 +461,10 @@ func (r *report) checkSlot(ctx context.Context, tx pgx.Tx, c pgrepl.Config, db s
 	if errors.Is(err, pgx.ErrNoRows) {
 		r.printf("  slot %s: does not exist: capture would create slot %s (pgoutput): SELECT pg_create_logical_replication_slot('%s', 'pgoutput')\n",
 			c.Slot, c.Slot, c.Slot)
+		if standby && versionNum < 160000 {
+			r.problem(what, fmt.Sprintf("does not exist, and PostgreSQL %d cannot create a logical slot on a standby (16 and later can)", versionNum/10000),
+				"point source.dsn at the primary, or upgrade the standby to PostgreSQL 16 or later")
+		}
 		return false, false, nil
 	}
 	if err != nil {
@@ -462,6 +483,13 @@ func (r *report) checkSlot(ctx context.Context, tx pgx.Tx, c pgrepl.Config, db s
 	if plugin != "pgoutput" || slotDB != db {
 		r.problem(what, fmt.Sprintf("replication slot %q exists for plugin %q in database %q, not pgoutput in %q", c.Slot, plugin, slotDB, db),
 			fmt.Sprintf("choose another source.slot, or drop it: `SELECT pg_drop_replication_slot('%s');`", c.Slot))
+	}
+	if versionNum >= 160000 {
+		var conflicting bool
+		if err := tx.QueryRow(ctx, `SELECT COALESCE(conflicting, false) FROM pg_replication_slots WHERE slot_name = $1`, c.Slot).Scan(&conflicting); err == nil && conflicting {
+			r.problem(what, fmt.Sprintf("replication slot %s was invalidated by a recovery conflict (conflicting): it cannot stream", c.Slot),
+				fmt.Sprintf("drop it (`SELECT pg_drop_replication_slot('%s');`) so capture creates it again, then backfill the sinks (pgs2ctl backfill start --sink …)", c.Slot))
+		}
 	}
 	switch walStatus {
 	case "lost":

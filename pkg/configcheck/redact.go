@@ -17,11 +17,11 @@ const redacted = "xxxxx"
 
 // kvPassword is a password in a key=value DSN: password=secret or
 // password='a secret with \' quotes'.
-var kvPassword = regexp.MustCompile(`(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s]+)`)
+var kvPassword = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s]+)`)
 
 // RedactDSN returns a PostgreSQL DSN (a postgres:// URL or key=value
-// string) with its password, in the user info or a password parameter,
-// replaced by xxxxx.
+// string) with its password (in the user info or a password parameter)
+// and sslpassword replaced by xxxxx.
 func RedactDSN(dsn string) string {
 	if strings.Contains(dsn, "://") {
 		u, err := url.Parse(dsn)
@@ -33,8 +33,12 @@ func RedactDSN(dsn string) string {
 				u.User = url.UserPassword(u.User.Username(), redacted)
 			}
 		}
-		if q := u.Query(); q.Has("password") {
-			q.Set("password", redacted)
+		if q := u.Query(); q.Has("password") || q.Has("sslpassword") {
+			for _, k := range []string{"password", "sslpassword"} {
+				if q.Has(k) {
+					q.Set(k, redacted)
+				}
+			}
 			u.RawQuery = q.Encode()
 		}
 		return u.String()
@@ -75,8 +79,12 @@ func secretsOf(c *config.Config) []string {
 			}
 		}
 	}
-	if m := kvPassword.FindStringSubmatch(c.Source.DSN); m != nil {
+	for _, m := range kvPassword.FindAllStringSubmatch(c.Source.DSN, -1) {
 		add(strings.Trim(m[2], "'"))
+	}
+	if u, err := url.Parse(c.Source.DSN); err == nil {
+		add(u.Query().Get("password"))
+		add(u.Query().Get("sslpassword"))
 	}
 	add(c.NATS.Password)
 	add(c.NATS.Token)

@@ -64,8 +64,6 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	a := &app{stdout: stdout, stderr: stderr, getenv: os.Getenv}
 	root := a.root()
 	root.SetArgs(args)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
 	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return 0
@@ -107,6 +105,19 @@ Exit codes: 0 success, 1 a runtime error, 2 a usage error.`,
 	root.PersistentFlags().StringVar(&a.admin, "admin", def, "a delivery process's admin address, HOST:PORT (default $PGS2_ADMIN_ADDR or 127.0.0.1:9103)")
 	root.PersistentFlags().BoolVar(&a.json, "json", false, "print JSON (the admin API's answers; one object a line for lists)")
 	root.AddCommand(a.statusCmd(), a.sinkCmd(), a.messagesCmd(), a.backfillCmd(), a.tailCmd(), a.configCmd())
+	// cobra's completion command (it takes its output at creation), with
+	// the usage errors of the others.
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	root.InitDefaultCompletionCmd()
+	for _, c := range root.Commands() {
+		if c.Name() == "completion" {
+			c.Args, c.RunE = groupArgs, groupRun
+			for _, sh := range c.Commands() {
+				sh.Args = args(0, 0, "")
+			}
+		}
+	}
 	return root
 }
 
@@ -148,6 +159,11 @@ func group(use, short string, cmds ...*cobra.Command) *cobra.Command {
 // what in the error.
 func args(lo, hi int, what string) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
+		for _, a := range args {
+			if strings.TrimSpace(a) == "" {
+				return usagef("%s: an empty argument", cmd.CommandPath())
+			}
+		}
 		switch {
 		case len(args) < lo:
 			return usagef("%s needs %s", cmd.CommandPath(), what)

@@ -358,7 +358,11 @@ func (t *tailer) run(ctx context.Context) error {
 		}
 	}
 	if start > tailSeq {
-		return fmt.Errorf("--seq %d is beyond the tail of %s (its next seq_num is %d)", start, t.name(), tailSeq)
+		if t.o.at != nil || t.o.lsn != nil {
+			start = tailSeq // found past the tail read first: appended since
+		} else {
+			return fmt.Errorf("--seq %d is beyond the tail of %s (its next seq_num is %d)", start, t.name(), tailSeq)
+		}
 	}
 	if t.o.noFollow {
 		err = t.readTo(ctx, start, tailSeq)
@@ -414,8 +418,9 @@ func (t *tailer) seqAtLSN(ctx context.Context, lsn, tailSeq uint64) (uint64, err
 // firstChange finds the first record in [from, end) that carries an
 // idempotency key, and its commit LSN.
 func (t *tailer) firstChange(ctx context.Context, from, end uint64) (seq, lsn uint64, ok bool, err error) {
-	for next := from; next < end; {
-		n, clamp := min(end-next, 100), true
+	for want := uint64(1); from < end; want = min(2*want, 100) { // one record, unless commands come first
+		next := from
+		n, clamp := min(end-next, want), true
 		b, err := t.sc.Read(ctx, &s2.ReadOptions{SeqNum: &next, Count: &n, Clamp: &clamp})
 		if err != nil {
 			return 0, 0, false, t.explain("search for the LSN in", err)
@@ -438,7 +443,7 @@ func (t *tailer) firstChange(ctx context.Context, from, end uint64) (seq, lsn ui
 				}
 			}
 		}
-		next = b.Records[len(b.Records)-1].SeqNum + 1
+		from = b.Records[len(b.Records)-1].SeqNum + 1
 	}
 	return 0, 0, false, nil
 }

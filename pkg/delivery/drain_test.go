@@ -8,6 +8,7 @@ import (
 
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
+	"github.com/pgs2/pgs2/pkg/s2local"
 	"github.com/pgs2/pgs2/pkg/s2sink"
 )
 
@@ -18,7 +19,8 @@ import (
 func TestDrainTakesTurns(t *testing.T) {
 	h := newHarness(t)
 	u := Unit{"drain", testBasin, "drain"}
-	s := h.sink(u, h.client, config.Retry{Initial: config.Duration(300 * time.Millisecond), Max: config.Duration(time.Second)})
+	// The park drains when retried by hand (below), not by the clock.
+	s := h.sink(u, h.client, config.Retry{Initial: config.Duration(time.Hour), Max: config.Duration(time.Hour)})
 	_, stop, _ := h.start(h.delivery("w1", h.js), u, s)
 	defer stop()
 	const parked = 3000
@@ -34,16 +36,46 @@ func TestDrainTakesTurns(t *testing.T) {
 		h.publish(u, 0, es...)
 	}
 	ctx := context.Background()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		st, _ := h.js.Stream(ctx, ParkedStream)
-		if info, err := st.Info(ctx); err == nil && info.State.Msgs >= parked+1 || time.Now().After(deadline) {
+		if info, err := st.Info(ctx); err == nil && info.State.Msgs >= parked+1 {
 			break
 		}
+		if time.Now().After(deadline) {
+			t.Fatal("the park never filled")
+		}
 	}
-	const others = 200
-	for i := 0; i < others; i++ {
-		h.publish(u, 1, entry("public.t", 1+i%5, fmt.Sprintf("o%d", i), []byte(`{"v":2}`)))
-		time.Sleep(5 * time.Millisecond)
+	// Each append takes 20 ms from now on, while other groups' changes
+	// arrive every 5 ms: some wait whenever a drain batch ends.
+	if err := h.s2.SetFaults(s2local.FaultConfig{Rules: []s2local.FaultRule{{AppendsOnly: true, LatencyMS: 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	others := 0
+	publishOthers := func(n int) {
+		for range n {
+			h.publish(u, 1, entry("public.t", 1+others%5, fmt.Sprintf("o%d", others), []byte(`{"v":2}`)))
+			others++
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	publishOthers(20)
+	if err := h.nc.Publish(RetrySubject(u), nil); err != nil { // as the admin API's retry does
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		publishOthers(10)
+		n := 0
+		for _, r := range h.records(u) {
+			if header(&r, s2sink.HeaderIdempotencyKey)[0] == 'p' {
+				n++
+			}
+		}
+		if n >= parked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d parked changes in S2 after 30 s", n, parked)
+		}
 	}
 	recs := h.waitRecords(u, parked+others, 30*time.Second)
 	if len(recs) != parked+others {

@@ -38,6 +38,7 @@ type harness struct {
 	nc     *nats.Conn
 	js     jetstream.JetStream
 	client *s2sink.Client
+	s2     *s2local.Server // behind client (faults)
 	fails  jetstream.KeyValue
 	src    source   // the test source's delivery stream
 	srcs   []source // it and a second source's
@@ -77,6 +78,7 @@ func newHarness(t testing.TB) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.s2 = srv
 	hs := httptest.NewServer(srv)
 	t.Cleanup(func() { hs.Close(); srv.Close() })
 	if h.client, err = s2sink.New(s2sink.Config{Endpoint: hs.URL}); err != nil {

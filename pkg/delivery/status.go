@@ -259,7 +259,7 @@ func (a *Admin) status(w http.ResponseWriter, r *http.Request) {
 			st.LastError = us.LastError
 		}
 	}
-	a.fillWaiting(ctx, now, streams)
+	a.fillWaiting(ctx, now, streams, want)
 	for subj, n := range subjects {
 		if u, _, ok := parseParkSubject(subj); ok {
 			sk, st := sink(u.Sink), stream(u)

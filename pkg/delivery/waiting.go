@@ -2,6 +2,8 @@ package delivery
 
 import (
 	"context"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,17 +29,20 @@ const waitingTimeout = 2 * time.Second
 // the oldest such message as the lag. A stream it cannot measure (no S2
 // client for its sink, S2 or JetStream not answering in time, more than
 // maxWaitingUnits of them) gets lag_seconds -1: unknown.
-func (a *Admin) fillWaiting(ctx context.Context, now time.Time, streams map[Unit]*adminv1.StreamStatus) {
+func (a *Admin) fillWaiting(ctx context.Context, now time.Time, streams map[Unit]*adminv1.StreamStatus, sink string) {
 	var units []Unit
 	for u, st := range streams {
-		if st.Owner != "" {
+		if st.Owner != "" || sink != "" && u.Sink != sink {
 			continue
 		}
 		st.LagSeconds = -1 // unknown, unless measured below
-		if a.s2For(u.Sink) != nil && len(units) < maxWaitingUnits {
+		if a.s2For(u.Sink) != nil {
 			units = append(units, u)
 		}
 	}
+	// The same ones from one request to the next.
+	slices.SortFunc(units, func(x, y Unit) int { return strings.Compare(x.String(), y.String()) })
+	units = units[:min(len(units), maxWaitingUnits)]
 	if len(units) == 0 {
 		return
 	}
@@ -87,7 +92,13 @@ func (a *Admin) waitingOf(ctx context.Context, u Unit, srcs []source) (pending u
 			InactiveThreshold: 10 * time.Second,
 		}
 		if pos, has := res.Through[src.key]; has {
-			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, pos.Seq+1
+			// A message delivered only in part (a batch filled within it)
+			// still waits, as the worker resumes at it.
+			start := pos.Seq + 1
+			if pos.Idx != bus.WholeMessage {
+				start = pos.Seq
+			}
+			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, start
 		}
 		cons, err := a.js.CreateConsumer(ctx, src.name, cc)
 		if err != nil {
