@@ -69,6 +69,18 @@ func TestBenchEndToEnd(t *testing.T) {
 			add("TARGET MISSED: pipeline/pg_recvlogical = %.2f < 0.40", ratio)
 		}
 	})
+	t.Run("functions", func(t *testing.T) {
+		rs := e2eFunctions(t, b, n)
+		add("")
+		add("| functions (%d changes backlog, each variant from its own slot on the same WAL) | changes/s | vs none | router CPU µs/change |", n)
+		add("|---|--:|--:|--:|")
+		for _, r := range rs {
+			add("| %s | %.0f | %.2f | %.1f |", r.name, r.rate, r.rate/rs[0].rate, r.routerCPU)
+			if r.rate/rs[0].rate < 0.8 {
+				add("TARGET MISSED: %s at %.2f× the sink without functions (target ≥ 0.8)", r.name, r.rate/rs[0].rate)
+			}
+		}
+	})
 	t.Run("latency", func(t *testing.T) {
 		r := e2eLatency(t, b, n)
 		add("")
@@ -480,6 +492,52 @@ func e2eThroughput(t *testing.T, b e2eBins, n int) e2eThroughputResult {
 	t.Logf("throughput: pipeline %d changes in %s (%.0f/s), pg_recvlogical %.0f/s, ratio %.2f; CPU µs/change %s; %.1f changes per delivery message",
 		n, done.Round(time.Millisecond), r.pipeline, r.recv, r.pipeline/r.recv, r.cpu, r.perMsg)
 	return r
+}
+
+// e2eFunction is one variant of the functions benchmark.
+type e2eFunction struct {
+	name, sink, stream string // the sink's YAML lines, the S2 stream its changes reach
+	rate, routerCPU    float64
+}
+
+// e2eFunctions drains the same backlog through the whole pipeline with a
+// sink without functions, with the seed's routing function, a filter on
+// a record field (that keeps every change) and a transform that builds a
+// new body, in that order, each from its own slot.
+func e2eFunctions(t *testing.T, b e2eBins, n int) []e2eFunction {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	vs := []e2eFunction{
+		{name: "no functions", sink: "    stream: items\n", stream: "items"},
+		{name: `routing {"stream": metadata.table_schema + "." + metadata.table_name}`,
+			sink: "    stream: items\n    routing: '{\"stream\": metadata.table_schema + \".\" + metadata.table_name}'\n", stream: "public.items"},
+		{name: "filter record.qty >= 0", sink: "    stream: items\n    filter: 'record.qty >= 0'\n", stream: "items"},
+		{name: `transform {"id", "name", "qty", "action"}`,
+			sink: "    stream: items\n    transform: '{\"id\": record.id, \"name\": record.name, \"qty\": record.qty, \"action\": action}'\n", stream: "items"},
+	}
+	slots := make([]string, len(vs))
+	for i := range vs {
+		slots[i] = fmt.Sprintf("fn_%d", i)
+	}
+	w := prepareWorkload(ctx, t, n, slots...)
+	for i := range vs {
+		v := &vs[i]
+		e := e2eStart(t, b, w, slots[i], v.sink)
+		c := newS2Counter(e, v.stream)
+		waitQuiet(t)
+		start := time.Now()
+		cp := e.service(t, b.capture, "capture")
+		rt := e.service(t, b.router, "router")
+		dl := e.service(t, b.delivery, "delivery")
+		done, _ := c.waitAll(ctx, t, n, start, 20*time.Minute)
+		cpu := procsCPU(cp, rt, dl)
+		v.rate, v.routerCPU = float64(n)/done.Seconds(), float64(cpu[1].Microseconds())/float64(n)
+		c.check(ctx, t, map[string]int{v.stream: n})
+		e.stopAll(t, "delivery", "router", "capture")
+		e.stopInfra(t)
+		t.Logf("functions: %s: %.0f changes/s (%.2f× none), router %.1f µs/change", v.name, v.rate, v.rate/vs[0].rate, v.routerCPU)
+	}
+	return vs
 }
 
 // changesPerDeliveryMessage is the router's average batch: n changes over

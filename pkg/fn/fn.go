@@ -5,8 +5,6 @@
 package fn
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -66,6 +64,7 @@ func (e *RuntimeError) Unwrap() error { return e.Err }
 type Functions struct {
 	sink                       string
 	filter, transform, routing cel.Program
+	needs                      Vars // what they read of a change
 }
 
 var env = mustEnv()
@@ -121,6 +120,7 @@ func Compile(sink, filter, transform, routing string) (*Functions, error) {
 			continue
 		}
 		*c.out = p
+		f.needs |= varsOf(ast)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -152,49 +152,9 @@ type Input struct {
 	vars map[string]any
 }
 
-// ParseInput decodes a message-format body. Integers become int64 (so
-// record.id == 7 holds), other numbers float64.
-func ParseInput(body []byte) (*Input, error) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.UseNumber()
-	var m map[string]any
-	if err := dec.Decode(&m); err != nil {
-		return nil, fmt.Errorf("change body is not a JSON object: %w", err)
-	}
-	v := normalize(m).(map[string]any)
-	vars := map[string]any{"action": v["action"], "record": v["record"], "changes": v["changes"], "metadata": v["metadata"]}
-	if _, ok := vars["action"].(string); !ok {
-		vars["action"] = ""
-	}
-	for _, k := range []string{"record", "metadata"} {
-		if _, ok := vars[k].(map[string]any); !ok {
-			vars[k] = map[string]any{}
-		}
-	}
-	return &Input{vars: vars}, nil
-}
-
-func normalize(v any) any {
-	switch t := v.(type) {
-	case json.Number:
-		if i, err := t.Int64(); err == nil {
-			return i
-		}
-		f, _ := t.Float64()
-		return f
-	case map[string]any:
-		for k, e := range t {
-			t[k] = normalize(e)
-		}
-		return t
-	case []any:
-		for i, e := range t {
-			t[i] = normalize(e)
-		}
-		return t
-	}
-	return v
-}
+// ParseInput decodes a message-format body, every variable of it.
+// Integers become int64 (so record.id == 7 holds), other numbers float64.
+func ParseInput(body []byte) (*Input, error) { return ParseInputVars(body, AllVars) }
 
 // Keep runs the filter: true when the change goes to the sink.
 func (f *Functions) Keep(in *Input) (bool, error) {

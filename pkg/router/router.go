@@ -651,6 +651,11 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	}
 	var fin *fn.Input
 	var finErr error
+	parse := func(need fn.Vars) { // once per change, what every sink's functions read
+		if fin == nil && finErr == nil {
+			fin, finErr = fn.ParseInputVars(body, need)
+		}
+	}
 	upstream := string(in.Error) // capture could not carry the change itself
 	for _, i := range idxs {
 		sk := sinks.list[i]
@@ -667,10 +672,23 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 			out, failure, kind = s.splice(body, sk), upstream, in.ErrorKind
 		} else if sk.Functions.Empty() {
 			out = s.splice(body, sk)
-		} else {
-			if fin == nil && finErr == nil {
-				fin, finErr = fn.ParseInput(body)
+		} else if sk.Functions.ByTable() {
+			// The functions read only the table and action: decided once
+			// for each (a routing by table costs nothing per change).
+			o, ok := sk.memo.get(in.Table, in.Action)
+			if !ok {
+				tin, terr := fn.ParseInputVars(body, sk.Functions.Needs())
+				o = s.decide(sk, tin, terr)
+				if terr == nil {
+					sk.memo.put(in.Table, in.Action, o)
+				}
 			}
+			basin, stream, failure, keep = o.basin, o.stream, o.failure, o.keep
+			if keep {
+				out = s.splice(body, sk)
+			}
+		} else {
+			parse(s.needs(sinks, idxs))
 			basin, stream, out, failure, keep = s.apply(sk, fin, finErr, body)
 		}
 		if !keep {
@@ -691,13 +709,41 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	}
 }
 
+// needs is what the functions of the table's sinks read of a change
+// (those decided by table alone read nothing per change).
+func (s *session) needs(sinks *Sinks, idxs []int) fn.Vars {
+	var v fn.Vars
+	for _, i := range idxs {
+		if f := sinks.list[i].Functions; !f.ByTable() {
+			v |= f.Needs()
+		}
+	}
+	return v
+}
+
 // apply runs a sink's functions. A runtime error or an invalid routing
 // result becomes a failure: the original change goes on, marked, to the
 // sink's own basin and stream, and delivery parks it with its group.
 func (s *session) apply(sk *Sink, in *fn.Input, inErr error, body []byte) (basin, stream string, out []byte, failure string, keep bool) {
-	basin, stream = sk.Basin, sk.Stream
-	fail := func(err error) (string, string, []byte, string, bool) {
-		return sk.Basin, sk.Stream, s.splice(body, sk), err.Error(), true
+	o := s.decide(sk, in, inErr)
+	if !o.keep {
+		return "", "", nil, "", false
+	}
+	if o.failure == "" && sk.Functions.HasTransform() {
+		b, err := sk.Functions.TransformBody(in)
+		if err == nil {
+			return o.basin, o.stream, b, "", true
+		}
+		o = outcome{basin: sk.Basin, stream: sk.Stream, failure: err.Error(), keep: true}
+	}
+	return o.basin, o.stream, s.splice(body, sk), o.failure, true
+}
+
+// decide runs a sink's filter and routing: kept or not, and where to (or
+// why not: a failure goes to the sink's own basin and stream).
+func (s *session) decide(sk *Sink, in *fn.Input, inErr error) outcome {
+	fail := func(err error) outcome {
+		return outcome{basin: sk.Basin, stream: sk.Stream, failure: err.Error(), keep: true}
 	}
 	if inErr != nil {
 		return fail(inErr)
@@ -707,8 +753,9 @@ func (s *session) apply(sk *Sink, in *fn.Input, inErr error, body []byte) (basin
 		return fail(err)
 	}
 	if !ok {
-		return "", "", nil, "", false
+		return outcome{}
 	}
+	basin, stream := sk.Basin, sk.Stream
 	b, st, err := sk.Functions.Route(in)
 	if err != nil {
 		return fail(err)
@@ -722,14 +769,7 @@ func (s *session) apply(sk *Sink, in *fn.Input, inErr error, body []byte) (basin
 	if err := validTarget(basin, stream); err != nil {
 		return fail(&fn.RuntimeError{Sink: sk.Name, Kind: fn.Routing, Err: err})
 	}
-	if sk.Functions.HasTransform() {
-		out, err = sk.Functions.TransformBody(in)
-		if err != nil {
-			return fail(err)
-		}
-		return basin, stream, out, "", true
-	}
-	return basin, stream, s.splice(body, sk), "", true
+	return outcome{basin: basin, stream: stream, keep: true}
 }
 
 // splice writes `"consumer":{"name":<sink>}` as the last field of metadata.

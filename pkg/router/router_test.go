@@ -22,6 +22,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/natstest"
 	"github.com/pgs2/pgs2/pkg/router"
+	"github.com/pgs2/pgs2/pkg/seed"
 	"github.com/pgs2/pgs2/pkg/sinkstate"
 )
 
@@ -454,5 +455,58 @@ func TestReplayedRoundKeepsItsDisabledSinks(t *testing.T) {
 	slices.Sort(late)
 	if !slices.Equal(late, []string{"a", "b"}) {
 		t.Fatalf("the change after the enable went to %v, want a and b", late)
+	}
+}
+
+// TestFunctionsDecidedByTable: functions that read only a change's table
+// and action are decided once per table and action, yet every change
+// keeps its own body, and a failure marks every change it applies to.
+func TestFunctionsDecidedByTable(t *testing.T) {
+	r, _ := seed.Rand(t)
+	e := newEnv(t)
+	e.run(t, []config.Sink{
+		{Name: "bytable", Tables: []string{"public.users", "public.orders"}, Basin: "my-basin", Stream: "x",
+			Filter: `action != "delete"`, Routing: `{"stream": metadata.table_name + "-" + action}`},
+		{Name: "badbasin", Tables: []string{"public.orders"}, Basin: "my-basin", Stream: "x",
+			Routing: `{"basin": "Not " + metadata["table_name"]}`},
+	})
+	tables, actions := []string{"public.users", "public.orders"}, []string{"insert", "update", "delete"}
+	type sent struct{ table, action string }
+	var changes []sent
+	want := 0
+	for id := 1; id <= 60; id++ {
+		c := sent{tables[r.IntN(2)], actions[r.IntN(3)]}
+		changes = append(changes, c)
+		e.change(t, c.table, c.action, id, fmt.Sprintf(`{"id":%d}`, id))
+		if c.action != "delete" {
+			want++
+		}
+		if c.table == "public.orders" {
+			want++ // badbasin's, marked failed
+		}
+	}
+	outs := e.outputs(t, want)
+	for _, o := range outs {
+		id := int(o.Body["record"].(map[string]any)["id"].(float64))
+		c := changes[id-1]
+		if o.Table != c.table || o.Action != c.action || o.Group != fmt.Sprintf(`["%d"]`, id) {
+			t.Fatalf("output %+v carries change %d (%s %s)", o, id, c.table, c.action)
+		}
+		switch sink := strings.Split(o.Subject, ".")[3]; sink {
+		case "bytable":
+			_, table, _ := strings.Cut(c.table, ".")
+			if prefix := "pgs2.deliver.app.bytable.my-basin." + table + "-" + c.action + "."; !strings.HasPrefix(o.Subject, prefix) || o.Error != "" {
+				t.Errorf("change %d (%s %s) routed to %s (%q), want %s*", id, c.table, c.action, o.Subject, o.Error, prefix)
+			}
+			if c.action == "delete" {
+				t.Errorf("change %d: a delete passed the filter", id)
+			}
+		case "badbasin":
+			if !strings.Contains(o.Error, "not a valid S2 basin") || !strings.HasPrefix(o.Subject, "pgs2.deliver.app.badbasin.my-basin.x.") {
+				t.Errorf("change %d on %s: error %q, want the invalid basin on the sink's own stream", id, o.Subject, o.Error)
+			}
+		default:
+			t.Errorf("output for sink %q", sink)
+		}
 	}
 }

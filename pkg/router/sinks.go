@@ -1,6 +1,7 @@
 package router
 
 import (
+	"sync"
 	"errors"
 	"fmt"
 	"regexp"
@@ -23,6 +24,52 @@ type Sink struct {
 	// The sink's counters of metrics.Router.Changes, one per outcome
 	// (resolved once: a label lookup per change costs).
 	routed, filtered, failed, disabled prometheus.Counter
+	// memo holds, for functions that read only a change's table and
+	// action (fn.ByTable), their outcome per table and action.
+	memo memo
+}
+
+// outcome is what a sink's functions decided for a change: kept or
+// not, where to, or why they failed (the body is the change's).
+type outcome struct {
+	basin, stream, failure string
+	keep                   bool
+}
+
+// memo is outcomes by table and action, bounded.
+type memo struct {
+	mu sync.Mutex
+	by map[string]map[string]outcome // table → action → outcome
+	n  int
+}
+
+// maxMemo bounds a sink's memo (tables × actions); past it outcomes are
+// computed per change.
+const maxMemo = 100_000
+
+func (m *memo) get(table, action []byte) (outcome, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	o, ok := m.by[string(table)][string(action)]
+	return o, ok
+}
+
+func (m *memo) put(table, action []byte, o outcome) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.n >= maxMemo {
+		return
+	}
+	if m.by == nil {
+		m.by = map[string]map[string]outcome{}
+	}
+	t := m.by[string(table)]
+	if t == nil {
+		t = map[string]outcome{}
+		m.by[string(table)] = t
+	}
+	t[string(action)] = o
+	m.n++
 }
 
 // bind resolves each sink's counters in m.

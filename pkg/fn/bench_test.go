@@ -1,0 +1,43 @@
+package fn
+
+import "testing"
+
+// benchBody is a change as the end-to-end benchmark's items table makes
+// them (7 columns).
+const benchBody = `{"record":{"id":123457,"name":"item-123457","qty":57,"price":"1234.57","tags":["tag-7","tag-3"],"doc":{"k":123457,"s":"v-57"},"updated_at":"2026-12-07T10:00:00.123456+00:00"},"changes":null,"action":"insert","metadata":{"table_schema":"public","table_name":"items","commit_timestamp":"2026-12-07T10:00:00.123456Z","commit_lsn":24023128,"commit_idx":17,"database_name":"app","idempotency_key":"MjQwMjMxMjg6MTc=","record_pks":["123457"],"transaction_annotations":null}}`
+
+func benchFunctions(b *testing.B, filter, transform, routing string) {
+	f, err := Compile("s", filter, transform, routing)
+	if err != nil {
+		b.Fatal(err)
+	}
+	body := []byte(benchBody)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(body)))
+	for b.Loop() {
+		in, err := ParseInputVars(body, f.Needs())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := f.Keep(in); err != nil {
+			b.Fatal(err)
+		}
+		if _, _, err := f.Route(in); err != nil {
+			b.Fatal(err)
+		}
+		if f.HasTransform() {
+			if _, err := f.TransformBody(in); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
+
+func BenchmarkParseOnly(b *testing.B) { benchFunctions(b, "", "", "") }
+func BenchmarkRoutingByTable(b *testing.B) {
+	benchFunctions(b, "", "", `{"stream": metadata.table_schema + "." + metadata.table_name}`)
+}
+func BenchmarkFilterOnRecord(b *testing.B) { benchFunctions(b, `record.qty > 10`, "", "") }
+func BenchmarkTransform(b *testing.B) {
+	benchFunctions(b, "", `{"id": record.id, "name": record.name, "action": action, "at": metadata.commit_timestamp}`, "")
+}

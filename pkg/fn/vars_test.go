@@ -1,0 +1,127 @@
+package fn
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"reflect"
+	"testing"
+
+	"github.com/pgs2/pgs2/pkg/seed"
+)
+
+func TestVars(t *testing.T) {
+	for _, c := range []struct {
+		filter, transform, routing string
+		want                       Vars
+		byTable                    bool
+	}{
+		{routing: `{"stream": metadata.table_schema + "." + metadata.table_name}`, want: ReadsTable, byTable: true},
+		{routing: `{"stream": metadata["table_name"]}`, filter: `action != "delete"`, want: ReadsTable | ReadsAction, byTable: true},
+		{filter: `has(metadata.table_name) && action == "insert"`, want: ReadsTable | ReadsAction, byTable: true},
+		{routing: `{"stream": "fixed"}`, want: 0, byTable: true},
+		{routing: `{"stream": metadata.database_name}`, want: ReadsMetadata},
+		{routing: `{"stream": metadata.table_name + string(metadata.commit_lsn)}`, want: ReadsTable | ReadsMetadata},
+		{filter: `metadata.size() > 3`, want: ReadsMetadata},
+		{filter: `record.qty > 10`, want: ReadsRecord},
+		{filter: `changes != null`, want: ReadsChanges},
+		{routing: `{"stream": metadata.table_name}`, transform: `{"a": action}`, want: ReadsTable | ReadsAction},
+		{filter: `[1, 2].exists(record, record > 1)`, want: ReadsRecord}, // a comprehension's variable counts
+		{filter: `record.tags.exists(t, t == metadata.table_name)`, want: ReadsRecord | ReadsTable},
+	} {
+		f, err := Compile("s", c.filter, c.transform, c.routing)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Needs() != c.want || f.ByTable() != c.byTable {
+			t.Errorf("filter %q transform %q routing %q: needs %05b by table %v, want %05b %v",
+				c.filter, c.transform, c.routing, f.Needs(), f.ByTable(), c.want, c.byTable)
+		}
+	}
+}
+
+// oldParse is the decoder ParseInputVars replaced: encoding/json with
+// numbers normalized.
+func oldParse(t *testing.T, body []byte) map[string]any {
+	t.Helper()
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
+		t.Fatal(err)
+	}
+	var norm func(v any) any
+	norm = func(v any) any {
+		switch x := v.(type) {
+		case json.Number:
+			if i, err := x.Int64(); err == nil {
+				return i
+			}
+			f, _ := x.Float64()
+			return f
+		case map[string]any:
+			for k, e := range x {
+				x[k] = norm(e)
+			}
+		case []any:
+			for i, e := range x {
+				x[i] = norm(e)
+			}
+		}
+		return v
+	}
+	return norm(m).(map[string]any)
+}
+
+// TestParseInputVarsMatchesEncodingJSON: seeded random records decode as
+// encoding/json decoded them (numbers, escapes, nesting).
+func TestParseInputVarsMatchesEncodingJSON(t *testing.T) {
+	r, _ := seed.Rand(t)
+	atoms := []string{`0`, `-7`, `9007199254740993`, `12345678901234567890`, `1.5`, `-2.5e-3`, `1e3`, `1.0`, `true`, `false`, `null`,
+		`""`, `"plain"`, `"esc \" \\ \/ \b\f\n\r\t"`, `"\u00e9\u4e2d\ud83d\ude00"`, `"\ud800"`, `"naïve ☃"`}
+	var value func(depth int) string
+	value = func(depth int) string {
+		switch k := r.IntN(6); {
+		case depth < 3 && k == 0:
+			n := r.IntN(4)
+			s := "["
+			for i := range n {
+				if i > 0 {
+					s += ","
+				}
+				s += value(depth + 1)
+			}
+			return s + "]"
+		case depth < 3 && k == 1:
+			n := r.IntN(4)
+			s := "{"
+			for i := range n {
+				if i > 0 {
+					s += ","
+				}
+				s += fmt.Sprintf(`"k%d":%s`, i, value(depth+1))
+			}
+			return s + "}"
+		}
+		return atoms[r.IntN(len(atoms))]
+	}
+	for range 300 {
+		body := []byte(fmt.Sprintf(`{"record":{"a":%s,"b":%s},"changes":%s,"action":"update","metadata":{"table_schema":"public","table_name":"t","x":%s}}`,
+			value(0), value(0), value(0), value(0)))
+		in, err := ParseInput(body)
+		if err != nil {
+			t.Fatalf("%s: %v", body, err)
+		}
+		want := oldParse(t, body)
+		for _, k := range []string{"record", "changes", "action", "metadata"} {
+			if !reflect.DeepEqual(in.vars[k], want[k]) {
+				t.Fatalf("%s: %s = %#v, encoding/json gives %#v", body, k, in.vars[k], want[k])
+			}
+		}
+	}
+	for _, bad := range []string{``, `[1]`, `{"record":`, `{"a":1}x`} {
+		if _, err := ParseInput([]byte(bad)); err == nil {
+			t.Errorf("%q decoded", bad)
+		}
+	}
+}
