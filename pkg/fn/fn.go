@@ -178,7 +178,7 @@ func (f *Functions) TransformBody(in *Input) ([]byte, error) {
 	if err != nil {
 		return nil, &RuntimeError{Sink: f.sink, Kind: Transform, Err: err}
 	}
-	b, err := appendJSON(nil, out)
+	b, err := writeJSON(nil, out)
 	if err != nil {
 		return nil, &RuntimeError{Sink: f.sink, Kind: Transform, Err: err}
 	}

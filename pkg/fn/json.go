@@ -2,7 +2,6 @@ package fn
 
 import (
 	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"math"
 	"strconv"
@@ -71,17 +70,4 @@ func toNative(v ref.Val) (any, error) {
 		return nil, e
 	}
 	return nil, fmt.Errorf("cannot write a %s as JSON", v.Type())
-}
-
-// appendJSON appends v as JSON with sorted object keys.
-func appendJSON(dst []byte, v ref.Val) ([]byte, error) {
-	n, err := toNative(v)
-	if err != nil {
-		return nil, err
-	}
-	b, err := json.Marshal(n) // sorts map keys
-	if err != nil {
-		return nil, err
-	}
-	return append(dst, b...), nil
 }
