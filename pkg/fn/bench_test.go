@@ -15,7 +15,7 @@ func benchFunctions(b *testing.B, filter, transform, routing string) {
 	b.ReportAllocs()
 	b.SetBytes(int64(len(body)))
 	for b.Loop() {
-		in, err := ParseInputVars(body, f.Needs())
+		in, err := ParseInputReads(body, f.Reads())
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -21,6 +21,14 @@ var emptyMap = map[string]any{}
 // them). Integers become int64 (so record.id == 7 holds), other numbers
 // float64; strings are unescaped, invalid UTF-8 replaced.
 func ParseInputVars(body []byte, need Vars) (*Input, error) {
+	return ParseInputReads(body, Reads{Vars: need})
+}
+
+// ParseInputReads decodes of a message-format body only what r reads:
+// its variables, and of record, changes and metadata only the fields r
+// names (a field absent from the body stays absent).
+func ParseInputReads(body []byte, r Reads) (*Input, error) {
+	need := r.Vars
 	if surrogateEscape(body) {
 		return parseStd(body) // fastjson keeps a lone surrogate's escape as text
 	}
@@ -50,6 +58,16 @@ func ParseInputVars(body []byte, need Vars) (*Input, error) {
 		}
 		x := o.Get(f.name)
 		if x == nil || f.obj && x.Type() != fastjson.TypeObject {
+			continue
+		}
+		if fs, only := r.fields[f.name]; only && x.Type() == fastjson.TypeObject {
+			m := make(map[string]any, len(fs))
+			for k := range fs {
+				if e := x.Get(k); e != nil {
+					m[k] = native(e)
+				}
+			}
+			vars[f.name] = m
 			continue
 		}
 		vars[f.name] = native(x)

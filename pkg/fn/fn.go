@@ -64,7 +64,7 @@ func (e *RuntimeError) Unwrap() error { return e.Err }
 type Functions struct {
 	sink                       string
 	filter, transform, routing cel.Program
-	needs                      Vars // what they read of a change
+	reads                      Reads // what they read of a change
 }
 
 var env = mustEnv()
@@ -120,7 +120,7 @@ func Compile(sink, filter, transform, routing string) (*Functions, error) {
 			continue
 		}
 		*c.out = p
-		f.needs |= varsOf(ast)
+		f.reads = f.reads.Union(readsOf(ast))
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)

@@ -651,9 +651,13 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	}
 	var fin *fn.Input
 	var finErr error
-	parse := func(need fn.Vars) { // once per change, what every sink's functions read
+	parse := func() { // once per change, what the table's sinks' functions read
 		if fin == nil && finErr == nil {
-			fin, finErr = fn.ParseInputVars(body, need)
+			reads, ok := sinks.reads[string(in.Table)]
+			if !ok {
+				reads = sinks.readsOf(idxs)
+			}
+			fin, finErr = fn.ParseInputReads(body, reads)
 		}
 	}
 	upstream := string(in.Error) // capture could not carry the change itself
@@ -688,7 +692,7 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 				out = s.splice(body, sk)
 			}
 		} else {
-			parse(s.needs(sinks, idxs))
+			parse()
 			basin, stream, out, failure, keep = s.apply(sk, fin, finErr, body)
 		}
 		if !keep {
@@ -707,18 +711,6 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 		}
 		s.add(bus.DeliverySubject(s.cfg.Source, sk.Name, basin, stream, partition), e)
 	}
-}
-
-// needs is what the functions of the table's sinks read of a change
-// (those decided by table alone read nothing per change).
-func (s *session) needs(sinks *Sinks, idxs []int) fn.Vars {
-	var v fn.Vars
-	for _, i := range idxs {
-		if f := sinks.list[i].Functions; !f.ByTable() {
-			v |= f.Needs()
-		}
-	}
-	return v
 }
 
 // apply runs a sink's functions. A runtime error or an invalid routing

@@ -87,6 +87,9 @@ func (s *Sinks) bind(m *metrics.Router) *Sinks {
 type Sinks struct {
 	list    []*Sink
 	byTable map[string][]int // "schema.table" → indexes into list, in config order
+	// reads is, per table, what its sinks' functions read of a change
+	// (but for those decided by table and action alone).
+	reads map[string]fn.Reads
 }
 
 // CompileSinks compiles every sink's functions. A function that does not
@@ -111,7 +114,23 @@ func CompileSinks(cfg []config.Sink) (*Sinks, error) {
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("%d sink function(s) do not compile: %w", len(errs), errors.Join(errs...))
 	}
+	s.reads = map[string]fn.Reads{}
+	for t, idxs := range s.byTable {
+		s.reads[t] = s.readsOf(idxs)
+	}
 	return s, nil
+}
+
+// readsOf is what the functions of the sinks idxs read of a change (those
+// decided by table and action alone read nothing per change).
+func (s *Sinks) readsOf(idxs []int) fn.Reads {
+	var r fn.Reads
+	for _, i := range idxs {
+		if f := s.list[i].Functions; !f.ByTable() {
+			r = r.Union(f.Reads())
+		}
+	}
+	return r
 }
 
 var basinRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{6,46}[a-z0-9]$`)
