@@ -72,12 +72,13 @@ func TestBenchEndToEnd(t *testing.T) {
 	t.Run("functions", func(t *testing.T) {
 		rs := e2eFunctions(t, b, n)
 		add("")
-		add("| functions (%d changes backlog, each variant from its own slot on the same WAL) | changes/s | vs none | router CPU µs/change |", n)
+		ref := e2eFunctionsReference(rs)
+		add("| functions (%d changes backlog, each variant from its own slot on the same WAL) | changes/s | vs none (mean of both) | router CPU µs/change |", n)
 		add("|---|--:|--:|--:|")
 		for _, r := range rs {
-			add("| %s | %.0f | %.2f | %.1f |", r.name, r.rate, r.rate/rs[0].rate, r.routerCPU)
-			if r.rate/rs[0].rate < 0.8 {
-				add("TARGET MISSED: %s at %.2f× the sink without functions (target ≥ 0.8)", r.name, r.rate/rs[0].rate)
+			add("| %s | %.0f | %.2f | %.1f |", r.name, r.rate, r.rate/ref, r.routerCPU)
+			if r.rate/ref < 0.8 {
+				add("TARGET MISSED: %s at %.2f× the sink without functions (target ≥ 0.8)", r.name, r.rate/ref)
 			}
 		}
 	})
@@ -502,8 +503,9 @@ type e2eFunction struct {
 
 // e2eFunctions drains the same backlog through the whole pipeline with a
 // sink without functions, with the seed's routing function, a filter on
-// a record field (that keeps every change) and a transform that builds a
-// new body, in that order, each from its own slot.
+// a record field (that keeps every change), a transform that builds a
+// new body, and without functions again, in that order, each from its own
+// slot.
 func e2eFunctions(t *testing.T, b e2eBins, n int) []e2eFunction {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
@@ -514,6 +516,9 @@ func e2eFunctions(t *testing.T, b e2eBins, n int) []e2eFunction {
 		{name: "filter record.qty >= 0", sink: "    stream: items\n    filter: 'record.qty >= 0'\n", stream: "items"},
 		{name: `transform {"id", "name", "qty", "action"}`,
 			sink: "    stream: items\n    transform: '{\"id\": record.id, \"name\": record.name, \"qty\": record.qty, \"action\": action}'\n", stream: "items"},
+		// Again last: the first run of a backlog pays for a cold start
+		// (the WAL read from disk), so the reference is the mean of both.
+		{name: "no functions (again)", sink: "    stream: items\n", stream: "items"},
 	}
 	slots := make([]string, len(vs))
 	for i := range vs {
@@ -535,9 +540,14 @@ func e2eFunctions(t *testing.T, b e2eBins, n int) []e2eFunction {
 		c.check(ctx, t, map[string]int{v.stream: n})
 		e.stopAll(t, "delivery", "router", "capture")
 		e.stopInfra(t)
-		t.Logf("functions: %s: %.0f changes/s (%.2f× none), router %.1f µs/change", v.name, v.rate, v.rate/vs[0].rate, v.routerCPU)
+		t.Logf("functions: %s: %.0f changes/s, router %.1f µs/change", v.name, v.rate, v.routerCPU)
 	}
 	return vs
+}
+
+// e2eFunctionsReference is the mean rate of the runs without functions.
+func e2eFunctionsReference(vs []e2eFunction) float64 {
+	return (vs[0].rate + vs[len(vs)-1].rate) / 2
 }
 
 // changesPerDeliveryMessage is the router's average batch: n changes over

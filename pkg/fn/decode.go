@@ -106,7 +106,6 @@ func native(v *fastjson.Value) any {
 	return nil
 }
 
-
 // text is b as a string, invalid UTF-8 replaced (as encoding/json does).
 func text(b []byte) string {
 	if utf8.Valid(b) {

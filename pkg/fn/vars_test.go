@@ -138,7 +138,7 @@ func TestPartialInputGivesTheSameResults(t *testing.T) {
 		{routing: `{"stream": metadata.table_name + "-" + string(record.qty)}`},
 		{filter: `changes == null && record.tags.exists(t, t == "tag-7")`},
 		{filter: `[1].all(record, record == 1) && record.qty == 57`}, // a comprehension's record: read whole
-		{filter: `record.missing == 1`},                                // no such key, in both
+		{filter: `record.missing == 1`},                              // no such key, in both
 	} {
 		f, err := Compile("s", c.filter, c.transform, c.routing)
 		if err != nil {

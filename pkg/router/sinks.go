@@ -1,10 +1,10 @@
 package router
 
 import (
-	"sync"
 	"errors"
 	"fmt"
 	"regexp"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 
