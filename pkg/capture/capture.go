@@ -683,10 +683,15 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 		} else {
 			s.pendingCommit = ev.LSN
 			s.commits++
-			// Publish at a commit once the round is Linger old; while
-			// far behind the server's WAL, let it grow (larger messages).
-			if age := time.Since(s.roundStarted); s.perRound > 0 && s.commits >= s.perRound ||
-				s.perRound == 0 && age >= s.cfg.Linger && (!s.behind || age >= bus.MaxRoundAge) {
+			// Publish at a commit once the round is Linger old, or at once
+			// when nothing published is waiting for its ack (a live
+			// transaction gains nothing by waiting: rounds grow by
+			// themselves while acks are outstanding); while far behind the
+			// server's WAL, let it grow (larger messages).
+			age := time.Since(s.roundStarted)
+			if s.perRound > 0 && s.commits >= s.perRound ||
+				s.perRound == 0 && !s.behind && (age >= s.cfg.Linger || s.pub.InFlight() == 0) ||
+				s.perRound == 0 && s.behind && age >= bus.MaxRoundAge {
 				if err := s.flush(ctx); err != nil {
 					s.endSpan(err)
 					return err

@@ -317,17 +317,15 @@ func (w *worker) session(ctx context.Context) error {
 			} else if full {
 				break
 			}
-			// The stream holds nothing more for this unit: wait only for
-			// the rest of a burst (a router round), not the whole linger.
-			var idle <-chan time.Time
+			// The stream holds nothing more for this unit now: append at
+			// once, not after the whole linger (while the append runs,
+			// what arrives makes the next batch).
 			if w.pendingNone() && len(msgs) == 0 {
-				idle = time.After(min(idleGap, linger))
+				break fill
 			}
 			select {
 			case m = <-msgs:
 			case <-timer.C:
-				break fill
-			case <-idle:
 				break fill
 			case <-ctx.Done():
 				timer.Stop()
@@ -346,9 +344,6 @@ func (w *worker) session(ctx context.Context) error {
 	}
 }
 
-// idleGap ends a batch's linger early once the unit's stream has nothing
-// more and no message arrived for this long.
-const idleGap = time.Millisecond
 
 // parkRefRoom is the longest parkRef: a group id and a sequence.
 const parkRefRoom = 32 + 1 + 20

@@ -85,6 +85,8 @@ type chain interface {
 	// Failed is closed once the publisher broke (a lost connection, no
 	// PubAck in time): the session ends then, not at its next input.
 	Failed() <-chan struct{}
+	// InFlight is the number of published messages not yet acknowledged.
+	InFlight() int
 	Close(ctx context.Context) error
 }
 
@@ -450,8 +452,9 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 }
 
 // next returns the next input. When none is waiting, the round is
-// published once it is Linger old: waiting that long for more inputs makes
-// larger batches while a backlog streams in.
+// published at once if nothing published waits for its ack, else once it
+// is Linger old (rounds grow by themselves while acks are outstanding);
+// while a backlog streams in, it grows up to bus.MaxRoundAge.
 func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer) (input, error) {
 	for {
 		select {
@@ -463,8 +466,11 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 		}
 		if s.round.inputs > 0 && s.replay == nil {
 			limit := s.cfg.Linger
-			if s.pending > 0 { // catching up: more is on its way, let the round grow
+			switch {
+			case s.pending > 0: // catching up: more is on its way, let the round grow
 				limit = bus.MaxRoundAge
+			case s.pub.InFlight() == 0: // live, and nothing waits for an ack: now
+				limit = 0
 			}
 			if wait := limit - time.Since(s.round.started); wait > 0 {
 				linger.Reset(wait)
