@@ -344,7 +344,6 @@ func (w *worker) session(ctx context.Context) error {
 	}
 }
 
-
 // parkRefRoom is the longest parkRef: a group id and a sequence.
 const parkRefRoom = 32 + 1 + 20
 
