@@ -100,6 +100,13 @@ func TestBenchEndToEnd(t *testing.T) {
 			add("| p99 after the first 2 s of load | %.1f ms |", r.p99Steady)
 			add("| max | %.1f ms |", r.max)
 			add("| by stage (commit → stored) | %s |", r.stages)
+			// Over time, as a picture next to the table.
+			png := filepath.Join(benchDocs(), fmt.Sprintf("latency-%.0fk.png", lt.rate/1000))
+			if err := plotLatency(png, fmt.Sprintf("commit → S2 at %.0f changes/s (%s)", lt.rate, time.Now().Format("2006-01-02")), r.points, lt.p50, lt.p99); err != nil {
+				t.Errorf("plot %s: %v", png, err)
+			} else {
+				add("| latency over time | %s |", png)
+			}
 			if lt.p50 > 0 && r.p50 > lt.p50 {
 				add("TARGET MISSED: p50 = %.1f ms > %.0f at %.0f changes/s", r.p50, lt.p50, lt.rate)
 			}
@@ -589,6 +596,7 @@ type e2eLatencyResult struct {
 	p50, p99, max     float64
 	p99Steady         float64
 	stages            string
+	points            []latencyPoint
 }
 
 func e2eLatency(t *testing.T, b e2eBins, n, rate int) e2eLatencyResult {
@@ -633,7 +641,7 @@ func e2eLatency(t *testing.T, b e2eBins, n, rate int) e2eLatencyResult {
 	e.stopAll(t, "delivery", "router", "capture")
 	stages := stageLatencies(ctx, t, e.natsURL)
 	e.stopInfra(t)
-	r := e2eLatencyResult{offered: float64(rate), achieved: l.achieved, dur: l.dur, n: l.n, p50: l.p50, p99: l.p99, max: l.max, p99Steady: l.p99Steady}
+	r := e2eLatencyResult{points: l.points, offered: float64(rate), achieved: l.achieved, dur: l.dur, n: l.n, p50: l.p50, p99: l.p99, max: l.max, p99Steady: l.p99Steady}
 	t.Logf("latency: %d changes at %.0f/s: p50 %.1f ms, p99 %.1f ms (%.1f ms after the first 2 s), max %.1f ms", r.n, r.achieved, r.p50, r.p99, r.p99Steady, r.max)
 	t.Logf("latency by stage (commit → stored in the stream, per message's first change): %s", stages)
 	r.stages = stages
@@ -642,6 +650,7 @@ func e2eLatency(t *testing.T, b e2eBins, n, rate int) e2eLatencyResult {
 
 // loadResult is what offerLoad measured: commit → observed in S2.
 type loadResult struct {
+	points        []latencyPoint // every change, in stream order
 	n             int
 	achieved      float64 // changes/s committed
 	dur           time.Duration
@@ -751,6 +760,9 @@ func offerLoad(ctx context.Context, t *testing.T, e *e2eEnv, stream string, next
 	sort.Float64s(lats)
 	pct := func(p float64) float64 { return lats[min(len(lats)-1, int(p*float64(len(lats))))] }
 	r := loadResult{n: total, achieved: float64(total) / loadDur.Seconds(), dur: loadDur, p50: pct(0.50), p99: pct(0.99), max: lats[len(lats)-1]}
+	for _, o := range seq {
+		r.points = append(r.points, latencyPoint{commit: o.commit, ms: o.ms})
+	}
 	// The same without the first 2 s of load (start-up transients: fresh
 	// heaps, first JetStream blocks), for comparison.
 	var steady []float64

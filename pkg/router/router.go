@@ -348,6 +348,9 @@ type round struct {
 	start, end uint64
 	started    time.Time
 	inputs     int
+	// whole: its last input is the last message of capture's round, so
+	// nothing more of that round is on its way.
+	whole bool
 	// disabled are the sinks disabled when the round started: it routes
 	// nothing to them (and says so in its messages' HeaderDisabled).
 	disabled []string
@@ -434,6 +437,8 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 		}
 		s.round.end = seq
 		s.round.inputs++
+		i, n, _ := bus.ParseRound(item.msg.Headers().Get(bus.HeaderRound))
+		s.round.whole = i > 0 && i == n
 		if err := s.route(ctx, item.msg); err != nil {
 			return err
 		}
@@ -452,9 +457,10 @@ func (s *session) run(ctx context.Context, it jetstream.MessagesContext) error {
 }
 
 // next returns the next input. When none is waiting, the round is
-// published at once if nothing published waits for its ack, else once it
-// is Linger old (rounds grow by themselves while acks are outstanding);
-// while a backlog streams in, it grows up to bus.MaxRoundAge.
+// published at once if it ends with the whole of a capture round and
+// nothing published waits for its ack, else once it is Linger old (rounds
+// grow by themselves while acks are outstanding); while a backlog streams
+// in, it grows up to bus.MaxRoundAge.
 func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer) (input, error) {
 	for {
 		select {
@@ -469,7 +475,9 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 			switch {
 			case s.pending > 0: // catching up: more is on its way, let the round grow
 				limit = bus.MaxRoundAge
-			case s.pub.InFlight() == 0: // live, and nothing waits for an ack: now
+			case s.round.whole && s.pub.InFlight() == 0:
+				// Live, capture's round is all here, and nothing waits
+				// for an ack: now.
 				limit = 0
 			}
 			if wait := limit - time.Since(s.round.started); wait > 0 {
