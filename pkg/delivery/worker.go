@@ -318,14 +318,23 @@ func (w *worker) session(ctx context.Context) error {
 				break
 			}
 			// The stream holds nothing more for this unit now: append at
-			// once, not after the whole linger (while the append runs,
-			// what arrives makes the next batch).
+			// once if this was the router round's last message, else
+			// after a short gap for the rest of the round (its messages
+			// to other partitions may not be stored yet), not after the
+			// whole linger. What arrives while the append runs makes the
+			// next batch.
+			var idle <-chan time.Time
 			if w.pendingNone() && len(msgs) == 0 {
-				break fill
+				if roundEnds(m) {
+					break fill
+				}
+				idle = time.After(min(idleGap, linger))
 			}
 			select {
 			case m = <-msgs:
 			case <-timer.C:
+				break fill
+			case <-idle:
 				break fill
 			case <-ctx.Done():
 				timer.Stop()
@@ -342,6 +351,17 @@ func (w *worker) session(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// idleGap ends a batch's linger early once the unit's stream has nothing
+// more and no message arrived for this long.
+const idleGap = time.Millisecond
+
+// roundEnds reports whether m is the last message of its router round
+// (Pgs2-Round i/n with i == n).
+func roundEnds(m jetstream.Msg) bool {
+	i, n, err := bus.ParseRound(m.Headers().Get(bus.HeaderRound))
+	return err == nil && i > 0 && i == n
 }
 
 // parkRefRoom is the longest parkRef: a group id and a sequence.

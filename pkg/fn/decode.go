@@ -43,34 +43,39 @@ func ParseInputReads(body []byte, r Reads) (*Input, error) {
 		return nil, fmt.Errorf("change body is not a JSON object: %w", err)
 	}
 	vars := map[string]any{"action": "", "record": emptyMap, "changes": nil, "metadata": emptyMap}
-	if need&ReadsAction != 0 {
-		if a := o.Get("action"); a != nil && a.Type() == fastjson.TypeString {
-			vars["action"] = text(a.GetStringBytes())
+	// Top-level values, the last of a repeated key (as encoding/json).
+	var top [4]*fastjson.Value
+	names := [4]string{"action", "record", "changes", "metadata"}
+	o.Visit(func(k []byte, x *fastjson.Value) {
+		for i, n := range names {
+			if string(k) == n {
+				top[i] = x
+			}
 		}
+	})
+	if a := top[0]; need&ReadsAction != 0 && a != nil && a.Type() == fastjson.TypeString {
+		vars["action"] = text(a.GetStringBytes())
 	}
-	for _, f := range []struct {
-		name string
+	for i, f := range []struct {
 		want Vars
 		obj  bool // must be an object, else {}
-	}{{"record", ReadsRecord, true}, {"changes", ReadsChanges, false}, {"metadata", ReadsTable | ReadsMetadata, true}} {
-		if need&f.want == 0 {
+	}{{ReadsRecord, true}, {ReadsChanges, false}, {ReadsTable | ReadsMetadata, true}} {
+		name, x := names[i+1], top[i+1]
+		if need&f.want == 0 || x == nil || f.obj && x.Type() != fastjson.TypeObject {
 			continue
 		}
-		x := o.Get(f.name)
-		if x == nil || f.obj && x.Type() != fastjson.TypeObject {
-			continue
-		}
-		if fs, only := r.fields[f.name]; only && x.Type() == fastjson.TypeObject {
+		if fs, only := r.fields[name]; only && x.Type() == fastjson.TypeObject {
+			xo, _ := x.Object()
 			m := make(map[string]any, len(fs))
-			for k := range fs {
-				if e := x.Get(k); e != nil {
-					m[k] = native(e)
+			xo.Visit(func(k []byte, e *fastjson.Value) {
+				if fs[string(k)] { // the last of a repeated key wins
+					m[text(k)] = native(e)
 				}
-			}
-			vars[f.name] = m
+			})
+			vars[name] = m
 			continue
 		}
-		vars[f.name] = native(x)
+		vars[name] = native(x)
 	}
 	return &Input{vars: vars}, nil
 }

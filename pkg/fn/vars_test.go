@@ -189,3 +189,26 @@ func TestPartialInputGivesTheSameResults(t *testing.T) {
 		t.Errorf("metadata decoded as %v, want commit_lsn alone", m)
 	}
 }
+
+// TestRepeatedKeys: the last of a repeated key wins, as with
+// encoding/json, whether a field is decoded alone or with the rest.
+func TestRepeatedKeys(t *testing.T) {
+	body := []byte(`{"record":{"qty":1,"x":0},"record":{"qty":1,"qty":2},"action":"insert","action":"update","metadata":{"table_name":"a","table_name":"b"}}`)
+	want := oldParse(t, body)
+	f, err := Compile("s", `record.qty == 2 && action == "update" && metadata.table_name == "b"`, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []Reads{f.Reads(), {Vars: AllVars}} {
+		in, err := ParseInputReads(body, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if keep, err := f.Keep(in); err != nil || !keep {
+			t.Errorf("reads %+v: keep %v, %v; want the last of each repeated key", r, keep, err)
+		}
+		if r.Vars == AllVars && !reflect.DeepEqual(in.vars["record"], want["record"]) {
+			t.Errorf("record %v, encoding/json %v", in.vars["record"], want["record"])
+		}
+	}
+}

@@ -631,7 +631,7 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	r := bus.NewBatchReader(msg.Data())
 	in := &s.in
 	for r.Next(in) {
-		s.routeChange(ctx, sinks, idxs, partition, in)
+		s.routeChange(ctx, sinks, tableKey{tbl, schema + "\x00" + table}, idxs, partition, in)
 	}
 	if err := r.Err(); err != nil {
 		return fmt.Errorf("change message on %s: %w", msg.Subject(), err)
@@ -640,7 +640,12 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 }
 
 // routeChange applies the sinks of its table to one change.
-func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, partition string, in *bus.Entry) {
+// tableKey names a change's table: as the sinks' tables do
+// ("schema.table"), and unambiguously (schema and table apart: quoted
+// names may hold dots) for what is decided per table.
+type tableKey struct{ joined, exact string }
+
+func (s *session) routeChange(ctx context.Context, sinks *Sinks, tk tableKey, idxs []int, partition string, in *bus.Entry) {
 	e := &s.entry
 	*e = *in
 	body := in.Body
@@ -667,7 +672,7 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 	var finErr error
 	parse := func() { // once per change, what the table's sinks' functions read
 		if fin == nil && finErr == nil {
-			reads, ok := sinks.reads[string(in.Table)]
+			reads, ok := sinks.reads[tk.joined]
 			if !ok {
 				reads = sinks.readsOf(idxs)
 			}
@@ -693,12 +698,12 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, idxs []int, par
 		} else if sk.Functions.ByTable() {
 			// The functions read only the table and action: decided once
 			// for each (a routing by table costs nothing per change).
-			o, ok := sk.memo.get(in.Table, in.Action)
+			o, ok := sk.memo.get(tk.exact, in.Action)
 			if !ok {
 				tin, terr := fn.ParseInputVars(body, sk.Functions.Needs())
 				o = s.decide(sk, tin, terr)
 				if terr == nil {
-					sk.memo.put(in.Table, in.Action, o)
+					sk.memo.put(tk.exact, in.Action, o)
 				}
 			}
 			basin, stream, failure, keep = o.basin, o.stream, o.failure, o.keep

@@ -39,7 +39,7 @@ type outcome struct {
 // memo is outcomes by table and action, bounded.
 type memo struct {
 	mu sync.Mutex
-	by map[string]map[string]outcome // table → action → outcome
+	by map[string]map[string]outcome // table (schema NUL table) → action → outcome
 	n  int
 }
 
@@ -47,14 +47,14 @@ type memo struct {
 // computed per change.
 const maxMemo = 100_000
 
-func (m *memo) get(table, action []byte) (outcome, bool) {
+func (m *memo) get(table string, action []byte) (outcome, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	o, ok := m.by[string(table)][string(action)]
+	o, ok := m.by[table][string(action)]
 	return o, ok
 }
 
-func (m *memo) put(table, action []byte, o outcome) {
+func (m *memo) put(table string, action []byte, o outcome) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.n >= maxMemo {
@@ -63,10 +63,10 @@ func (m *memo) put(table, action []byte, o outcome) {
 	if m.by == nil {
 		m.by = map[string]map[string]outcome{}
 	}
-	t := m.by[string(table)]
+	t := m.by[table]
 	if t == nil {
 		t = map[string]outcome{}
-		m.by[string(table)] = t
+		m.by[table] = t
 	}
 	t[string(action)] = o
 	m.n++
