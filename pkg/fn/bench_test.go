@@ -34,6 +34,7 @@ func benchFunctions(b *testing.B, filter, transform, routing string) {
 }
 
 func BenchmarkParseOnly(b *testing.B) { benchFunctions(b, "", "", "") }
+
 // BenchmarkRoutingByTable times the routing by table when not decided once
 // per table (the router decides it once per table and action).
 func BenchmarkRoutingByTable(b *testing.B) {
