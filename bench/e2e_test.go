@@ -84,11 +84,16 @@ func TestBenchEndToEnd(t *testing.T) {
 	})
 	for _, lt := range []struct {
 		rate, p50, p99 float64 // changes/s offered; targets (0: none)
-	}{{5000, 5, 15}, {40000, 0, 50}} {
-		t.Run(fmt.Sprintf("latency %.0fk", lt.rate/1000), func(t *testing.T) {
-			r := e2eLatency(t, b, n, int(lt.rate))
+		oneRow         bool    // a transaction per change
+	}{{5000, 5, 15, false}, {40000, 0, 50, false}, {5000, 5, 15, true}} {
+		name, shape := fmt.Sprintf("latency %.0fk", lt.rate/1000), fmt.Sprintf("%.0f-row transactions", lt.rate/100)
+		if lt.oneRow {
+			name, shape = name+" one-row", "one-row transactions"
+		}
+		t.Run(name, func(t *testing.T) {
+			r := e2eLatency(t, b, n, int(lt.rate), lt.oneRow)
 			add("")
-			add("| latency (%.0f changes/s offered for %s, %d changes) | value |", r.offered, r.dur.Round(time.Second), r.n)
+			add("| latency (%.0f changes/s offered as %s for %s, %d changes) | value |", r.offered, shape, r.dur.Round(time.Second), r.n)
 			add("|---|--:|")
 			add("| achieved commit rate, changes/s | %.0f |", r.achieved)
 			if lt.p50 > 0 {
@@ -101,7 +106,7 @@ func TestBenchEndToEnd(t *testing.T) {
 			add("| max | %.1f ms |", r.max)
 			add("| by stage (commit → stored) | %s |", r.stages)
 			// Over time, as a picture next to the table.
-			png := filepath.Join(benchDocs(), fmt.Sprintf("latency-%.0fk.png", lt.rate/1000))
+			png := filepath.Join(benchDocs(), strings.ReplaceAll(name, " ", "-")+".png")
 			if err := plotLatency(png, fmt.Sprintf("commit → S2 at %.0f changes/s (%s)", lt.rate, time.Now().Format("2006-01-02")), r.points, lt.p50, lt.p99); err != nil {
 				t.Errorf("plot %s: %v", png, err)
 			} else {
@@ -602,7 +607,9 @@ type e2eLatencyResult struct {
 	points            []latencyPoint
 }
 
-func e2eLatency(t *testing.T, b e2eBins, n, rate int) e2eLatencyResult {
+// e2eLatency offers rate changes/s, each tick's rows as one transaction,
+// or with oneRow as a transaction each (many small live transactions).
+func e2eLatency(t *testing.T, b e2eBins, n, rate int, oneRow bool) e2eLatencyResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	const tickEvery = 10 * time.Millisecond
@@ -632,6 +639,15 @@ func e2eLatency(t *testing.T, b e2eBins, n, rate int) e2eLatencyResult {
 	c.waitAll(ctx, t, 1, time.Now(), time.Minute)
 
 	l := offerLoad(ctx, t, e, "items", c.next["items"], conn, func(ctx context.Context, conn *pgx.Conn, id int64, n int) error {
+		if oneRow { // n transactions in one round trip (simple protocol)
+			var q strings.Builder
+			for i := range int64(n) {
+				fmt.Fprintf(&q, `BEGIN; INSERT INTO public.items (id, name, qty, price, tags, doc, updated_at)
+					VALUES (%d, 'item-%d', %d, 1.50, ARRAY['tag-1'], '{"color": "red"}', now()); COMMIT; `, id+i, id+i, (id+i)%100)
+			}
+			_, err := conn.Exec(ctx, q.String())
+			return err
+		}
 		_, err := conn.Exec(ctx, `INSERT INTO public.items
 			SELECT g, 'item-' || g, (g % 100)::int, ((g % 100000) / 100.0)::numeric(12,2),
 			       ARRAY['tag-' || (g % 10), 'tag-' || (g % 7)],

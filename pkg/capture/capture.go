@@ -472,6 +472,7 @@ type session struct {
 	// arrives for that long, or when it is full.
 	round        *bus.Round
 	roundStarted time.Time
+	lastFlush    time.Time // when the last round was published
 	walAt        time.Time // when WAL last arrived while the round collects
 	roundFirst   string    // key of its first change
 	roundLast    string    // and of its last
@@ -684,13 +685,13 @@ func (s *session) handle(ctx context.Context, data []byte) error {
 			s.pendingCommit = ev.LSN
 			s.commits++
 			// Publish at a commit once the round is Linger old, or at once
-			// when nothing published is waiting for its ack (a live
-			// transaction gains nothing by waiting: rounds grow by
-			// themselves while acks are outstanding); while far behind the
-			// server's WAL, let it grow (larger messages).
+			// when nothing published is waiting for its ack and the last
+			// round is Linger old (a live transaction gains nothing by
+			// waiting; many small ones still make rounds of Linger); while
+			// far behind the server's WAL, let it grow (larger messages).
 			age := time.Since(s.roundStarted)
 			if s.perRound > 0 && s.commits >= s.perRound ||
-				s.perRound == 0 && !s.behind && (age >= s.cfg.Linger || s.pub.InFlight() == 0) ||
+				s.perRound == 0 && !s.behind && (age >= s.cfg.Linger || s.pub.InFlight() == 0 && time.Since(s.lastFlush) >= s.cfg.Linger) ||
 				s.perRound == 0 && s.behind && age >= bus.MaxRoundAge {
 				if err := s.flush(ctx); err != nil {
 					s.endSpan(err)
@@ -779,6 +780,7 @@ const (
 // filled up), each with Pgs2-Msg-Id = its last change's key, then marks
 // the round's last commit for confirmation.
 func (s *session) flush(ctx context.Context) error {
+	s.lastFlush = time.Now()
 	msgs := s.round.Msgs()
 	n := strconv.Itoa(len(msgs))
 	for i, m := range msgs {

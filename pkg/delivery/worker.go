@@ -66,6 +66,7 @@ type worker struct {
 	pending    map[string]uint64 // per source: messages its stream holds for the unit beyond the last one read
 	traces     []string          // their traceparents, when tracing is on
 	retryNow   chan struct{}
+	lastFlush  time.Time // when the last batch was appended
 	// validUntil ends the worker's lease (Unix nanoseconds) before the
 	// process's (a test seam: none by default).
 	validUntil atomic.Int64
@@ -318,14 +319,15 @@ func (w *worker) session(ctx context.Context) error {
 				break
 			}
 			// The stream holds nothing more for this unit now: append at
-			// once if this was the router round's last message, else
-			// after a short gap for the rest of the round (its messages
-			// to other partitions may not be stored yet), not after the
-			// whole linger. What arrives while the append runs makes the
-			// next batch.
+			// once if this was the router round's last message (and the
+			// last append is idleGap old: many small rounds still make
+			// batches), else after a short gap for the rest of the round
+			// (its messages to other partitions may not be stored yet),
+			// not after the whole linger. What arrives while the append
+			// runs makes the next batch.
 			var idle <-chan time.Time
 			if w.pendingNone() && len(msgs) == 0 {
-				if roundEnds(m) {
+				if roundEnds(m) && time.Since(w.lastFlush) >= idleGap {
 					break fill
 				}
 				idle = time.After(min(idleGap, linger))
@@ -345,6 +347,7 @@ func (w *worker) session(ctx context.Context) error {
 		if err := w.flush(ctx); err != nil {
 			return err
 		}
+		w.lastFlush = time.Now()
 		// A draining park takes one batch per batch of the unit's other
 		// changes: they keep at least half of the appends.
 		if _, err := w.drainOne(ctx); err != nil {

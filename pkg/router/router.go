@@ -351,6 +351,8 @@ type round struct {
 	// whole: its last input is the last message of capture's round, so
 	// nothing more of that round is on its way.
 	whole bool
+	// lastFlush is when the previous round was published.
+	lastFlush time.Time
 	// disabled are the sinks disabled when the round started: it routes
 	// nothing to them (and says so in its messages' HeaderDisabled).
 	disabled []string
@@ -475,9 +477,9 @@ func (s *session) next(ctx context.Context, in <-chan input, linger *time.Timer)
 			switch {
 			case s.pending > 0: // catching up: more is on its way, let the round grow
 				limit = bus.MaxRoundAge
-			case s.round.whole && s.pub.InFlight() == 0:
-				// Live, capture's round is all here, and nothing waits
-				// for an ack: now.
+			case s.round.whole && s.pub.InFlight() == 0 && time.Since(s.round.lastFlush) >= s.cfg.Linger:
+				// Live, capture's round is all here, nothing waits for an
+				// ack, and the last round is Linger old: now.
 				limit = 0
 			}
 			if wait := limit - time.Since(s.round.started); wait > 0 {
@@ -561,6 +563,7 @@ func messageID(end uint64, i int, m *bus.RoundMsg) string {
 // flush publishes the round's messages in order and starts a new round.
 func (s *session) flush(ctx context.Context) error {
 	rd := &s.round
+	defer func() { rd.lastFlush = time.Now() }()
 	msgs := rd.Msgs()
 	n := len(msgs)
 	skip := 0
