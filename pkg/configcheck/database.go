@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/pgrepl"
+	"github.com/pgs2/pgs2/pkg/units"
 )
 
 // dbState is what the database check learnt that the NATS check uses.
@@ -268,9 +270,9 @@ func (r *report) checkTables(ctx context.Context, tx pgx.Tx, c pgrepl.Config) ([
 				return nil, fmt.Errorf("columns of %s: %w", t, err)
 			}
 			for _, col := range groups {
-				if !contains(have, col) {
+				if !slices.Contains(have, col) {
 					r.problem(what, fmt.Sprintf("group column %q does not exist in table %s", col, t), "fix group_columns in the sink config")
-				} else if ti.ident != "f" && !contains(ti.pk, col) {
+				} else if ti.ident != "f" && !slices.Contains(ti.pk, col) {
 					r.problem(what, fmt.Sprintf("group column %q of table %s is not part of its primary key, so deletes would not carry it", col, t),
 						fmt.Sprintf("`ALTER TABLE %s REPLICA IDENTITY FULL;`", q))
 				}
@@ -401,13 +403,13 @@ func (r *report) checkPublication(ctx context.Context, tx pgx.Tx, c pgrepl.Confi
 	}
 	var have []string
 	for _, p := range pubs {
-		if !contains(have, p.Table) && (p.Root == "" || p.Root == p.Table || !contains(c.Tables, p.Root)) {
+		if !slices.Contains(have, p.Table) && (p.Root == "" || p.Root == p.Table || !slices.Contains(c.Tables, p.Root)) {
 			have = append(have, p.Table) // not a partition of a configured table
 		}
 	}
 	var covered, missing, missingQ []string
 	for i, t := range c.Tables {
-		if contains(have, t) {
+		if slices.Contains(have, t) {
 			covered = append(covered, t)
 		} else {
 			missing = append(missing, t)
@@ -421,7 +423,7 @@ func (r *report) checkPublication(ctx context.Context, tx pgx.Tx, c pgrepl.Confi
 		r.printf("  publication %s: lacks %s: capture would run: %s\n", c.Publication, strings.Join(missing, ", "), sql)
 		var notOwned []string
 		for _, ti := range tables {
-			if ti.exists && !ti.owned && contains(missing, ti.name) {
+			if ti.exists && !ti.owned && slices.Contains(missing, ti.name) {
 				notOwned = append(notOwned, ti.name)
 			}
 		}
@@ -437,7 +439,7 @@ func (r *report) checkPublication(ctx context.Context, tx pgx.Tx, c pgrepl.Confi
 	if len(have) > len(covered) {
 		var extra []string
 		for _, t := range have {
-			if !contains(c.Tables, t) {
+			if !slices.Contains(c.Tables, t) {
 				extra = append(extra, t)
 			}
 		}
@@ -475,7 +477,7 @@ func (r *report) checkSlot(ctx context.Context, tx pgx.Tx, c pgrepl.Config, db s
 		state = fmt.Sprintf("active (pid %d: a running capture?)", pid)
 	}
 	r.printf("  slot %s: exists: %s slot, plugin %s, database %s, %s, confirmed_flush_lsn %s, restart_lsn %s, WAL retained %s",
-		c.Slot, slotType, orDash(plugin), orDash(slotDB), state, deref(flush), deref(restart), humanBytes(retained))
+		c.Slot, slotType, orDash(plugin), orDash(slotDB), state, deref(flush), deref(restart), units.Bytes(retained))
 	if walStatus != "" {
 		r.printf(", wal_status %s", walStatus)
 	}

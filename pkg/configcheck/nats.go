@@ -21,6 +21,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/router"
 	"github.com/pgs2/pgs2/pkg/service"
 	"github.com/pgs2/pgs2/pkg/sinkstate"
+	"github.com/pgs2/pgs2/pkg/units"
 )
 
 // jsObject is one JetStream stream, key-value bucket or object store a
@@ -130,7 +131,7 @@ func (r *report) checkNATS(ctx context.Context, cfg *config.Config, db *dbState)
 			"run nats-server with JetStream enabled (-js, or a jetstream {} block), and give the account JetStream limits")
 		return
 	}
-	r.printf("  jetstream:    ok (%d streams, %s stored, domain %s)\n", info.Streams, humanBytes(int64(info.Store)), orDash(info.Domain))
+	r.printf("  jetstream:    ok (%d streams, %s stored, domain %s)\n", info.Streams, units.Bytes(int64(info.Store)), orDash(info.Domain))
 	if n.Replicas > 1 {
 		if cl := nc.ConnectedClusterName(); cl == "" {
 			r.problem("nats", fmt.Sprintf("nats.replicas is %d but the server is not part of a cluster", n.Replicas),
@@ -149,7 +150,7 @@ func (r *report) checkNATS(ctx context.Context, cfg *config.Config, db *dbState)
 			continue
 		}
 		si := s.CachedInfo()
-		r.printf("  %s: exists (%d messages, %s, replicas %d)\n", o.label(), si.State.Msgs, humanBytes(int64(si.State.Bytes)), si.Config.Replicas)
+		r.printf("  %s: exists (%d messages, %s, replicas %d)\n", o.label(), si.State.Msgs, units.Bytes(int64(si.State.Bytes)), si.Config.Replicas)
 		if o.subjects != nil && !slices.Equal(si.Config.Subjects, o.subjects) {
 			r.problem(o.label(), fmt.Sprintf("has subjects %v, not %v: it is another source's (each source needs streams of its own)",
 				si.Config.Subjects, o.subjects), fmt.Sprintf("choose another name in the config (nats.changes_stream / nats.delivery_stream) for source %s", cfg.Source.Name))

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/pgs2/pgs2/pkg/units"
 	adminv1 "github.com/pgs2/pgs2/proto/pgs2/admin/v1"
 )
 
@@ -105,11 +106,11 @@ func printStatus(w io.Writer, st *adminv1.GetStatusResponse) error {
 		}
 		lag := "-"
 		if s.SampleTime != nil {
-			lag = fmt.Sprintf("%s, %s", bytesText(s.ReplicationLagBytes), secondsText(s.ReplicationLagSeconds))
+			lag = fmt.Sprintf("%s, %s", units.Bytes(s.ReplicationLagBytes), secondsText(s.ReplicationLagSeconds))
 		}
 		retained := "-"
 		if s.SampleTime != nil {
-			retained = bytesText(s.WalRetainedBytes)
+			retained = units.Bytes(s.WalRetainedBytes)
 		}
 		if s.SlotError != "" {
 			lag = "slot error: " + s.SlotError
@@ -129,7 +130,7 @@ func printStatus(w io.Writer, st *adminv1.GetStatusResponse) error {
 	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "STAGE\tJETSTREAM STREAM\tSOURCE\tMESSAGES\tSTORED\tPENDING\tLAST STORED")
 	for _, s := range st.Stages {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Stage, s.Stream, dash(s.Source), thousands(int64(s.Messages)), bytesText(int64(s.Bytes)), thousands(int64(s.Pending)), ago(now, s.LastTime))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Stage, s.Stream, dash(s.Source), thousands(int64(s.Messages)), units.Bytes(int64(s.Bytes)), thousands(int64(s.Pending)), ago(now, s.LastTime))
 	}
 	if len(st.Stages) == 0 {
 		fmt.Fprintln(tw, "(no stage streams yet)")
@@ -204,20 +205,6 @@ func durationText(d time.Duration) string {
 		return d.Round(100 * time.Millisecond).String()
 	}
 	return d.Round(time.Second).String()
-}
-
-// bytesText is n in B, KiB, MiB, GiB.
-func bytesText(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit && exp < 4; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
 }
 
 func (a *app) sinkCmd() *cobra.Command {
