@@ -16,17 +16,12 @@ var parsers fastjson.ParserPool
 
 var emptyMap = map[string]any{}
 
-// ParseInputVars decodes of a message-format body only the variables
-// need names (the others are left empty: the functions do not read
-// them). Integers become int64 (so record.id == 7 holds), other numbers
-// float64; strings are unescaped, invalid UTF-8 replaced.
-func ParseInputVars(body []byte, need Vars) (*Input, error) {
-	return ParseInputReads(body, Reads{Vars: need})
-}
-
 // ParseInputReads decodes of a message-format body only what r reads:
-// its variables, and of record, changes and metadata only the fields r
-// names (a field absent from the body stays absent).
+// its variables (the others are left empty: the functions do not read
+// them), and of record, changes and metadata only the fields r names (a
+// field absent from the body stays absent). Integers become int64 (so
+// record.id == 7 holds), other numbers float64; strings are unescaped,
+// invalid UTF-8 replaced.
 func ParseInputReads(body []byte, r Reads) (*Input, error) {
 	need := r.Vars
 	if surrogateEscape(body) {

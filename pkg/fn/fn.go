@@ -154,7 +154,7 @@ type Input struct {
 
 // ParseInput decodes a message-format body, every variable of it.
 // Integers become int64 (so record.id == 7 holds), other numbers float64.
-func ParseInput(body []byte) (*Input, error) { return ParseInputVars(body, AllVars) }
+func ParseInput(body []byte) (*Input, error) { return ParseInputReads(body, Reads{Vars: AllVars}) }
 
 // Keep runs the filter: true when the change goes to the sink.
 func (f *Functions) Keep(in *Input) (bool, error) {

@@ -631,10 +631,11 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	if len(idxs) == 0 {
 		return nil
 	}
+	tk := tableKey{tbl, schema + "\x00" + table}
 	r := bus.NewBatchReader(msg.Data())
 	in := &s.in
 	for r.Next(in) {
-		s.routeChange(ctx, sinks, tableKey{tbl, schema + "\x00" + table}, idxs, partition, in)
+		s.routeChange(ctx, sinks, tk, idxs, partition, in)
 	}
 	if err := r.Err(); err != nil {
 		return fmt.Errorf("change message on %s: %w", msg.Subject(), err)
@@ -642,12 +643,12 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	return nil
 }
 
-// routeChange applies the sinks of its table to one change.
 // tableKey names a change's table: as the sinks' tables do
 // ("schema.table"), and unambiguously (schema and table apart: quoted
 // names may hold dots) for what is decided per table.
 type tableKey struct{ joined, exact string }
 
+// routeChange applies the sinks of its table to one change.
 func (s *session) routeChange(ctx context.Context, sinks *Sinks, tk tableKey, idxs []int, partition string, in *bus.Entry) {
 	e := &s.entry
 	*e = *in
@@ -703,7 +704,7 @@ func (s *session) routeChange(ctx context.Context, sinks *Sinks, tk tableKey, id
 			// for each (a routing by table costs nothing per change).
 			o, ok := sk.memo.get(tk.exact, in.Action)
 			if !ok {
-				tin, terr := fn.ParseInputVars(body, sk.Functions.Needs())
+				tin, terr := fn.ParseInputReads(body, sk.Functions.Reads())
 				o = s.decide(sk, tin, terr)
 				if terr == nil {
 					sk.memo.put(tk.exact, in.Action, o)
