@@ -347,7 +347,6 @@ func (w *worker) session(ctx context.Context) error {
 		if err := w.flush(ctx); err != nil {
 			return err
 		}
-		w.lastFlush = time.Now()
 		// A draining park takes one batch per batch of the unit's other
 		// changes: they keep at least half of the appends.
 		if _, err := w.drainOne(ctx); err != nil {
@@ -498,7 +497,8 @@ func (w *worker) addEntry(ctx context.Context, subject string, pos bus.DeliveryP
 	return nil
 }
 
-// allOneTrace reports whether every link is of the first one's trace.
+// allOneTrace reports whether every link (at least one) is of the first
+// one's trace.
 func allOneTrace(links []trace.Link) bool {
 	for _, l := range links[1:] {
 		if l.SpanContext.TraceID() != links[0].SpanContext.TraceID() {
@@ -529,6 +529,7 @@ func (w *worker) flush(ctx context.Context) error {
 	if n == 0 {
 		return nil
 	}
+	defer func() { w.lastFlush = time.Now() }()
 	// A send span per attempt (the messaging conventions), linked to each
 	// change's process span; a batch of one change's trace (or one
 	// transaction's) continues that trace.
@@ -541,7 +542,7 @@ func (w *worker) flush(ctx context.Context) error {
 			}
 		}
 		parent := ctx
-		if len(links) == 1 || len(links) > 1 && allOneTrace(links) {
+		if len(links) > 0 && allOneTrace(links) {
 			parent = trace.ContextWithRemoteSpanContext(ctx, links[0].SpanContext)
 		}
 		startSpan = func(attempt int) trace.Span {
