@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"os"
 	"os/signal"
@@ -132,6 +133,7 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	format := fs.String("log-format", "text", "text (logfmt) or json; both carry trace_id and span_id inside a traced operation")
 	probe := fs.Bool("probe", false, "ask the running service at --http-addr whether it is ready (exit 0) or not (1), and exit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
+	profile := fs.Bool("pprof", false, "serve Go's profiles at /debug/pprof/ on --http-addr (off by default: they show the process's internals to whoever reaches the address)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -174,6 +176,9 @@ func Main(name, defaultHTTP string, args []string, stderr io.Writer, run func(ct
 	mux.Handle("/healthz", state.Handler())
 	mux.Handle("/readyz", state.Handler())
 	mux.Handle("GET /metrics", metrics.Handler(reg))
+	if *profile {
+		servePprof(mux)
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	runCtx, cancelRun := context.WithCancel(gctx)
 	defer cancelRun()
@@ -304,4 +309,13 @@ func OnReload(ctx context.Context, env Env, reload func(*config.Config) error) {
 			}
 		}
 	}()
+}
+
+// servePprof adds Go's profiles (net/http/pprof) to mux.
+func servePprof(mux *http.ServeMux) {
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 }
