@@ -64,6 +64,9 @@ type Delivery struct {
 	sinks map[string]*sink
 	held  map[Unit]*held
 	wg    sync.WaitGroup
+	// fan reads each delivery stream once for the units it holds (nil:
+	// each unit reads on its own).
+	fan *fanout
 
 	failures jetstream.KeyValue
 	failed   keySet // failures' keys, from a watch (clearFailure deletes only those)
@@ -240,6 +243,7 @@ func (d *Delivery) Run(ctx context.Context) error {
 	}
 	wctx, stopWatches := context.WithCancel(ctx)
 	defer stopWatches()
+	d.fan = newFanout(wctx, d.js, d.log)
 	d.leases.watch(wctx)
 	go d.leases.beat(wctx, func(err error) {
 		d.state.SetNotReady(err.Error())

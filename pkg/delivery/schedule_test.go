@@ -271,10 +271,17 @@ func (sc *schedule) run() error {
 			}
 		}
 		d := h.delivery(token, jsf)
+		// Most processes read through a shared reader (fanout), with
+		// feeds small enough to detach and attach again; some without.
+		fctx, stopFan := context.WithCancel(context.Background())
+		if sc.draw(4) > 0 {
+			d.fan = newFanout(fctx, jsf, d.log)
+			d.fan.room = 1 + sc.draw(8)
+		}
 		sk := h.sink(sc.u, s2f, retry)
 		sk.cfg.Batch.MaxRecords = maxRecords
 		w, stop, done := h.start(d, sc.u, sk)
-		return &incarnation{w: w, stop: stop, done: done}
+		return &incarnation{w: w, stop: func() { stop(); stopFan() }, done: done}
 	}
 	cur := newProcess()
 	var old []*incarnation
@@ -338,9 +345,11 @@ func (sc *schedule) run() error {
 		case <-tick.C:
 			if more > 0 && sc.draw(5) == 0 {
 				more--
-				sc.mu.Lock()
-				sc.inputs(1 + sc.rng.IntN(4))
-				sc.mu.Unlock()
+				func() { // unlocked even if a publish fails the test
+					sc.mu.Lock()
+					defer sc.mu.Unlock()
+					sc.inputs(1 + sc.rng.IntN(4))
+				}()
 			}
 			select {
 			case <-cur.done: // stopped itself (lease lost to a process that stopped since): a new one

@@ -371,43 +371,228 @@ const parkRefRoom = 32 + 1 + 20
 
 // read1 starts reading the unit's messages of one source's delivery
 // stream, from the message of the last change handled (its later changes
-// may not be), into msgs. The reader ends with the session.
+// may not be), into msgs: with its own consumer until it has caught up,
+// then from the process's shared reader (fanout) while it keeps up. The
+// reader ends with the session.
 func (w *worker) read1(ctx context.Context, src source, msgs chan<- jetstream.Msg, readErr chan<- error) error {
+	var from uint64 // the first sequence wanted (0: the stream's first)
+	if pos, ok := w.done[src.key]; ok {
+		from = pos.Seq
+	}
+	var own *ownReader
+	var f *feed
+	if w.d.fan != nil { // the shared reader has not read past it yet: no catching up
+		f, _, _ = w.d.fan.attachAhead(ctx, src, w.u, from)
+	}
+	if f == nil {
+		var err error
+		if own, err = w.ownReader(ctx, src, from); err != nil {
+			return err
+		}
+	}
+	go func() {
+		err := w.readLoop(ctx, src, own, f, from, msgs)
+		if err != nil && ctx.Err() == nil {
+			readErr <- fmt.Errorf("%s: %w", src.name, err)
+		}
+	}()
+	return nil
+}
+
+// ownReader is a consumer of the unit's messages of one source from
+// sequence from on (0: the first).
+type ownReader struct {
+	cons jetstream.Consumer
+	it   jetstream.MessagesContext
+}
+
+func (w *worker) ownReader(ctx context.Context, src source, from uint64) (*ownReader, error) {
 	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), w.u.Sink, w.u.Basin, w.u.Stream)},
 		InactiveThreshold: bus.OrderedInactive}
-	if pos, ok := w.done[src.key]; ok {
-		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, pos.Seq
+	if from > 0 {
+		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, from
 	}
 	cons, err := w.d.js.OrderedConsumer(ctx, src.name, occ)
 	if err != nil {
-		return fmt.Errorf("read %s from %s: %w", w.u, src.name, err)
+		return nil, fmt.Errorf("read %s from %s: %w", w.u, src.name, err)
 	}
 	it, err := cons.Messages(jetstream.PullMaxMessages(2 * w.s.cfg.Batch.MaxRecords))
 	if err != nil {
 		bus.DropConsumer(w.d.js, src.name, cons)
-		return fmt.Errorf("read %s from %s: %w", w.u, src.name, err)
+		return nil, fmt.Errorf("read %s from %s: %w", w.u, src.name, err)
 	}
-	go func() {
-		defer bus.DropConsumer(w.d.js, src.name, cons)
-		defer it.Stop()
-		stop := context.AfterFunc(ctx, it.Stop)
-		defer stop()
-		for {
-			m, err := it.Next()
-			if err != nil {
-				if ctx.Err() == nil {
-					readErr <- fmt.Errorf("%s: %w", src.name, err)
-				}
-				return
-			}
-			select {
-			case msgs <- m:
-			case <-ctx.Done():
-				return
-			}
+	return &ownReader{cons: cons, it: it}, nil
+}
+
+func (o *ownReader) close(js jetstream.JetStream, stream string) {
+	o.it.Stop()
+	bus.DropConsumer(js, stream, o.cons)
+}
+
+// readLoop forwards the unit's messages of one source from sequence from
+// on into msgs in order, each once: from own until it has caught up and
+// the unit is attached to the shared reader, then from the feed until it
+// is detached, then from a new consumer after the last message
+// forwarded, and so on. It starts with own, or attached (f).
+func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *feed, from uint64, msgs chan<- jetstream.Msg) error {
+	var last uint64 // the last sequence forwarded
+	if from > 0 {
+		last = from - 1
+	}
+	send := func(m jetstream.Msg, seq uint64) error {
+		select {
+		case msgs <- m:
+			last = seq
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	defer func() {
+		if own != nil {
+			own.close(w.d.js, src.name)
 		}
 	}()
-	return nil
+	for {
+		if f != nil {
+			err := w.readFeed(ctx, f, &last, send)
+			f.leave(src, w.u)
+			if err != nil {
+				return err
+			}
+			// Detached: on its own again, after the last message forwarded.
+			if own, err = w.ownReader(ctx, src, last+1); err != nil {
+				return err
+			}
+		}
+		var err error
+		if f, err = w.readOwn(ctx, src, own, &last, send); err != nil {
+			return err
+		}
+		own.close(w.d.js, src.name)
+		own = nil
+	}
+}
+
+// readOwn forwards own's messages until the unit is attached to the
+// shared reader (at once if it can) and own has delivered every message
+// up to the attach: its first message past the attach position (which
+// the feed holds too), or nothing more pending; it returns the feed.
+func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *uint64, send func(jetstream.Msg, uint64) error) (*feed, error) {
+	stop := context.AfterFunc(ctx, func() { own.it.Stop() })
+	defer stop()
+	var f *feed
+	var at uint64 // the reader's position when f was attached
+	attach := func() {
+		if w.d.fan == nil {
+			return
+		}
+		var err error
+		if f, at, err = w.d.fan.attach(ctx, src, w.u); err != nil {
+			f = nil // reading on its own
+		}
+	}
+	leave := func() {
+		if f != nil {
+			f.leave(src, w.u)
+			f = nil
+		}
+	}
+	attach()
+	for {
+		m, err := own.it.Next()
+		if err != nil {
+			leave()
+			return nil, err
+		}
+		md, err := m.Metadata()
+		if err != nil {
+			leave()
+			return nil, err
+		}
+		if f != nil {
+			select {
+			case <-f.gone: // it fell behind the feed: on its own for now
+				leave()
+			default:
+			}
+		}
+		if f != nil && md.Sequence.Stream > at {
+			return f, nil // the feed has it and everything after it
+		}
+		if err := send(m, md.Sequence.Stream); err != nil {
+			leave()
+			return nil, err
+		}
+		if md.NumPending > 0 {
+			continue
+		}
+		// Caught up: attached, it switches once this consumer has
+		// delivered everything stored before the attach.
+		if f == nil {
+			if attach(); f == nil {
+				continue
+			}
+		}
+		info, err := own.cons.Info(ctx)
+		if err != nil || info.NumPending > 0 {
+			continue // a message past the attach will tell
+		}
+		for *last < info.Delivered.Stream {
+			m, err := own.it.Next()
+			if err == nil {
+				md, err = m.Metadata()
+			}
+			if err == nil && md.Sequence.Stream > at {
+				return f, nil
+			}
+			if err == nil {
+				err = send(m, md.Sequence.Stream)
+			}
+			if err != nil {
+				leave()
+				return nil, err
+			}
+		}
+		return f, nil
+	}
+}
+
+// readFeed forwards the feed's messages after *last until the feed is
+// detached and empty.
+func (w *worker) readFeed(ctx context.Context, f *feed, last *uint64, send func(jetstream.Msg, uint64) error) error {
+	forward := func(m jetstream.Msg) error {
+		fm, err := f.take(m)
+		if err != nil {
+			return err
+		}
+		md, _ := fm.Metadata()
+		if md.Sequence.Stream <= *last {
+			return nil // read on its own already
+		}
+		return send(fm, md.Sequence.Stream)
+	}
+	for {
+		select {
+		case m := <-f.ch:
+			if err := forward(m); err != nil {
+				return err
+			}
+		case <-f.gone:
+			for {
+				select {
+				case m := <-f.ch:
+					if err := forward(m); err != nil {
+						return err
+					}
+				default:
+					return nil
+				}
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // pendingNone reports whether no source's stream holds more for the unit.
