@@ -180,6 +180,7 @@ type e2eEnv struct {
 	client  *s2.Client
 	cfg     string
 	procs   map[string]*process
+	http    map[string]string // each service's HTTP address (metrics)
 	// natsProfile is nats-server's CPU profile URL, with PGS2_BENCH_PROFILE.
 	natsProfile string
 }
@@ -203,6 +204,41 @@ func (e *e2eEnv) profileNATS(t *testing.T, name string) {
 			t.Logf("nats-server profile: %v", err)
 		}
 	}()
+}
+
+// profileAll saves CPU profiles of every service and nats-server over
+// the next seconds to $PGS2_BENCH_PROFILE/<name>.<service>.cpu.pprof, in
+// the background (with PGS2_BENCH_PROFILE).
+func (e *e2eEnv) profileAll(t *testing.T, name string, seconds int) {
+	dir := os.Getenv("PGS2_BENCH_PROFILE")
+	if dir == "" {
+		return
+	}
+	urls := map[string]string{}
+	for label, addr := range e.http {
+		urls[label] = fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, seconds)
+	}
+	if e.natsProfile != "" {
+		urls["nats"] = strings.Replace(e.natsProfile, "seconds=10", fmt.Sprintf("seconds=%d", seconds), 1)
+	}
+	for label, url := range urls {
+		go func() {
+			resp, err := http.Get(url)
+			for try := 0; err != nil && try < 100; try++ { // a process just started
+				time.Sleep(20 * time.Millisecond)
+				resp, err = http.Get(url)
+			}
+			if err != nil {
+				t.Logf("profile %s: %v", label, err)
+				return
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			if err := os.WriteFile(filepath.Join(dir, name+"."+label+".cpu.pprof"), b, 0o644); err != nil {
+				t.Logf("profile %s: %v", label, err)
+			}
+		}()
+	}
 }
 
 func e2eStart(t *testing.T, b e2eBins, w *workload, slot, sink string, s2args ...string) *e2eEnv {
@@ -232,7 +268,7 @@ sinks:
 // config that config returns.
 func e2eStartWith(t *testing.T, b e2eBins, w *workload, config func(e *e2eEnv) string, s2args ...string) *e2eEnv {
 	t.Helper()
-	e := &e2eEnv{w: w, dir: t.TempDir(), procs: map[string]*process{}}
+	e := &e2eEnv{w: w, dir: t.TempDir(), procs: map[string]*process{}, http: map[string]string{}}
 	var extra []string
 	if os.Getenv("PGS2_BENCH_PROFILE") != "" {
 		pp, err := pgtest.FreePort()
@@ -272,9 +308,14 @@ func (e *e2eEnv) service(t *testing.T, bin, label string) *process {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := startProcess(t, bin, filepath.Join(e.dir, label+".log"), "--config", e.cfg,
-		"--http-addr", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn")
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	args := []string{"--config", e.cfg, "--http-addr", addr, "--log-level", "warn"}
+	if os.Getenv("PGS2_BENCH_PROFILE") != "" {
+		args = append(args, "--pprof")
+	}
+	p := startProcess(t, bin, filepath.Join(e.dir, label+".log"), args...)
 	e.procs[label] = p
+	e.http[label] = addr
 	return p
 }
 
