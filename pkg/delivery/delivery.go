@@ -142,12 +142,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Delivery, error) 
 	if d.metrics == nil {
 		d.metrics = metrics.NewDelivery(prometheus.NewRegistry())
 	}
-	d.states = sinkstate.NewTable(func() {
-		select {
-		case d.wake <- struct{}{}:
-		default:
-		}
-	})
+	d.states = sinkstate.NewTable(d.wakeUp)
 	for _, sc := range cfg.Sinks {
 		c, err := s2sink.New(s2sink.FromSink(sc))
 		if err != nil {
@@ -250,7 +245,10 @@ func (d *Delivery) Run(ctx context.Context) error {
 		d.log.Warn("heartbeat failed; units stop at the lease's end unless it succeeds", "error", err)
 	})
 	go bus.WatchKV(wctx, d.failures, d.failed.sync, d.failed.put)
-	go bus.WatchKV(wctx, d.unitsKV, d.reg.sync, d.reg.put)
+	go bus.WatchKV(wctx, d.unitsKV, d.reg.sync, func(e jetstream.KeyValueEntry) {
+		d.reg.put(e)
+		d.wakeUp() // a new unit is claimed now, not at the next Discover tick
+	})
 	go d.states.Watch(wctx, d.sinkKV)
 	sub, err := bus.ServeStatus(d.js.Conn(), bus.StatusSubject("delivery"), d.statusNow)
 	if err != nil {
@@ -276,7 +274,7 @@ func (d *Delivery) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-		case <-d.wake: // a sink's state changed: obey at once
+		case <-d.wake: // a sink's state changed, or a unit is new: at once
 		}
 	}
 }
@@ -420,6 +418,15 @@ func (d *Delivery) statusNow() any {
 		return true
 	})
 	return st
+}
+
+// wakeUp makes the balancing loop run now (once, however often called
+// before it runs).
+func (d *Delivery) wakeUp() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
 }
 
 // delivering returns the units of sinks that are active (the others'

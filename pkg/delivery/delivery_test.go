@@ -738,3 +738,23 @@ func TestListPagesThroughEveryFailedMessage(t *testing.T) {
 		t.Fatalf("pgs2ctl messages list printed %d distinct messages, want %d", len(ids), n)
 	}
 }
+
+// TestNewStreamDeliversAtOnce: the first change routed to an S2 stream
+// no process writes yet reaches it without waiting for delivery's
+// periodic look for new units (Discover: a minute here; it was one second
+// by default, which the first change of every new stream waited).
+func TestNewStreamDeliversAtOnce(t *testing.T) {
+	p := newPipeline(t, `CREATE TABLE items (id int PRIMARY KEY)`, []string{"public.items"}, "app-basin")
+	p.sinks = []config.Sink{{Name: "routed", Tables: []string{"public.items"}, Basin: "app-basin",
+		Routing: `{"stream": "s-" + string(record.id)}`}}
+	p.discover = time.Minute
+	p.start(t)
+	for id := 1; id <= 3; id++ {
+		start := time.Now()
+		p.pg.MustExec(t, "app", `INSERT INTO items VALUES ($1)`, id)
+		p.recordsWithin(t, "app-basin", fmt.Sprintf("s-%d", id), 1, 10*time.Second)
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("the first change to new stream s-%d took %s", id, d.Round(time.Millisecond))
+		}
+	}
+}

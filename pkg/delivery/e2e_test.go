@@ -44,6 +44,8 @@ type pipeline struct {
 	routerProcess bool
 	stopDelivery  func()
 	delivery      *delivery.Delivery // the last one started
+	// discover is delivery's Discover (default 100 ms).
+	discover time.Duration
 	registry      *prometheus.Registry
 }
 
@@ -140,7 +142,11 @@ func (p *pipeline) startPipelineWithoutDelivery(t *testing.T) {
 func (p *pipeline) startDelivery(t *testing.T, sinks []config.Sink) func() {
 	t.Helper()
 	p.registry = prometheus.NewRegistry()
-	d, err := delivery.New(delivery.Config{Sinks: sinks, Discover: 100 * time.Millisecond, Replicas: 1}, p.js,
+	discover := p.discover
+	if discover == 0 {
+		discover = 100 * time.Millisecond
+	}
+	d, err := delivery.New(delivery.Config{Sinks: sinks, Discover: discover, Replicas: 1}, p.js,
 		delivery.WithLogger(quiet()), delivery.WithMetrics(p.registry))
 	if err != nil {
 		t.Fatal(err)
