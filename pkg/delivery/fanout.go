@@ -65,6 +65,9 @@ func newFanout(ctx context.Context, js jetstream.JetStream, log *slog.Logger) *f
 type streamReader struct {
 	fo  *fanout
 	src source
+	// behind is the reader's consumer's pending count at its last
+	// message.
+	behind atomic.Uint64
 
 	mu    sync.Mutex
 	pos   uint64           // the last sequence read
@@ -143,9 +146,14 @@ func (f *feed) leave(src source, u Unit) {
 	f.detach()
 }
 
-// readerBytes bounds what a reader's consumer buffers (above any one
-// message: NATS allows 64 MB at most).
-const readerBytes = 64 << 20
+// backlog is how many messages behind the stream's end the shared
+// reader is reading a backlog rather than keeping up.
+const backlog = 256
+
+// readerMessages is how many messages a reader's consumer buffers (a
+// delivery message is at most the server's max_payload, 1 MB by
+// default; fewer, smaller pulls made the tests' busy JetStream time out).
+const readerMessages = 4096
 
 // readerBehind is how far behind the stream's end a reader may start
 // (messages).
@@ -180,8 +188,10 @@ func (fo *fanout) reader(ctx context.Context, src source, from uint64, atEnd boo
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", src.name, err)
 	}
-	// Bounded by bytes: a round's message may be megabytes.
-	it, err := cons.Messages(jetstream.PullMaxBytes(readerBytes))
+	// Bounded in messages, not bytes: with a byte budget a message near
+	// it waits for the next pull (a million-row transaction took 2m19s
+	// instead of 12 s).
+	it, err := cons.Messages(jetstream.PullMaxMessages(readerMessages))
 	if err != nil {
 		bus.DropConsumer(fo.js, src.name, cons)
 		return nil, fmt.Errorf("read %s: %w", src.name, err)
@@ -227,6 +237,7 @@ func (r *streamReader) run(it jetstream.MessagesContext) error {
 		prefix := subj[:strings.LastIndexByte(subj, '.')+1]
 		r.mu.Lock()
 		r.pos = md.Sequence.Stream
+		r.behind.Store(md.NumPending)
 		if f := r.feeds[prefix]; f != nil {
 			n := int64(len(m.Data()))
 			sent := false
@@ -249,12 +260,13 @@ func (r *streamReader) run(it jetstream.MessagesContext) error {
 }
 
 // fedMsg is a message from a feed: its metadata's pending count is what
-// the unit's feed holds behind it, not the shared consumer's pending
-// count (the other units' messages): a worker sends its batch at once
-// at the end of a round with nothing behind it, as with a consumer of
-// its own. (Counting one more while the reader is behind made every
-// unit wait for its linger under a live load: p50 5 → 11 ms at 1,000
-// streams.)
+// the unit's feed holds behind it, and one more while the reader is
+// reading a backlog (the unit's share of it is unknown, so its batches
+// fill as from a consumer of its own: a million-row transaction took
+// 16 s instead of 12), not the shared consumer's pending count. Under a
+// live load, a few messages behind the reader are other units' more
+// likely than this one's: counting them made every unit wait for its
+// linger (p50 5 → 11 ms at 1,000 streams).
 type fedMsg struct {
 	jetstream.Msg
 	md jetstream.MsgMetadata
@@ -271,5 +283,8 @@ func (f *feed) take(m jetstream.Msg) (jetstream.Msg, error) {
 	}
 	fm := &fedMsg{Msg: m, md: *md}
 	fm.md.NumPending = uint64(len(f.ch))
+	if f.r.behind.Load() > backlog {
+		fm.md.NumPending++
+	}
 	return fm, nil
 }

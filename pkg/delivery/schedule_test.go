@@ -276,7 +276,7 @@ func (sc *schedule) run() error {
 		fctx, stopFan := context.WithCancel(context.Background())
 		if sc.draw(4) > 0 {
 			d.fan = newFanout(fctx, jsf, d.log)
-			d.fan.room = 1 + sc.draw(8)
+			d.fan.room = 4 << sc.draw(5) // 4..64 (TestFanoutFeedsEveryMessageOnce takes smaller ones)
 		}
 		sk := h.sink(sc.u, s2f, retry)
 		sk.cfg.Batch.MaxRecords = maxRecords

@@ -475,9 +475,11 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 }
 
 // readOwn forwards own's messages until the unit is attached to the
-// shared reader (at once if it can) and own has delivered every message
-// up to the attach: its first message past the attach position (which
-// the feed holds too), or nothing more pending; it returns the feed.
+// shared reader (at once, and again whenever it has caught up after its
+// feed was detached) and own delivers its first message past the attach
+// position: the feed holds that one and every later one, and own has
+// delivered every earlier one (an ordered consumer skips none); it
+// returns the feed.
 func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *uint64, send func(jetstream.Msg, uint64) error) (*feed, error) {
 	stop := context.AfterFunc(ctx, func() { own.it.Stop() })
 	defer stop()
@@ -524,37 +526,13 @@ func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *
 			leave()
 			return nil, err
 		}
-		if md.NumPending > 0 {
-			continue
+		if md.NumPending == 0 && f == nil {
+			// Caught up: attach; the next message past the attach
+			// switches it. (Not sooner: nothing pending by its consumer's
+			// info did not prove that every earlier message had been
+			// delivered, and lost messages.)
+			attach()
 		}
-		// Caught up: attached, it switches once this consumer has
-		// delivered everything stored before the attach.
-		if f == nil {
-			if attach(); f == nil {
-				continue
-			}
-		}
-		info, err := own.cons.Info(ctx)
-		if err != nil || info.NumPending > 0 {
-			continue // a message past the attach will tell
-		}
-		for *last < info.Delivered.Stream {
-			m, err := own.it.Next()
-			if err == nil {
-				md, err = m.Metadata()
-			}
-			if err == nil && md.Sequence.Stream > at {
-				return f, nil
-			}
-			if err == nil {
-				err = send(m, md.Sequence.Stream)
-			}
-			if err != nil {
-				leave()
-				return nil, err
-			}
-		}
-		return f, nil
 	}
 }
 
