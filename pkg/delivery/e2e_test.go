@@ -46,7 +46,7 @@ type pipeline struct {
 	delivery      *delivery.Delivery // the last one started
 	// discover is delivery's Discover (default 100 ms).
 	discover time.Duration
-	registry      *prometheus.Registry
+	registry *prometheus.Registry
 }
 
 func newPipeline(t *testing.T, schema string, tables []string, basins ...string) *pipeline {
