@@ -90,8 +90,8 @@ type curvePoint struct {
 	// load is the SQL committed with probe k (the curve's shape; "" for
 	// none) and the records it becomes.
 	load func(k int) (sql string, records int)
-	// parkedFilter and fixedFilter: with parks, the sinks' YAML as it is
-	// fixed after the latency phase (SIGHUP): the parks drain.
+	// fixedSinks, with parks: the sinks' YAML as it is fixed after the
+	// latency phase (SIGHUP): the parks drain.
 	fixedSinks string
 	// extra is the point's own column.
 	extra func(r curveResult) string
@@ -226,7 +226,7 @@ func curves() []curve {
 
 	// Streams: one routing function spreading the changes over k streams.
 	streams := curve{name: "streams", axis: "S2 streams (100,000 changes routed over them)", extraHead: "records/s",
-		note: "Each stream is written by its own worker with its own JetStream consumer: the first change of a stream creates it in S2 and opens its session."}
+		note: "Each stream is written by its own worker (fed by the process's shared reader once caught up): the first change of a stream creates it in S2 and opens its session."}
 	for _, k := range []int{1, 100, 1000, 10000} {
 		var limit time.Duration
 		if k == 10000 {
@@ -386,6 +386,9 @@ func runCurvePoint(t *testing.T, b e2eBins, p curvePoint) curveResult {
 	cp := e.service(t, b.capture, "capture")
 	rt := e.service(t, b.router, "router")
 	dl := e.service(t, b.delivery, "delivery")
+	peaks := func() []int64 {
+		return []int64{procHWM(cp.pid()), procHWM(rt.pid()), procHWM(dl.pid()), procHWM(e.ns.pid()), procHWM(e.s2.pid())}
+	}
 	var r curveResult
 	e.profileAll(t, strings.ReplaceAll(t.Name()+"-"+p.label, "/", "-"), 5)
 	if p.live {
@@ -402,12 +405,11 @@ func runCurvePoint(t *testing.T, b e2eBins, p curvePoint) curveResult {
 	}
 	if p.limit > 0 { // a point that may not finish: what it did in the time
 		var got int
-		r.dur, got = waitMetricUpTo(ctx, t, e, p.records, start, p.limit,
-			"pgs2_delivery_records_appended_total", "pgs2_delivery_parked_messages_total")
+		r.dur, got = waitMetricUpTo(ctx, t, e, p.records, start, p.limit, deliveredMetrics...)
 		if got < p.records {
 			r.rate = float64(got) / r.dur.Seconds()
 			r.extra = fmt.Sprintf("unfinished: %d of %d records after %s", got, p.records, p.limit)
-			r.peak = []int64{procHWM(cp.pid()), procHWM(rt.pid()), procHWM(dl.pid()), procHWM(e.ns.pid()), procHWM(e.s2.pid())}
+			r.peak = peaks()
 			t.Logf("%s: %s", p.label, r.extra)
 			e.stopAll(t, "delivery", "router", "capture")
 			e.stopInfra(t)
@@ -451,7 +453,7 @@ func runCurvePoint(t *testing.T, b e2eBins, p curvePoint) curveResult {
 		r.drain = waitAppended(ctx, t, e, want, start, 15*time.Minute)
 		t.Logf("%s: drained to %d records in %s", p.label, want, r.drain.Round(time.Millisecond))
 	}
-	r.peak = []int64{procHWM(cp.pid()), procHWM(rt.pid()), procHWM(dl.pid()), procHWM(e.ns.pid()), procHWM(e.s2.pid())}
+	r.peak = peaks()
 	if p.extra != nil {
 		r.extra = p.extra(r)
 	} else {
@@ -477,11 +479,14 @@ func runCurvePoint(t *testing.T, b e2eBins, p curvePoint) curveResult {
 	return r
 }
 
+// deliveredMetrics are delivery's counters of records appended or parked.
+var deliveredMetrics = []string{"pgs2_delivery_records_appended_total", "pgs2_delivery_parked_messages_total"}
+
 // waitDelivered waits until delivery has appended or parked n records of
 // the sinks other than the probe; it returns the time since start.
 func waitDelivered(ctx context.Context, t *testing.T, e *e2eEnv, n int, start time.Time, limit time.Duration) time.Duration {
 	t.Helper()
-	return waitMetric(ctx, t, e, n, start, limit, "pgs2_delivery_records_appended_total", "pgs2_delivery_parked_messages_total")
+	return waitMetric(ctx, t, e, n, start, limit, deliveredMetrics...)
 }
 
 // waitAppended waits until delivery has appended n records of the sinks

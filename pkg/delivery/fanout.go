@@ -22,21 +22,20 @@ import (
 // (nats-server spent half its CPU in msgBlock.firstMatching, and the
 // pipeline ran 13× slower at 1,000 S2 streams than at one).
 //
-// So a process reads each source's delivery stream once, from its end,
-// with one consumer over all of it (the server's cheapest read), and
-// hands each attached unit its messages (fanout). A worker reads with its
-// own consumer until it has caught up, then attaches: from the reader's
-// position R on, every message of the unit goes into its feed; the
-// worker asks its own consumer's state, and once that consumer has
-// nothing more pending it has delivered every message of the unit up to
-// R (they were stored before the attach), so the worker reads those it
-// still holds, drops its consumer and reads the feed (skipping what it
-// already read). A feed that fills up (its worker is slow: S2 refuses or
+// So a process reads each source's delivery stream once with one
+// consumer over all of it (the server's cheapest read), and hands each
+// attached unit its messages (fanout). A worker whose resume point the
+// shared reader has not passed yet attaches at once; any other reads with
+// its own consumer and attaches too: from the reader's position R on,
+// every message of the unit goes into its feed, and the worker switches
+// to the feed at its own consumer's first message past R (the feed holds
+// that one and every later one; an ordered consumer delivered every
+// earlier one). A feed that fills up (its worker is slow: S2 refuses or
 // throttles it) is detached rather than block the other units, and its
-// worker reads on its own again from its last message, as it does when
+// worker reads on its own again after its last message, as it does when
 // the reader fails; it attaches again once caught up.
 
-// feedRoom bounds a feed: messages and bytes.
+// feedMessages and feedBytes bound a feed.
 const (
 	feedMessages = 1024
 	feedBytes    = 16 << 20
@@ -109,20 +108,22 @@ func (fo *fanout) attach(ctx context.Context, src source, u Unit) (*feed, uint64
 }
 
 // attachAhead attaches the unit if the reader has not read past from
-// (the first sequence the unit wants; 0: the stream's first) yet,
-// starting one at from if there is none (and from is near the end); ok
-// is false when it has: the unit catches up on its own first.
-func (fo *fanout) attachAhead(ctx context.Context, src source, u Unit, from uint64) (f *feed, ok bool, err error) {
+// (the first sequence the unit wants) yet, starting one at from if there
+// is none (and from is near the end). Nil: it has, or there is no reader
+// (0 means the stream's first message: a unit without a position finds
+// its first message faster on its own); the unit catches up on its own
+// first.
+func (fo *fanout) attachAhead(ctx context.Context, src source, u Unit, from uint64) *feed {
 	r, err := fo.reader(ctx, src, from, false)
 	if err != nil {
-		return nil, false, err
+		return nil
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.dead || from == 0 || r.pos >= from {
-		return nil, false, nil
+		return nil
 	}
-	return fo.add(r, src, u), true, nil
+	return fo.add(r, src, u)
 }
 
 // add registers u's feed in r (under r.mu).

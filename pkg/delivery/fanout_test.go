@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -27,16 +26,9 @@ import (
 // PGS2_SEED replays a seed; PGS2_FANOUT_SEEDS sets how many.
 func TestFanoutFeedsEveryMessageOnce(t *testing.T) {
 	h := newHarness(t)
-	seeds := 8
-	if v, err := strconv.Atoi(os.Getenv("PGS2_FANOUT_SEEDS")); err == nil {
-		seeds = v
-	}
-	seed0 := uint64(time.Now().UnixNano())
-	if v, err := strconv.ParseUint(os.Getenv("PGS2_SEED"), 10, 64); err == nil {
-		seed0 = v
-	}
+	n, seed0 := seeds("PGS2_FANOUT_SEEDS", 8)
 	var fed, detached int
-	for i := range seeds {
+	for i := range n {
 		seed := seed0 + uint64(i)
 		f, d, err := runFanout(t, h, seed)
 		if err != nil {
@@ -44,11 +36,11 @@ func TestFanoutFeedsEveryMessageOnce(t *testing.T) {
 		}
 		fed, detached = fed+f, detached+d
 	}
-	t.Logf("%d seeds from %d: %d messages fed, %d feeds detached", seeds, seed0, fed, detached)
+	t.Logf("%d seeds from %d: %d messages fed, %d feeds detached", n, seed0, fed, detached)
 	// The test reaches what it is for: messages through feeds, and feeds
 	// detached.
 	if fed == 0 || detached == 0 {
-		t.Errorf("over %d seeds from %d: %d messages fed, %d feeds detached; want both > 0", seeds, seed0, fed, detached)
+		t.Errorf("over %d seeds from %d: %d messages fed, %d feeds detached; want both > 0", n, seed0, fed, detached)
 	}
 }
 

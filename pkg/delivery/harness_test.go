@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -362,4 +363,17 @@ func (s *faultyStream) Purge(ctx context.Context, opts ...jetstream.StreamPurgeO
 		return errInjected
 	}
 	return s.Stream.Purge(ctx, opts...)
+}
+
+// seeds reads a seeded test's count (from env countVar, default n) and
+// first seed (PGS2_SEED, default the clock).
+func seeds(countVar string, n int) (int, uint64) {
+	if v, err := strconv.Atoi(os.Getenv(countVar)); err == nil {
+		n = v
+	}
+	seed0 := uint64(time.Now().UnixNano())
+	if v, err := strconv.ParseUint(os.Getenv("PGS2_SEED"), 10, 64); err == nil {
+		seed0 = v
+	}
+	return n, seed0
 }

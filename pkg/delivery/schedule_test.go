@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -35,14 +33,7 @@ import (
 // 150), PGS2_SEED the first seed; a failing seed is printed, and
 // PGS2_SEED=<it> PGS2_SCHEDULES=1 replays its schedule.
 func TestWorkerSchedules(t *testing.T) {
-	n := 150
-	if v, err := strconv.Atoi(os.Getenv("PGS2_SCHEDULES")); err == nil {
-		n = v
-	}
-	seed0 := uint64(time.Now().UnixNano())
-	if v, err := strconv.ParseUint(os.Getenv("PGS2_SEED"), 10, 64); err == nil {
-		seed0 = v
-	}
+	n, seed0 := seeds("PGS2_SCHEDULES", 150)
 	t.Logf("%d schedules from seed %d", n, seed0)
 	h := newHarness(t)
 	was := sessionRestarts

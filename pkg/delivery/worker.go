@@ -382,7 +382,7 @@ func (w *worker) read1(ctx context.Context, src source, msgs chan<- jetstream.Ms
 	var own *ownReader
 	var f *feed
 	if w.d.fan != nil { // the shared reader has not read past it yet: no catching up
-		f, _, _ = w.d.fan.attachAhead(ctx, src, w.u, from)
+		f = w.d.fan.attachAhead(ctx, src, w.u, from)
 	}
 	if f == nil {
 		var err error
