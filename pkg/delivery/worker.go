@@ -454,7 +454,8 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 		}
 	}()
 	for {
-		if f != nil {
+		detached := f != nil // read from a feed until it was detached
+		if detached {
 			err := w.readFeed(ctx, f, &last, send)
 			f.leave(src, w.u)
 			if err != nil {
@@ -466,7 +467,7 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 			}
 		}
 		var err error
-		if f, err = w.readOwn(ctx, src, own, &last, send); err != nil {
+		if f, err = w.readOwn(ctx, src, own, &last, send, !detached); err != nil {
 			return err
 		}
 		own.close(w.d.js, src.name)
@@ -475,12 +476,13 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 }
 
 // readOwn forwards own's messages until the unit is attached to the
-// shared reader (at once, and again whenever it has caught up after its
-// feed was detached) and own delivers its first message past the attach
-// position: the feed holds that one and every later one, and own has
-// delivered every earlier one (an ordered consumer skips none); it
-// returns the feed.
-func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *uint64, send func(jetstream.Msg, uint64) error) (*feed, error) {
+// shared reader (at once if first, else once it has caught up: a unit
+// whose feed was detached for falling behind would fill the next one as
+// fast, and make and drop a consumer each time) and own delivers its
+// first message past the attach position: the feed holds that one and
+// every later one, and own has delivered every earlier one (an ordered
+// consumer skips none); it returns the feed.
+func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *uint64, send func(jetstream.Msg, uint64) error, first bool) (*feed, error) {
 	stop := context.AfterFunc(ctx, func() { own.it.Stop() })
 	defer stop()
 	var f *feed
@@ -500,7 +502,9 @@ func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *
 			f = nil
 		}
 	}
-	attach()
+	if first {
+		attach()
+	}
 	for {
 		m, err := own.it.Next()
 		if err != nil {
