@@ -274,6 +274,7 @@ func (b *backfills) run(ctx context.Context, r *jobRun) {
 			return false
 		}
 		b.c.log.Warn("backfill interrupted; resuming", "backfill", r.job.ID, "error", err, "retry_in", wait)
+		b.c.serverStopping(err)
 		return true
 	})
 }
@@ -290,7 +291,7 @@ func (b *backfills) runOnce(ctx context.Context, r *jobRun) error {
 	job := func() backfill.Job { r.mu.Lock(); defer r.mu.Unlock(); return r.job }()
 	// Chunks started before this run and never finished are abandoned; the
 	// reader passes the abort after every earlier watermark of the job.
-	lsn, err := backfill.Emit(ctx, conn, backfill.Marker{Source: c.cfg.Source, Job: job.ID, W: backfill.Abort})
+	lsn, err := c.emit(ctx, conn, backfill.Marker{Source: c.cfg.Source, Job: job.ID, W: backfill.Abort})
 	if err != nil {
 		return err
 	}
@@ -475,7 +476,7 @@ func (b *backfills) table(ctx context.Context, conn *pgx.Conn, r *jobRun, spec b
 			// Close the chunk's window, if it opened (the reader holds the
 			// slot for it until then).
 			m.W = backfill.Abort
-			_, _ = backfill.Emit(context.WithoutCancel(ctx), conn, m)
+			_, _ = c.emit(context.WithoutCancel(ctx), conn, m)
 			return err
 		}
 		if o.placed || o.bytes > 0 { // an abandoned chunk read nothing to size by
@@ -536,7 +537,7 @@ func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadE
 		}
 	}()
 	m.W = backfill.Low
-	if _, err := backfill.Emit(ctx, conn, m); err != nil {
+	if _, err := c.emit(ctx, conn, m); err != nil {
 		return outcome{}, err
 	}
 
@@ -576,7 +577,7 @@ func (b *backfills) chunk(ctx context.Context, conn *pgx.Conn, enc *pgrepl.ReadE
 	c.hub.putRows(id, st)
 	m.W = backfill.High
 	high = true // from here it may be in the WAL
-	highLSN, err := backfill.Emit(ctx, conn, m)
+	highLSN, err := c.emit(ctx, conn, m)
 	if err != nil {
 		high = !pgconn.SafeToRetry(err) // not sent at all: not in the WAL
 		return outcome{}, err
@@ -621,7 +622,7 @@ func nextChunkSize(size, maxSize, bytes int) int {
 // abandon closes chunk m's window without rows.
 func (b *backfills) abandon(ctx context.Context, conn *pgx.Conn, m backfill.Marker, reason string) (outcome, error) {
 	m.W = backfill.Abort
-	lsn, err := backfill.Emit(ctx, conn, m)
+	lsn, err := b.c.emit(ctx, conn, m)
 	if err != nil {
 		return outcome{}, err
 	}

@@ -2,13 +2,19 @@ package capture_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/backfill/backfilltest"
+	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/capture"
 	"github.com/pgs2/pgs2/pkg/change"
 	"github.com/pgs2/pgs2/pkg/seed"
@@ -184,5 +190,145 @@ func TestBackfillRidesThroughCrashes(t *testing.T) {
 	t.Logf("%d reads of %d rows read, %d changes in all", reads, p.Rows, len(changes))
 	if lasts != 1 {
 		t.Fatalf("seed %d: %d reads marked last, want 1", s, lasts)
+	}
+}
+
+// TestBackfillLetsPostgresStop: PostgreSQL shut down (fast) in the middle
+// of a chunk. A logical walsender exits only once its client confirmed
+// all it sent, and capture confirms no further than a chunk it has not
+// recorded; a chunk cut off before its high watermark is abandoned at
+// once, but one cut off while writing it may be in the WAL (the reader
+// places its rows there) and is recorded only by a runner that reaches
+// the server, which refuses connections while it shuts down: the server
+// never stopped (found by TestBackfillEndToEnd, once). The backfill
+// finishes after the restart, consistent with the stream.
+func TestBackfillLetsPostgresStop(t *testing.T) {
+	ctx := context.Background()
+	t.Run("before its high watermark", func(t *testing.T) {
+		backfillThroughRestart(t, nil, func(e *env) {
+			store := e.backfills(t)
+			for {
+				p, _, err := store.Progress(ctx, "bf", "app", "public.items")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if p.Rows >= 1000 {
+					break
+				}
+				if p.State == backfill.Done {
+					t.Fatal("the backfill ended before the restart")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			// The next chunk emits its low watermark and waits for the table.
+			lock, err := pgx.Connect(ctx, e.pg.DSN("app"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { lock.Close(ctx) })
+			if _, err := lock.Exec(ctx, `BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE`); err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+				var waiting int
+				if err := lock.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'items'::regclass`).Scan(&waiting); err != nil {
+					t.Fatal(err)
+				}
+				if waiting > 0 {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("no chunk waited for the locked table within a minute")
+				}
+			}
+		})
+	})
+	t.Run("writing its high watermark", func(t *testing.T) {
+		written, proceed := make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		var high uint64
+		// The third chunk's high watermark is written, and its runner sees
+		// the connection fail once the server is shutting down.
+		opt := capture.WithEmit(func(emit capture.EmitFunc) capture.EmitFunc {
+			return func(ctx context.Context, conn *pgx.Conn, m backfill.Marker) (uint64, error) {
+				lsn, err := emit(ctx, conn, m)
+				if err != nil || m.W != backfill.High || m.Chunk < 3 {
+					return lsn, err
+				}
+				first := false
+				once.Do(func() { first = true })
+				if !first {
+					return lsn, err
+				}
+				high = lsn
+				close(written)
+				<-proceed
+				return 0, errors.New("unexpected EOF (injected: the shutdown ended the connection)")
+			}
+		})
+		backfillThroughRestart(t, []capture.Option{opt}, func(e *env) {
+			<-written
+			// The reader placed the chunk's rows: its window is held until
+			// the runner records the chunk.
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+				r, err := bus.ResumeChanges(ctx, e.js, "PGS2_CHANGES", "app")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.Through.LSN >= high-1 {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the chunk's rows did not reach the stream within a minute")
+				}
+			}
+		}, func(e *env) {
+			for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				c, err := pgx.Connect(ctx, e.pg.DSN("app"))
+				if err == nil {
+					c.Close(ctx)
+					continue
+				}
+				if pe := (*pgconn.PgError)(nil); errors.As(err, &pe) && pe.Code == "57P03" {
+					break // shutting down
+				}
+			}
+			close(proceed)
+		})
+	})
+}
+
+// backfillThroughRestart backfills 20,000 rows with capture's options
+// opts, restarts PostgreSQL once the first step returned (with the job
+// started) (the second, if
+// any, runs while it stops), and checks the backfill finishes consistent
+// with the stream.
+func backfillThroughRestart(t *testing.T, opts []capture.Option, steps ...func(*env)) {
+	rows := 20_000
+	e := newEnv(t, fmt.Sprintf(backfilltest.ItemsSQL, rows), "public.items", "public.done")
+	e.cfg.Backfill = capture.BackfillConfig{ChunkSize: 500, StatementTimeout: 5 * time.Minute,
+		SinkTables: map[string][]string{"s": {"public.items"}}}
+	e.opts = opts
+	e.run(t)
+	ctx := context.Background()
+	store := e.backfills(t)
+	e.startBackfill(t, store, backfill.Job{ID: "bf", Sink: "s"})
+	steps[0](e)
+	began := time.Now()
+	restarted := make(chan error, 1)
+	go func() { restarted <- e.pg.Restart(ctx) }()
+	if len(steps) > 1 {
+		steps[1](e)
+	}
+	if err := <-restarted; err != nil {
+		t.Fatalf("restart PostgreSQL in the middle of a chunk: %v", err)
+	}
+	t.Logf("PostgreSQL stopped and started again in %s", time.Since(began).Round(time.Millisecond))
+	p := waitProgress(t, store, "bf", "public.items", backfill.Done)
+	changes := e.allWritten(t)
+	state, reads, lasts := replayItems(t, changes, "bf")
+	backfilltest.Compare(t, 0, state, backfilltest.TableItems(t, e.pg.DSN("app")))
+	if lasts != 1 || reads < rows {
+		t.Fatalf("%d reads (%d rows read), %d marked last; want %d reads, 1 last", reads, p.Rows, lasts, rows)
 	}
 }

@@ -85,6 +85,11 @@ type Capture struct {
 	// roundCommits, when set (a test seam), gives each session the number
 	// of commits its rounds end at (0: by age).
 	roundCommits func() int
+	// emit writes a backfill watermark (backfill.Emit; a test seam wraps
+	// it).
+	emit func(context.Context, *pgx.Conn, backfill.Marker) (uint64, error)
+	// endSession ends the current replication session (with its cause).
+	endSession atomic.Pointer[context.CancelCauseFunc]
 }
 
 // publishFunc publishes one message of a round (bus.Publisher.Publish).
@@ -141,7 +146,8 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) *Capture {
 	if cfg.Backfill.Replicas <= 0 {
 		cfg.Backfill.Replicas = max(cfg.Stream.Replicas, 1)
 	}
-	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture"), hub: newHub()}
+	c := &Capture{cfg: cfg, js: js, log: slog.Default(), state: health.NewState(), tracer: otel.Tracer("pgs2/capture"), hub: newHub(),
+		emit: backfill.Emit}
 	c.live.Store(&cfg)
 	for _, o := range opts {
 		o(c)
@@ -188,6 +194,26 @@ func (c *Capture) Run(ctx context.Context) error {
 	}
 	defer func() { _ = sub.Unsubscribe() }()
 	return l.Hold(ctx, c.log, c.state, c.active)
+}
+
+// errServerStopping ends a replication session while PostgreSQL shuts
+// down. A logical walsender exits only once its client confirmed all it
+// sent, and capture confirms no further than a backfill chunk it has not
+// recorded; the chunk cannot be finished while the server refuses
+// connections, so the server would wait for ever. A new session replays
+// from the confirmed position, as after a crash.
+var errServerStopping = errors.New("PostgreSQL is shutting down")
+
+// serverStopping ends the current session if err says PostgreSQL is
+// shutting down (it refuses connections: SQLSTATE 57P03).
+func (c *Capture) serverStopping(err error) {
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "57P03" {
+		return
+	}
+	if end := c.endSession.Load(); end != nil {
+		(*end)(fmt.Errorf("%w (%s): the session ends so that it can", errServerStopping, pe.Message))
+	}
 }
 
 // CapturesBucket holds one key per source whose capture runs (value: the
@@ -245,7 +271,14 @@ func (c *Capture) active(ctx context.Context) error {
 		}
 	}
 	restart.Loop(ctx, sessionRestarts, func(ctx context.Context) error {
-		return c.session(ctx, stream, src.Database)
+		sctx, end := context.WithCancelCause(ctx)
+		defer end(nil)
+		c.endSession.Store(&end)
+		err := c.session(sctx, stream, src.Database)
+		if cause := context.Cause(sctx); ctx.Err() == nil && errors.Is(cause, errServerStopping) {
+			return cause
+		}
+		return err
 	}, func(err error, wait time.Duration) bool {
 		if errors.Is(err, pgrepl.ErrSetup) {
 			setupErr = err

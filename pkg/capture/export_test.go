@@ -3,6 +3,10 @@ package capture
 import (
 	"context"
 	"errors"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgs2/pgs2/pkg/backfill"
 )
 
 // WithCrashAfter ends the capture's first sessions, one after another,
@@ -46,3 +50,11 @@ func WithRoundCommits(n ...int) Option {
 
 // errCrash is the simulated crash.
 var errCrash = errors.New("simulated crash")
+
+// EmitFunc writes a backfill watermark.
+type EmitFunc = func(context.Context, *pgx.Conn, backfill.Marker) (uint64, error)
+
+// WithEmit wraps the writes of backfill watermarks.
+func WithEmit(wrap func(EmitFunc) EmitFunc) Option {
+	return func(c *Capture) { c.emit = wrap(c.emit) }
+}
