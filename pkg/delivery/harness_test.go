@@ -60,13 +60,7 @@ func newHarness(t testing.TB) *harness {
 	h := &harness{t: t, ns: natstest.New(t)}
 	h.nc, h.js = h.ns.Connect(t)
 	ctx := context.Background()
-	for _, s := range []struct{ source, stream string }{{testSource, testStream}, {otherSource, otherStream}} {
-		ds, err := bus.EnsureDeliveryStream(ctx, h.js, bus.DeliveryStreamConfig{Name: s.stream, Source: s.source, Replicas: 1, DuplicateWindow: time.Minute})
-		if err != nil {
-			t.Fatal(err)
-		}
-		h.srcs = append(h.srcs, source{name: s.stream, key: bus.StreamKey(s.stream, ds.CachedInfo().Created), token: s.source})
-	}
+	h.srcs = h.sources(ctx, testSource, testStream, otherSource, otherStream)
 	h.src = h.srcs[0]
 	var err error
 	if _, err := EnsureParkedStream(ctx, h.js, 1); err != nil {
@@ -86,6 +80,38 @@ func newHarness(t testing.TB) *harness {
 		t.Fatal(err)
 	}
 	return h
+}
+
+// sources makes the delivery streams of the sources named in pairs
+// (source, stream).
+func (h *harness) sources(ctx context.Context, pairs ...string) []source {
+	h.t.Helper()
+	var out []source
+	for i := 0; i+1 < len(pairs); i += 2 {
+		src, name := pairs[i], pairs[i+1]
+		ds, err := bus.EnsureDeliveryStream(ctx, h.js, bus.DeliveryStreamConfig{Name: name, Source: src, Replicas: 1, DuplicateWindow: time.Minute})
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		out = append(out, source{name: name, key: bus.StreamKey(name, ds.CachedInfo().Created), token: src})
+	}
+	return out
+}
+
+// own returns a harness like h whose workers read two delivery streams
+// of their own (sources named after tag), and a function deleting them:
+// a process reads all of a delivery stream (fanout), so workers of
+// unrelated tests sharing one would each read all the others' messages.
+func (h *harness) own(tag string) (*harness, func()) {
+	ctx := context.Background()
+	o := *h
+	o.srcs = h.sources(ctx, "a"+tag, "A"+tag, "b"+tag, "B"+tag)
+	o.src = o.srcs[0]
+	return &o, func() {
+		for _, s := range o.srcs {
+			_ = h.js.DeleteStream(ctx, s.name)
+		}
+	}
 }
 
 func testLogger() *slog.Logger {

@@ -110,6 +110,8 @@ func (sc *schedule) note(format string, args ...any) {
 }
 
 func runSchedule(h *harness, seed uint64) error {
+	h, drop := h.own(fmt.Sprint(seed))
+	defer drop()
 	sc := &schedule{h: h, seed: seed, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		u:    Unit{Sink: fmt.Sprintf("s%d", seed), Basin: testBasin, Stream: fmt.Sprintf("u%d", seed)},
 		want: map[string][]string{}, oversized: map[string]bool{}, events: make(chan string, 64)}
@@ -128,9 +130,9 @@ func (sc *schedule) inputs(msgs int) {
 		m := sc.msgs
 		// Two sources: the same groups of the same table, of two
 		// databases, are distinct groups.
-		src := testSource
+		src := sc.h.srcs[0].token
 		if sc.rng.IntN(3) == 0 {
-			src = otherSource
+			src = sc.h.srcs[1].token
 		}
 		var entries []bus.Entry
 		total := 0
