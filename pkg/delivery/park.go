@@ -130,25 +130,33 @@ func RetrySubject(u Unit) string {
 	return "pgs2.admin.retry." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
 }
 
-// unitParks is a worker's view of its unit's parks. Every message the
-// worker publishes there is conditional on the last sequence of the
-// unit's park subjects being the one it last saw (Nats-Expected-Last-
-// Subject-Sequence over ParkFilter), and every session starts by
-// publishing an owner marker the same way: once a new owner's marker is
-// stored, an earlier owner's park publishes are refused, so a change is
-// never parked behind the back of the owner that read the parks.
+// unitParks is a worker's view of its unit's parks. Every session starts
+// by publishing an owner marker conditional on the last sequence of all
+// the unit's park subjects being the one it read (Nats-Expected-Last-
+// Subject-Sequence over ParkFilter: no park and no other marker stored
+// since), and every later message the worker publishes there is
+// conditional on the last sequence of the owner subject being its own
+// marker's: once a new owner's marker is stored, an earlier owner's park
+// publishes are refused, so a change is never parked behind the back of
+// the owner that read the parks. (A condition over ParkFilter on every
+// park cost the server a look at each parked group's subject: parking
+// took time in proportion to the groups parked.)
 type unitParks struct {
 	js    jetstream.JetStream
 	st    jetstream.Stream
 	u     Unit
 	token string
 
-	lastSeq uint64 // the last sequence of the unit's park subjects, as this owner left it
+	owner uint64 // the sequence of this owner's last marker
 	// through is the unit's progress when the last park message or
 	// marker was published: every change up to it is in S2 or in a park.
 	through bus.Progress
 	groups  map[string]*parkedGroup
-	order   []string // parked groups, for taking turns at draining
+	// order is the parked groups, for taking turns at draining; a group
+	// removed stays in it until it is compacted (a removal is O(1), not
+	// a search of 100,000 groups), so nextDue skips those not in groups.
+	order   []string
+	inOrder map[string]bool // the groups in order
 	next    int
 }
 
@@ -160,7 +168,8 @@ type parkedGroup struct {
 
 // newUnitParks: st is the park stream (nil: looked up by each session).
 func newUnitParks(js jetstream.JetStream, st jetstream.Stream, u Unit, token string) *unitParks {
-	return &unitParks{js: js, st: st, u: u, token: token, groups: map[string]*parkedGroup{}, through: bus.Progress{}}
+	return &unitParks{js: js, st: st, u: u, token: token, groups: map[string]*parkedGroup{},
+		inOrder: map[string]bool{}, through: bus.Progress{}}
 }
 
 func (p *unitParks) ownerSubject() string { return ParkSubject(p.u, ownerToken) }
@@ -229,7 +238,7 @@ func (p *unitParks) claim(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("claim the parks of %s: %w", p.u, err)
 		}
-		p.lastSeq, p.through = ack.Sequence, through
+		p.owner, p.through = ack.Sequence, through
 		return nil
 	}
 }
@@ -253,6 +262,7 @@ func mergeThrough(through bus.Progress, m *jetstream.RawStreamMsg) error {
 // load learns which groups of the unit are parked.
 func (p *unitParks) load(ctx context.Context) error {
 	clear(p.groups)
+	clear(p.inOrder)
 	p.order, p.next = p.order[:0], 0
 	info, err := p.st.Info(ctx, jetstream.WithSubjectFilter(ParkFilter(p.u)))
 	if err != nil {
@@ -263,6 +273,7 @@ func (p *unitParks) load(ctx context.Context) error {
 		if _, group, ok := parseParkSubject(subj); ok && n > 0 {
 			p.groups[group] = &parkedGroup{due: now}
 			p.order = append(p.order, group)
+			p.inOrder[group] = true
 		}
 	}
 	return nil
@@ -274,17 +285,20 @@ func wrongLast(err error) bool {
 		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
-// publish parks a message of group, conditional on the unit's parks being
-// as this owner left them. When they are not (a drain or an operator
-// removed the last one), it reads them again and retries, unless another
-// process's marker is stored: then the unit is no longer this one's.
+// publish parks a message of group (or, as ownerToken, publishes a new
+// marker), conditional on this owner's marker being the last one. When
+// it is not, the unit is no longer this one's, unless the last marker is
+// this process's own (a publish of it whose answer was lost): then it
+// retries.
 func (p *unitParks) publish(ctx context.Context, group string, h nats.Header, body []byte) error {
-	filter := ParkFilter(p.u)
+	owner := p.ownerSubject()
 	m := &nats.Msg{Subject: ParkSubject(p.u, group), Header: h, Data: body}
 	for attempt := 0; ; attempt++ {
-		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(p.lastSeq, filter))
+		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(p.owner, owner))
 		if err == nil {
-			p.lastSeq = ack.Sequence
+			if m.Subject == owner {
+				p.owner = ack.Sequence
+			}
 			return nil
 		}
 		if !wrongLast(err) || attempt >= 10 {
@@ -296,21 +310,17 @@ func (p *unitParks) publish(ctx context.Context, group string, h nats.Header, bo
 	}
 }
 
-// refresh reads the last sequence of the unit's parks, then checks that
-// the owner marker is still this process's (in that order: a marker
-// stored after the first read makes the next conditional publish fail).
+// refresh takes the last marker's sequence if it is this process's, and
+// fails with ErrLeaseLost if it is not.
 func (p *unitParks) refresh(ctx context.Context) error {
-	last, err := p.last(ctx, ParkFilter(p.u))
+	owner, err := p.last(ctx, p.ownerSubject())
 	if err != nil {
 		return err
 	}
-	if err := p.checkOwner(ctx); err != nil {
-		return err
+	if owner == nil || string(owner.Data) != p.token {
+		return fmt.Errorf("%w: another process claimed the parks of %s", ErrLeaseLost, p.u)
 	}
-	p.lastSeq = 0
-	if last != nil {
-		p.lastSeq = last.Sequence
-	}
+	p.owner = owner.Sequence
 	return nil
 }
 
@@ -384,7 +394,7 @@ func parseParkRef(s string) (group string, seq uint64, err error) {
 	return group, seq, nil
 }
 
-func (p *unitParks) has(group string) bool { _, ok := p.groups[group]; return ok }
+func (p *unitParks) has(group string) bool { return p.groups[group] != nil }
 
 func (p *unitParks) count() int { return len(p.groups) }
 
@@ -392,9 +402,12 @@ func (p *unitParks) count() int { return len(p.groups) }
 // unit's progress through; a newly parked group's head is first retried
 // after first.
 func (p *unitParks) add(group string, through bus.Progress, first time.Duration) {
-	if _, ok := p.groups[group]; !ok {
+	if p.groups[group] == nil {
 		p.groups[group] = &parkedGroup{due: time.Now().Add(first)}
-		p.order = append(p.order, group)
+		if !p.inOrder[group] { // not still there since its removal
+			p.order = append(p.order, group)
+			p.inOrder[group] = true
+		}
 	}
 	p.through = through
 }
@@ -402,15 +415,27 @@ func (p *unitParks) add(group string, through bus.Progress, first time.Duration)
 // remove forgets a group whose park is empty.
 func (p *unitParks) remove(group string) {
 	delete(p.groups, group)
+	if len(p.order) < 64 || len(p.order) < 2*len(p.groups) {
+		return
+	}
+	// Compact: keep the groups parked, in their turn order.
+	kept := p.order[:0]
+	next := 0
 	for i, g := range p.order {
-		if g == group {
-			p.order = append(p.order[:i], p.order[i+1:]...)
-			if p.next > i {
-				p.next--
-			}
-			break
+		if i == p.next {
+			next = len(kept)
+		}
+		if p.groups[g] != nil {
+			kept = append(kept, g)
+		} else {
+			delete(p.inOrder, g)
 		}
 	}
+	if p.next >= len(p.order) {
+		next = len(kept)
+	}
+	clear(p.order[len(kept):])
+	p.order, p.next = kept, next
 }
 
 // dueNow makes every parked group's head due (an operator asked).
@@ -425,7 +450,7 @@ func (p *unitParks) nextDue(now time.Time) (string, *parkedGroup) {
 	for k := 0; k < len(p.order); k++ {
 		i := (p.next + k) % len(p.order)
 		g := p.order[i]
-		if st := p.groups[g]; !now.Before(st.due) {
+		if st := p.groups[g]; st != nil && !now.Before(st.due) {
 			p.next = i + 1
 			return g, st
 		}

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -94,5 +96,44 @@ func TestEarlierParksAreNamed(t *testing.T) {
 	_, err := p.head(ctx, g, 10, 1<<20)
 	if err == nil || !strings.Contains(err.Error(), "earlier pgs2") || !strings.Contains(err.Error(), "pgs2ctl messages ack") {
 		t.Fatalf("head of an earlier park: %v, want an error naming the earlier pgs2 and the fix", err)
+	}
+}
+
+// TestParkTurns: parked groups take turns at draining while groups are
+// parked and unparked in a seeded order (removals are lazy, the turn
+// order compacted now and then): a turn goes only to a group parked and
+// due, and every due group gets one within as many turns as groups.
+func TestParkTurns(t *testing.T) {
+	n, seed0 := seeds("PGS2_PARK_TURNS", 20)
+	for s := seed0; s < seed0+uint64(n); s++ {
+		rng := rand.New(rand.NewPCG(s, 1))
+		p := newUnitParks(nil, nil, Unit{"s", testBasin, "turns"}, "t")
+		now := time.Now()
+		for step := 0; step < 3000; step++ {
+			switch r := rng.IntN(10); {
+			case r < 4:
+				p.add(fmt.Sprintf("g%d", rng.IntN(500)), bus.Progress{}, 0)
+			case r < 7 && p.count() > 0:
+				i := rng.IntN(len(p.order))
+				p.remove(p.order[i])
+			default:
+				served := map[string]bool{}
+				for range p.count() {
+					g, st := p.nextDue(now.Add(time.Second))
+					if st == nil || p.groups[g] != st {
+						t.Fatalf("seed %d step %d: turn to %q (%v), not a parked group", s, step, g, st)
+					}
+					served[g] = true
+				}
+				for g := range p.groups {
+					if !served[g] {
+						t.Fatalf("seed %d step %d: %s had no turn in %d turns (replay: PGS2_SEED=%d PGS2_PARK_TURNS=1)", s, step, g, p.count(), s)
+					}
+				}
+			}
+			if len(p.order) > 2*p.count()+64 {
+				t.Fatalf("seed %d step %d: %d groups in the turn order for %d parked", s, step, len(p.order), p.count())
+			}
+		}
 	}
 }
