@@ -65,8 +65,33 @@ func redact(err error, c Config) error {
 	if pw == "" || !strings.Contains(s, pw) {
 		return err
 	}
-	return errors.New(strings.ReplaceAll(s, pw, "xxxxx"))
+	hide := func(s string) string { return strings.ReplaceAll(s, pw, "xxxxx") }
+	r := &redacted{msg: hide(s)}
+	// Keep what callers branch on: the server's error (its SQLSTATE),
+	// redacted too, and a context's end.
+	var pe *pgconn.PgError
+	switch {
+	case errors.As(err, &pe):
+		c := *pe
+		c.Message, c.Detail, c.Hint, c.Where = hide(c.Message), hide(c.Detail), hide(c.Hint), hide(c.Where)
+		r.cause = &c
+	case errors.Is(err, context.DeadlineExceeded):
+		r.cause = context.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		r.cause = context.Canceled
+	}
+	return r
 }
+
+// redacted is an error whose text had the password; it wraps only what
+// holds none.
+type redacted struct {
+	msg   string
+	cause error
+}
+
+func (e *redacted) Error() string { return e.msg }
+func (e *redacted) Unwrap() error { return e.cause }
 
 // Connect opens a normal connection to the source.
 func Connect(ctx context.Context, c Config) (*pgx.Conn, error) {
