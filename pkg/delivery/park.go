@@ -354,15 +354,44 @@ func (p *unitParks) checkOwner(ctx context.Context) error {
 // park's head dead-lettered or filtered out, a batch dead-lettered), that
 // every change up to through is handled: S2 holds no trace of them, so
 // without it the next session would read them again. It publishes a new
-// owner marker carrying through, conditional like a park publish, so it
-// also fails with ErrLeaseLost once another process claimed the unit.
+// owner marker carrying through, conditional, so it fails with
+// ErrLeaseLost once another process claimed the unit.
+//
+// Unlike a park it takes the claim's condition, over all the unit's park
+// subjects (a read of every parked group's subject, but settling is
+// rare): on a cluster the leader holds back a conditional publish only
+// while another with the same condition subject is in flight, and a new
+// owner's claim in flight together with this marker would otherwise both
+// be stored, the claim's rollup removing this marker and the progress it
+// carries (the settled changes would be delivered again).
 func (p *unitParks) settle(ctx context.Context, read bus.Progress) error {
 	through := p.through.Clone()
 	through.Merge(read)
-	h := nats.Header{}
-	h.Set(HeaderThrough, through.String())
-	if err := p.publish(ctx, ownerToken, h, []byte(p.token)); err != nil {
-		return fmt.Errorf("record the progress of %s: %w", p.u, err)
+	filter := ParkFilter(p.u)
+	m := &nats.Msg{Subject: p.ownerSubject(), Header: nats.Header{}, Data: []byte(p.token)}
+	m.Header.Set(HeaderThrough, through.String())
+	for attempt := 0; ; attempt++ {
+		// The last sequence, then the owner (in that order: a marker
+		// stored after the first read makes the publish fail).
+		last, err := p.last(ctx, filter)
+		if err != nil {
+			return err
+		}
+		if err := p.checkOwner(ctx); err != nil {
+			return err
+		}
+		var lastSeq uint64
+		if last != nil {
+			lastSeq = last.Sequence
+		}
+		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(lastSeq, filter))
+		if err == nil {
+			p.owner = ack.Sequence
+			break
+		}
+		if !wrongLast(err) || attempt >= 10 {
+			return fmt.Errorf("record the progress of %s: %w", p.u, err)
+		}
 	}
 	p.through = through
 	if err := p.st.Purge(ctx, jetstream.WithPurgeSubject(p.ownerSubject()), jetstream.WithPurgeKeep(1)); err != nil {

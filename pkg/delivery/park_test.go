@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/pgs2/pgs2/pkg/bus"
 )
@@ -114,8 +116,20 @@ func TestParkTurns(t *testing.T) {
 			case r < 4:
 				p.add(fmt.Sprintf("g%d", rng.IntN(500)), bus.Progress{}, 0)
 			case r < 7 && p.count() > 0:
-				i := rng.IntN(len(p.order))
-				p.remove(p.order[i])
+				// Removing a group (and compacting) does not change whose
+				// turn is next among the others.
+				g := p.order[rng.IntN(len(p.order))]
+				want := ""
+				for k := range len(p.order) {
+					if c := p.order[(p.next+k)%len(p.order)]; c != g && p.groups[c] != nil {
+						want = c
+						break
+					}
+				}
+				p.remove(g)
+				if got, _ := p.nextDue(now.Add(time.Second)); got != want {
+					t.Fatalf("seed %d step %d: after removing %s the turn went to %q, want %q", s, step, g, got, want)
+				}
 			default:
 				served := map[string]bool{}
 				for range p.count() {
@@ -135,5 +149,58 @@ func TestParkTurns(t *testing.T) {
 				t.Fatalf("seed %d step %d: %d groups in the turn order for %d parked", s, step, len(p.order), p.count())
 			}
 		}
+	}
+}
+
+// conditionJS records the condition subject of each owner marker
+// published through it.
+type conditionJS struct {
+	jetstream.JetStream
+	mu    sync.Mutex
+	conds []string
+}
+
+func (c *conditionJS) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	ack, err := c.JetStream.PublishMsg(ctx, m, opts...) // sets the condition's headers on m
+	if strings.HasSuffix(m.Subject, "."+ownerToken) {
+		c.mu.Lock()
+		c.conds = append(c.conds, m.Header.Get(jetstream.ExpectedLastSubjSeqSubjHeader))
+		c.mu.Unlock()
+	}
+	return ack, err
+}
+
+// TestSettleTakesTheClaimsCondition: a marker that settles progress is
+// conditional on the same subject filter as a new owner's claim. On a
+// cluster the leader holds back a conditional publish only while one with
+// the same condition subject is in flight: with the owner subject's
+// condition (a park's), a stale owner's settle and a new owner's claim
+// in flight together were both stored, and the claim's rollup removed the
+// settled progress. The stale owner's settle after the claim is refused.
+func TestSettleTakesTheClaimsCondition(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	u := Unit{"s", testBasin, "settle"}
+	js := &conditionJS{JetStream: h.js}
+	old := newUnitParks(js, nil, u, "old")
+	if err := old.open(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	at := bus.DeliveryPos{Stream: h.src.key, Seq: 7}
+	if err := old.settle(ctx, bus.Progress{at.Stream: at}); err != nil {
+		t.Fatal(err)
+	}
+	if want := ParkFilter(u); len(js.conds) != 2 || js.conds[0] != want || js.conds[1] != want {
+		t.Fatalf("claim and settle conditional on %q, want both on %q", js.conds, want)
+	}
+	cur := newUnitParks(h.js, nil, u, "new")
+	if err := cur.open(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	if want := (bus.Progress{at.Stream: at}); !cur.through.Equal(want) {
+		t.Fatalf("the new owner resumes through %v, want the settled %v", cur.through, want)
+	}
+	if err := old.settle(ctx, bus.Progress{at.Stream: bus.DeliveryPos{Stream: at.Stream, Seq: 9}}); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("the old owner's settle after the claim: %v, want ErrLeaseLost", err)
 	}
 }
