@@ -18,10 +18,23 @@ import (
 // LastSeq the chain goes on from, so the changes in between were published
 // twice. jetstream.ErrMsgNotFound when there is none.
 func LeaderMsg(ctx context.Context, js jetstream.JetStream, stream string, seq uint64, lastBy string) (*jetstream.RawStreamMsg, error) {
-	req := struct {
-		Seq    uint64 `json:"seq,omitempty"`
-		LastBy string `json:"last_by_subj,omitempty"`
-	}{seq, lastBy}
+	return leaderGet(ctx, js, stream, msgGet{Seq: seq, LastBy: lastBy})
+}
+
+// LeaderNextMsg reads, as LeaderMsg does, the first message on subject (a
+// filter) at or after sequence seq. An order must not come from a direct
+// get either: a replica that lags says a park is empty that is not.
+func LeaderNextMsg(ctx context.Context, js jetstream.JetStream, stream string, seq uint64, subject string) (*jetstream.RawStreamMsg, error) {
+	return leaderGet(ctx, js, stream, msgGet{Seq: seq, NextBy: subject})
+}
+
+type msgGet struct {
+	Seq    uint64 `json:"seq,omitempty"`
+	LastBy string `json:"last_by_subj,omitempty"`
+	NextBy string `json:"next_by_subj,omitempty"`
+}
+
+func leaderGet(ctx context.Context, js jetstream.JetStream, stream string, req msgGet) (*jetstream.RawStreamMsg, error) {
 	b, _ := json.Marshal(req)
 	prefix := js.Options().APIPrefix
 	if prefix == "" {

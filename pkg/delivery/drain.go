@@ -192,7 +192,7 @@ func (p *unitParks) head(ctx context.Context, group string, max, maxBytes int) (
 	var out []*parkedMsg
 	bytes := 0
 	for seq := uint64(1); len(out) < max && bytes < maxBytes; {
-		m, err := p.st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+		m, err := bus.LeaderNextMsg(ctx, p.js, ParkedStream, seq, subj) // not a replica's: one behind says the park is empty
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			break
 		}

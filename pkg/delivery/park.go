@@ -325,9 +325,10 @@ func (p *unitParks) refresh(ctx context.Context) error {
 }
 
 // last returns the last message on subject (a filter) of the park stream,
-// or nil when there is none.
+// or nil when there is none: the leader's (a replica behind it has an
+// older owner marker or none).
 func (p *unitParks) last(ctx context.Context, subject string) (*jetstream.RawStreamMsg, error) {
-	m, err := p.st.GetLastMsgForSubject(ctx, subject)
+	m, err := bus.LeaderMsg(ctx, p.js, ParkedStream, 0, subject)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil, nil
 	}

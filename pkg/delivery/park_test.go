@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -202,5 +203,56 @@ func TestSettleTakesTheClaimsCondition(t *testing.T) {
 	}
 	if err := old.settle(ctx, bus.Progress{at.Stream: bus.DeliveryPos{Stream: at.Stream, Seq: 9}}); !errors.Is(err, ErrLeaseLost) {
 		t.Fatalf("the old owner's settle after the claim: %v, want ErrLeaseLost", err)
+	}
+}
+
+// TestParksReadFromTheLeader: what a worker reads of its parks (the
+// claim's last messages, the owner, a park's head) comes from the
+// stream's leader, never a direct get, which any replica answers: on a
+// cluster one behind the leader said a group's park was empty right
+// after a park, the group was unparked, and its later changes overtook
+// the parked one (found in review).
+func TestParksReadFromTheLeader(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	var direct atomic.Int64
+	for _, subj := range []string{"$JS.API.DIRECT.GET." + ParkedStream, "$JS.API.DIRECT.GET." + ParkedStream + ".>"} {
+		sub, err := h.nc.Subscribe(subj, func(*nats.Msg) { direct.Add(1) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+	}
+	if err := h.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	u := Unit{"s", testBasin, "leader"}
+	p := newUnitParks(h.js, nil, u, "w")
+	if err := p.open(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	g := groupID(testStream, []byte("public.t"), []byte(`["1"]`))
+	at := bus.DeliveryPos{Stream: h.src.key, Seq: 3}
+	hd := nats.Header{}
+	hd.Set(HeaderDeliverySeq, at.String())
+	hd.Set(HeaderThrough, bus.Progress{at.Stream: at}.String())
+	if err := p.publish(ctx, g, hd, []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := p.head(ctx, g, 10, 1<<20)
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("head of the park: %d messages (%v), want 1", len(msgs), err)
+	}
+	if err := p.settle(ctx, bus.Progress{at.Stream: at}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.checkOwner(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := direct.Load(); n > 0 {
+		t.Fatalf("%d direct gets of the park stream: any replica answers those", n)
 	}
 }
