@@ -44,3 +44,25 @@ func BenchmarkFilterOnRecord(b *testing.B) { benchFunctions(b, `record.qty > 10`
 func BenchmarkTransform(b *testing.B) {
 	benchFunctions(b, "", `{"id": record.id, "name": record.name, "action": action, "at": metadata.commit_timestamp}`, "")
 }
+
+// BenchmarkEvalOnly times the functions alone on a parsed change (a
+// filter on a record field and a transform that builds a new body).
+func BenchmarkEvalOnly(b *testing.B) {
+	f, err := Compile("s", `record.qty > 10`, `{"id": record.id, "name": record.name, "action": action, "at": metadata.commit_timestamp}`, "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	in, err := ParseInputReads([]byte(benchBody), f.Reads())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := f.Keep(in); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := f.TransformBody(in); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

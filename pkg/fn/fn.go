@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/google/cel-go/cel"
+	"github.com/google/cel-go/checker"
 	"github.com/google/cel-go/common/types"
 	"github.com/google/cel-go/ext"
 )
@@ -114,7 +115,7 @@ func Compile(sink, filter, transform, routing string) (*Functions, error) {
 				Issues: fmt.Sprintf("ERROR: <input>:1:1: the %s function returns %s; it must return %s", c.kind, ast.OutputType(), what)})
 			continue
 		}
-		p, err := env.Program(ast, cel.CostLimit(CostLimit), cel.EvalOptions(cel.OptOptimize))
+		p, err := env.Program(ast, programOptions(ast)...)
 		if err != nil {
 			errs = append(errs, &CompileError{Sink: sink, Kind: c.kind, Expr: c.expr, Issues: err.Error()})
 			continue
@@ -126,6 +127,28 @@ func Compile(sink, filter, transform, routing string) (*Functions, error) {
 		return nil, errors.Join(errs...)
 	}
 	return f, nil
+}
+
+// programOptions are a program's options: the cost limit is tracked at
+// run time only for an expression whose cost CEL cannot bound from the
+// expression alone (one over a value of unknown size: a string, a list, a
+// comprehension). The others cannot exceed it, and tracking cost the
+// evaluation of a filter or transform half its time.
+func programOptions(ast *cel.Ast) []cel.ProgramOption {
+	opts := []cel.ProgramOption{cel.EvalOptions(cel.OptOptimize)}
+	if est, err := env.EstimateCost(ast, unknownSizes{}); err != nil || est.Max > CostLimit {
+		opts = append(opts, cel.CostLimit(CostLimit))
+	}
+	return opts
+}
+
+// unknownSizes estimates nothing: CEL takes the largest size for every
+// value it cannot see, so a bounded estimate holds for every input.
+type unknownSizes struct{}
+
+func (unknownSizes) EstimateSize(checker.AstNode) *checker.SizeEstimate { return nil }
+func (unknownSizes) EstimateCallCost(string, string, *checker.AstNode, []checker.AstNode) *checker.CallEstimate {
+	return nil
 }
 
 func outputOK(got *cel.Type, want []*cel.Type) bool {

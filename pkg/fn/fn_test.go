@@ -2,6 +2,7 @@ package fn
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -111,6 +112,35 @@ func TestRuntimeErrors(t *testing.T) {
 		if !errors.As(rerr, &re) {
 			t.Errorf("%v: error %v, want a RuntimeError", c, rerr)
 		}
+	}
+}
+
+// TestCostLimitOnLargeInput: an expression whose cost grows with its
+// input (here a list's size) is still held to the cost limit at run time,
+// while one whose cost CEL bounds is evaluated without tracking it (half
+// its time): a huge record must not make a function run away.
+func TestCostLimitOnLargeInput(t *testing.T) {
+	f, err := Compile("s", `record.tags.all(a, record.tags.all(b, a != b || a == b))`, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tags := make([]string, 3000)
+	for i := range tags {
+		tags[i] = fmt.Sprintf("%q", fmt.Sprint("t", i))
+	}
+	in, err := ParseInput([]byte(`{"record":{"tags":[` + strings.Join(tags, ",") + `]},"action":"insert","metadata":{}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Keep(in); err == nil || !strings.Contains(err.Error(), "cost") {
+		t.Fatalf("a filter of 9 million steps: %v, want a cost limit error", err)
+	}
+	small, err := ParseInput([]byte(`{"record":{"tags":["a","b"]},"action":"insert","metadata":{}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keep, err := f.Keep(small); err != nil || !keep {
+		t.Fatalf("the same filter on two tags: %v, %v; want true", keep, err)
 	}
 }
 
