@@ -11,6 +11,7 @@ import (
 
 	"github.com/google/cel-go/cel"
 	"github.com/google/cel-go/checker"
+	"github.com/google/cel-go/common/overloads"
 	"github.com/google/cel-go/common/types"
 	"github.com/google/cel-go/ext"
 )
@@ -142,12 +143,25 @@ func programOptions(ast *cel.Ast) []cel.ProgramOption {
 	return opts
 }
 
-// unknownSizes estimates nothing: CEL takes the largest size for every
-// value it cannot see, so a bounded estimate holds for every input.
+// unknownSizes knows only what holds for every change: CEL takes the
+// largest size for every other value, so a bounded estimate holds for
+// every input. The metadata's names are PostgreSQL identifiers (at most
+// 63 bytes), and a number or bool converted to a string is at most 32
+// characters (so `"s-" + string(record.id % 16)` is bounded too).
 type unknownSizes struct{}
 
-func (unknownSizes) EstimateSize(checker.AstNode) *checker.SizeEstimate { return nil }
-func (unknownSizes) EstimateCallCost(string, string, *checker.AstNode, []checker.AstNode) *checker.CallEstimate {
+func (unknownSizes) EstimateSize(n checker.AstNode) *checker.SizeEstimate {
+	if p := n.Path(); len(p) == 2 && p[0] == "metadata" && (p[1] == "table_schema" || p[1] == "table_name" || p[1] == "database_name") {
+		return &checker.SizeEstimate{Min: 0, Max: 63}
+	}
+	return nil
+}
+
+func (unknownSizes) EstimateCallCost(_, overload string, _ *checker.AstNode, _ []checker.AstNode) *checker.CallEstimate {
+	switch overload {
+	case overloads.IntToString, overloads.UintToString, overloads.DoubleToString, overloads.BoolToString:
+		return &checker.CallEstimate{CostEstimate: checker.CostEstimate{Min: 1, Max: 1}, ResultSize: &checker.SizeEstimate{Min: 1, Max: 32}}
+	}
 	return nil
 }
 

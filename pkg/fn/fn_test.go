@@ -153,3 +153,28 @@ func TestCostLimit(t *testing.T) {
 		t.Fatalf("an expensive transform: %v, want a cost limit error", err)
 	}
 }
+
+// TestConvertedSizes: what the cost estimate takes for the size of a
+// number or bool converted to a string holds at the extremes (a smaller
+// size than the real one would let an expression past the cost limit
+// untracked).
+func TestConvertedSizes(t *testing.T) {
+	for _, e := range []string{`string(-9223372036854775808)`, `string(18446744073709551615u)`, `string(-1.2345678901234567e-308)`,
+		`string(-1.7976931348623157e308)`, `string(false)`} {
+		a, iss := env.Compile(e)
+		if iss.Err() != nil {
+			t.Fatal(iss.Err())
+		}
+		p, err := env.Program(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, _, err := p.Eval(map[string]any{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, ok := v.Value().(string); !ok || len(s) > 32 {
+			t.Errorf("%s = %q: more than the 32 characters the estimate takes", e, v.Value())
+		}
+	}
+}
