@@ -2,6 +2,7 @@ package capture
 
 import (
 	"context"
+	"errors"
 
 	"github.com/pgs2/pgs2/pkg/backfill"
 	"github.com/pgs2/pgs2/pkg/bus"
@@ -89,9 +90,13 @@ func Main(ctx context.Context, env service.Env) error {
 	service.OnReload(ctx, env, func(conf *config.Config) error {
 		cfg, err := FromConfig(conf)
 		if err != nil {
-			return err
+			return service.Refuse(err)
 		}
-		return c.Reload(ctx, cfg)
+		err = c.Reload(ctx, cfg)
+		if errors.Is(err, pgrepl.ErrSetup) {
+			return service.Refuse(err) // a table that cannot be captured
+		}
+		return err // the database unavailable: retried
 	})
 	return c.Run(ctx)
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/restart"
 	"github.com/pgs2/pgs2/pkg/s2sink"
+	"github.com/pgs2/pgs2/pkg/service"
 	"github.com/pgs2/pgs2/pkg/sinkstate"
 )
 
@@ -176,7 +177,7 @@ func (d *Delivery) Reload(sinks []config.Sink) (restart []string, err error) {
 		compiled[sc.Name] = f
 	}
 	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
+		return nil, service.Refuse(errors.Join(errs...))
 	}
 	if d.sinkKV != nil { // a status: changed in the config applies now
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

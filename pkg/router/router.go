@@ -29,6 +29,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
 	"github.com/pgs2/pgs2/pkg/restart"
+	"github.com/pgs2/pgs2/pkg/service"
 	"github.com/pgs2/pgs2/pkg/sinkstate"
 	"github.com/pgs2/pgs2/pkg/telemetry"
 )
@@ -142,7 +143,7 @@ func New(cfg Config, js jetstream.JetStream, opts ...Option) (*Router, error) {
 func (r *Router) Reload(cfg []config.Sink) error {
 	sinks, err := CompileSinks(cfg)
 	if err != nil {
-		return err
+		return service.Refuse(err)
 	}
 	if r.sinkKV != nil { // a status: changed in the config applies now
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

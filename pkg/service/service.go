@@ -30,6 +30,7 @@ import (
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/health"
 	"github.com/pgs2/pgs2/pkg/metrics"
+	"github.com/pgs2/pgs2/pkg/restart"
 )
 
 // Env is what a service's run function gets.
@@ -285,31 +286,65 @@ func RedactURLs(urls string) string {
 }
 
 // OnReload calls reload with the config file read again on every SIGHUP,
-// until ctx ends. A file that does not load, or a reload that fails, is
-// logged and the running config stays.
+// until ctx ends. A file that does not load, or a config reload refuses
+// (Refuse: functions that do not compile, a table that does not exist),
+// is logged and the running config stays. Any other failure (NATS or the
+// database unavailable for a moment) is retried with back-off, with the
+// file as it is then, until it applies or the next SIGHUP: a SIGHUP during
+// a NATS restart was refused for good, and the fix it carried (parked
+// changes waiting for it) never applied.
 func OnReload(ctx context.Context, env Env, reload func(*config.Config) error) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	go func() {
 		defer signal.Stop(hup)
+		var retry <-chan time.Time
+		var backoff *restart.Backoff
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-hup:
-				c, err := config.Load(env.ConfigPath)
-				if err == nil {
-					err = reload(c)
-				}
-				if err != nil {
+				backoff = restart.NewBackoff(reloadRetries)
+			case <-retry:
+			}
+			retry = nil
+			c, err := config.Load(env.ConfigPath)
+			if err != nil {
+				env.Log.Error("config reload refused; keeping the running config", "error", err)
+				continue
+			}
+			if err = reload(c); err != nil {
+				var r *refusal
+				if errors.As(err, &r) {
 					env.Log.Error("config reload refused; keeping the running config", "error", err)
 					continue
 				}
-				env.Log.Info("config reloaded", "sinks", len(c.Sinks))
+				wait := backoff.Next(0)
+				env.Log.Warn("config reload failed; retrying", "error", err, "retry_in", wait)
+				retry = time.After(wait)
+				continue
 			}
+			env.Log.Info("config reloaded", "sinks", len(c.Sinks))
 		}
 	}()
 }
+
+// reloadRetries is the back-off between attempts of a reload that failed.
+var reloadRetries = restart.Policy{Min: 500 * time.Millisecond, Max: 30 * time.Second}
+
+// Refuse marks err as a reload's refusal of the config (not retried).
+func Refuse(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &refusal{err}
+}
+
+type refusal struct{ err error }
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
 
 // servePprof adds Go's profiles (net/http/pprof) to mux.
 func servePprof(mux *http.ServeMux) {
