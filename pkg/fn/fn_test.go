@@ -178,3 +178,31 @@ func TestConvertedSizes(t *testing.T) {
 		}
 	}
 }
+
+// TestTrackedExpressions: which expressions run without CEL's cost
+// tracker: only core operators and functions, no comprehension, and a
+// cost CEL bounds under the limit. CEL estimates `join` and `flatten`
+// from their arguments' count, not their sizes: untracked, a filter
+// could build gigabytes from a large row (found in review).
+func TestTrackedExpressions(t *testing.T) {
+	for expr, want := range map[string]bool{
+		`record.qty >= 0`: false,
+		`{"id": record.id, "name": record.name, "qty": record.qty, "action": action}`: false,
+		`{"stream": "s-" + string(record.id % 16)}`:                                   false,
+		`{"stream": metadata.table_schema + "." + metadata.table_name}`:               false,
+		`record.name.startsWith("a") && action != "delete"`:                           false,
+		`{"stream": "s-" + string(record.name)}`:                                      true, // a string of the row
+		`record.tags.exists(t, t == "x")`:                                             true,
+		`[record.s, record.s].join().size() > 0`:                                      true,
+		`[record.l, record.l].flatten().size() > 0`:                                   true,
+		`lists.range(3).size() > 0`:                                                   true,
+	} {
+		a, iss := env.Compile(expr)
+		if iss.Err() != nil {
+			t.Fatal(iss.Err())
+		}
+		if got := tracked(a); got != want {
+			t.Errorf("%s: tracked %v, want %v", expr, got, want)
+		}
+	}
+}
