@@ -75,7 +75,7 @@ func TestOnReload(t *testing.T) {
 // TestReloadRetriesUntilItApplies: a reload that fails for a moment (NATS
 // restarting: the soak's fix of a routing function came during a NATS
 // restart, was refused for good, and its parked changes never drained) is
-// tried again, with the file as it is then, until it applies; a refusal
+// tried again, with the file as it was at the SIGHUP, until it applies; a refusal
 // (functions that do not compile) is not.
 func TestReloadRetriesUntilItApplies(t *testing.T) {
 	was := reloadRetries
@@ -130,10 +130,10 @@ func TestReloadRetriesUntilItApplies(t *testing.T) {
 	if c := next(); c.stream != "b" || c.n != 1 {
 		t.Fatalf("first attempt %+v", c)
 	}
-	write("c") // changed before the retry: the retry reads it
+	write("c") // changed before the retry: it waits for its own SIGHUP
 	close(gate)
-	if c := next(); c.stream != "c" || c.n != 2 {
-		t.Fatalf("second attempt %+v, want the file as it is now (c)", c)
+	if c := next(); c.stream != "b" || c.n != 2 {
+		t.Fatalf("second attempt %+v, want the file as it was at the SIGHUP (b)", c)
 	}
 	if c := next(); c.n != 3 {
 		t.Fatalf("third attempt %+v", c)

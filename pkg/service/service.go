@@ -290,9 +290,10 @@ func RedactURLs(urls string) string {
 // (Refuse: functions that do not compile, a table that does not exist),
 // is logged and the running config stays. Any other failure (NATS or the
 // database unavailable for a moment) is retried with back-off, with the
-// file as it is then, until it applies or the next SIGHUP: a SIGHUP during
-// a NATS restart was refused for good, and the fix it carried (parked
-// changes waiting for it) never applied.
+// file as it was at the SIGHUP (an edit made since waits for its own:
+// reloads go router first, capture second), until it applies or the next
+// SIGHUP: a SIGHUP during a NATS restart was refused for good, and the
+// fix it carried (parked changes waiting for it) never applied.
 func OnReload(ctx context.Context, env Env, reload func(*config.Config) error) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -300,21 +301,23 @@ func OnReload(ctx context.Context, env Env, reload func(*config.Config) error) {
 		defer signal.Stop(hup)
 		var retry <-chan time.Time
 		var backoff *restart.Backoff
+		var c *config.Config
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-hup:
 				backoff = restart.NewBackoff(reloadRetries)
+				var err error
+				if c, err = config.Load(env.ConfigPath); err != nil {
+					env.Log.Error("config reload refused; keeping the running config", "error", err)
+					retry = nil
+					continue
+				}
 			case <-retry:
 			}
 			retry = nil
-			c, err := config.Load(env.ConfigPath)
-			if err != nil {
-				env.Log.Error("config reload refused; keeping the running config", "error", err)
-				continue
-			}
-			if err = reload(c); err != nil {
+			if err := reload(c); err != nil {
 				var r *refusal
 				if errors.As(err, &r) {
 					env.Log.Error("config reload refused; keeping the running config", "error", err)
