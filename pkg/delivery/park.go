@@ -285,43 +285,24 @@ func wrongLast(err error) bool {
 		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
-// publish parks a message of group (or, as ownerToken, publishes a new
-// marker), conditional on this owner's marker being the last one. When
-// it is not, the unit is no longer this one's, unless the last marker is
-// this process's own (a publish of it whose answer was lost): then it
-// retries.
+// publish parks a message of group, conditional on this owner's marker
+// being the last one. When it is not, the unit is no longer this one's,
+// unless the last marker is this process's own (a publish of it whose
+// answer was lost): then it retries after it.
 func (p *unitParks) publish(ctx context.Context, group string, h nats.Header, body []byte) error {
-	owner := p.ownerSubject()
 	m := &nats.Msg{Subject: ParkSubject(p.u, group), Header: h, Data: body}
 	for attempt := 0; ; attempt++ {
-		ack, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(p.owner, owner))
+		_, err := p.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequenceForSubject(p.owner, p.ownerSubject()))
 		if err == nil {
-			if m.Subject == owner {
-				p.owner = ack.Sequence
-			}
 			return nil
 		}
 		if !wrongLast(err) || attempt >= 10 {
 			return err
 		}
-		if err := p.refresh(ctx); err != nil {
+		if err := p.checkOwner(ctx); err != nil {
 			return err
 		}
 	}
-}
-
-// refresh takes the last marker's sequence if it is this process's, and
-// fails with ErrLeaseLost if it is not.
-func (p *unitParks) refresh(ctx context.Context) error {
-	owner, err := p.last(ctx, p.ownerSubject())
-	if err != nil {
-		return err
-	}
-	if owner == nil || string(owner.Data) != p.token {
-		return fmt.Errorf("%w: another process claimed the parks of %s", ErrLeaseLost, p.u)
-	}
-	p.owner = owner.Sequence
-	return nil
 }
 
 // last returns the last message on subject (a filter) of the park stream,
@@ -338,8 +319,8 @@ func (p *unitParks) last(ctx context.Context, subject string) (*jetstream.RawStr
 	return m, nil
 }
 
-// checkOwner fails with ErrLeaseLost unless the unit's owner marker is
-// this process's.
+// checkOwner fails with ErrLeaseLost unless the unit's last owner marker
+// is this process's, whose sequence it takes.
 func (p *unitParks) checkOwner(ctx context.Context) error {
 	owner, err := p.last(ctx, p.ownerSubject())
 	if err != nil {
@@ -348,6 +329,7 @@ func (p *unitParks) checkOwner(ctx context.Context) error {
 	if owner == nil || string(owner.Data) != p.token {
 		return fmt.Errorf("%w: another process claimed the parks of %s", ErrLeaseLost, p.u)
 	}
+	p.owner = owner.Sequence
 	return nil
 }
 

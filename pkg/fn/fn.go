@@ -133,10 +133,8 @@ func Compile(sink, filter, transform, routing string) (*Functions, error) {
 }
 
 // programOptions are a program's options: the cost limit is tracked at
-// run time only for an expression whose cost CEL cannot bound from the
-// expression alone (one over a value of unknown size: a string, a list, a
-// comprehension). The others cannot exceed it, and tracking cost the
-// evaluation of a filter or transform half its time.
+// run time only where tracked says so. The others cannot exceed it, and
+// tracking cost the evaluation of a filter or transform half its time.
 func programOptions(ast *cel.Ast) []cel.ProgramOption {
 	opts := []cel.ProgramOption{cel.EvalOptions(cel.OptOptimize)}
 	if tracked(ast) {
