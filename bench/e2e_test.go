@@ -309,14 +309,30 @@ func (e *e2eEnv) service(t *testing.T, bin, label string) *process {
 		t.Fatal(err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	args := []string{"--config", e.cfg, "--http-addr", addr, "--log-level", "warn"}
+	level := "warn"
+	if os.Getenv("PGS2_BENCH_LOGS") != "" {
+		level = "info"
+		if err := os.MkdirAll(filepath.Dir(e.logPath(t, label)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	args := []string{"--config", e.cfg, "--http-addr", addr, "--log-level", level}
 	if os.Getenv("PGS2_BENCH_PROFILE") != "" {
 		args = append(args, "--pprof")
 	}
-	p := startProcess(t, bin, filepath.Join(e.dir, label+".log"), args...)
+	p := startProcess(t, bin, e.logPath(t, label), args...)
 	e.procs[label] = p
 	e.http[label] = addr
 	return p
+}
+
+// logPath is where a service's log goes: the run's directory, or with
+// PGS2_BENCH_LOGS=DIR (at level info) DIR/<test>/<label>.log, kept.
+func (e *e2eEnv) logPath(t *testing.T, label string) string {
+	if d := os.Getenv("PGS2_BENCH_LOGS"); d != "" {
+		return filepath.Join(d, strings.ReplaceAll(t.Name(), "/", "-"), label+".log")
+	}
+	return filepath.Join(e.dir, label+".log")
 }
 
 // stopAll SIGTERMs the services in the given order and checks exit 0.
@@ -329,13 +345,13 @@ func (e *e2eEnv) stopAll(t *testing.T, labels ...string) {
 		}
 		select {
 		case <-p.done:
-			t.Errorf("%s exited before SIGTERM: %v\n%s", l, p.err, tailFile(filepath.Join(e.dir, l+".log")))
+			t.Errorf("%s exited before SIGTERM: %v\n%s", l, p.err, tailFile(e.logPath(t, l)))
 			continue
 		default:
 		}
 		p.stop()
 		if code := p.state.ExitCode(); code != 0 {
-			t.Errorf("%s exited %d after SIGTERM, want 0\n%s", l, code, tailFile(filepath.Join(e.dir, l+".log")))
+			t.Errorf("%s exited %d after SIGTERM, want 0\n%s", l, code, tailFile(e.logPath(t, l)))
 		}
 		delete(e.procs, l)
 	}
@@ -357,7 +373,7 @@ func (e *e2eEnv) checkAlive(t *testing.T) {
 	for l, p := range e.procs {
 		select {
 		case <-p.done:
-			t.Fatalf("%s exited: %v\n%s", l, p.err, tailFile(filepath.Join(e.dir, l+".log")))
+			t.Fatalf("%s exited: %v\n%s", l, p.err, tailFile(e.logPath(t, l)))
 		default:
 		}
 	}

@@ -14,6 +14,7 @@ import (
 // The body is a version byte followed by the entries, each one:
 //
 //	key, group, action, table  uvarint length + bytes each
+//	schema length              uvarint, 1 + the schema's bytes in table (version 4 on)
 //	commit_ms                  varint (-1 = unknown)
 //	traceparent, error         uvarint length + bytes each
 //	error kind                 one byte (version 2 on; ErrorKind)
@@ -21,9 +22,10 @@ import (
 //	body                       uvarint length + bytes
 //
 // The message's HeaderEntries header holds the entry count. Versions 1
-// (before error kinds: its errors are of ErrorUnknown) and 2 (before sink
-// and backfill) are still read.
-const batchVersion = 3
+// (before error kinds: its errors are of ErrorUnknown), 2 (before sink
+// and backfill) and 3 (before the schema length: its change messages had
+// a subject per table) are still read.
+const batchVersion = 4
 
 // ErrorKind says why a change cannot go on as it is, so that delivery can
 // branch on it without reading the error's text.
@@ -74,10 +76,14 @@ const HeaderEntries = "Pgs2-Entries"
 // Entry is one routed change of a delivery message. Decoded entries point
 // into the message's data.
 type Entry struct {
-	Key         []byte // the change's idempotency key
-	Group       []byte // its group (JSON array of the group columns' values)
-	Action      []byte // insert, update, delete, read
-	Table       []byte // schema.table
+	Key    []byte // the change's idempotency key
+	Group  []byte // its group (JSON array of the group columns' values)
+	Action []byte // insert, update, delete, read
+	Table  []byte // schema.table
+	// Schema is Table's schema part (names may hold dots: Table is
+	// Schema, a dot and the table's name). Nil when unknown: a batch
+	// before version 4, whose change subject named the table.
+	Schema      []byte
 	CommitMs    int64  // commit time in ms since the Unix epoch; -1 = unknown
 	TraceParent []byte // W3C trace context of the change
 	// Error marks a change the router could not route or transform (or
@@ -97,7 +103,7 @@ type Entry struct {
 
 // Size is the entry's encoded size.
 func (e *Entry) Size() int {
-	n := binary.MaxVarintLen64 + 2
+	n := 2*binary.MaxVarintLen64 + 2
 	for _, f := range [...][]byte{e.Key, e.Group, e.Action, e.Table, e.TraceParent, e.Error, e.Sink, e.Backfill, e.Body} {
 		n += uvarintLen(uint64(len(f))) + len(f)
 	}
@@ -128,6 +134,11 @@ func (b *BatchBuilder) Add(e *Entry) {
 	b.buf = appendField(b.buf, e.Group)
 	b.buf = appendField(b.buf, e.Action)
 	b.buf = appendField(b.buf, e.Table)
+	if e.Schema == nil {
+		b.buf = append(b.buf, 0)
+	} else {
+		b.buf = binary.AppendUvarint(b.buf, uint64(len(e.Schema))+1)
+	}
 	b.buf = binary.AppendVarint(b.buf, e.CommitMs)
 	b.buf = appendField(b.buf, e.TraceParent)
 	b.buf = appendField(b.buf, e.Error)
@@ -204,6 +215,20 @@ func (r *BatchReader) Next(e *Entry) bool {
 		return f
 	}
 	e.Key, e.Group, e.Action, e.Table = field(), field(), field(), field()
+	e.Schema = nil
+	if r.err == nil && r.version >= 4 {
+		n, k := binary.Uvarint(d)
+		switch {
+		case k <= 0:
+			r.err = fmt.Errorf("%w: truncated entry", ErrBadBatch)
+		case n > 0 && (n-1 >= uint64(len(e.Table)) || e.Table[n-1] != '.'):
+			r.err = fmt.Errorf("%w: schema length %d does not split table %q", ErrBadBatch, int(n)-1, e.Table)
+		case n > 0:
+			e.Schema, d = e.Table[:n-1:n-1], d[k:]
+		default:
+			d = d[k:]
+		}
+	}
 	if r.err == nil {
 		ms, k := binary.Varint(d)
 		if k <= 0 {

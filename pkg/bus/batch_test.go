@@ -18,6 +18,12 @@ func TestBatchRoundTrip(t *testing.T) {
 		if i%3 == 0 {
 			e.Error, e.ErrorKind, e.TraceParent = []byte("boom"), ErrorFunction, []byte("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
 		}
+		if i%2 == 0 { // Schema nil: unknown
+			e.Schema = e.Table[:len("public")]
+		}
+		if i%5 == 2 {
+			e.Table, e.Schema = []byte("a.b.c"), []byte("a.b") // the schema "a.b", the table "c"
+		}
 		if i%4 == 1 {
 			e.Action, e.Sink, e.Backfill = []byte("read"), []byte("users-to-s2"), fmt.Appendf(nil, "bf-%d", i)
 			e.BackfillLast = i%8 == 1
@@ -39,7 +45,8 @@ func TestBatchRoundTrip(t *testing.T) {
 		w := want[i]
 		if !bytes.Equal(e.Key, w.Key) || !bytes.Equal(e.Group, w.Group) || !bytes.Equal(e.Action, w.Action) || !bytes.Equal(e.Table, w.Table) ||
 			e.CommitMs != w.CommitMs || !bytes.Equal(e.TraceParent, w.TraceParent) || !bytes.Equal(e.Error, w.Error) || e.ErrorKind != w.ErrorKind || !bytes.Equal(e.Body, w.Body) ||
-			!bytes.Equal(e.Sink, w.Sink) || !bytes.Equal(e.Backfill, w.Backfill) || e.BackfillLast != w.BackfillLast {
+			!bytes.Equal(e.Sink, w.Sink) || !bytes.Equal(e.Backfill, w.Backfill) || e.BackfillLast != w.BackfillLast ||
+			(e.Schema == nil) != (w.Schema == nil) || !bytes.Equal(e.Schema, w.Schema) {
 			t.Fatalf("entry %d = %+v, want %+v", i, e, w)
 		}
 		i++
@@ -103,11 +110,40 @@ func TestBatchVersion2(t *testing.T) {
 	}
 }
 
+// TestBatchVersion3: batches written before the schema length are still
+// read; their schema is unknown (their change subject named the table).
+func TestBatchVersion3(t *testing.T) {
+	v3 := []byte{3}
+	for _, f := range []string{"k", `["1"]`, "insert", "public.t"} {
+		v3 = appendField(v3, []byte(f))
+	}
+	v3 = append(v3, 2) // commit_ms 1 (zigzag)
+	v3 = appendField(v3, nil)
+	v3 = appendField(v3, nil)
+	v3 = append(v3, byte(ErrorNone))
+	v3 = appendField(v3, []byte("s"))
+	v3 = appendField(v3, []byte("bf"))
+	v3 = append(v3, 1)
+	v3 = appendField(v3, []byte("{}"))
+	r := NewBatchReader(v3)
+	e := Entry{Schema: []byte("stale")}
+	if !r.Next(&e) || string(e.Table) != "public.t" || e.Schema != nil || e.CommitMs != 1 || string(e.Sink) != "s" || !e.BackfillLast || string(e.Body) != "{}" {
+		t.Fatalf("v3 entry %+v, err %v", e, r.Err())
+	}
+	if r.Next(&e) || r.Err() != nil {
+		t.Fatalf("a second entry, or err %v", r.Err())
+	}
+}
+
 func TestBatchReaderRejects(t *testing.T) {
 	var b BatchBuilder
 	b.Add(&Entry{Key: []byte("k"), Body: []byte("hello")})
 	full := b.Bytes()
-	for _, data := range [][]byte{nil, {0}, {9}, full[:len(full)-1], append([]byte{1}, 0xff, 0xff)} {
+	var split BatchBuilder // a schema length that does not end at a dot of the table
+	split.Add(&Entry{Key: []byte("k"), Table: []byte("public.t"), Schema: []byte("pub"), Body: []byte("hello")})
+	var long BatchBuilder // or is past its end
+	long.Add(&Entry{Key: []byte("k"), Table: []byte("public"), Schema: []byte("public"), Body: []byte("hello")})
+	for _, data := range [][]byte{nil, {0}, {9}, full[:len(full)-1], append([]byte{1}, 0xff, 0xff), split.Bytes(), long.Bytes()} {
 		r := NewBatchReader(data)
 		var e Entry
 		for r.Next(&e) {

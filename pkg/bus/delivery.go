@@ -67,13 +67,20 @@ func ParseDeliverySubject(subject string) (source, sink, basin, stream, partitio
 	return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), UnescapeToken(t[5]), t[6], nil
 }
 
-// ParseChangeSubject splits a change subject into its unescaped parts.
-func ParseChangeSubject(subject string) (source, schema, table, partition string, err error) {
+// ParseChangeSubject splits a change subject into its unescaped parts:
+// `pgs2.changes.<source>.<partition>`, or the subject per table of
+// captures before batch version 4,
+// `pgs2.changes.<source>.<schema>.<table>.<partition>` (then perTable is
+// true and schema and table name its changes' table).
+func ParseChangeSubject(subject string) (source, schema, table, partition string, perTable bool, err error) {
 	t := strings.Split(subject, ".")
-	if len(t) != 6 || t[0]+"."+t[1] != ChangesRoot {
-		return "", "", "", "", fmt.Errorf("%q is not a change subject", subject)
+	switch {
+	case len(t) == 4 && t[0]+"."+t[1] == ChangesRoot:
+		return UnescapeToken(t[2]), "", "", t[3], false, nil
+	case len(t) == 6 && t[0]+"."+t[1] == ChangesRoot:
+		return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), t[5], true, nil
 	}
-	return UnescapeToken(t[2]), UnescapeToken(t[3]), UnescapeToken(t[4]), t[5], nil
+	return "", "", "", "", false, fmt.Errorf("%q is not a change subject", subject)
 }
 
 // MaxDeliveryConsumers is a delivery stream's limit on consumers: one per

@@ -45,7 +45,7 @@ func TestPublisherConfirmsWholeTransactions(t *testing.T) {
 		for i := 0; i < tx%7+1; i++ {
 			pos := change.Position{LSN: uint64(1000 + tx), Idx: i}
 			g := []byte{byte(i)}
-			if err := p.Publish(ctx, subj.Subject("public", "t", g), pos.Key(), []byte(`{}`)); err != nil {
+			if err := p.Publish(ctx, subj.Subject(g), pos.Key(), []byte(`{}`)); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -98,29 +98,24 @@ func ChangesFilter(source string) string {
 	return ChangesRoot + "." + EscapeToken(source) + ".>"
 }
 
-// ChangeSubjects builds and caches `pgs2.changes.<source>.<schema>.<table>.<partition>`.
+// ChangeSubjects builds a source's change subjects,
+// `pgs2.changes.<source>.<partition>`: a partition holds the changes of
+// every table whose groups hash to it, so a transaction over many tables
+// travels in as few messages as over one (each entry names its table).
 type ChangeSubjects struct {
-	source     string
-	partitions int
-	cache      map[string][]string
+	subjects []string
 }
 
 // NewChangeSubjects returns a subject builder for a source.
 func NewChangeSubjects(source string, partitions int) *ChangeSubjects {
-	return &ChangeSubjects{source: EscapeToken(source), partitions: partitions, cache: map[string][]string{}}
+	s := &ChangeSubjects{subjects: make([]string, partitions)}
+	for i := range s.subjects {
+		s.subjects[i] = ChangesRoot + "." + EscapeToken(source) + "." + strconv.Itoa(i)
+	}
+	return s
 }
 
-// Subject returns the subject for a change of schema.table in group.
-func (s *ChangeSubjects) Subject(schema, table string, group []byte) string {
-	key := schema + "\x00" + table
-	subs, ok := s.cache[key]
-	if !ok {
-		prefix := ChangesRoot + "." + s.source + "." + EscapeToken(schema) + "." + EscapeToken(table) + "."
-		subs = make([]string, s.partitions)
-		for i := range subs {
-			subs[i] = prefix + strconv.Itoa(i)
-		}
-		s.cache[key] = subs
-	}
-	return subs[Partition(group, s.partitions)]
+// Subject returns the subject of a change in group.
+func (s *ChangeSubjects) Subject(group []byte) string {
+	return s.subjects[Partition(group, len(s.subjects))]
 }

@@ -790,7 +790,7 @@ func (s *session) placeChunk(ctx context.Context, m backfill.Marker, lsn uint64)
 			continue
 		}
 		e := &s.entry
-		*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, CommitMs: st.ReadAt / 1000,
+		*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, Schema: s.table[:len(st.Schema)], CommitMs: st.ReadAt / 1000,
 			Sink: sink, Backfill: job, BackfillLast: i == last, Body: r.Body}
 		if err := s.add(ctx, &r, e); err != nil {
 			return err

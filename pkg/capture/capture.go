@@ -763,7 +763,7 @@ func (s *session) row(ctx context.Context, r *pgrepl.Row) error {
 		return nil
 	}
 	e := &s.entry
-	*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, CommitMs: s.commitMs, TraceParent: s.tp, Body: r.Body}
+	*e = bus.Entry{Key: r.Key, Group: r.Group, Action: []byte(r.Action), Table: s.table, Schema: s.table[:len(r.Schema)], CommitMs: s.commitMs, TraceParent: s.tp, Body: r.Body}
 	s.txChanges++
 	return s.add(ctx, r, e)
 }
@@ -793,7 +793,7 @@ func (s *session) add(ctx context.Context, r *pgrepl.Row, e *bus.Entry) error {
 	if s.completing != nil && r.Pos.Less(s.completing.Last) {
 		s.roundLast = s.completing.Last.Key()
 	}
-	s.round.Add(s.subjects.Subject(r.Schema, r.Table, r.Group), e)
+	s.round.Add(s.subjects.Subject(r.Group), e)
 	s.published++
 	if s.round.Entries() >= maxRoundEntries || s.round.Bytes() >= bus.MaxRoundBytes {
 		return s.flush(ctx)

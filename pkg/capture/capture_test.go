@@ -68,8 +68,11 @@ func TestActionsAndMetadata(t *testing.T) {
 		if g.Header.Get("Pgs2-Group") != `["7"]` {
 			t.Errorf("group header %q", g.Header.Get("Pgs2-Group"))
 		}
-		if !strings.HasPrefix(g.Subject, "pgs2.changes.app.public.users.") {
-			t.Errorf("subject %q", g.Subject)
+		if !strings.HasPrefix(g.Subject, "pgs2.changes.app.") || strings.Count(g.Subject, ".") != 3 {
+			t.Errorf("subject %q, want pgs2.changes.app.<partition>", g.Subject)
+		}
+		if string(g.Entry.Table) != "public.users" || string(g.Entry.Schema) != "public" {
+			t.Errorf("entry of table %q, schema %q, want public.users, public", g.Entry.Table, g.Entry.Schema)
 		}
 		if len(g.Msg.Metadata.CommitTimestamp) != len("2026-11-22T10:00:00.123456Z") || !strings.HasSuffix(g.Msg.Metadata.CommitTimestamp, "Z") {
 			t.Errorf("commit_timestamp %q", g.Msg.Metadata.CommitTimestamp)

@@ -174,7 +174,7 @@ func readChanges(t *testing.T, js jetstream.JetStream, name string) []got {
 				g.Header[k] = v
 			}
 			g.Entry = bus.Entry{Key: bytes.Clone(en.Key), Group: bytes.Clone(en.Group), Action: bytes.Clone(en.Action), Table: bytes.Clone(en.Table),
-				CommitMs: en.CommitMs, TraceParent: bytes.Clone(en.TraceParent), Error: bytes.Clone(en.Error), Body: g.Raw,
+				Schema: bytes.Clone(en.Schema), CommitMs: en.CommitMs, TraceParent: bytes.Clone(en.TraceParent), Error: bytes.Clone(en.Error), Body: g.Raw,
 				Sink: bytes.Clone(en.Sink), Backfill: bytes.Clone(en.Backfill), BackfillLast: en.BackfillLast}
 			g.Header.Set(bus.HeaderID, string(en.Key))
 			g.Header.Set(bus.HeaderGroup, string(en.Group))

@@ -51,8 +51,8 @@ func (s *fakeSource) update(t *testing.T, id, v int) {
 		id, v, pos.LSN, s.name, pos.Key(), id)
 	group := []byte(fmt.Sprintf(`["%d"]`, id))
 	var b bus.BatchBuilder
-	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte("update"), Table: []byte("public.users"), CommitMs: 1795341600123, Body: []byte(body)})
-	if err := s.pub.Publish(context.Background(), s.sub.Subject("public", "users", group), pos.Key(), b.Bytes()); err != nil {
+	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte("update"), Table: []byte("public.users"), Schema: []byte("public"), CommitMs: 1795341600123, Body: []byte(body)})
+	if err := s.pub.Publish(context.Background(), s.sub.Subject(group), pos.Key(), b.Bytes()); err != nil {
 		t.Fatal(err)
 	}
 	s.pub.Mark(pos.LSN)

@@ -370,9 +370,10 @@ type session struct {
 	lastSeq    uint64
 	pending    uint64 // inputs the stream holds beyond the last one read
 	round      round
-	out        []byte    // reused output body
-	in         bus.Entry // the change being routed
-	entry      bus.Entry // its output
+	out        []byte              // reused output body
+	in         bus.Entry           // the change being routed
+	entry      bus.Entry           // its output
+	tables     map[string]tableKey // tables met, by schema.table
 }
 
 type input struct {
@@ -622,20 +623,34 @@ func (s *session) register(ctx context.Context, subject string) error {
 
 // route applies the sinks to the changes of one input message.
 func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
-	_, schema, table, partition, err := bus.ParseChangeSubject(msg.Subject())
+	_, schema, table, partition, perTable, err := bus.ParseChangeSubject(msg.Subject())
 	if err != nil {
 		return err
 	}
 	sinks := s.sinks.Load()
-	tbl := schema + "." + table
-	idxs := sinks.byTable[tbl]
-	if len(idxs) == 0 {
-		return nil
+	var tk tableKey
+	var idxs []int
+	if perTable { // from a capture before batch version 4: one table per message
+		tk = tableKey{schema + "." + table, schema + "\x00" + table, len(schema)}
+		if idxs = sinks.byTable[tk.joined]; len(idxs) == 0 {
+			return nil
+		}
 	}
-	tk := tableKey{tbl, schema + "\x00" + table}
 	r := bus.NewBatchReader(msg.Data())
 	in := &s.in
 	for r.Next(in) {
+		if !perTable {
+			if in.Schema == nil {
+				return fmt.Errorf("change message on %s: %w: a change does not say its schema (written by a capture of another version?)", msg.Subject(), bus.ErrBadBatch)
+			}
+			if string(in.Table) != tk.joined || len(in.Schema) != tk.schema {
+				tk = s.tableOf(in)
+				idxs = sinks.byTable[tk.joined]
+			}
+			if len(idxs) == 0 {
+				continue
+			}
+		}
 		s.routeChange(ctx, sinks, tk, idxs, partition, in)
 	}
 	if err := r.Err(); err != nil {
@@ -644,10 +659,31 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	return nil
 }
 
+// tableOf is the table of change e (whose Schema is known), from the
+// tables met before when it is one of them.
+func (s *session) tableOf(e *bus.Entry) tableKey {
+	if tk, ok := s.tables[string(e.Table)]; ok && tk.schema == len(e.Schema) {
+		return tk
+	}
+	tk := tableKey{string(e.Table), string(e.Schema) + "\x00" + string(e.Table[len(e.Schema)+1:]), len(e.Schema)}
+	if s.tables == nil || len(s.tables) >= maxTablesMet {
+		s.tables = map[string]tableKey{}
+	}
+	s.tables[tk.joined] = tk
+	return tk
+}
+
+// maxTablesMet bounds tableOf's memory (a database may have any number
+// of tables; a reset only costs building the keys again).
+const maxTablesMet = 1 << 16
+
 // tableKey names a change's table: as the sinks' tables do
 // ("schema.table"), and unambiguously (schema and table apart: quoted
 // names may hold dots) for what is decided per table.
-type tableKey struct{ joined, exact string }
+type tableKey struct {
+	joined, exact string
+	schema        int // the schema's length in joined
+}
 
 // routeChange applies the sinks of its table to one change.
 func (s *session) routeChange(ctx context.Context, sinks *Sinks, tk tableKey, idxs []int, partition string, in *bus.Entry) {

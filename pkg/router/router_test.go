@@ -74,9 +74,9 @@ func (e *env) changeFor(t *testing.T, table, action string, id int, record, sink
 		record, action, schema, tbl, pos.LSN, pos.Key(), id)
 	group := []byte(fmt.Sprintf(`["%d"]`, id))
 	var b bus.BatchBuilder
-	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte(action), Table: []byte(table), CommitMs: 1795341600123,
+	b.Add(&bus.Entry{Key: []byte(pos.Key()), Group: group, Action: []byte(action), Table: []byte(table), Schema: []byte(schema), CommitMs: 1795341600123,
 		Sink: []byte(sink), Backfill: []byte(backfill), Body: []byte(body)})
-	if err := e.pub.Publish(context.Background(), e.sub.Subject(schema, tbl, group), pos.Key(), b.Bytes()); err != nil {
+	if err := e.pub.Publish(context.Background(), e.sub.Subject(group), pos.Key(), b.Bytes()); err != nil {
 		t.Errorf("publish a change: %v", err) // not Fatal: producers run in goroutines
 	}
 	e.pub.Mark(pos.LSN)
@@ -508,5 +508,96 @@ func TestFunctionsDecidedByTable(t *testing.T) {
 		default:
 			t.Errorf("output for sink %q", sink)
 		}
+	}
+}
+
+// TestMessagesOfManyTables: a change message holds the changes of every
+// table in its partition (each entry names its table); a message from a
+// capture before batch version 4 (a subject per table, entries without
+// their schema) is routed by its subject's table. Each change goes to its
+// table's sinks only, through functions decided per table.
+func TestMessagesOfManyTables(t *testing.T) {
+	r, _ := seed.Rand(t)
+	e := newEnv(t)
+	e.run(t, []config.Sink{
+		{Name: "bytable", Tables: []string{"public.users", "public.orders"}, Basin: "my-basin", Stream: "x",
+			Routing: `{"stream": metadata.table_name}`},
+		{Name: "users", Tables: []string{"public.users"}, Basin: "my-basin", Stream: "u"},
+	})
+	tables := []string{"public.users", "public.orders", "public.other"} // other: no sink
+	entry := func(table string, id int, withSchema bool) *bus.Entry {
+		e.lsn += 10
+		pos := change.Position{LSN: e.lsn}
+		schema, tbl := config.SplitTable(table)
+		body := fmt.Sprintf(`{"record":{"id":%d},"changes":null,"action":"insert","metadata":{"table_schema":"%s","table_name":"%s","commit_timestamp":"2026-11-22T10:00:00.123456Z","commit_lsn":%d,"commit_idx":0,"database_name":"app","idempotency_key":"%s","record_pks":["%d"],"transaction_annotations":null}}`,
+			id, schema, tbl, pos.LSN, pos.Key(), id)
+		en := &bus.Entry{Key: []byte(pos.Key()), Group: fmt.Appendf(nil, `["%d"]`, id), Action: []byte("insert"), Table: []byte(table), CommitMs: 1, Body: []byte(body)}
+		if withSchema {
+			en.Schema = []byte(schema)
+		}
+		return en
+	}
+	want := map[string]string{} // record id → the sinks' streams it must reach
+	id := 0
+	publish := func(subject string, entries []*bus.Entry) {
+		var b bus.BatchBuilder
+		for _, en := range entries {
+			b.Add(en)
+		}
+		if err := e.pub.Publish(context.Background(), subject, string(entries[len(entries)-1].Key), b.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		e.pub.Mark(e.lsn)
+	}
+	note := func(table string) {
+		switch table {
+		case "public.users":
+			want[strconv.Itoa(id)] = "bytable/users users/u"
+		case "public.orders":
+			want[strconv.Itoa(id)] = "bytable/orders"
+		}
+	}
+	for m := 0; m < 20; m++ {
+		var entries []*bus.Entry
+		if m%5 == 4 { // a capture before version 4: one table, named by the subject
+			table := tables[r.IntN(len(tables))]
+			schema, tbl := config.SplitTable(table)
+			for range 1 + r.IntN(5) {
+				id++
+				entries = append(entries, entry(table, id, false))
+				note(table)
+			}
+			publish("pgs2.changes.app."+schema+"."+tbl+".0", entries)
+			continue
+		}
+		for range 1 + r.IntN(8) {
+			id++
+			table := tables[r.IntN(len(tables))]
+			entries = append(entries, entry(table, id, true))
+			note(table)
+		}
+		publish("pgs2.changes.app.0", entries)
+	}
+	n := 0
+	for _, w := range want {
+		n += len(strings.Fields(w))
+	}
+	got := map[string][]string{}
+	for _, o := range e.outputs(t, n) {
+		sink, _, stream, _, _ := parse(o.Subject)
+		rid := strconv.Itoa(int(o.Body["record"].(map[string]any)["id"].(float64)))
+		got[rid] = append(got[rid], sink+"/"+stream)
+		if o.Error != "" {
+			t.Errorf("record %s: %s", rid, o.Error)
+		}
+	}
+	for rid, w := range want {
+		slices.Sort(got[rid])
+		if strings.Join(got[rid], " ") != w {
+			t.Errorf("record %s reached %v, want %s", rid, got[rid], w)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%d records routed, want %d (a change of a table without sinks was routed?)", len(got), len(want))
 	}
 }
