@@ -207,12 +207,17 @@ func (e *e2eEnv) profileNATS(t *testing.T, name string) {
 }
 
 // profileAll saves CPU profiles of every service and nats-server over
-// the next seconds to $PGS2_BENCH_PROFILE/<name>.<service>.cpu.pprof, in
-// the background (with PGS2_BENCH_PROFILE).
+// the next seconds to $PGS2_BENCH_PROFILE/<name>.<service>.cpu.pprof, and
+// each service's heap at their end to <name>.<service>.heap.pprof, in the
+// background (with PGS2_BENCH_PROFILE; PGS2_BENCH_PROFILE_SECONDS sets
+// how long, 5 s by default).
 func (e *e2eEnv) profileAll(t *testing.T, name string, seconds int) {
 	dir := os.Getenv("PGS2_BENCH_PROFILE")
 	if dir == "" {
 		return
+	}
+	if v, err := strconv.Atoi(os.Getenv("PGS2_BENCH_PROFILE_SECONDS")); err == nil && v > 0 {
+		seconds = v
 	}
 	urls := map[string]string{}
 	for label, addr := range e.http {
@@ -232,10 +237,23 @@ func (e *e2eEnv) profileAll(t *testing.T, name string, seconds int) {
 				t.Logf("profile %s: %v", label, err)
 				return
 			}
-			defer resp.Body.Close()
 			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
 			if err := os.WriteFile(filepath.Join(dir, name+"."+label+".cpu.pprof"), b, 0o644); err != nil {
 				t.Logf("profile %s: %v", label, err)
+			}
+			if label == "nats" {
+				return
+			}
+			// And the heap as it is then.
+			if resp, err = http.Get(url[:strings.Index(url, "/profile?")] + "/heap?gc=1"); err != nil {
+				t.Logf("heap profile %s: %v", label, err)
+				return
+			}
+			b, _ = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err := os.WriteFile(filepath.Join(dir, name+"."+label+".heap.pprof"), b, 0o644); err != nil {
+				t.Logf("heap profile %s: %v", label, err)
 			}
 		}()
 	}

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
@@ -256,6 +257,11 @@ func (d *Delivery) Run(ctx context.Context) error {
 		return err
 	}
 	defer func() { _ = sub.Unsubscribe() }()
+	retries, err := d.serveRetries()
+	if err != nil {
+		return err
+	}
+	defer func() { _ = retries.Unsubscribe() }()
 	defer d.stopAll()
 	// The first round claims at once: the watches deliver what the buckets
 	// hold within milliseconds (a round before would wait a whole tick).
@@ -278,6 +284,22 @@ func (d *Delivery) Run(ctx context.Context) error {
 		case <-d.wake: // a sink's state changed, or a unit is new: at once
 		}
 	}
+}
+
+// serveRetries hands the admin API's "retry now" requests to the units'
+// workers.
+func (d *Delivery) serveRetries() (*nats.Subscription, error) {
+	sub, err := d.js.Conn().Subscribe(retryAll, func(m *nats.Msg) {
+		if u, ok := retryUnit(m.Subject); ok {
+			if w, ok := d.workers.Load(u); ok {
+				w.(*worker).RetryNow()
+			}
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("subscribe to retry requests: %w", err)
+	}
+	return sub, nil
 }
 
 // SetUp runs delivery's start-up calls (streams and buckets) until they

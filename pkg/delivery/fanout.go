@@ -1,9 +1,11 @@
 package delivery
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,11 +36,20 @@ import (
 // throttles it) is detached rather than block the other units, and its
 // worker reads on its own again after its last message, as it does when
 // the reader fails; it attaches again once caught up.
+//
+// A session attaches before it waits for its start slot and S2 (so its
+// messages wait in the feed while thousands of sessions start), and the
+// reader keeps a history of what it read, so an attaching unit gets the
+// messages the reader passed a little before (a new unit's first: read
+// while this process claimed it): docs/design.md.
 
-// feedMessages and feedBytes bound a feed.
+// feedMessages and feedBytes bound a feed, fanoutBytes all of a
+// process's feeds together (units whose sessions have not started yet
+// wait in them: see worker.preattach).
 const (
 	feedMessages = 1024
 	feedBytes    = 16 << 20
+	fanoutBytes  = 256 << 20
 )
 
 // fanout is a process's readers, one per source's delivery stream.
@@ -49,15 +60,22 @@ type fanout struct {
 	// room is how many messages a feed holds (feedMessages; tests make
 	// it small, so feeds detach and attach again).
 	room int
+	// histRoom is how many messages a reader's history holds
+	// (histMessages; tests make it small).
+	histRoom int
 	// detached counts feeds detached for falling behind.
 	detached atomic.Int64
+	// replayed counts messages fed from a reader's history.
+	replayed atomic.Int64
+	// buffered is what all feeds hold (bytes).
+	buffered atomic.Int64
 
 	mu      sync.Mutex
 	readers map[string]*streamReader // by source key
 }
 
 func newFanout(ctx context.Context, js jetstream.JetStream, log *slog.Logger) *fanout {
-	return &fanout{js: js, ctx: ctx, log: log, room: feedMessages, readers: map[string]*streamReader{}}
+	return &fanout{js: js, ctx: ctx, log: log, room: feedMessages, histRoom: histMessages, readers: map[string]*streamReader{}}
 }
 
 // streamReader reads one delivery stream for the attached units.
@@ -72,18 +90,157 @@ type streamReader struct {
 	pos   uint64           // the last sequence read
 	feeds map[string]*feed // by unit prefix (feedPrefix)
 	dead  bool
+	// hist holds the messages read last (histMessages, histBytes), so
+	// that a unit attaching a little after the reader passed its resume
+	// point (a new stream's first message is read before its session
+	// starts) gets them from here instead of catching up on a consumer
+	// of its own.
+	hist history
 }
 
-// feed is one attached unit's messages, in order.
+// History bounds: its messages and their bytes, each counted with
+// msgOverhead for what a received message holds besides its data (its
+// subject, headers, metadata: ~1 KiB).
+const (
+	histMessages = 1 << 16
+	histBytes    = 64 << 20
+	msgOverhead  = 1 << 10
+)
+
+// history is a reader's recent messages: every message read from
+// sequence from on, in order, and by unit prefix.
+type history struct {
+	from     uint64
+	fifo     []*recentMsg // fifo[head:] are held
+	head     int
+	bytes    int64
+	byPrefix map[string][]*recentMsg
+}
+
+type recentMsg struct {
+	prefix string
+	seq    uint64
+	m      jetstream.Msg
+}
+
+// add records m, forgetting the oldest beyond room messages or
+// histBytes.
+func (h *history) add(prefix string, seq uint64, m jetstream.Msg, room int) {
+	if h.byPrefix == nil {
+		h.byPrefix = map[string][]*recentMsg{}
+	}
+	rm := &recentMsg{prefix: prefix, seq: seq, m: m}
+	if h.head > 0 && len(h.fifo) == cap(h.fifo) {
+		k := copy(h.fifo, h.fifo[h.head:])
+		clear(h.fifo[k:])
+		h.fifo, h.head = h.fifo[:k], 0
+	}
+	h.fifo = append(h.fifo, rm)
+	h.byPrefix[prefix] = append(h.byPrefix[prefix], rm)
+	h.bytes += int64(len(m.Data()) + msgOverhead)
+	for len(h.fifo)-h.head > room || h.bytes > histBytes {
+		old := h.fifo[h.head]
+		h.fifo[h.head] = nil
+		h.head++
+		h.bytes -= int64(len(old.m.Data()) + msgOverhead)
+		h.from = old.seq + 1
+		if q := h.byPrefix[old.prefix]; len(q) <= 1 {
+			delete(h.byPrefix, old.prefix)
+		} else {
+			q[0] = nil
+			h.byPrefix[old.prefix] = q[1:]
+		}
+	}
+}
+
+// since is prefix's messages from sequence from on (from must be at
+// least h.from).
+func (h *history) since(prefix string, from uint64) []*recentMsg {
+	q := h.byPrefix[prefix]
+	i, _ := slices.BinarySearchFunc(q, from, func(rm *recentMsg, seq uint64) int { return cmp.Compare(rm.seq, seq) })
+	return q[i:]
+}
+
+// feed is one attached unit's messages, in order: a queue that grows as
+// it fills (an idle unit's costs next to nothing; thousands of them wait
+// attached while their sessions start).
 type feed struct {
-	r     *streamReader
-	ch    chan jetstream.Msg
-	bytes atomic.Int64
-	gone  chan struct{} // closed once detached: nothing more is sent
-	once  sync.Once
+	r      *streamReader
+	prefix string
+	mu     sync.Mutex
+	q      []jetstream.Msg // q[head:] are queued
+	head   int
+	bytes  int64
+	ready  chan struct{} // signalled when a message is queued
+	gone   chan struct{} // closed once detached: nothing more is queued
+	once   sync.Once
 }
 
 func (f *feed) detach() { f.once.Do(func() { close(f.gone) }) }
+
+// push queues m (by the reader, under its lock); false when the feed,
+// or all feeds together, would hold too much (one message always fits
+// an empty feed).
+func (f *feed) push(m jetstream.Msg) bool {
+	n := int64(len(m.Data()))
+	fo := f.r.fo
+	f.mu.Lock()
+	queued := len(f.q) - f.head
+	ok := queued == 0 || queued < fo.room && f.bytes+n <= feedBytes && fo.buffered.Load()+n <= fanoutBytes
+	if ok {
+		if f.head > 0 && len(f.q) == cap(f.q) { // reuse the taken front
+			k := copy(f.q, f.q[f.head:])
+			clear(f.q[k:])
+			f.q, f.head = f.q[:k], 0
+		}
+		f.q = append(f.q, m)
+		f.bytes += n
+		fo.buffered.Add(n)
+	}
+	f.mu.Unlock()
+	if ok {
+		select {
+		case f.ready <- struct{}{}:
+		default:
+		}
+	}
+	return ok
+}
+
+// pop takes the oldest queued message; rest is how many remain.
+func (f *feed) pop() (m jetstream.Msg, rest int, ok bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.head == len(f.q) {
+		return nil, 0, false
+	}
+	m, f.q[f.head] = f.q[f.head], nil
+	f.head++
+	if f.head == len(f.q) {
+		f.q, f.head = f.q[:0], 0
+	}
+	n := int64(len(m.Data()))
+	f.bytes -= n
+	f.r.fo.buffered.Add(-n)
+	return m, len(f.q) - f.head, true
+}
+
+// queued is how many messages f holds.
+func (f *feed) queued() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.q) - f.head
+}
+
+// release drops what a detached feed still holds from the fanout's
+// count (a session that ends without reading its feed to the end).
+func (f *feed) release() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.r.fo.buffered.Add(-f.bytes)
+	clear(f.q)
+	f.q, f.head, f.bytes = nil, 0, 0
+}
 
 // feedPrefix is what a unit's delivery subjects start with (before their
 // partition token).
@@ -107,12 +264,46 @@ func (fo *fanout) attach(ctx context.Context, src source, u Unit) (*feed, uint64
 	return fo.add(r, src, u), r.pos, nil
 }
 
+// attachRunning attaches the unit to the source's reader if one runs,
+// with the unit's messages its history holds (the latest room/2 of them:
+// the rest of the feed is for what arrives while the session starts). The
+// feed holds every message of the unit after the position it returns: a
+// new unit's first message usually (the reader read it while this
+// process claimed the unit).
+func (fo *fanout) attachRunning(src source, u Unit) (*feed, uint64, bool) {
+	fo.mu.Lock()
+	r := fo.readers[src.key]
+	fo.mu.Unlock()
+	if r == nil {
+		return nil, 0, false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.dead {
+		return nil, 0, false
+	}
+	f := fo.add(r, src, u)
+	at, recent := r.hist.from-1, r.hist.byPrefix[f.prefix]
+	if keep := fo.room / 2; len(recent) > keep {
+		at, recent = recent[len(recent)-keep-1].seq, recent[len(recent)-keep:]
+	}
+	for _, rm := range recent {
+		if !f.push(rm.m) { // all feeds together hold too much: from here on only
+			f.release()
+			return f, r.pos, true
+		}
+	}
+	fo.replayed.Add(int64(len(recent)))
+	return f, at, true
+}
+
 // attachAhead attaches the unit if the reader has not read past from
-// (the first sequence the unit wants) yet, starting one at from if there
-// is none (and from is near the end). Nil: it has, or there is no reader
-// (0 means the stream's first message: a unit without a position finds
-// its first message faster on its own); the unit catches up on its own
-// first.
+// (the first sequence the unit wants) yet, or holds every message since
+// from in its history (they go into the feed first), starting a reader
+// at from if there is none (and from is near the end). Nil: it has read
+// past, or there is no reader (0 means the stream's first message: a
+// unit without a position finds its first message faster on its own);
+// the unit catches up on its own first.
 func (fo *fanout) attachAhead(ctx context.Context, src source, u Unit, from uint64) *feed {
 	r, err := fo.reader(ctx, src, from, false)
 	if err != nil {
@@ -120,10 +311,28 @@ func (fo *fanout) attachAhead(ctx context.Context, src source, u Unit, from uint
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.dead || from == 0 || r.pos >= from {
+	if r.dead || from == 0 || from < r.hist.from {
 		return nil
 	}
-	return fo.add(r, src, u)
+	var recent []*recentMsg
+	if r.pos >= from {
+		if recent = r.hist.since(feedPrefix(src, u), from); len(recent) > fo.room {
+			return nil
+		}
+	}
+	f := fo.add(r, src, u)
+	if len(recent) > 0 {
+		for _, rm := range recent {
+			if !f.push(rm.m) { // more than a feed holds: on its own
+				delete(r.feeds, f.prefix)
+				f.detach()
+				f.release()
+				return nil
+			}
+		}
+		fo.replayed.Add(int64(len(recent)))
+	}
+	return f
 }
 
 // add registers u's feed in r (under r.mu).
@@ -132,19 +341,20 @@ func (fo *fanout) add(r *streamReader, src source, u Unit) *feed {
 	if old := r.feeds[prefix]; old != nil {
 		old.detach()
 	}
-	f := &feed{r: r, ch: make(chan jetstream.Msg, fo.room), gone: make(chan struct{})}
+	f := &feed{r: r, prefix: prefix, ready: make(chan struct{}, 1), gone: make(chan struct{})}
 	r.feeds[prefix] = f
 	return f
 }
 
-// leave detaches f.
+// leave detaches f and drops what it holds.
 func (f *feed) leave(src source, u Unit) {
 	f.r.mu.Lock()
-	defer f.r.mu.Unlock()
 	if p := feedPrefix(src, u); f.r.feeds[p] == f {
 		delete(f.r.feeds, p)
 	}
 	f.detach()
+	f.r.mu.Unlock()
+	f.release()
 }
 
 // backlog is how many messages behind the stream's end the shared
@@ -197,7 +407,7 @@ func (fo *fanout) reader(ctx context.Context, src source, from uint64, atEnd boo
 		bus.DropConsumer(fo.js, src.name, cons)
 		return nil, fmt.Errorf("read %s: %w", src.name, err)
 	}
-	r := &streamReader{fo: fo, src: src, pos: start - 1, feeds: map[string]*feed{}}
+	r := &streamReader{fo: fo, src: src, pos: start - 1, feeds: map[string]*feed{}, hist: history{from: start}}
 	fo.readers[src.key] = r
 	go func() {
 		defer bus.DropConsumer(fo.js, src.name, cons)
@@ -239,18 +449,9 @@ func (r *streamReader) run(it jetstream.MessagesContext) error {
 		r.mu.Lock()
 		r.pos = md.Sequence.Stream
 		r.behind.Store(md.NumPending)
+		r.hist.add(prefix, r.pos, m, r.fo.histRoom)
 		if f := r.feeds[prefix]; f != nil {
-			n := int64(len(m.Data()))
-			sent := false
-			if f.bytes.Load()+n <= feedBytes || len(f.ch) == 0 {
-				select {
-				case f.ch <- m:
-					f.bytes.Add(n)
-					sent = true
-				default:
-				}
-			}
-			if !sent { // too slow: it reads on its own
+			if !f.push(m) { // too slow: it reads on its own
 				delete(r.feeds, prefix)
 				f.detach()
 				r.fo.detached.Add(1)
@@ -275,15 +476,14 @@ type fedMsg struct {
 
 func (m *fedMsg) Metadata() (*jetstream.MsgMetadata, error) { return &m.md, nil }
 
-// take wraps m, taken from f, for the worker.
-func (f *feed) take(m jetstream.Msg) (jetstream.Msg, error) {
-	f.bytes.Add(-int64(len(m.Data())))
+// take wraps m, taken from f with rest behind it, for the worker.
+func (f *feed) take(m jetstream.Msg, rest int) (jetstream.Msg, error) {
 	md, err := m.Metadata()
 	if err != nil {
 		return nil, err
 	}
 	fm := &fedMsg{Msg: m, md: *md}
-	fm.md.NumPending = uint64(len(f.ch))
+	fm.md.NumPending = uint64(rest)
 	if f.r.behind.Load() > backlog {
 		fm.md.NumPending++
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -21,40 +22,48 @@ import (
 // consumers and through the process's shared reader (attaching once
 // caught up, detached when they fall behind its small feeds, the reader
 // killed now and then), while messages to every unit are published in
-// seeded bursts, and some units start late from a position. Every unit
-// must get each of its messages after its start exactly once, in order.
+// seeded bursts, and some units start late from a position (some get
+// what the reader passed from its history of seeded size). Some attach
+// before their session starts (as a session does before it waits for its
+// start slot and S2) and start reading a while later, some of those
+// without a position (they look up their first message). Every unit must
+// get each of its messages after its start exactly once, in order.
 // PGS2_SEED replays a seed; PGS2_FANOUT_SEEDS sets how many.
 func TestFanoutFeedsEveryMessageOnce(t *testing.T) {
 	h := newHarness(t)
 	n, seed0 := seeds("PGS2_FANOUT_SEEDS", 8)
-	var fed, detached int
+	var fed, detached, replayed int
 	for i := range n {
 		seed := seed0 + uint64(i)
-		f, d, err := runFanout(t, h, seed)
+		f, d, rp, err := runFanout(t, h, seed)
 		if err != nil {
 			t.Fatalf("seed %d: %v\n  replay: PGS2_SEED=%d PGS2_FANOUT_SEEDS=1 go test -run TestFanoutFeedsEveryMessageOnce ./pkg/delivery", seed, err, seed)
 		}
-		fed, detached = fed+f, detached+d
+		fed, detached, replayed = fed+f, detached+d, replayed+rp
 	}
-	t.Logf("%d seeds from %d: %d messages fed, %d feeds detached", n, seed0, fed, detached)
-	// The test reaches what it is for: messages through feeds, and feeds
-	// detached.
-	if fed == 0 || detached == 0 {
-		t.Errorf("over %d seeds from %d: %d messages fed, %d feeds detached; want both > 0", n, seed0, fed, detached)
+	t.Logf("%d seeds from %d: %d messages fed (%d from history), %d feeds detached", n, seed0, fed, replayed, detached)
+	// The test reaches what it is for: messages through feeds, from
+	// history, and feeds detached.
+	if fed == 0 || detached == 0 || replayed == 0 {
+		t.Errorf("over %d seeds from %d: %d messages fed, %d from history, %d feeds detached; want all > 0", n, seed0, fed, replayed, detached)
 	}
 }
 
-func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err error) {
+func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached, replayed int, err error) {
 	rng := rand.New(rand.NewPCG(seed, seed^0x5bd1e995))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d := h.delivery(fmt.Sprintf("fan%d", seed), h.js)
 	d.fan = newFanout(ctx, h.js, d.log)
-	d.fan.room = 1 + rng.IntN(6)
+	d.fan.room = 1 + rng.IntN(6) // feeds that fill up
+	if rng.IntN(2) == 0 {
+		d.fan.room = 20 + rng.IntN(200) // or take a unit's history
+	}
+	d.fan.histRoom = rng.IntN(300)
 	src := h.src
 	st, err := h.js.Stream(ctx, src.name)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	base := st.CachedInfo().State.LastSeq // earlier seeds' messages
 
@@ -79,8 +88,23 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 		}
 		return nil
 	}
+	startReader := func() error { // a reader runs
+		_, _, err := d.fan.attach(ctx, src, Unit{Sink: "nobody", Basin: testBasin, Stream: "x"})
+		return err
+	}
+	early := rng.IntN(2) == 0 // the reader's history holds the first burst
+	if early {
+		if err := startReader(); err != nil {
+			return 0, 0, 0, err
+		}
+	}
 	if err := publish(20 + rng.IntN(200)); err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
+	}
+	if !early {
+		if err := startReader(); err != nil {
+			return 0, 0, 0, err
+		}
 	}
 
 	type got struct {
@@ -96,6 +120,12 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 		w := newWorker(d, us[i], h.sink(us[i], nil, config.Retry{}))
 		slow := time.Duration(rng.IntN(3)) * time.Millisecond // some fall behind their feeds
 		late := rng.IntN(3) == 0
+		var pre preFeeds
+		var wait time.Duration
+		if rng.IntN(2) == 0 { // attached before its session starts, which reads a while later
+			w.setSources([]source{src})
+			pre, wait = w.preattach(), time.Duration(rng.IntN(40))*time.Millisecond
+		}
 		if late {
 			mu.Lock()
 			if l := published[i]; len(l) > 0 {
@@ -114,7 +144,13 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 			readErr := make(chan error, 1)
 			wctx, stop := context.WithCancel(ctx)
 			defer stop()
-			if r.err = w.read1(wctx, src, msgs, readErr); r.err != nil {
+			time.Sleep(wait)
+			p := pre.take(src.key)
+			if pre != nil && p == nil {
+				r.err = fmt.Errorf("not attached before its session though a reader runs")
+				return
+			}
+			if r.err = w.read1(wctx, src, msgs, readErr, p); r.err != nil {
 				return
 			}
 			idle := time.NewTimer(300 * time.Millisecond)
@@ -145,7 +181,7 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 	for range 3 + rng.IntN(5) {
 		time.Sleep(time.Duration(rng.IntN(30)) * time.Millisecond)
 		if err := publish(rng.IntN(300)); err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		if rng.IntN(3) == 0 {
 			d.fan.mu.Lock()
@@ -170,7 +206,7 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 	late := Unit{Sink: fmt.Sprintf("f%d-late", seed), Basin: testBasin, Stream: "late"}
 	ack, err := h.js.Publish(ctx, bus.DeliverySubject(testSource, late.Sink, late.Basin, late.Stream, "0"), []byte("x"))
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
 		d.fan.mu.Lock()
@@ -182,36 +218,111 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 			pos = r.pos
 			r.mu.Unlock()
 		} else if _, _, err := d.fan.attach(ctx, src, us[0]); err != nil { // a reader again (killed above)
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		if pos >= ack.Sequence {
 			break
 		}
 		if time.Now().After(deadline) {
-			return 0, 0, fmt.Errorf("the shared reader is at %d, not past %d", pos, ack.Sequence)
+			return 0, 0, 0, fmt.Errorf("the shared reader is at %d, not past %d", pos, ack.Sequence)
 		}
 	}
 	lw := newWorker(d, late, h.sink(late, nil, config.Retry{}))
 	lw.done = bus.Progress{src.key: bus.DeliveryPos{Stream: src.key, Seq: ack.Sequence}}
 	lmsgs, lerr := make(chan jetstream.Msg, 1), make(chan error, 1)
-	if err := lw.read1(ctx, src, lmsgs, lerr); err != nil {
-		return 0, 0, err
+	if err := lw.read1(ctx, src, lmsgs, lerr, nil); err != nil {
+		return 0, 0, 0, err
 	}
 	select {
 	case m := <-lmsgs:
 		if md, _ := m.Metadata(); md.Sequence.Stream != ack.Sequence {
-			return 0, 0, fmt.Errorf("a unit starting at %d got %d first", ack.Sequence, md.Sequence.Stream)
+			return 0, 0, 0, fmt.Errorf("a unit starting at %d got %d first", ack.Sequence, md.Sequence.Stream)
 		}
 	case err := <-lerr:
-		return 0, 0, err
+		return 0, 0, 0, err
 	case <-time.After(5 * time.Second):
-		return 0, 0, fmt.Errorf("a unit starting at %d, where the shared reader is, got nothing", ack.Sequence)
+		return 0, 0, 0, fmt.Errorf("a unit starting at %d, where the shared reader is, got nothing", ack.Sequence)
+	}
+	// Units starting at the reader's history's edges: at the last
+	// message it forgot (on their own), and at the oldest it holds.
+	d.fan.mu.Lock()
+	r := d.fan.readers[src.key]
+	d.fan.mu.Unlock()
+	var edges []uint64
+	if r != nil {
+		r.mu.Lock()
+		edges = []uint64{r.hist.from - 1, r.hist.from}
+		r.mu.Unlock()
+	}
+	for k, seq := range edges {
+		edge := edges[1]
+		owner := -1
+		mu.Lock()
+		for i, l := range published {
+			if slices.Contains(l, seq) {
+				owner = i
+			}
+		}
+		mu.Unlock()
+		if owner < 0 || seq <= base {
+			continue // not one of this seed's units' messages
+		}
+		ew := newWorker(d, us[owner], h.sink(us[owner], nil, config.Retry{}))
+		ew.done = bus.Progress{src.key: bus.DeliveryPos{Stream: src.key, Seq: seq}}
+		emsgs, eerr := make(chan jetstream.Msg, 1), make(chan error, 1)
+		ectx, stop := context.WithCancel(ctx)
+		if err := ew.read1(ectx, src, emsgs, eerr, nil); err != nil {
+			stop()
+			return 0, 0, 0, err
+		}
+		select {
+		case m := <-emsgs:
+			if md, _ := m.Metadata(); md.Sequence.Stream != seq {
+				stop()
+				return 0, 0, 0, fmt.Errorf("a unit starting at %d (history from %d, edge %d) got %d first", seq, edge, k, md.Sequence.Stream)
+			}
+		case err := <-eerr:
+			stop()
+			return 0, 0, 0, err
+		case <-time.After(5 * time.Second):
+			stop()
+			return 0, 0, 0, fmt.Errorf("a unit starting at %d (history from %d) got nothing", seq, edge)
+		}
+		stop()
+	}
+	// A new unit attached before its session, with no message yet: its
+	// first is the next message the reader reads.
+	fresh := Unit{Sink: fmt.Sprintf("f%d-fresh", seed), Basin: testBasin, Stream: "fresh"}
+	fw := newWorker(d, fresh, h.sink(fresh, nil, config.Retry{}))
+	fw.setSources([]source{src})
+	pre := fw.preattach()
+	fp := pre.take(src.key)
+	if fp == nil {
+		return 0, 0, 0, fmt.Errorf("a unit was not attached before its session though a reader runs")
+	}
+	fmsgs, ferr := make(chan jetstream.Msg, 1), make(chan error, 1)
+	if err := fw.read1(ctx, src, fmsgs, ferr, fp); err != nil {
+		return 0, 0, 0, err
+	}
+	fack, err := h.js.Publish(ctx, bus.DeliverySubject(testSource, fresh.Sink, fresh.Basin, fresh.Stream, "1"), []byte("x"))
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	select {
+	case m := <-fmsgs:
+		if md, _ := m.Metadata(); md.Sequence.Stream != fack.Sequence {
+			return 0, 0, 0, fmt.Errorf("a new unit's first message is %d, it got %d", fack.Sequence, md.Sequence.Stream)
+		}
+	case err := <-ferr:
+		return 0, 0, 0, err
+	case <-time.After(5 * time.Second):
+		return 0, 0, 0, fmt.Errorf("a new unit attached before its session did not get its first message, %d", fack.Sequence)
 	}
 	detached = int(d.fan.detached.Load())
 	for i := range us {
 		r := results[i]
 		if r.err != nil {
-			return 0, 0, fmt.Errorf("unit %d: %w", i, r.err)
+			return 0, 0, 0, fmt.Errorf("unit %d: %w", i, r.err)
 		}
 		var want []uint64
 		for _, s := range published[i] {
@@ -220,9 +331,9 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached int, err er
 			}
 		}
 		if fmt.Sprint(r.seqs) != fmt.Sprint(want) {
-			return 0, 0, fmt.Errorf("unit %d (from %d, room %d): got %v, want %v", i, starts[i], d.fan.room, r.seqs, want)
+			return 0, 0, 0, fmt.Errorf("unit %d (from %d, room %d): got %v, want %v", i, starts[i], d.fan.room, r.seqs, want)
 		}
 		fed += r.fed
 	}
-	return fed, detached, nil
+	return fed, detached, int(d.fan.replayed.Load()), nil
 }

@@ -130,9 +130,15 @@ func testLogger() *slog.Logger {
 func (h *harness) delivery(token string, js jetstream.JetStream) *Delivery {
 	l := &leases{id: token}
 	l.until.Store(math.MaxInt64) // the process's lease holds; a test lapses a worker's
-	return &Delivery{cfg: Config{}, js: js, log: testLogger(), state: health.NewState(),
+	d := &Delivery{cfg: Config{}, js: js, log: testLogger(), state: health.NewState(),
 		sinks: map[string]*sink{}, held: map[Unit]*held{}, failures: h.fails, leases: l,
 		tracer: otel.Tracer("test"), metrics: metrics.NewDelivery(prometheus.NewRegistry())}
+	retries, err := d.serveRetries() // as Run does
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { _ = retries.Unsubscribe() })
+	return d
 }
 
 // sink is a sink of one stream writing through a.
@@ -155,7 +161,12 @@ func (h *harness) start(d *Delivery, u Unit, s *sink) (w *worker, stop func(), d
 	w.extend(time.Now().Add(time.Hour))
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan struct{})
-	go func() { defer close(ch); w.run(ctx) }()
+	d.workers.Store(u, w) // as balance does
+	go func() {
+		defer close(ch)
+		defer d.workers.CompareAndDelete(u, w)
+		w.run(ctx)
+	}()
 	var once sync.Once
 	return w, func() { once.Do(func() { cancel(); <-ch }) }, ch
 }

@@ -127,7 +127,22 @@ func EnsureParkedStream(ctx context.Context, js jetstream.JetStream, replicas in
 // RetrySubject is where the admin API asks a unit's worker to retry its
 // parked groups now.
 func RetrySubject(u Unit) string {
-	return "pgs2.admin.retry." + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
+	return retryRoot + bus.EscapeToken(u.Sink) + "." + bus.EscapeToken(u.Basin) + "." + bus.EscapeToken(u.Stream)
+}
+
+const retryRoot = "pgs2.admin.retry."
+
+// retryAll is every unit's RetrySubject: a process subscribes once, not
+// once per unit (10,000 units made 10,000 subscriptions and goroutines).
+const retryAll = retryRoot + "*.*.*"
+
+// retryUnit is the unit a RetrySubject names.
+func retryUnit(subject string) (Unit, bool) {
+	t := strings.Split(strings.TrimPrefix(subject, retryRoot), ".")
+	if len(t) != 3 || !strings.HasPrefix(subject, retryRoot) {
+		return Unit{}, false
+	}
+	return Unit{bus.UnescapeToken(t[0]), bus.UnescapeToken(t[1]), bus.UnescapeToken(t[2])}, true
 }
 
 // unitParks is a worker's view of its unit's parks. Every session starts

@@ -256,3 +256,19 @@ func TestParksReadFromTheLeader(t *testing.T) {
 		t.Fatalf("%d direct gets of the park stream: any replica answers those", n)
 	}
 }
+
+// TestRetryUnit: a process's one subscription to retry requests finds
+// the unit each names, whatever its names hold.
+func TestRetryUnit(t *testing.T) {
+	for _, u := range []Unit{{"s", "my-basin", "a"}, {"s.1", "b", "x.y z"}, {"%", "b*", ">"}} {
+		got, ok := retryUnit(RetrySubject(u))
+		if !ok || got != u {
+			t.Errorf("retryUnit(RetrySubject(%v)) = %v, %v", u, got, ok)
+		}
+	}
+	for _, bad := range []string{"pgs2.admin.retry.a.b", "pgs2.admin.other.a.b.c", "pgs2.admin.retry.a.b.c.d"} {
+		if u, ok := retryUnit(bad); ok {
+			t.Errorf("retryUnit(%q) = %v", bad, u)
+		}
+	}
+}

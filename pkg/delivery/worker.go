@@ -200,6 +200,13 @@ func (w *worker) session(ctx context.Context) error {
 	w.batch.Reset()
 	w.seqs, w.traces = w.seqs[:0], w.traces[:0]
 	c := w.s2
+	// Attach to the shared readers before waiting for a start slot and
+	// S2: while thousands of sessions start (a backlog routed to 10,000
+	// new streams), their messages wait in feeds instead of passing the
+	// readers, which would leave each unit to catch up on a consumer of
+	// its own (a scan of the stream each).
+	pre := w.preattach()
+	defer pre.leave(w.u)
 	// Sessions start a few at a time: thousands of units starting at once
 	// (a takeover) would queue more JetStream API requests than the server
 	// answers within their timeout, and every one would start again.
@@ -265,10 +272,14 @@ func (w *worker) session(ctx context.Context) error {
 	}
 	w.resumeRoom = s2sink.ResumeRoom(keys, parkRefRoom)
 	w.batch.Reserve(s2sink.ResumeRoom(keys, 0))
-	msgs := make(chan jetstream.Msg, w.s.cfg.Batch.MaxRecords)
+	// A few messages between the readers and the batch (each may hold
+	// many changes; the feeds hold the rest): a channel's buffer is
+	// allocated whole, and 10,000 idle units held 160 MB in buffers of
+	// MaxRecords.
+	msgs := make(chan jetstream.Msg, sessionMessages)
 	readErr := make(chan error, len(sources))
 	for _, src := range sources {
-		if err := w.read1(ctx, src, msgs, readErr); err != nil {
+		if err := w.read1(ctx, src, msgs, readErr, pre.take(src.key)); err != nil {
 			return err
 		}
 	}
@@ -278,11 +289,6 @@ func (w *worker) session(ctx context.Context) error {
 	linger := w.s.cfg.Batch.Linger.D()
 	drainTick := time.NewTicker(100 * time.Millisecond)
 	defer drainTick.Stop()
-	sub, err := w.d.js.Conn().Subscribe(RetrySubject(w.u), func(*nats.Msg) { w.RetryNow() })
-	if err != nil {
-		return fmt.Errorf("subscribe to retries of %s: %w", w.u, err)
-	}
-	defer sub.Unsubscribe()
 	for {
 		var m jetstream.Msg
 		var drain <-chan time.Time // idle units wake for nothing (a blocked-on ticker only)
@@ -355,6 +361,10 @@ func (w *worker) session(ctx context.Context) error {
 	}
 }
 
+// sessionMessages is how many messages wait between a session's readers
+// and its batch.
+const sessionMessages = 64
+
 // idleGap ends a batch's linger early once the unit's stream has nothing
 // more and no message arrived for this long.
 const idleGap = time.Millisecond
@@ -372,31 +382,108 @@ const parkRefRoom = 32 + 1 + 20
 // read1 starts reading the unit's messages of one source's delivery
 // stream, from the message of the last change handled (its later changes
 // may not be), into msgs: with its own consumer until it has caught up,
-// then from the process's shared reader (fanout) while it keeps up. The
-// reader ends with the session.
-func (w *worker) read1(ctx context.Context, src source, msgs chan<- jetstream.Msg, readErr chan<- error) error {
+// then from the process's shared reader (fanout) while it keeps up. With
+// pre, a feed attached before the session began, it reads from the feed
+// at once when the feed holds every message wanted, and else on its own
+// only up to the feed's position. The reader ends with the session.
+func (w *worker) read1(ctx context.Context, src source, msgs chan<- jetstream.Msg, readErr chan<- error, pre *preFeed) error {
 	var from uint64 // the first sequence wanted (0: the stream's first)
 	if pos, ok := w.done[src.key]; ok {
 		from = pos.Seq
+	} else {
+		from = w.firstSeq(ctx, src, pre)
 	}
 	var own *ownReader
 	var f *feed
-	if w.d.fan != nil { // the shared reader has not read past it yet: no catching up
-		f = w.d.fan.attachAhead(ctx, src, w.u, from)
+	var at uint64 // f's position when attached
+	var upTo bool // own reads up to at, then f
+	switch {
+	case pre != nil && from > pre.at: // it holds them all
+		f = pre.f
+	case w.d.fan != nil:
+		// The shared reader has not read past it yet, or still holds what
+		// it passed: no catching up (this feed replaces pre's).
+		if f = w.d.fan.attachAhead(ctx, src, w.u, from); f != nil && pre != nil {
+			pre.f.leave(src, w.u)
+		} else if f == nil && pre != nil {
+			f, at, upTo = pre.f, pre.at, true // on its own up to pre's position
+		}
 	}
-	if f == nil {
+	if f == nil || upTo {
 		var err error
 		if own, err = w.ownReader(ctx, src, from); err != nil {
+			if f != nil {
+				f.leave(src, w.u)
+			}
 			return err
 		}
 	}
 	go func() {
-		err := w.readLoop(ctx, src, own, f, from, msgs)
+		err := w.readLoop(ctx, src, own, f, at, from, msgs)
 		if err != nil && ctx.Err() == nil {
 			readErr <- fmt.Errorf("%s: %w", src.name, err)
 		}
 	}()
 	return nil
+}
+
+// firstSeq is where a unit without a position in src starts: at its first
+// message there (which the stream's leader finds in its subject index),
+// or, with none yet, after pre's position (every message up to it is on
+// the leader: later ones go into pre). 0 (the stream's first) when it
+// cannot tell.
+func (w *worker) firstSeq(ctx context.Context, src source, pre *preFeed) uint64 {
+	filter := bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), w.u.Sink, w.u.Basin, w.u.Stream)
+	m, err := bus.LeaderNextMsg(ctx, w.d.js, src.name, 1, filter)
+	switch {
+	case err == nil:
+		return m.Sequence
+	case errors.Is(err, jetstream.ErrMsgNotFound) && pre != nil:
+		return pre.at + 1
+	}
+	return 0
+}
+
+// preFeed is a feed attached before the session began, at position at.
+type preFeed struct {
+	src source
+	f   *feed
+	at  uint64
+}
+
+// preFeeds are a session's feeds by source key, until read1 takes them.
+type preFeeds map[string]*preFeed
+
+// preattach attaches the unit to its sources' running shared readers (a
+// reader is started by a session that knows where to start it).
+func (w *worker) preattach() preFeeds {
+	if w.d.fan == nil {
+		return nil
+	}
+	w.mu.Lock()
+	sources := slices.Clone(w.sources)
+	w.mu.Unlock()
+	pre := preFeeds{}
+	for _, src := range sources {
+		if f, at, ok := w.d.fan.attachRunning(src, w.u); ok {
+			pre[src.key] = &preFeed{src: src, f: f, at: at}
+		}
+	}
+	return pre
+}
+
+// take hands over a source's feed (nil when there is none).
+func (p preFeeds) take(key string) *preFeed {
+	f := p[key]
+	delete(p, key)
+	return f
+}
+
+// leave detaches the feeds not taken.
+func (p preFeeds) leave(u Unit) {
+	for _, f := range p {
+		f.f.leave(f.src, u)
+	}
 }
 
 // ownReader is a consumer of the unit's messages of one source from
@@ -433,8 +520,9 @@ func (o *ownReader) close(js jetstream.JetStream, stream string) {
 // on into msgs in order, each once: from own until it has caught up and
 // the unit is attached to the shared reader, then from the feed until it
 // is detached, then from a new consumer after the last message
-// forwarded, and so on. It starts with own, or attached (f).
-func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *feed, from uint64, msgs chan<- jetstream.Msg) error {
+// forwarded, and so on. It starts with own (and f, attached at position
+// at, to switch to once past it), or with f alone.
+func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *feed, at, from uint64, msgs chan<- jetstream.Msg) error {
 	var last uint64 // the last sequence forwarded
 	if from > 0 {
 		last = from - 1
@@ -453,9 +541,9 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 			own.close(w.d.js, src.name)
 		}
 	}()
+	attachNow := f == nil // a first read attaches at once; after a detach, once caught up
 	for {
-		detached := f != nil // read from a feed until it was detached
-		if detached {
+		if own == nil { // read from the feed until it was detached
 			err := w.readFeed(ctx, f, &last, send)
 			f.leave(src, w.u)
 			if err != nil {
@@ -465,9 +553,10 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 			if own, err = w.ownReader(ctx, src, last+1); err != nil {
 				return err
 			}
+			f, attachNow = nil, false
 		}
 		var err error
-		if f, err = w.readOwn(ctx, src, own, &last, send, !detached); err != nil {
+		if f, err = w.readOwn(ctx, src, own, &last, send, f, at, attachNow); err != nil {
 			return err
 		}
 		own.close(w.d.js, src.name)
@@ -476,17 +565,16 @@ func (w *worker) readLoop(ctx context.Context, src source, own *ownReader, f *fe
 }
 
 // readOwn forwards own's messages until the unit is attached to the
-// shared reader (at once if first, else once it has caught up: a unit
-// whose feed was detached for falling behind would fill the next one as
-// fast, and make and drop a consumer each time) and own delivers its
-// first message past the attach position: the feed holds that one and
-// every later one, and own has delivered every earlier one (an ordered
-// consumer skips none); it returns the feed.
-func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *uint64, send func(jetstream.Msg, uint64) error, first bool) (*feed, error) {
+// shared reader (f, attached at position at; else at once if attachNow,
+// or once it has caught up: a unit whose feed was detached for falling
+// behind would fill the next one as fast, and make and drop a consumer
+// each time) and own delivers its first message past the attach
+// position: the feed holds that one and every later one, and own has
+// delivered every earlier one (an ordered consumer skips none); it
+// returns the feed.
+func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *uint64, send func(jetstream.Msg, uint64) error, f *feed, at uint64, attachNow bool) (*feed, error) {
 	stop := context.AfterFunc(ctx, func() { own.it.Stop() })
 	defer stop()
-	var f *feed
-	var at uint64 // the reader's position when f was attached
 	attach := func() {
 		if w.d.fan == nil {
 			return
@@ -502,7 +590,7 @@ func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *
 			f = nil
 		}
 	}
-	if first {
+	if f == nil && attachNow {
 		attach()
 	}
 	for {
@@ -543,33 +631,26 @@ func (w *worker) readOwn(ctx context.Context, src source, own *ownReader, last *
 // readFeed forwards the feed's messages after *last until the feed is
 // detached and empty.
 func (w *worker) readFeed(ctx context.Context, f *feed, last *uint64, send func(jetstream.Msg, uint64) error) error {
-	forward := func(m jetstream.Msg) error {
-		fm, err := f.take(m)
-		if err != nil {
-			return err
-		}
-		md, _ := fm.Metadata()
-		if md.Sequence.Stream <= *last {
-			return nil // read on its own already
-		}
-		return send(fm, md.Sequence.Stream)
-	}
 	for {
-		select {
-		case m := <-f.ch:
-			if err := forward(m); err != nil {
+		if m, rest, ok := f.pop(); ok {
+			fm, err := f.take(m, rest)
+			if err != nil {
 				return err
 			}
-		case <-f.gone:
-			for {
-				select {
-				case m := <-f.ch:
-					if err := forward(m); err != nil {
-						return err
-					}
-				default:
-					return nil
-				}
+			md, _ := fm.Metadata()
+			if md.Sequence.Stream <= *last {
+				continue // read on its own already
+			}
+			if err := send(fm, md.Sequence.Stream); err != nil {
+				return err
+			}
+			continue
+		}
+		select {
+		case <-f.ready:
+		case <-f.gone: // nothing is queued after this: what is queued still goes
+			if f.queued() == 0 {
+				return nil
 			}
 		case <-ctx.Done():
 			return ctx.Err()

@@ -49,7 +49,7 @@ func NewBatch(maxRecords, maxBytes int) *Batch {
 	if maxBytes <= 0 || maxBytes > MaxBatchBytes {
 		maxBytes = MaxBatchBytes
 	}
-	return &Batch{maxRecords: maxRecords, maxBytes: maxBytes, records: make([]s2.AppendRecord, 0, min(maxRecords, 64))}
+	return &Batch{maxRecords: maxRecords, maxBytes: maxBytes, records: make([]s2.AppendRecord, 0, min(maxRecords, 8))}
 }
 
 // Add appends a record: ErrRecordTooLarge when it can never fit in any
