@@ -262,7 +262,11 @@ func TestNoTokenNoLogin(t *testing.T) {
 	if cookie != tok {
 		t.Fatalf("the form's CSRF token %q is not the cookie's %q", tok, cookie)
 	}
-	if resp, _ := b.post("/console/sinks/docs/state", url.Values{"action": {"pause"}, "csrf": {"x" + tok[1:]}}); resp.StatusCode != http.StatusForbidden {
+	wrong := "x" + tok[1:] // (a token starting with x made this the right one: CI, once in 64 runs)
+	if tok[0] == 'x' {
+		wrong = "y" + tok[1:]
+	}
+	if resp, _ := b.post("/console/sinks/docs/state", url.Values{"action": {"pause"}, "csrf": {wrong}}); resp.StatusCode != http.StatusForbidden {
 		t.Errorf("pause with a wrong CSRF token: %d", resp.StatusCode)
 	}
 	resp, _ = b.post("/console/sinks/docs/state", url.Values{"action": {"pause"}, "csrf": {tok}, "operator": {"bo"}})
