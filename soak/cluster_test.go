@@ -432,11 +432,11 @@ func TestClusterResumeReadsTheLastMessage(t *testing.T) {
 		for k := 0; k < n; k++ {
 			id := key(next)
 			var b bus.BatchBuilder
-			b.Add(&bus.Entry{Key: []byte(id), Group: []byte(`["1"]`), Action: []byte("insert"), Table: []byte("public.items"), CommitMs: -1, Body: make([]byte, 300)})
+			b.Add(&bus.Entry{Key: []byte(id), Group: []byte(`["1"]`), Action: []byte("insert"), Table: []byte("public.items"), Schema: []byte("public"), CommitMs: -1, Body: make([]byte, 300)})
 			pub.SetHeader(bus.HeaderRound, "1/1")
 			pub.SetHeader(bus.HeaderRoundFirst, id)
 			pub.SetHeader(bus.HeaderRoundLast, id)
-			if err := pub.Publish(ctx, "pgs2.changes.app.public.items."+strconv.Itoa(next%8), id, b.Bytes()); err != nil {
+			if err := pub.Publish(ctx, "pgs2.changes.app."+strconv.Itoa(next%8), id, b.Bytes()); err != nil {
 				t.Fatal(err)
 			}
 			next++

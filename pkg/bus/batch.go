@@ -103,7 +103,7 @@ type Entry struct {
 
 // Size is the entry's encoded size.
 func (e *Entry) Size() int {
-	n := 2*binary.MaxVarintLen64 + 2
+	n := binary.MaxVarintLen64 + 3 // commit_ms, error kind, backfill last, schema length
 	for _, f := range [...][]byte{e.Key, e.Group, e.Action, e.Table, e.TraceParent, e.Error, e.Sink, e.Backfill, e.Body} {
 		n += uvarintLen(uint64(len(f))) + len(f)
 	}
@@ -174,6 +174,12 @@ func (b *BatchBuilder) Reset() { b.buf, b.n = b.buf[:0], 0 }
 // understands.
 var ErrBadBatch = errors.New("malformed delivery message batch")
 
+// ErrNewerBatch (with ErrBadBatch) means the batch is of a later version
+// than this build reads: a newer service wrote it, and this one must be
+// upgraded before it goes on (skipping or parking it would let the
+// group's later changes overtake it).
+var ErrNewerBatch = errors.New("batch written by a newer release")
+
 // BatchReader decodes a delivery message body entry by entry.
 type BatchReader struct {
 	data    []byte
@@ -187,8 +193,10 @@ func NewBatchReader(data []byte) *BatchReader {
 	switch {
 	case len(data) == 0:
 		r.err = fmt.Errorf("%w: empty body", ErrBadBatch)
-	case data[0] < 1 || data[0] > batchVersion:
-		r.err = fmt.Errorf("%w: version %d, this build reads 1 to %d (run router and delivery of the same release)", ErrBadBatch, data[0], batchVersion)
+	case data[0] > batchVersion:
+		r.err = fmt.Errorf("%w: %w: version %d, this build reads 1 to %d (upgrade this service: delivery first, then the router, then capture)", ErrBadBatch, ErrNewerBatch, data[0], batchVersion)
+	case data[0] < 1:
+		r.err = fmt.Errorf("%w: version %d, this build reads 1 to %d", ErrBadBatch, data[0], batchVersion)
 	default:
 		r.data, r.version = data[1:], data[0]
 	}

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/pgs2/pgs2/pkg/bus"
 	"github.com/pgs2/pgs2/pkg/config"
 	"github.com/pgs2/pgs2/pkg/s2local"
@@ -104,5 +106,45 @@ func TestDrainTakesTurns(t *testing.T) {
 	}
 	if between == 0 {
 		t.Error("no other group's change was appended while the park drained")
+	}
+}
+
+// TestNewerBatchStops: a delivery message of a batch version newer than
+// this build reads (a router upgraded before delivery) stops the unit
+// where it is, neither parked nor skipped: the changes after it wait, so
+// none overtakes it, and go on once a build that reads it runs (here:
+// once the message is removed, as an upgrade would read it).
+func TestNewerBatchStops(t *testing.T) {
+	h := newHarness(t)
+	u := Unit{"newer", testBasin, "newer"}
+	h.publish(u, 0, entry("public.t", 1, "k1", []byte(`{"v":1}`)))
+	ack, err := h.js.Publish(context.Background(), bus.DeliverySubject(testSource, u.Sink, u.Basin, u.Stream, "0"), []byte{99, 0, 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.publish(u, 1, entry("public.t", 2, "k2", []byte(`{"v":2}`)))
+	_, stop, _ := h.start(h.delivery("w1", h.js), u, h.sink(u, h.client, config.Retry{}))
+	defer stop()
+	h.waitRecords(u, 1, 10*time.Second)
+	time.Sleep(time.Second) // sessions retry meanwhile
+	if recs := h.records(u); len(recs) != 1 || header(&recs[0], s2sink.HeaderIdempotencyKey) != "k1" {
+		t.Fatalf("%d records in S2 with a newer batch in the way, want only the one before it", len(recs))
+	}
+	st, err := h.js.Stream(context.Background(), ParkedStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(ParkFilter(u))); err != nil || info.State.Msgs > 1 { // the owner marker only
+		t.Fatalf("parks of the unit: %+v, %v: the newer batch was parked", info.State, err)
+	}
+	ds, err := h.js.Stream(context.Background(), h.src.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ds.DeleteMsg(context.Background(), ack.Sequence); err != nil {
+		t.Fatal(err)
+	}
+	if recs := h.waitRecords(u, 2, 15*time.Second); header(&recs[1], s2sink.HeaderIdempotencyKey) != "k2" {
+		t.Fatalf("after the newer batch: %s", header(&recs[1], s2sink.HeaderIdempotencyKey))
 	}
 }

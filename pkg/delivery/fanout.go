@@ -180,13 +180,13 @@ func (f *feed) detach() { f.once.Do(func() { close(f.gone) }) }
 
 // push queues m (by the reader, under its lock); false when the feed,
 // or all feeds together, would hold too much (one message always fits
-// an empty feed).
+// an empty feed, within the fanout's bound).
 func (f *feed) push(m jetstream.Msg) bool {
 	n := int64(len(m.Data()))
 	fo := f.r.fo
 	f.mu.Lock()
 	queued := len(f.q) - f.head
-	ok := queued == 0 || queued < fo.room && f.bytes+n <= feedBytes && fo.buffered.Load()+n <= fanoutBytes
+	ok := (queued == 0 || queued < fo.room && f.bytes+n <= feedBytes) && fo.buffered.Load()+n <= fanoutBytes
 	if ok {
 		if f.head > 0 && len(f.q) == cap(f.q) { // reuse the taken front
 			k := copy(f.q, f.q[f.head:])
@@ -316,7 +316,15 @@ func (fo *fanout) attachAhead(ctx context.Context, src source, u Unit, from uint
 	}
 	var recent []*recentMsg
 	if r.pos >= from {
-		if recent = r.hist.since(feedPrefix(src, u), from); len(recent) > fo.room {
+		// At most half a feed (room for what arrives next) and what the
+		// feeds may hold: checked before add, which detaches the unit's
+		// feed attached earlier.
+		recent = r.hist.since(feedPrefix(src, u), from)
+		var n int64
+		for _, rm := range recent {
+			n += int64(len(rm.m.Data()))
+		}
+		if len(recent) > fo.room/2 || n > feedBytes/2 || fo.buffered.Load()+n > fanoutBytes {
 			return nil
 		}
 	}
@@ -428,6 +436,7 @@ func (fo *fanout) reader(ctx context.Context, src source, from uint64, atEnd boo
 			f.detach()
 		}
 		clear(r.feeds)
+		r.hist = history{from: r.hist.from} // its feeds may live on a while: not its history
 		r.mu.Unlock()
 	}()
 	return r, nil
@@ -454,6 +463,10 @@ func (r *streamReader) run(it jetstream.MessagesContext) error {
 			if !f.push(m) { // too slow: it reads on its own
 				delete(r.feeds, prefix)
 				f.detach()
+				// What it holds goes too (its unit reads it again after the
+				// last message it forwarded): a session that starts minutes
+				// later must not keep the fanout's bytes until then.
+				f.release()
 				r.fo.detached.Add(1)
 			}
 		}

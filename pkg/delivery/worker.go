@@ -693,7 +693,15 @@ func (w *worker) add(ctx context.Context, m jetstream.Msg) (full bool, err error
 		}
 		w.read[key] = pos
 	}
-	if err := r.Err(); err != nil {
+	if err := r.Err(); errors.Is(err, bus.ErrNewerBatch) {
+		// A newer router wrote it: stop here (the session retries) until
+		// this process is upgraded; parking it would let its groups' later
+		// changes overtake it. What came before it goes to S2 first.
+		if ferr := w.flush(ctx); ferr != nil {
+			return false, ferr
+		}
+		return false, fmt.Errorf("delivery message %d of %s: %w", seq, md.Stream, err)
+	} else if err != nil {
 		// Not a batch this build reads: park it whole, visible, rather than
 		// stall the stream or drop it.
 		*e = bus.Entry{CommitMs: -1, Body: m.Data()}
