@@ -111,8 +111,7 @@ const (
 // sequence from on, in order, and by unit prefix.
 type history struct {
 	from     uint64
-	fifo     []*recentMsg // fifo[head:] are held
-	head     int
+	held     fifo[*recentMsg]
 	bytes    int64
 	byPrefix map[string][]*recentMsg
 }
@@ -130,18 +129,11 @@ func (h *history) add(prefix string, seq uint64, m jetstream.Msg, room int) {
 		h.byPrefix = map[string][]*recentMsg{}
 	}
 	rm := &recentMsg{prefix: prefix, seq: seq, m: m}
-	if h.head > 0 && len(h.fifo) == cap(h.fifo) {
-		k := copy(h.fifo, h.fifo[h.head:])
-		clear(h.fifo[k:])
-		h.fifo, h.head = h.fifo[:k], 0
-	}
-	h.fifo = append(h.fifo, rm)
+	h.held.push(rm)
 	h.byPrefix[prefix] = append(h.byPrefix[prefix], rm)
 	h.bytes += int64(len(m.Data()) + msgOverhead)
-	for len(h.fifo)-h.head > room || h.bytes > histBytes {
-		old := h.fifo[h.head]
-		h.fifo[h.head] = nil
-		h.head++
+	for h.held.len() > room || h.bytes > histBytes {
+		old, _ := h.held.pop()
 		h.bytes -= int64(len(old.m.Data()) + msgOverhead)
 		h.from = old.seq + 1
 		if q := h.byPrefix[old.prefix]; len(q) <= 1 {
@@ -168,8 +160,7 @@ type feed struct {
 	r      *streamReader
 	prefix string
 	mu     sync.Mutex
-	q      []jetstream.Msg // q[head:] are queued
-	head   int
+	q      fifo[jetstream.Msg]
 	bytes  int64
 	ready  chan struct{} // signalled when a message is queued
 	gone   chan struct{} // closed once detached: nothing more is queued
@@ -185,15 +176,10 @@ func (f *feed) push(m jetstream.Msg) bool {
 	n := int64(len(m.Data()))
 	fo := f.r.fo
 	f.mu.Lock()
-	queued := len(f.q) - f.head
+	queued := f.q.len()
 	ok := (queued == 0 || queued < fo.room && f.bytes+n <= feedBytes) && fo.buffered.Load()+n <= fanoutBytes
 	if ok {
-		if f.head > 0 && len(f.q) == cap(f.q) { // reuse the taken front
-			k := copy(f.q, f.q[f.head:])
-			clear(f.q[k:])
-			f.q, f.head = f.q[:k], 0
-		}
-		f.q = append(f.q, m)
+		f.q.push(m)
 		f.bytes += n
 		fo.buffered.Add(n)
 	}
@@ -211,25 +197,20 @@ func (f *feed) push(m jetstream.Msg) bool {
 func (f *feed) pop() (m jetstream.Msg, rest int, ok bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.head == len(f.q) {
+	if m, ok = f.q.pop(); !ok {
 		return nil, 0, false
-	}
-	m, f.q[f.head] = f.q[f.head], nil
-	f.head++
-	if f.head == len(f.q) {
-		f.q, f.head = f.q[:0], 0
 	}
 	n := int64(len(m.Data()))
 	f.bytes -= n
 	f.r.fo.buffered.Add(-n)
-	return m, len(f.q) - f.head, true
+	return m, f.q.len(), true
 }
 
 // queued is how many messages f holds.
 func (f *feed) queued() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return len(f.q) - f.head
+	return f.q.len()
 }
 
 // release drops what a detached feed still holds from the fanout's
@@ -238,16 +219,46 @@ func (f *feed) release() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.r.fo.buffered.Add(-f.bytes)
-	clear(f.q)
-	f.q, f.head, f.bytes = nil, 0, 0
+	f.q, f.bytes = fifo[jetstream.Msg]{}, 0
+}
+
+// fifo is a queue that reuses the room its taken front leaves.
+type fifo[T any] struct {
+	s    []T // s[head:] are queued
+	head int
+}
+
+func (q *fifo[T]) len() int { return len(q.s) - q.head }
+
+func (q *fifo[T]) push(v T) {
+	if q.head > 0 && len(q.s) == cap(q.s) {
+		k := copy(q.s, q.s[q.head:])
+		clear(q.s[k:])
+		q.s, q.head = q.s[:k], 0
+	}
+	q.s = append(q.s, v)
+}
+
+func (q *fifo[T]) pop() (v T, ok bool) {
+	if q.head == len(q.s) {
+		return v, false
+	}
+	var zero T
+	v, q.s[q.head] = q.s[q.head], zero
+	if q.head++; q.head == len(q.s) {
+		q.s, q.head = q.s[:0], 0
+	}
+	return v, true
+}
+
+// unitFilter is the subject filter of a unit's messages in src.
+func unitFilter(src source, u Unit) string {
+	return bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), u.Sink, u.Basin, u.Stream)
 }
 
 // feedPrefix is what a unit's delivery subjects start with (before their
 // partition token).
-func feedPrefix(src source, u Unit) string {
-	p := bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), u.Sink, u.Basin, u.Stream)
-	return strings.TrimSuffix(p, "*")
-}
+func feedPrefix(src source, u Unit) string { return strings.TrimSuffix(unitFilter(src, u), "*") }
 
 // attach starts feeding the unit's messages after the reader's position,
 // which it returns (a reader started now starts at the stream's end).
@@ -287,13 +298,10 @@ func (fo *fanout) attachRunning(src source, u Unit) (*feed, uint64, bool) {
 	if keep := fo.room / 2; len(recent) > keep {
 		at, recent = recent[len(recent)-keep-1].seq, recent[len(recent)-keep:]
 	}
-	for _, rm := range recent {
-		if !f.push(rm.m) { // all feeds together hold too much: from here on only
-			f.release()
-			return f, r.pos, true
-		}
+	if !f.replay(recent) { // all feeds together hold too much: from here on only
+		f.release()
+		return f, r.pos, true
 	}
-	fo.replayed.Add(int64(len(recent)))
 	return f, at, true
 }
 
@@ -329,18 +337,25 @@ func (fo *fanout) attachAhead(ctx context.Context, src source, u Unit, from uint
 		}
 	}
 	f := fo.add(r, src, u)
-	if len(recent) > 0 {
-		for _, rm := range recent {
-			if !f.push(rm.m) { // more than a feed holds: on its own
-				delete(r.feeds, f.prefix)
-				f.detach()
-				f.release()
-				return nil
-			}
-		}
-		fo.replayed.Add(int64(len(recent)))
+	if !f.replay(recent) { // more than a feed holds: on its own
+		delete(r.feeds, f.prefix)
+		f.detach()
+		f.release()
+		return nil
 	}
 	return f
+}
+
+// replay queues messages from the reader's history (under its lock);
+// false when they do not all fit.
+func (f *feed) replay(recent []*recentMsg) bool {
+	for _, rm := range recent {
+		if !f.push(rm.m) {
+			return false
+		}
+	}
+	f.r.fo.replayed.Add(int64(len(recent)))
+	return true
 }
 
 // add registers u's feed in r (under r.mu).

@@ -233,15 +233,8 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached, replayed i
 	if err := lw.read1(ctx, src, lmsgs, lerr, nil); err != nil {
 		return 0, 0, 0, err
 	}
-	select {
-	case m := <-lmsgs:
-		if md, _ := m.Metadata(); md.Sequence.Stream != ack.Sequence {
-			return 0, 0, 0, fmt.Errorf("a unit starting at %d got %d first", ack.Sequence, md.Sequence.Stream)
-		}
-	case err := <-lerr:
+	if err := firstRead(lmsgs, lerr, ack.Sequence, fmt.Sprintf("a unit starting at %d, where the shared reader is", ack.Sequence)); err != nil {
 		return 0, 0, 0, err
-	case <-time.After(5 * time.Second):
-		return 0, 0, 0, fmt.Errorf("a unit starting at %d, where the shared reader is, got nothing", ack.Sequence)
 	}
 	// Units starting at the reader's history's edges: at the last
 	// message it forgot (on their own), and at the oldest it holds.
@@ -275,20 +268,11 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached, replayed i
 			stop()
 			return 0, 0, 0, err
 		}
-		select {
-		case m := <-emsgs:
-			if md, _ := m.Metadata(); md.Sequence.Stream != seq {
-				stop()
-				return 0, 0, 0, fmt.Errorf("a unit starting at %d (history from %d, edge %d) got %d first", seq, edge, k, md.Sequence.Stream)
-			}
-		case err := <-eerr:
-			stop()
-			return 0, 0, 0, err
-		case <-time.After(5 * time.Second):
-			stop()
-			return 0, 0, 0, fmt.Errorf("a unit starting at %d (history from %d) got nothing", seq, edge)
-		}
+		err := firstRead(emsgs, eerr, seq, fmt.Sprintf("a unit starting at %d (history from %d, edge %d)", seq, edge, k))
 		stop()
+		if err != nil {
+			return 0, 0, 0, err
+		}
 	}
 	// A new unit attached before its session, with no message yet: its
 	// first is the next message the reader reads.
@@ -308,15 +292,8 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached, replayed i
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	select {
-	case m := <-fmsgs:
-		if md, _ := m.Metadata(); md.Sequence.Stream != fack.Sequence {
-			return 0, 0, 0, fmt.Errorf("a new unit's first message is %d, it got %d", fack.Sequence, md.Sequence.Stream)
-		}
-	case err := <-ferr:
+	if err := firstRead(fmsgs, ferr, fack.Sequence, "a new unit attached before its session"); err != nil {
 		return 0, 0, 0, err
-	case <-time.After(5 * time.Second):
-		return 0, 0, 0, fmt.Errorf("a new unit attached before its session did not get its first message, %d", fack.Sequence)
 	}
 	detached = int(d.fan.detached.Load())
 	for i := range us {
@@ -336,4 +313,19 @@ func runFanout(t *testing.T, h *harness, seed uint64) (fed, detached, replayed i
 		fed += r.fed
 	}
 	return fed, detached, int(d.fan.replayed.Load()), nil
+}
+
+// firstRead checks that the first message a reader forwards is want's.
+func firstRead(msgs <-chan jetstream.Msg, errs <-chan error, want uint64, who string) error {
+	select {
+	case m := <-msgs:
+		if md, _ := m.Metadata(); md.Sequence.Stream != want {
+			return fmt.Errorf("%s got %d first, want %d", who, md.Sequence.Stream, want)
+		}
+		return nil
+	case err := <-errs:
+		return fmt.Errorf("%s: %w", who, err)
+	case <-time.After(5 * time.Second):
+		return fmt.Errorf("%s got nothing, want %d", who, want)
+	}
 }

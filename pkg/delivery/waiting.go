@@ -86,7 +86,7 @@ func (a *Admin) waitingOf(ctx context.Context, u Unit, srcs []source) (pending u
 	}
 	for _, src := range srcs {
 		cc := jetstream.ConsumerConfig{
-			FilterSubjects:    []string{bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), u.Sink, u.Basin, u.Stream)},
+			FilterSubjects:    []string{unitFilter(src, u)},
 			AckPolicy:         jetstream.AckNonePolicy,
 			MemoryStorage:     true,
 			InactiveThreshold: 10 * time.Second,

@@ -433,8 +433,7 @@ func (w *worker) read1(ctx context.Context, src source, msgs chan<- jetstream.Ms
 // the leader: later ones go into pre). 0 (the stream's first) when it
 // cannot tell.
 func (w *worker) firstSeq(ctx context.Context, src source, pre *preFeed) uint64 {
-	filter := bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), w.u.Sink, w.u.Basin, w.u.Stream)
-	m, err := bus.LeaderNextMsg(ctx, w.d.js, src.name, 1, filter)
+	m, err := bus.LeaderNextMsg(ctx, w.d.js, src.name, 1, unitFilter(src, w.u))
 	switch {
 	case err == nil:
 		return m.Sequence
@@ -494,7 +493,7 @@ type ownReader struct {
 }
 
 func (w *worker) ownReader(ctx context.Context, src source, from uint64) (*ownReader, error) {
-	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeliveryStreamFilter(bus.UnescapeToken(src.token), w.u.Sink, w.u.Basin, w.u.Stream)},
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{unitFilter(src, w.u)},
 		InactiveThreshold: bus.OrderedInactive}
 	if from > 0 {
 		occ.DeliverPolicy, occ.OptStartSeq = jetstream.DeliverByStartSequencePolicy, from

@@ -631,7 +631,7 @@ func (s *session) route(ctx context.Context, msg jetstream.Msg) error {
 	var tk tableKey
 	var idxs []int
 	if perTable { // from a capture before batch version 4: one table per message
-		tk = tableKey{schema + "." + table, schema + "\x00" + table, len(schema)}
+		tk = newTableKey(schema, table)
 		if idxs = sinks.byTable[tk.joined]; len(idxs) == 0 {
 			return nil
 		}
@@ -665,7 +665,7 @@ func (s *session) tableOf(e *bus.Entry) tableKey {
 	if tk, ok := s.tables[string(e.Table)]; ok && tk.schema == len(e.Schema) {
 		return tk
 	}
-	tk := tableKey{string(e.Table), string(e.Schema) + "\x00" + string(e.Table[len(e.Schema)+1:]), len(e.Schema)}
+	tk := newTableKey(string(e.Schema), string(e.Table[len(e.Schema)+1:]))
 	if s.tables == nil || len(s.tables) >= maxTablesMet {
 		s.tables = map[string]tableKey{}
 	}
@@ -683,6 +683,10 @@ const maxTablesMet = 1 << 16
 type tableKey struct {
 	joined, exact string
 	schema        int // the schema's length in joined
+}
+
+func newTableKey(schema, table string) tableKey {
+	return tableKey{schema + "." + table, schema + "\x00" + table, len(schema)}
 }
 
 // routeChange applies the sinks of its table to one change.
